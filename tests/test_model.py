@@ -1,0 +1,223 @@
+"""model.py against transformers (the reference oracle): tiny random models of every supported family,
+the real demo checkpoint, the KV cache, the perplexity protocol, and the errors on bad checkpoints."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+# ---- tiny random HF models
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": ROPE_LLAMA3}),
+    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),  # head_dim != hidden / heads
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),  # the window binds at T = 16
+}
+
+
+def make_hf(arch: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides})
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # the default init (std 0.02, unit norms, zero biases) would hide layout bugs
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return hf
+
+
+def save_hf(hf, path, **kw) -> str:
+    hf.save_pretrained(path, **kw)
+    return str(path)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_and_greedy_match_transformers(arch, tmp_path):
+    hf = make_hf(arch)
+    ours = M.load_model(save_hf(hf, tmp_path), torch.float32)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    got = ours(tokens)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    expected = hf.generate(tokens[:, :5], max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(tokens[:, :5], max_new_tokens=12), expected)
+
+
+def test_kv_cache_matches_full_forward(tmp_path):
+    ours = M.load_model(save_hf(make_hf("qwen3"), tmp_path))
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    full = ours(tokens)
+    ours.setup_caches(1, 32)
+    prefill = ours(tokens[:, :7], torch.arange(7))
+    steps = [ours(tokens[:, i:i + 1], torch.tensor([i])) for i in range(7, 12)]
+    torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = make_hf("llama")
+    single = M.load_model(save_hf(hf, tmp_path / "single"))
+    sharded_path = save_hf(hf, tmp_path / "sharded", max_shard_size="50KB")
+    assert os.path.isfile(os.path.join(sharded_path, "model.safetensors.index.json"))
+    sharded = M.load_model(sharded_path)
+    tokens = torch.arange(10)[None]
+    assert torch.equal(single(tokens), sharded(tokens))
+
+
+def test_dtype_and_weights_are_shared_not_copied(tmp_path):
+    ours = M.load_model(save_hf(make_hf("llama-bias-tied"), tmp_path), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    assert ours(torch.arange(6)[None]).dtype == torch.bfloat16
+
+
+def test_sampling_is_seeded_and_respects_top_k(tmp_path):
+    ours = M.load_model(save_hf(make_hf("llama"), tmp_path))
+    prompt = torch.arange(4)[None]
+    runs = [ours.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    logits = torch.randn(3, 50)
+    picks = torch.stack([M.sample(logits, 1.0, 2, torch.Generator().manual_seed(s)) for s in range(20)])
+    top2 = torch.topk(logits, 2).indices  # (3, 2)
+    assert all((picks[:, b:b + 1] == top2[b]).any(-1).all() for b in range(3))
+
+
+def test_generate_stops_at_eos(tmp_path):
+    ours = M.load_model(save_hf(make_hf("llama"), tmp_path))
+    prompt = torch.arange(4)[None]
+    free = ours.generate(prompt, 8)
+    eos = int(free[0, 6])  # pretend the third generated token is the end of sequence
+    stopped = ours.generate(prompt, 8, eos_id=eos)
+    first = (free[0, 4:] == eos).nonzero()[0].item() + 4
+    assert torch.equal(stopped[0], free[0, :first + 1])
+
+
+def test_perplexity_protocol_matches_transformers_loss(tmp_path):
+    hf = make_hf("llama")
+    ours = M.load_model(save_hf(hf, tmp_path))
+    tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,), generator=torch.Generator().manual_seed(4))
+    nll, ppl, n = M.perplexity(ours, tokens, seqlen=32)
+    assert n == 3  # the 5 tokens of remainder are dropped
+    with torch.no_grad():
+        losses = [hf(w[None], labels=w[None]).loss for w in tokens[:96].view(3, 32)]
+    assert nll == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+    assert ppl == pytest.approx(math.exp(nll))
+    assert M.perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
+    assert M.perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
+
+
+def test_read_text_jsonl_fields(tmp_path):
+    file = tmp_path / "d.jsonl"
+    file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
+    assert M.read_text(str(file), "q,a") == "a\nb\n\nc\nd"
+    with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
+        M.read_text(str(file))
+
+# ---- the demo checkpoint
+
+
+def test_demo_matches_transformers(demo_path):
+    hf = transformers.LlamaForCausalLM.from_pretrained(demo_path, dtype=torch.float32).eval()
+    ours = M.load_model(demo_path, torch.float32)
+    tokenizer = M.load_tokenizer(demo_path)
+    prompt = torch.tensor([tokenizer.encode("The capital of France is").ids])
+    with torch.no_grad():
+        expected = hf(prompt).logits
+    torch.testing.assert_close(ours(prompt), expected, atol=1e-4, rtol=0)
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+    got = ours.generate(prompt, 20)
+    assert torch.equal(got, expected)
+    assert tokenizer.decode(got[0, prompt.shape[1]:].tolist()).startswith(" Paris")
+
+
+def test_demo_tokenizer(demo_path):
+    tokenizer = M.load_tokenizer(demo_path)
+    assert tokenizer.encode("The capital of France is").ids == [504, 3575, 282, 4649, 314]
+    assert tokenizer.encode(" 2024").tokens == ["Ġ", "2", "0", "2", "4"]  # digits one by one
+    assert tokenizer.encode("<|im_start|>user<|im_end|>").ids[::2] == [1, 2]
+    text = "def f(x):\n    return x ** 2  # Ünïcödé ✓\n"
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_demo_perplexity_on_wikitext(demo_path, data_dir):
+    model = M.load_model(demo_path, torch.float32)
+    tokenizer = M.load_tokenizer(demo_path)
+    text = M.read_text(os.path.join(data_dir, "wikitext2-valid.txt"))
+    tokens = torch.tensor(tokenizer.encode(text[:40_000]).ids)
+    _, ppl, n = M.perplexity(model, tokens, seqlen=1024, max_windows=2)
+    assert n == 2 and 10 < ppl < 30, ppl
+
+# ---- bad input: every error names the problem
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        M.load_model(str(tmp_path))
+    base = make_hf("llama").config.to_dict()
+    for change, pattern in [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+                            ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+                            ({"mlp_bias": True}, "mlp_bias"),
+                            ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported")]:
+        with pytest.raises(ValueError, match=pattern):
+            M.ModelConfig.from_hf({**base, **change})
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    good = save_hf(make_hf("llama"), tmp_path / "good")
+    weights = load_file(os.path.join(good, "model.safetensors"))
+
+    def variant(name, tensors=None, raw: bytes | None = None):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        file = path / "model.safetensors"
+        if raw is not None:
+            file.write_bytes(raw)
+        else:
+            save_file(tensors, str(file))
+        return str(path)
+
+    missing = {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"):
+        M.load_model(variant("missing", missing))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.extra'"):
+        M.load_model(variant("extra", {**weights, "model.layers.0.mlp.extra": torch.zeros(3)}))
+    wrong = {**weights, "model.layers.0.mlp.gate_proj.weight": torch.zeros(95, 64)}
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(95, 64\), "
+                                         r"config.json implies \(96, 64\)"):
+        M.load_model(variant("shape", wrong))
+    data = open(os.path.join(good, "model.safetensors"), "rb").read()
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        M.load_model(variant("truncated", raw=data[: len(data) // 2]))
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        M.load_model(variant("garbage", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + data[100:200]))
+    os.remove(os.path.join(good, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        M.load_model(good)
+
+
+def test_missing_shard_is_named(tmp_path):
+    path = save_hf(make_hf("llama"), tmp_path, max_shard_size="50KB")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(FileNotFoundError, match=f"{shard} not found: .* maps \\d+ tensors to it"):
+        M.load_model(path)
