@@ -52,9 +52,12 @@ class ModelConfig:
     max_seq_len: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    moe: dict | None = None         # written by convert.py, see "the MoE FFN" below; None = dense
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+        if self.moe is not None:
+            check_moe_config(self.moe, self.ffn_dim, self.n_layers)
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -100,7 +103,26 @@ class ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 2048),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            moe=hf.get("moe"),
         )
+
+
+def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
+    layers, expert_dim = moe.get("layers"), moe.get("expert_dim")
+    if not isinstance(layers, list) or len(layers) != n_layers:
+        raise ValueError(f"config.json moe.layers must list {n_layers} layers (null for a dense one), "
+                         f"found {str(layers)[:80]}")
+    if moe.get("router") not in ROUTER_KINDS:
+        raise ValueError(f"config.json moe.router {moe.get('router')!r} is not one of {ROUTER_KINDS}")
+    for i, layer in enumerate(layers):
+        if layer is None:
+            continue
+        shared, routed, top_k = layer["shared_neurons"], layer["routed_experts"], layer["top_k"]
+        if shared + routed * expert_dim != ffn_dim:
+            raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} experts x "
+                             f"{expert_dim} neurons != intermediate_size {ffn_dim}")
+        if not 0 <= top_k <= routed:
+            raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
 
 
 def load_config(path: str) -> tuple[ModelConfig, dict]:
@@ -226,16 +248,101 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 # -----------------------------------------------------------------------------
+# the MoE FFN that convert.py writes. The dense FFN's neurons are regrouped into a shared GLU that every
+# token uses and n_routed experts of expert_dim neurons each, of which a router picks top_k per token.
+# Outputs are summed unweighted, so a selected expert computes exactly what its neurons computed in the
+# dense FFN; with every neuron shared (in the original order) the layer *is* the dense FFN.
+# Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
+
+ROUTER_KINDS = ("centroid", "cmoe", "oracle", "none")
+
+
+class Router(nn.Module):
+    """Scores (N, E) in float32; the MoE layer takes the top_k. centroid: x @ W.T, W = each expert's mean
+    gate row (ExpertWeaver). cmoe: |(x @ U.T) * silu(x @ W.T)| with the normalised up / gate rows of a
+    representative neuron (CMoE). oracle: each expert's true L1 contribution sum |silu(gate) * up|, which
+    needs the full gate and up projections: a diagnostic upper bound, not a deployable router."""
+
+    def __init__(self, kind: str, dim: int, n_experts: int):
+        super().__init__()
+        assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
+        self.kind = kind
+        if kind in ("centroid", "cmoe"):
+            self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
+        if kind == "cmoe":
+            self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
+
+    def forward(self, x, experts: "Experts"):
+        # x: (N, D) -> (N, E) float32
+        xf = x.float()
+        if self.kind == "centroid":
+            return xf @ self.weight.float().T
+        if self.kind == "cmoe":
+            return ((xf @ self.up.float().T) * F.silu(xf @ self.weight.float().T)).abs()
+        if self.kind == "oracle":
+            gate, up = torch.einsum("nd,efd->nef", xf, experts.gate_up_proj.float()).chunk(2, dim=-1)
+            return (F.silu(gate) * up).abs().sum(-1)
+        raise ValueError(f"router {self.kind!r} cannot score tokens")
+
+
+class Experts(nn.Module):
+    """E GLU experts stacked, gate and up rows fused so one matmul serves both."""
+
+    def __init__(self, n_experts: int, dim: int, expert_dim: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))  # (E, 2F, D): gate, then up
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, expert_dim))  # (E, D, F)
+
+    def forward(self, x, idx):
+        # x: (N, D), idx: (N, K) expert ids -> (N, D) = sum over k of expert idx[n, k] applied to x[n].
+        # The obvious loop over experts; kernels.py has the fast paths and tests them against this.
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            gate, up = (x[tokens] @ self.gate_up_proj[e].T).chunk(2, dim=-1)  # (n, F) each
+            out.index_add_(0, tokens, (F.silu(gate) * up) @ self.down_proj[e].T)
+        return out
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int, routed_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.shared = MLP(dim, shared_neurons) if shared_neurons else None
+        self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
+        self.router = Router(router, dim, routed_experts) if top_k else None
+        # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
+        self.register_buffer("neuron_index", torch.empty(shared_neurons + routed_experts * expert_dim,
+                                                         dtype=torch.int64))
+
+    def route(self, x):
+        # x: (N, D) -> (N, K) expert ids
+        return self.router(x, self.experts).topk(self.top_k, dim=-1).indices
+
+    def forward(self, x):
+        y = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        if not self.top_k:
+            return y
+        flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        return y + self.experts(flat, self.route(flat)).view_as(x)
+
+# -----------------------------------------------------------------------------
 # block and model. Module names are the HF tensor names without the leading "model."
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+        moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
+        if moe_layer:
+            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer)
+        else:
+            self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
@@ -247,7 +354,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -280,6 +387,13 @@ class Transformer(nn.Module):
             mask &= k_pos > q_pos - self.cfg.sliding_window
         return mask
 
+    def window_inputs(self, T: int, dtype, device):
+        """cos, sin (T, hd) in dtype and the mask (None = plain causal) for a window of T tokens, no cache."""
+        cos, sin = self.rope(T, device)
+        sliding = self.cfg.sliding_window is not None and T > self.cfg.sliding_window
+        mask = self.attention_mask(T, T, device) if sliding else None
+        return cos[:T].to(dtype), sin[:T].to(dtype), mask
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype.
         Without input_pos the window is attended causally with no cache; with input_pos (T,) the tokens
@@ -287,15 +401,11 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         x = self.embed_tokens(tokens)  # (B, T, D)
         if input_pos is None:
-            cos, sin = self.rope(T, x.device)
-            cos, sin = cos[:T], sin[:T]
-            sliding = self.cfg.sliding_window is not None and T > self.cfg.sliding_window
-            mask = self.attention_mask(T, T, x.device) if sliding else None
+            cos, sin, mask = self.window_inputs(T, x.dtype, x.device)
         else:
             assert self.causal_mask is not None, "call setup_caches(batch_size, max_seq_len) before decoding"
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            cos, sin = self.rope_cos[input_pos].to(x.dtype), self.rope_sin[input_pos].to(x.dtype)
             mask = self.causal_mask[input_pos]  # (T, S)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x))
@@ -406,12 +516,49 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
+    for name, index in state.items():
+        every_neuron = torch.arange(cfg.ffn_dim, device=index.device)
+        if name.endswith(".neuron_index") and not torch.equal(index.sort().values, every_neuron):
+            raise ValueError(f"{path}: {hf_name(name)!r} is not a permutation of the {cfg.ffn_dim} FFN neurons")
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:  # assign=True replaced both parameters; make them one again
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def save_checkpoint(model: Transformer, hf_config: dict, out: str, copy_from: str | None = None,
+                    extra: dict[str, dict] | None = None) -> None:
+    """Writes config.json (hf_config with the model's moe section), model.safetensors, the tokenizer files
+    of `copy_from` and any `extra` JSON files. Everything goes to a temporary directory beside `out` that
+    is renamed into place, so a failure midway leaves no partial checkpoint."""
+    from safetensors.torch import save_file
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        state = {hf_name(n): t.contiguous() for n, t in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            del state["lm_head.weight"]  # one tensor, written once
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        files = {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if copy_from and os.path.isfile(os.path.join(copy_from, name)):
+                shutil.copy(os.path.join(copy_from, name), tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        if os.path.exists(out):  # replace a previous output: move it aside first, rename, then delete it
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path: str):
@@ -426,9 +573,9 @@ def load_tokenizer(path: str):
 # non-overlapping windows of seqlen tokens (the remainder is dropped), mean NLL over every window
 
 
-def read_text(file: str, field: str = "text") -> str:
-    """A .txt file as is, or a .jsonl file's `field` (comma-separated fields are joined by a newline)
-    from every line, documents joined by a blank line."""
+def read_text(file: str, field: str | None = None) -> str:
+    """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields joined by
+    a newline; by default "text", or else every string field), documents joined by a blank line."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found")
     if not file.endswith(".jsonl"):
@@ -440,8 +587,10 @@ def read_text(file: str, field: str = "text") -> str:
             if not line.strip():
                 continue
             record = json.loads(line)
+            keys = field.split(",") if field else ["text"] if "text" in record else \
+                [k for k, v in record.items() if isinstance(v, str)]
             try:
-                docs.append("\n".join(str(record[k]) for k in field.split(",")))
+                docs.append("\n".join(str(record[k]) for k in keys))
             except KeyError as e:
                 raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: {', '.join(record)})") from None
     return "\n\n".join(docs)
@@ -604,7 +753,7 @@ def resolve(path: str) -> str:
     return demo_checkpoint() if path == "demo" else path
 
 
-def main(command: str, checkpoint: str, file: str | None, field: str, seqlen: int, max_windows: int | None,
+def main(command: str, checkpoint: str, file: str | None, field: str | None, seqlen: int, max_windows: int | None,
          prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
          dtype: str, device: str) -> None:
     path = resolve(checkpoint)
@@ -634,7 +783,8 @@ if __name__ == "__main__":
     p.add_argument("command", choices=["ppl", "generate"], help="ppl: perplexity of FILE; generate: continue --prompt")
     p.add_argument("checkpoint", help="checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
     p.add_argument("file", nargs="?", help="ppl: a .txt file, or a .jsonl file read through --field")
-    p.add_argument("--field", default="text", help="ppl on .jsonl: the field(s) to read, comma-separated (default text)")
+    p.add_argument("--field", default=None, help="ppl on .jsonl: the field(s) to read, comma-separated "
+                   "(default: 'text', or else every string field)")
     p.add_argument("--seqlen", type=int, default=2048, help="ppl: tokens per window (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="ppl: evaluate at most this many windows")
     p.add_argument("--prompt", default="The capital of France is", help="generate: the prompt")

@@ -127,8 +127,9 @@ def test_read_text_jsonl_fields(tmp_path):
     file = tmp_path / "d.jsonl"
     file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
     assert M.read_text(str(file), "q,a") == "a\nb\n\nc\nd"
+    assert M.read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
     with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
-        M.read_text(str(file))
+        M.read_text(str(file), "text")
 
 # ---- the demo checkpoint
 

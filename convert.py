@@ -1,0 +1,159 @@
+"""
+convert.py: turn a dense GLU checkpoint into a Mixture-of-Experts checkpoint that model.py loads.
+
+    python convert.py                       # the demo model, ExpertWeaver, 64 experts, 75% active
+    python convert.py CHECKPOINT --out moe --calib wiki.txt --calib code.py:code --eval wiki.txt
+    python model.py generate moe --prompt "The capital of France is"
+
+Prints one line per layer as it converts (specialisation ratio r, alpha, shared / routed experts, top-k,
+expert load on the calibration tokens), the time per stage, and with --eval the dense and MoE
+perplexity on the held-out tail of each file. Writes DIR/config.json (with a "moe" section),
+DIR/model.safetensors, the tokenizer and DIR/report.json, through a temporary directory renamed into
+place at the end.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from model import load_config, load_model, load_tokenizer, perplexity, resolve, save_checkpoint
+from weaver import (METHODS, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
+                    check_divisible, convert, heldout_tokens)
+
+
+def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
+         tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, kmeans_iters: int, k_act: int,
+         dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
+         field: str | None, holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int,
+         seed: int, dtype: str, save_dtype: str | None, device: str) -> dict:
+    t_start = time.time()
+    spec = ConvertSpec(method=method, n_experts=experts, active=active, router=router, tau=tau,
+                       alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, kmeans_iters=kmeans_iters,
+                       k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential, seed=seed)
+    path = resolve(checkpoint)
+    cfg, hf_config = load_config(path)
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
+                         f"converting an MoE again is not supported: convert the dense checkpoint instead")
+    check_divisible(cfg.ffn_dim, experts)
+    for file in calib + evals:
+        if not os.path.isfile(file.rsplit(":", 1)[0] if not os.path.isfile(file) else file):
+            raise FileNotFoundError(f"{file} not found")
+    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(path))}-{method}-{round(active * 100)}")
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "report.json")):
+        raise ValueError(f"--out {out} exists and is not an earlier output of convert.py; choose another path")
+
+    t0 = time.time()
+    model = load_model(path, getattr(torch, dtype), device)
+    tokenizer = load_tokenizer(path)
+    print(f"loaded {path} ({cfg.n_layers} layers, d_ff {cfg.ffn_dim}, {dtype}, {device}) in {time.time() - t0:.1f}s")
+    t0 = time.time()
+    if calib:
+        calibration = calibration_from_files(tokenizer, calib, calib_samples, calib_seqlen, seed, holdout, field)
+    else:
+        calibration = calibration_from_model(model, tokenizer, calib_samples, calib_seqlen, seed)
+    t_calib = time.time() - t0
+    S, T = calibration.tokens.shape
+    print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} ({t_calib:.1f}s)")
+
+    eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, field) for f in evals}
+    dense_ppl = {f: evaluate(model, f, toks, eval_seqlen, eval_windows, "dense") for f, toks in eval_tokens.items()}
+
+    d_e = cfg.ffn_dim // experts
+    print(f"converting: {method}, router {spec.router}, {experts} experts of {d_e} neurons, "
+          f"k = {spec.k} active per token ({spec.k / experts:.1%} of the neurons)")
+    t0 = time.time()
+    report = convert(model, calibration, spec)
+    t_convert = time.time() - t0
+    moe_ppl = {f: evaluate(model, f, toks, eval_seqlen, eval_windows, "moe") for f, toks in eval_tokens.items()}
+
+    timings = {"calibration": t_calib, **report["timings"]}
+    print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; convert {t_convert:.1f}s")
+    results = {}
+    if evals:
+        print(f"held-out perplexity (last {holdout:.0%} of each file, {eval_windows} windows x {eval_seqlen}):")
+        for f in evals:
+            ratio = moe_ppl[f][1] / dense_ppl[f][1]
+            results[f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
+                          "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
+            print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe {moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
+    full = {"source": path, "spec": asdict(spec), "active_fraction": active_fraction(model.cfg),
+            "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names, "files": calib},
+            "eval": results, "timings": timings, "convert_seconds": t_convert, "layers": report["layers"]}
+    if save_dtype:
+        model.to(getattr(torch, save_dtype))
+    save_checkpoint(model, hf_config, out, copy_from=path, extra={"report.json": full})
+    print(f"wrote {out} (active fraction {full['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
+    return full
+
+
+def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, label: str):
+    t0 = time.time()
+    result = perplexity(model, tokens, seqlen, windows)
+    print(f"  {label} ppl {os.path.basename(file)}: {result[1]:.3f} ({result[2]} windows, {time.time() - t0:.1f}s)")
+    return result
+
+
+def source_dtype(hf_config: dict) -> str:
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint into an MoE checkpoint "
+                                "with no training (ExpertWeaver; CMoE, static pruning and random partition beside it).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default="demo",
+                   help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
+    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE)")
+    p.add_argument("--method", default="expertweaver", choices=METHODS,
+                   help="expertweaver: CV-sized shared expert + balanced k-means + centroid router; cmoe: CMoE; "
+                   "static: keep the most active neurons, no routing; random: expertweaver with a random partition")
+    p.add_argument("--router", default=None, choices=["centroid", "cmoe", "oracle"],
+                   help="override the method's router; oracle = select by true expert contribution (a diagnostic "
+                   "upper bound that computes every expert's gate and up projections)")
+    p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must divide d_ff")
+    p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token uses")
+    p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
+    p.add_argument("--alpha-min", type=float, default=0.2, help="shared fraction of the most specialised layer")
+    p.add_argument("--alpha-max", type=float, default=0.7, help="shared fraction of the least specialised layer")
+    p.add_argument("--n-shared", type=int, default=None,
+                   help="shared experts in every layer, overriding the method's rule (cmoe default: half of k)")
+    p.add_argument("--kmeans-iters", type=int, default=50, help="max balanced k-means iterations")
+    p.add_argument("--k-act", type=int, default=10, help="cmoe: neurons marked per token (K_a)")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layer indices to leave dense")
+    p.add_argument("--sequential", action="store_true",
+                   help="profile each layer on the outputs of the already-converted layers (CMoE's carving) "
+                   "instead of the dense ones")
+    p.add_argument("--calib", action="append", default=[], metavar="FILE[:TASK]",
+                   help="calibration text (.txt, or .jsonl with --field); repeatable; the task defaults to the "
+                   "file name. Without it the model writes its own calibration text from built-in prompts")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
+    p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated (default: 'text', "
+                   "or every string field)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="the last fraction of each file's tokens: never calibrated on, the only part --eval reads")
+    p.add_argument("--eval", dest="evals", action="append", default=[], metavar="FILE",
+                   help="report dense and MoE perplexity on the held-out part of FILE; repeatable")
+    p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at most")
+    p.add_argument("--seed", type=int, default=0, help="seeds calibration sampling, k-means and the partition")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to convert and evaluate in (statistics are always float32)")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the source checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    a = p.parse_args()
+    try:
+        _, hf = load_config(resolve(a.checkpoint))
+        main(a.checkpoint, a.out, a.method, a.router, a.experts, a.active, a.tau, a.alpha_min, a.alpha_max,
+             a.n_shared, a.kmeans_iters, a.k_act, a.dense_layers, a.sequential, a.calib, a.calib_samples,
+             a.calib_seqlen, a.field, a.holdout, a.evals, a.eval_seqlen, a.eval_windows, a.seed, a.dtype,
+             a.save_dtype or source_dtype(hf), a.device)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where
+        sys.exit(f"convert.py: error: {e}")

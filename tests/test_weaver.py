@@ -1,0 +1,337 @@
+"""weaver.py and convert.py: partition invariants, exactness of the full-shared and all-experts MoE, the
+checkpoint round trip, every method and router, and the errors on bad input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import model as M
+import weaver as W
+
+# ---- tiny random models, built directly (no transformers needed)
+
+
+def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transformer:
+    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                        head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
+                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=arch == "qwen2")
+    torch.manual_seed(seed)
+    model = M.Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> W.Calibration:
+    g = torch.Generator().manual_seed(seed)
+    # each task draws from its own slice of the vocabulary, so tasks really differ
+    width = vocab // tasks
+    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g) for t in range(tasks)])
+    return W.Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)])
+
+
+def converted(model, **spec):
+    W.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec), log=lambda *_: None)
+    return model
+
+
+TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(9))
+
+# ---- partitioning
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 9), capacity=st.integers(1, 7), levels=st.integers(2, 50), seed=st.integers(0, 10_000))
+def test_balanced_assign_equals_the_greedy_reference(k, capacity, levels, seed):
+    # few distinct cost levels => many ties, which both must break the same way
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.randint(0, levels, (k * capacity, k), generator=g).float()
+    fast = W.balanced_assign(cost, capacity)
+    assert torch.equal(fast, W.balanced_assign_reference(cost, capacity))
+    assert torch.equal(torch.bincount(fast, minlength=k), torch.full((k,), capacity))
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 10), capacity=st.integers(1, 8), dim=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_balanced_kmeans_partition_invariants(k, capacity, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.rand(k * capacity, dim, generator=g)
+    neurons = torch.randperm(3 * k * capacity, generator=g)[: k * capacity]  # arbitrary neuron ids
+    assign, iters = W.balanced_kmeans(features, k, seed, max_iter=20)
+    groups = W.groups_of(neurons, assign, k)
+    assert groups.shape == (k, capacity)
+    assert torch.equal(groups.flatten().sort().values, neurons.sort().values)  # each neuron exactly once
+    assert torch.equal(W.balanced_kmeans(features, k, seed, max_iter=20)[0], assign)  # deterministic
+    assert 1 <= iters <= 20
+
+
+def test_kmeans_finds_planted_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g) * 10
+    features = centres.repeat_interleave(5, dim=0) + 0.01 * torch.randn(20, 8, generator=g)
+    assign, _ = W.balanced_kmeans(features, 4, seed=1)
+    assert all(len(set(assign[i * 5:(i + 1) * 5].tolist())) == 1 for i in range(4))
+
+
+@pytest.mark.parametrize("method,router", [("expertweaver", None), ("random", None), ("cmoe", None),
+                                           ("static", None), ("expertweaver", "oracle"), ("expertweaver", "cmoe")])
+def test_every_method_regroups_the_dense_weights_exactly(method, router):
+    model = tiny_model(ffn_dim=48, n_layers=2)
+    dense = [(b.mlp.gate_proj.weight.clone(), b.mlp.up_proj.weight.clone(), b.mlp.down_proj.weight.clone())
+             for b in model.layers]
+    converted(model, method=method, router=router, n_experts=8, active=0.5, k_act=4)
+    for block, (gate, up, down) in zip(model.layers, dense):
+        moe = block.mlp
+        assert isinstance(moe, M.MoEMLP)
+        idx = moe.neuron_index
+        assert torch.equal(idx.sort().values, torch.arange(48))
+        parts = [(moe.shared.gate_proj.weight, moe.shared.up_proj.weight, moe.shared.down_proj.weight)] if moe.shared else []
+        E, F2, D = moe.experts.gate_up_proj.shape
+        g_r, u_r = moe.experts.gate_up_proj.split(F2 // 2, dim=1)
+        parts.append((g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(1, 0, 2).reshape(D, -1)))
+        assert torch.equal(torch.cat([p[0] for p in parts]), gate[idx])
+        assert torch.equal(torch.cat([p[1] for p in parts]), up[idx])
+        assert torch.equal(torch.cat([p[2] for p in parts], dim=1), down[:, idx])
+        assert len(moe.shared.gate_proj.weight) + moe.top_k * F2 // 2 == 24  # half of the neurons active
+        assert (moe.top_k == 0) == (method == "static")
+
+# ---- allocation
+
+
+def test_routing_stays_alive_at_every_budget():
+    for n_experts in (8, 16, 64):
+        for active in (0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.9):
+            k = round(active * n_experts)
+            sizes = [W.n_shared_experts(a / 20, n_experts, k, 0.7) for a in range(4, 15)]  # alpha 0.2 .. 0.7
+            if k > 1:
+                assert max(sizes) < k, (n_experts, active, sizes)  # at least one routed expert per token
+            assert sizes == sorted(sizes), "more specialised layers never get more shared experts"
+    assert W.n_shared_experts(0.7, 64, 48, 0.7) == 45  # the paper's rule where it leaves routing alive
+    assert W.n_shared_experts(0.7, 64, 32, 0.7) == 22  # a fraction of k = 32 instead of 45 >= k
+    model = converted(tiny_model(ffn_dim=64, n_layers=3), n_experts=16, active=0.5)
+    assert all(b.mlp.top_k >= 1 for b in model.layers)
+
+
+def test_specialisation_ratio():
+    profile = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 4.0]])  # neuron 1: task means 1 and 3
+    cv, r = W.specialization(profile, torch.tensor([0, 0, 1, 1]), tau=0.3)
+    assert cv[0] == 0 and cv[1] == pytest.approx(0.5, rel=1e-5) and r == 0.5
+
+# ---- exactness
+
+
+@settings(max_examples=12, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), dim=st.sampled_from([16, 32]),
+       n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6), n_layers=st.integers(1, 3),
+       seed=st.integers(0, 1000))
+def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, seed):
+    model = tiny_model(arch, dim, n_experts * expert_dim, n_layers, seed)
+    dense = model(TOKENS)
+    converted(model, n_experts=n_experts, active=1.0, alpha_min=1.0, alpha_max=1.0, seed=seed)
+    assert all(b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim for b in model.layers)
+    assert torch.equal(model(TOKENS), dense)
+
+
+@settings(max_examples=12, deadline=None)
+@given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), n_experts=st.sampled_from([4, 8]),
+       method=st.sampled_from(["expertweaver", "random", "cmoe"]), seed=st.integers(0, 1000))
+def test_all_experts_active_matches_dense(arch, n_experts, method, seed):
+    model = tiny_model(arch, 32, n_experts * 6, 2, seed)
+    dense = model(TOKENS)
+    converted(model, method=method, n_experts=n_experts, active=1.0, seed=seed, k_act=3)
+    assert all(b.mlp.top_k == b.mlp.experts.gate_up_proj.shape[0] for b in model.layers)
+    torch.testing.assert_close(model(TOKENS), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_full_shared_is_exact(demo_path):
+    model = M.load_model(demo_path)
+    tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
+    dense = model(tokens)
+    calib = random_calibration(vocab=model.cfg.vocab_size, samples=1, seqlen=8)
+    W.convert(model, calib, W.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0), log=lambda *_: None)
+    assert torch.equal(model(tokens), dense)
+
+
+def test_sequential_and_dense_layers():
+    a = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,))
+    assert isinstance(a.layers[1].mlp, M.MLP) and a.cfg.moe["layers"][1] is None
+    b = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,), sequential=True)
+    # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when sequential
+    assert torch.equal(a.layers[0].mlp.neuron_index, b.layers[0].mlp.neuron_index)
+    assert a(TOKENS).shape == b(TOKENS).shape
+
+
+def test_oracle_router_picks_the_largest_contributions():
+    model = converted(tiny_model(ffn_dim=48, n_layers=1), n_experts=8, active=0.5, router="oracle")
+    moe = model.layers[0].mlp
+    x = torch.randn(5, 32)
+    gate, up = torch.einsum("nd,efd->nef", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
+    truth = (torch.nn.functional.silu(gate) * up).abs().sum(-1)  # (5, E)
+    assert torch.equal(moe.route(x).sort(dim=1).values, truth.topk(moe.top_k).indices.sort(dim=1).values)
+
+
+def test_cmoe_markers_mark_k_act_neurons_per_token():
+    model = tiny_model(ffn_dim=48, n_layers=1)
+    x = torch.randn(3, 8, 32)
+    stats = W.profile_layer(x, model.layers[0].mlp, k_act=5, marker_tokens=torch.tensor([0, 3, 9, 23]))
+    assert stats.markers.shape == (4, 48) and (stats.markers.sum(1) == 5).all()
+    assert stats.profile.shape == (3, 48) and (stats.profile >= 0).all()
+
+# ---- the checkpoint
+
+
+def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
+    model = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.75, dense_layers=(0,))
+    expected = model(TOKENS)
+    hf_config = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "tie_word_embeddings": True}
+    good = tmp_path / "moe"
+    M.save_checkpoint(model, hf_config, str(good))
+    loaded = M.load_model(str(good))
+    assert isinstance(loaded.layers[0].mlp, M.MLP) and isinstance(loaded.layers[1].mlp, M.MoEMLP)
+    assert torch.equal(loaded(TOKENS), expected)
+
+    def variant(name, config_change=None, tensor_change=None):
+        from safetensors.torch import load_file, save_file
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        cfg = json.loads((path / "config.json").read_text())
+        if config_change:
+            config_change(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+        if tensor_change:
+            tensors = load_file(path / "model.safetensors")
+            tensor_change(tensors)
+            save_file(tensors, path / "model.safetensors")
+        return str(path)
+
+    def more_experts(cfg):
+        cfg["moe"]["layers"][1]["routed_experts"] += 1
+        cfg["moe"]["layers"][1]["shared_neurons"] -= cfg["moe"]["expert_dim"]
+    with pytest.raises(ValueError, match=r"mlp.experts.(gate_up|down)_proj' has shape \(3, .*\), config.json implies \(4, "):
+        M.load_model(variant("count", more_experts))
+    with pytest.raises(ValueError, match=r"moe.layers\[1\]: .* != intermediate_size 48"):
+        M.load_model(variant("sizes", lambda c: c["moe"]["layers"][1].update(shared_neurons=6)))
+    with pytest.raises(ValueError, match=r"moe.layers\[1\]: top_k 99"):
+        M.load_model(variant("topk", lambda c: c["moe"]["layers"][1].update(top_k=99)))
+
+    def duplicate(tensors):
+        tensors["model.layers.1.mlp.neuron_index"][0] = tensors["model.layers.1.mlp.neuron_index"][1]
+    with pytest.raises(ValueError, match="model.layers.1.mlp.neuron_index' is not a permutation of the 48"):
+        M.load_model(variant("index", tensor_change=duplicate))
+    with pytest.raises(ValueError, match="lacks 1 tensor.*model.layers.1.mlp.router.weight"):
+        M.load_model(variant("router", tensor_change=lambda t: t.pop("model.layers.1.mlp.router.weight")))
+
+# ---- calibration and the CLI
+
+
+def test_calibration_from_files(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "a.txt").write_text(" ".join(f"w{i % 100}" for i in range(1000)))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"q": f"w{i}", "a": f"w{i + 1}"}) for i in range(90)))
+    specs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl") + ":qa"]
+    calib = W.calibration_from_files(tokenizer, specs, samples=3, seqlen=10, seed=0)
+    assert calib.tokens.shape == (6, 10) and calib.names == ["a", "qa"] and calib.task.tolist() == [0] * 3 + [1] * 3
+    assert torch.equal(W.calibration_from_files(tokenizer, specs, 3, 10, 0).tokens, calib.tokens)
+    assert calib.tokens[:3].max() < 900 - 1  # never from the held-out last 10% of a.txt (tokens 900..999)
+    with pytest.raises(ValueError, match=r"task 'qa' has 16 windows of 10 tokens, fewer than --calib-samples 20"):
+        W.calibration_from_files(tokenizer, specs, samples=20, seqlen=10, seed=0)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="calibration file .*empty.txt is empty"):
+        W.calibration_from_files(tokenizer, [str(tmp_path / "empty.txt")], 1, 10, 0)
+    with pytest.raises(FileNotFoundError, match="nope.txt not found"):
+        W.calibration_from_files(tokenizer, [str(tmp_path / "nope.txt")], 1, 10, 0)
+
+
+def test_spec_and_input_errors():
+    with pytest.raises(ValueError, match=r"active 1.5 must be in \(0, 1\]"):
+        W.ConvertSpec(active=1.5)
+    with pytest.raises(ValueError, match=r"active 0 must be in \(0, 1\]"):
+        W.ConvertSpec(active=0)
+    with pytest.raises(ValueError, match="does not go with method 'static'"):
+        W.ConvertSpec(method="static", router="centroid")
+    with pytest.raises(ValueError, match="intermediate_size 48 is not divisible by --experts 5: .*valid counts "
+                                         "near it: 3, 4, 6, 8"):
+        converted(tiny_model(ffn_dim=48), n_experts=5)
+    one_task = W.Calibration(torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"])
+    with pytest.raises(ValueError, match="at least 2 tasks; got 1"):
+        W.convert(tiny_model(), one_task, W.ConvertSpec(n_experts=8))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", n_layers=2)
+    hf_config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    M.save_checkpoint(model, hf_config, str(path))
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    for name, offset in (("prose", 0), ("code", 30)):
+        (path / f"{name}.txt").write_text(" ".join(f"w{offset + (i * 7) % 30}" for i in range(2000)))
+    return str(path)
+
+
+def run_convert(checkpoint, out, **overrides):
+    import convert
+    args = dict(checkpoint=checkpoint, out=out, method="expertweaver", router=None, experts=8, active=0.75,
+                tau=0.6, alpha_min=0.2, alpha_max=0.7, n_shared=None, kmeans_iters=50, k_act=4, dense_layers=[],
+                sequential=False, calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
+                calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
+                evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2, seed=0,
+                dtype="float32", save_dtype="bfloat16", device="cpu")
+    return convert.main(**(args | overrides))
+
+
+def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "moe")
+    report = run_convert(tiny_checkpoint, out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "report.json", "tokenizer.json"]
+    moe = M.load_model(out)
+    assert next(moe.parameters()).dtype == torch.float32  # bf16 on disk, loaded as asked
+    assert report["active_fraction"] == pytest.approx(0.75)
+    assert report["eval"][os.path.join(tiny_checkpoint, "prose.txt")]["ratio"] > 0
+    assert json.load(open(os.path.join(out, "report.json")))["layers"][0]["routed_experts"] > 0
+    assert moe.generate(torch.tensor([[1, 2, 3]]), 5).shape == (1, 8)
+    with pytest.raises(ValueError, match="already an MoE checkpoint"):
+        run_convert(out, str(tmp_path / "again"))
+
+
+def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_convert(tiny_checkpoint, str(tmp_path / "moe"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_refuses_a_foreign_out_dir(tiny_checkpoint, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not an earlier output of convert.py"):
+        run_convert(tiny_checkpoint, str(tmp_path / "mine"))
+
+
+def test_generated_calibration_is_seeded():
+    model = tiny_model()
+
+    class Tok:
+        def encode(self, text):
+            return type("E", (), {"ids": [ord(c) % 64 for c in text[:5]]})()
+    a = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
+    b = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
+    assert a.tokens.shape == (2 * len(W.TASK_PROMPTS), 12) and torch.equal(a.tokens, b.tokens)
+    assert a.names == list(W.TASK_PROMPTS)

@@ -1,0 +1,538 @@
+"""
+weaver.py: dense GLU FFNs -> MoE FFNs with no training (ExpertWeaver, arXiv 2602.15521), and the peers
+it is measured against: CMoE (arXiv 2502.04416), static pruning, and a random partition.
+
+    python convert.py            # the CLI over this file; see python convert.py --help
+
+One layer at a time, on the calibration windows' hidden states:
+  1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
+  2. allocate  per neuron CV = std / mean of its task-averaged activation; r = share of neurons with
+               CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
+  3. shared    the alpha * N_e * d_e neurons with the largest mean activation, one dense GLU
+  4. partition the rest into equal experts of d_e neurons by balanced k-means on their profiles
+  5. route     router row of an expert = the mean gate row of its neurons; top-k per token
+Read top to bottom: calibration data, profiling, allocation, partitioning, routers, per-method layer
+plans, building an MoE layer, the conversion driver, held-out evaluation.
+"""
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import MLP, MoEMLP, Transformer, read_text
+
+# -----------------------------------------------------------------------------
+# calibration data: windows of tokens, each labelled with its task
+
+# used when no --calib file is given: the model writes its own calibration text, one task per family
+TASK_PROMPTS = {
+    "prose": "The history of the printing press in Europe begins",
+    "dialogue": "ALICE: Where were you last night? We waited for hours.\nBOB:",
+    "math": "Question: A baker sells 24 muffins in the morning and twice as many in the afternoon. "
+            "How many muffins does she sell in total?\nAnswer: Let's think step by step.",
+    "code": "import numpy as np\n\n\ndef moving_average(values, window):\n    \"\"\"",
+    "instructions": "How to repot a houseplant, step by step:\n1.",
+}
+
+
+@dataclass
+class Calibration:
+    tokens: torch.Tensor    # (S, T) int64: S windows of T tokens
+    task: torch.Tensor      # (S,) int64: index into names
+    names: list[str]
+
+
+def split_heldout(ids: list[int], holdout: float) -> tuple[list[int], list[int]]:
+    """A file's tokens -> (calibration part, held-out tail). Evaluation only ever reads the tail."""
+    n_tail = int(len(ids) * holdout)
+    return ids[: len(ids) - n_tail], ids[len(ids) - n_tail:]
+
+
+def parse_calib_spec(spec: str) -> tuple[str, str]:
+    """FILE[:TASK] -> (file, task); the task defaults to the file name up to its first dot."""
+    import os
+    file, task = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        file, task = spec.rsplit(":", 1)
+    return file, task or os.path.basename(file).split(".")[0]
+
+
+def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: int, seed: int,
+                           holdout: float = 0.1, field: str | None = None) -> Calibration:
+    """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part of
+    the task's files (several files may share a task)."""
+    pools: dict[str, list[torch.Tensor]] = {}
+    for spec in specs:
+        file, task = parse_calib_spec(spec)
+        text = read_text(file, field)
+        if not text.strip():
+            raise ValueError(f"calibration file {file} is empty")
+        head, _ = split_heldout(tokenizer.encode(text).ids, holdout)
+        n = len(head) // seqlen
+        if n == 0:
+            raise ValueError(f"calibration file {file}: {len(head)} tokens (before the held-out {holdout:.0%}) "
+                             f"make no window of --calib-seqlen {seqlen}")
+        pools.setdefault(task, []).append(torch.tensor(head[: n * seqlen], dtype=torch.int64).view(n, seqlen))
+    tokens, task_ids = [], []
+    generator = torch.Generator().manual_seed(seed)
+    for t, (task, windows) in enumerate(pools.items()):
+        windows = torch.cat(windows)
+        if len(windows) < samples:
+            raise ValueError(f"task {task!r} has {len(windows)} windows of {seqlen} tokens, fewer than "
+                             f"--calib-samples {samples}: give it more text or lower --calib-samples/--calib-seqlen")
+        pick = torch.randperm(len(windows), generator=generator)[:samples].sort().values
+        tokens.append(windows[pick])
+        task_ids += [t] * samples
+    return Calibration(torch.cat(tokens), torch.tensor(task_ids), list(pools))
+
+
+def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: int, seed: int,
+                           log=print) -> Calibration:
+    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1, top-50)."""
+    log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} tasks "
+        f"({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = []
+    for prompt in TASK_PROMPTS.values():
+        ids = tokenizer.encode(prompt).ids[:seqlen]
+        batch = torch.tensor([ids] * samples, device=device)
+        out = model.generate(batch, seqlen - len(ids), temperature=1.0, top_k=50, generator=generator)
+        tokens.append(out[:, :seqlen].cpu())
+    task = torch.arange(len(TASK_PROMPTS)).repeat_interleave(samples)
+    return Calibration(torch.cat(tokens), task, list(TASK_PROMPTS))
+
+# -----------------------------------------------------------------------------
+# profiling: statistics of one FFN on its calibration inputs, never the activations themselves
+
+
+@dataclass
+class LayerStats:
+    profile: torch.Tensor               # (S, d_ff) float32: a[i, j] transposed, one row per sample
+    markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M calibration tokens
+
+
+@torch.no_grad()
+def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: int | None = None,
+                  marker_tokens: torch.Tensor | None = None) -> LayerStats:
+    """x: (S, T, D) FFN inputs. Works through the samples in batches of about batch_tokens tokens, so
+    memory grows with d_ff * batch, not with the calibration set. With k_act, also CMoE's markers for the
+    tokens listed in marker_tokens (flat indices into S * T)."""
+    S, T, D = x.shape
+    gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
+    profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
+    markers = []
+    if k_act:
+        # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
+        gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
+    step = max(1, batch_tokens // T)
+    for i in range(0, S, step):
+        xb = x[i: i + step]  # (b, T, D)
+        profile[i: i + step] = F.silu(xb @ gate_w.T).float().abs().mean(dim=1)
+        if k_act:
+            flat = torch.arange(i * T, (i + len(xb)) * T, device=x.device)
+            keep = marker_tokens[(marker_tokens >= flat[0]) & (marker_tokens <= flat[-1])] - i * T
+            xn = F.normalize(xb.reshape(-1, D)[keep].float(), dim=-1)  # (m, D)
+            scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
+            top = scores.topk(k_act, dim=-1).indices
+            markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
+    return LayerStats(profile, torch.cat(markers) if k_act else None)
+
+# -----------------------------------------------------------------------------
+# allocation: how many experts of a layer are shared
+
+
+def specialization(profile: torch.Tensor, task: torch.Tensor, tau: float, eps: float = 1e-6):
+    """profile (S, d_ff), task (S,) -> CV per neuron (d_ff,) across the task means, and r = share of
+    neurons with CV > tau (the layer's specialisation ratio)."""
+    n_tasks = int(task.max()) + 1
+    task = task.to(profile.device)
+    sums = torch.zeros(n_tasks, profile.shape[1], device=profile.device).index_add_(0, task, profile)
+    task_mean = sums / torch.bincount(task, minlength=n_tasks)[:, None]  # (n_tasks, d_ff)
+    cv = task_mean.std(dim=0, unbiased=False) / (task_mean.mean(dim=0) + eps)
+    return cv, (cv > tau).float().mean().item()
+
+
+def n_shared_experts(alpha: float, n_experts: int, k: int, alpha_max: float) -> int:
+    """Shared experts of a layer: round(alpha * N_e), the paper's rule, while even the largest alpha leaves
+    routed experts in the active budget k. When alpha_max * N_e would reach k (any active below ~0.7 with
+    the default alphas) that rule makes layers all-shared and routing dies, so alpha is read as a fraction
+    of the active budget instead, for every layer alike: round(alpha * k). At least one active expert stays
+    routed whenever k < N_e."""
+    n = round(alpha * n_experts) if alpha_max * n_experts < k else round(alpha * k)
+    return min(n, k - 1) if k < n_experts else min(n, n_experts)
+
+# -----------------------------------------------------------------------------
+# partitioning: balanced k-means, every cluster exactly `capacity` members
+
+
+def balanced_assign_reference(cost: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The paper's greedy, written plainly: walk all (item, cluster) pairs by ascending cost and take a
+    pair when the item is free and the cluster has room. cost: (n, K), n = K * capacity -> (n,)."""
+    n, K = cost.shape
+    assign = torch.full((n,), -1, dtype=torch.int64)
+    size = [0] * K
+    for p in cost.flatten().argsort(stable=True).tolist():
+        i, c = divmod(p, K)
+        if assign[i] < 0 and size[c] < capacity:
+            assign[i] = c
+            size[c] += 1
+    return assign
+
+
+def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Same result as balanced_assign_reference, vectorised. Items propose to clusters in order of cost;
+    each cluster keeps its `capacity` cheapest proposers so far and turns away the rest, who propose to
+    their next cluster (deferred acceptance). When both sides rank by one pair cost, the stable matching
+    is unique and is exactly what the greedy walk produces. Ties: by cluster index for an item, by item
+    index for a cluster, the order the reference's stable sort gives. cost: (n, K) -> (n,)."""
+    n, K = cost.shape
+    assert n == K * capacity, f"{n} items do not fill {K} clusters of {capacity}"
+    prefs = cost.argsort(dim=1, stable=True)  # (n, K): each item's clusters, cheapest first
+    items = torch.arange(n, device=cost.device)
+    tried = torch.zeros(n, dtype=torch.int64, device=cost.device)  # how far down its list each item is
+    while True:
+        target = prefs[items, tried]  # (n,) the cluster each item holds or proposes to
+        by_cost = cost[items, target].argsort(stable=True)
+        order = by_cost[target[by_cost].argsort(stable=True)]  # by cluster, then cost, then item
+        counts = torch.bincount(target, minlength=K)
+        first = torch.cumsum(counts, 0) - counts  # (K,) where each cluster's run starts in `order`
+        rank = torch.empty_like(items)
+        rank[order] = items - first[target[order]]
+        rejected = rank >= capacity
+        if not rejected.any():
+            return target
+        tried += rejected
+
+
+def balanced_kmeans(features: torch.Tensor, n_clusters: int, seed: int, max_iter: int = 50,
+                    init: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """features (n, S) -> (cluster of each item (n,), iterations run). Squared Euclidean distance,
+    centroids seeded from random items (or `init` (K, S)), iterated until no item moves or max_iter."""
+    n = features.shape[0]
+    capacity = n // n_clusters
+    if init is None:
+        generator = torch.Generator().manual_seed(seed)
+        init = features[torch.randperm(n, generator=generator)[:n_clusters].to(features.device)]
+    centroids, assign = init.clone(), None
+    for it in range(1, max_iter + 1):
+        new = balanced_assign(torch.cdist(features, centroids).pow(2), capacity)
+        if assign is not None and torch.equal(new, assign):
+            return assign, it
+        assign = new
+        centroids = torch.zeros_like(centroids).index_add_(0, assign, features) / capacity
+    return assign, max_iter
+
+
+def groups_of(neurons: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """neurons (n,), their clusters (n,) -> (K, n / K) neuron ids, each row ascending."""
+    order = torch.argsort(assign * (int(neurons.max()) + 1) + neurons)
+    return neurons[order].view(n_clusters, -1)
+
+# -----------------------------------------------------------------------------
+# routers, from the dense weights and the partition alone
+
+
+def centroid_router(gate_w: torch.Tensor, groups: torch.Tensor) -> dict:
+    """ExpertWeaver: the mean gate row of each expert's neurons. gate_w (d_ff, D), groups (E, F)."""
+    return {"weight": gate_w[groups].float().mean(dim=1)}  # (E, D)
+
+
+def cmoe_router(gate_w: torch.Tensor, up_w: torch.Tensor, reps: torch.Tensor) -> dict:
+    """CMoE: the unit-norm gate and up rows of each expert's representative neuron. reps (E,)."""
+    return {"weight": F.normalize(gate_w[reps].float(), dim=1), "up": F.normalize(up_w[reps].float(), dim=1)}
+
+
+def representatives(features: torch.Tensor, groups: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """The member of each group nearest its centroid. features (d_ff, M), groups (E, F) -> (E,) neuron ids."""
+    members = features[groups].float()  # (E, F, M)
+    dist = torch.cdist(members, members.mean(dim=1, keepdim=True), p=p).squeeze(-1)  # (E, F)
+    return groups.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+
+# -----------------------------------------------------------------------------
+# one layer's plan per method: which neurons are shared, the routed groups, top-k and the router
+
+METHODS = ("expertweaver", "cmoe", "static", "random")
+DEFAULT_ROUTER = {"expertweaver": "centroid", "random": "centroid", "cmoe": "cmoe", "static": "none"}
+
+
+@dataclass
+class ConvertSpec:
+    method: str = "expertweaver"
+    n_experts: int = 64               # N_e: experts per layer, shared ones included
+    active: float = 0.75              # fraction of the experts (= of FFN neurons) each token uses
+    router: str | None = None         # None: the method's own (DEFAULT_ROUTER)
+    tau: float = 0.6                  # CV above which a neuron counts as specialised
+    alpha_min: float = 0.2
+    alpha_max: float = 0.7
+    n_shared: int | None = None       # shared experts in every layer, overriding the method's rule
+    kmeans_iters: int = 50
+    k_act: int = 10                   # CMoE's K_a
+    marker_tokens: int = 16384        # CMoE: calibration tokens whose markers are kept (CMoE uses 8 x 2048)
+    dense_layers: tuple = ()          # layers left dense
+    sequential: bool = False          # profile layer l on the outputs of converted layers < l
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+        if not 0 < self.active <= 1:
+            raise ValueError(f"active {self.active} must be in (0, 1]: the fraction of FFN neurons a token uses")
+        if not 0 <= self.alpha_min <= self.alpha_max <= 1:
+            raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} <= 1")
+        self.router = self.router or DEFAULT_ROUTER[self.method]
+        if (self.method == "static") != (self.router == "none"):
+            raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: static pruning "
+                             f"has no router, every other method needs one")
+        k = self.k
+        if self.n_shared is not None and not 0 <= self.n_shared <= k:
+            raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {k}]")
+
+    @property
+    def k(self) -> int:
+        """Experts active per token, shared ones included."""
+        return max(1, round(self.active * self.n_experts))
+
+
+@dataclass
+class LayerPlan:
+    shared: torch.Tensor    # (n_shared * d_e,) neuron ids, ascending (the dense order, for exactness)
+    groups: torch.Tensor    # (E, d_e) neuron ids of each routed expert
+    top_k: int
+    router: dict            # Router parameter name -> tensor
+    info: dict              # what the report shows
+
+
+def split_shared(importance: torch.Tensor, n_shared_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n most important neurons (ascending ids), and the rest (ascending ids)."""
+    shared = importance.topk(n_shared_neurons).indices.sort().values
+    rest = torch.ones_like(importance, dtype=torch.bool)
+    rest[shared] = False
+    return shared, rest.nonzero().squeeze(1)
+
+
+def plan_expertweaver(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+                      timings: dict) -> LayerPlan:
+    d_ff = stats.profile.shape[1]
+    d_e, k = d_ff // spec.n_experts, spec.k
+    with timed(timings, "allocate"):
+        cv, r = specialization(stats.profile, task, spec.tau)
+        alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
+        n_se = spec.n_shared if spec.n_shared is not None else n_shared_experts(alpha, spec.n_experts, k, spec.alpha_max)
+        shared, rest = split_shared(stats.profile.mean(dim=0), n_se * d_e)
+    n_routed = spec.n_experts - n_se
+    iters = 0
+    with timed(timings, "partition"):
+        if n_routed == 0:
+            groups = rest.view(0, d_e)
+        elif spec.method == "random":
+            generator = torch.Generator().manual_seed(seed)
+            groups = rest[torch.randperm(len(rest), generator=generator).to(rest.device)].view(n_routed, d_e)
+            groups = groups.sort(dim=1).values
+        else:
+            assign, iters = balanced_kmeans(stats.profile[:, rest].T.contiguous(), n_routed, seed, spec.kmeans_iters)
+            groups = groups_of(rest, assign, n_routed)
+    with timed(timings, "router"):
+        router = make_router(spec.router, mlp, groups, stats.profile.T, p=2.0)
+    info = {"r": r, "alpha": alpha, "kmeans_iters": iters}
+    return LayerPlan(shared, groups, min(k, spec.n_experts) - n_se, router, info)
+
+
+def plan_cmoe(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+              timings: dict) -> LayerPlan:
+    """CMoE as in its reference code: shared = the highest activation rates; one balanced assignment of
+    the other neurons' marker columns (L1) to centroids seeded from the highest-rate ones; representative
+    = the member nearest its cluster mean."""
+    markers = stats.markers  # (M, d_ff) bool
+    d_ff = markers.shape[1]
+    d_e, k = d_ff // spec.n_experts, spec.k
+    with timed(timings, "allocate"):
+        rate = markers.float().mean(dim=0)  # (d_ff,) share of tokens that mark each neuron
+        n_se = spec.n_shared if spec.n_shared is not None else k // 2
+        shared, rest = split_shared(rate, n_se * d_e)
+    n_routed = spec.n_experts - n_se
+    with timed(timings, "partition"):
+        if n_routed:
+            columns = markers[:, rest].T.float()  # (n_rest, M) binary
+            seeds = columns[rate[rest].topk(n_routed).indices]  # (n_routed, M) binary
+            # L1 between binary vectors: |a| + |b| - 2 a.b, one matmul instead of an (n, K, M) difference
+            cost = columns.sum(1, keepdim=True) + seeds.sum(1)[None, :] - 2 * columns @ seeds.T
+            groups = groups_of(rest, balanced_assign(cost, d_e), n_routed)
+        else:
+            groups = rest.view(0, d_e)
+    with timed(timings, "router"):
+        router = make_router(spec.router, mlp, groups, markers.T, p=1.0)
+    info = {"r": None, "alpha": None, "kmeans_iters": 1}
+    return LayerPlan(shared, groups, min(k, spec.n_experts) - n_se, router, info)
+
+
+def plan_static(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+                timings: dict) -> LayerPlan:
+    """Structured pruning: the k * d_e most active neurons always on; the others kept in the checkpoint as
+    experts that are never selected (top_k = 0), so the index map still covers every neuron."""
+    d_ff = stats.profile.shape[1]
+    d_e, k = d_ff // spec.n_experts, spec.k
+    with timed(timings, "allocate"):
+        shared, rest = split_shared(stats.profile.mean(dim=0), k * d_e)
+    info = {"r": None, "alpha": None, "kmeans_iters": 0}
+    return LayerPlan(shared, rest.view(-1, d_e), 0, {}, info)
+
+
+PLANNERS = {"expertweaver": plan_expertweaver, "random": plan_expertweaver, "cmoe": plan_cmoe,
+            "static": plan_static}
+
+
+def make_router(kind: str, mlp: MLP, groups: torch.Tensor, features: torch.Tensor, p: float) -> dict:
+    if kind == "centroid":
+        return centroid_router(mlp.gate_proj.weight, groups)
+    if kind == "cmoe":
+        return cmoe_router(mlp.gate_proj.weight, mlp.up_proj.weight, representatives(features, groups, p))
+    return {}  # oracle: scores come from the experts' own weights
+
+# -----------------------------------------------------------------------------
+# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed
+
+
+def build_moe(mlp: MLP, plan: LayerPlan, expert_dim: int, router: str) -> MoEMLP:
+    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    dim = gate_w.shape[1]
+    n_routed = plan.groups.shape[0]
+    with torch.device("meta"):
+        moe = MoEMLP(dim, expert_dim, router, len(plan.shared), n_routed, plan.top_k)
+    state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
+    if len(plan.shared):
+        state |= {"shared.gate_proj.weight": gate_w[plan.shared], "shared.up_proj.weight": up_w[plan.shared],
+                  "shared.down_proj.weight": down_w[:, plan.shared]}
+    if n_routed:
+        state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]], dim=1),  # (E, 2F, D)
+                  "experts.down_proj": down_w[:, plan.groups].permute(1, 0, 2).contiguous()}  # (E, D, F)
+    if plan.top_k:
+        state |= {f"router.{name}": t.to(gate_w.dtype) for name, t in plan.router.items()}
+    moe.load_state_dict({n: t.contiguous() for n, t in state.items()}, strict=True, assign=True)
+    return moe
+
+
+@torch.no_grad()
+def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = 8192) -> torch.Tensor:
+    """Tokens routed to each expert, over the calibration inputs x (S, T, D) -> (E,) int64."""
+    flat = x.reshape(-1, x.shape[-1])
+    counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
+    for i in range(0, len(flat), batch_tokens):
+        counts += torch.bincount(moe.route(flat[i: i + batch_tokens]).flatten(), minlength=len(counts))
+    return counts
+
+# -----------------------------------------------------------------------------
+# the conversion driver: walks the layers once, carrying the calibration hidden states forward
+
+
+@contextmanager
+def timed(timings: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
+
+
+def check_divisible(ffn_dim: int, n_experts: int) -> None:
+    if ffn_dim % n_experts:
+        divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
+        near = [d for d in divisors if d < n_experts][-2:] + [d for d in divisors if d > n_experts][:2]
+        raise ValueError(f"intermediate_size {ffn_dim} is not divisible by --experts {n_experts}: experts must "
+                         f"have equal size; valid counts near it: {', '.join(map(str, near))}")
+
+
+@torch.no_grad()
+def convert(model: Transformer, calib: Calibration, spec: ConvertSpec, log=print) -> dict:
+    """Replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place, and sets
+    model.cfg.moe. Returns the report: per-layer allocation and expert load, and time per stage."""
+    cfg = model.cfg
+    check_divisible(cfg.ffn_dim, spec.n_experts)
+    n_tasks = len(calib.names)
+    if spec.method in ("expertweaver", "random") and n_tasks < 2 and spec.n_shared is None:
+        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across tasks, which "
+                         f"needs calibration from at least 2 tasks; got {n_tasks} ({calib.names})")
+    d_e = cfg.ffn_dim // spec.n_experts
+    S, T = calib.tokens.shape
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    batch = max(1, 8192 // T)  # windows per forward batch
+    timings: dict[str, float] = {}
+    marker_tokens = None
+    if spec.method == "cmoe":
+        generator = torch.Generator().manual_seed(spec.seed)
+        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens].sort().values.to(device)
+    moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": d_e, "router": spec.router,
+               "active": spec.active, "layers": [None] * cfg.n_layers}
+    layers = []
+    with timed(timings, "embed"):
+        h = model.embed_tokens(calib.tokens.to(device))  # (S, T, D)
+        cos, sin, mask = model.window_inputs(T, dtype, device)
+    for i, block in enumerate(model.layers):
+        t0 = time.perf_counter()
+        with timed(timings, "forward"):
+            h = batched(lambda hb: hb + block.self_attn(block.input_layernorm(hb), cos, sin, mask), h, batch)
+            x = batched(block.post_attention_layernorm, h, batch)  # (S, T, D) the FFN inputs
+        dense = block.mlp
+        assert isinstance(dense, MLP), f"layer {i} is already an MoE layer"
+        row = {"layer": i, "dense": True}
+        if i not in spec.dense_layers:
+            with timed(timings, "profile"):
+                stats = profile_layer(x, dense, k_act=spec.k_act if spec.method == "cmoe" else None,
+                                      marker_tokens=marker_tokens)
+            plan = PLANNERS[spec.method](stats, calib.task, dense, spec, spec.seed + i, timings)
+            with timed(timings, "build"):
+                block.mlp = build_moe(dense, plan, d_e, spec.router)
+                load = expert_load(block.mlp, x) if plan.top_k else None
+            moe_cfg["layers"][i] = {"shared_neurons": len(plan.shared), "routed_experts": plan.groups.shape[0],
+                                    "top_k": plan.top_k}
+            row = {"layer": i, "dense": False, **plan.info, "shared_experts": len(plan.shared) // d_e,
+                   "routed_experts": plan.groups.shape[0], "top_k": plan.top_k,
+                   "load_max_over_mean": (load.max() / load.float().mean()).item() if load is not None else None,
+                   "load": load.tolist() if load is not None else None}
+        with timed(timings, "forward"):
+            ffn = block.mlp if spec.sequential else dense
+            h = h + batched(ffn, x, batch)
+        row["seconds"] = time.perf_counter() - t0
+        layers.append(row)
+        log(format_layer(row, cfg.n_layers))
+    model.cfg.moe = moe_cfg
+    return {"layers": layers, "timings": timings}
+
+
+def format_layer(row: dict, n_layers: int) -> str:
+    head = f"layer {row['layer']:>{len(str(n_layers))}}/{n_layers}"
+    if row["dense"]:
+        return f"{head}  dense ({row['seconds']:.1f}s)"
+    r = f"r {row['r']:.2f} alpha {row['alpha']:.2f}  " if row["r"] is not None else ""
+    load = f"  load max/mean {row['load_max_over_mean']:.2f}" if row["load_max_over_mean"] is not None else ""
+    return (f"{head}  {r}shared {row['shared_experts']:>3}  routed {row['routed_experts']:>3}  "
+            f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
+
+# -----------------------------------------------------------------------------
+# held-out evaluation: the tail of each file that calibration never reads
+
+
+def heldout_tokens(tokenizer, file: str, holdout: float, field: str | None = None) -> torch.Tensor:
+    ids = tokenizer.encode(read_text(file, field)).ids
+    tail = split_heldout(ids, holdout)[1] if holdout > 0 else ids
+    return torch.tensor(tail, dtype=torch.int64)
+
+
+def active_fraction(cfg) -> float:
+    """Share of the FFN neurons a token uses, averaged over layers (dense layers count as 1)."""
+    if cfg.moe is None:
+        return 1.0
+    d_e, fractions = cfg.moe["expert_dim"], []
+    for layer in cfg.moe["layers"]:
+        fractions.append(1.0 if layer is None else (layer["shared_neurons"] + layer["top_k"] * d_e) / cfg.ffn_dim)
+    return sum(fractions) / len(fractions)
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
