@@ -1,8 +1,21 @@
 """
-bench.py: how much quality each conversion keeps, side by side on the demo model.
+bench.py: what a conversion costs in quality and buys in speed, each against the dense model in the same run.
 
-    python bench.py quality                          # the README quality table (about 25 min on 2 cores)
+    python bench.py ffn                              # one FFN layer: dense vs MoE at real model shapes
+    python bench.py model                            # the demo model: prefill and decode tokens/s
+    python bench.py quality                          # held-out ppl ratio for every method x active fraction
     python bench.py quality --methods expertweaver --active 0.75 --tau 0.6 0.3 0.2   # an ablation
+    python bench.py convert llama3-8b                # stream-convert a synthetic 8B checkpoint: time, peak RSS
+    python bench.py partition llama3-8b              # partition + router of one 8B layer
+
+ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts, half of
+the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs ("router") or
+by a forced round-robin ("balanced"). Times are medians after warm-up; the MoE time includes the router.
+ideal = dense bytes / MoE bytes for T <= 16 (memory-bound), dense FLOPs / MoE FLOPs above, router
+included; efficiency = speedup / ideal.
+
+model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1 decode
+tokens/s over 128 new tokens, eager and torch.compile'd.
 
 quality: calibrates once on the files in --data (default ../shared/data: prose, dialogue, math, code),
 converts the demo model with every method x active fraction (x every value of each list-valued knob),
@@ -12,16 +25,294 @@ each file, which calibration never reads.
 import itertools
 import json
 import os
+import platform
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
+import kernels
 from model import demo_checkpoint, load_model, load_tokenizer, perplexity
-from weaver import ConvertSpec, calibration_from_files, convert, geomean, heldout_tokens
+from weaver import ConvertSpec, calibration_from_files, calibration_from_model, convert, geomean, heldout_tokens
+
+SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def header(device: str, dtype: str) -> str:
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or
+                                                                                  platform.machine())
+    if device == "cpu":
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    return (f"device {device} ({name}), dtype {dtype}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def measure(fn, device: str, min_time: float = 1.0, max_runs: int = 200) -> float:
+    """Median seconds per call, after warm-up; CUDA timed with events."""
+    for _ in range(3):
+        fn()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_runs):
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+# -----------------------------------------------------------------------------
+# ffn: one FFN layer, dense vs MoE
+
+
+def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, active: float):
+    """Dense GLU weights w13 (2 d_ff, D) = gate then up, w2 (D, d_ff) -> the MoE layout: the first S neurons
+    shared, the rest in equal experts, and a centroid router. Returns (shared, e13, e2, router, top_k)."""
+    d_ff = w2.shape[1]
+    k = round(active * n_experts)
+    n_shared = k // 2
+    d_e = d_ff // n_experts
+    S, E = n_shared * d_e, n_experts - n_shared
+    gate, up = w13[:d_ff], w13[d_ff:]
+    shared = (gate[:S], up[:S], w2[:, :S].contiguous()) if S else None
+    e13 = torch.cat([gate[S:].view(E, d_e, -1), up[S:].view(E, d_e, -1)], dim=1)  # (E, 2F, D)
+    e2 = w2[:, S:].reshape(-1, E, d_e).permute(1, 0, 2).contiguous()  # (E, D, F)
+    router = gate[S:].view(E, d_e, -1).float().mean(dim=1)  # (E, D)
+    return shared, e13, e2, router, k - n_shared
+
+
+def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], tokens: list[int],
+              routings: list[str], n_experts: int, compile: bool, min_time: float) -> list[dict]:
+    print(header(device, dtype))
+    dt = getattr(torch, dtype)
+    size = torch.finfo(dt).bits // 8
+    rows = []
+    print(f"{'shape':>11} {'f':>5} {'T':>5} {'routing':>8} {'path':>8} {'dense ms':>9} {'moe ms':>9} {'speedup':>8} "
+          f"{'ideal':>6} {'eff':>5} {'achieved':>14}")
+    for shape in shapes:
+        D, d_ff = SHAPES[shape]
+        g = torch.Generator(device=device).manual_seed(0)
+        w13 = (torch.randn(2 * d_ff, D, generator=g, device=device) / D ** 0.5).to(dt)
+        w2 = (torch.randn(D, d_ff, generator=g, device=device) / d_ff ** 0.5).to(dt)
+
+        def dense(x):
+            gate, up = F.linear(x, w13).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, w2)
+        for active in actives:
+            shared, e13, e2, router, top_k = moe_layer_weights(w13, w2, n_experts, active)
+            E, d_e = e13.shape[0], e13.shape[1] // 2
+            S = 0 if shared is None else shared[0].shape[0]
+            for T in tokens:
+                x = torch.randn(T, D, generator=g, device=device).to(dt)
+                for routing in routings:
+                    # balanced: a large bias on round-robin experts forces the choice, with the router still run
+                    bias = torch.zeros(T, E, device=device)
+                    if routing == "balanced":
+                        bias.scatter_(1, (torch.arange(T * top_k, device=device) % E).view(T, top_k), 1e9)
+
+                    def moe(x, path):
+                        idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
+                        return kernels.moe_ffn(x, idx, e13, e2, shared, path)
+                    path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E)
+                    run = torch.compile(moe, fullgraph=True, dynamic=False) if compile and path != "select" else moe
+                    with torch.no_grad():
+                        t_dense = measure(lambda: dense(x), device, min_time)
+                        t_moe = measure(lambda: run(x, path), device, min_time)
+                        idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices
+                    touched = len(idx.unique())  # experts whose weights a memory-bound step must read
+                    dense_bytes = 3 * D * d_ff * size
+                    moe_bytes = 3 * D * (S + touched * d_e) * size + E * D * 4
+                    dense_flops = 2 * 3 * D * d_ff * T
+                    moe_flops = 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T
+                    memory_bound = T <= 16
+                    ideal = dense_bytes / moe_bytes if memory_bound else dense_flops / moe_flops
+                    achieved = (f"{moe_bytes / t_moe / 1e9:8.1f} GB/s" if memory_bound
+                                else f"{moe_flops / t_moe / 1e12:6.2f} TFLOP/s")
+                    row = {"shape": shape, "D": D, "d_ff": d_ff, "active": active, "T": T, "routing": routing,
+                           "path": path, "compiled": compile and path != "select", "dense_ms": t_dense * 1e3,
+                           "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe, "ideal": ideal,
+                           "efficiency": t_dense / t_moe / ideal, "experts_touched": touched, "achieved": achieved.strip()}
+                    rows.append(row)
+                    print(f"{shape:>11} {active:5.2f} {T:5d} {routing:>8} {path:>8} {row['dense_ms']:9.3f} "
+                          f"{row['moe_ms']:9.3f} {row['speedup']:7.2f}x {ideal:5.2f}x {row['efficiency']:5.2f} {achieved:>14}")
+    return rows
+
+# -----------------------------------------------------------------------------
+# model: the demo model, dense vs converted, prefill and decode
+
+
+def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new_tokens: int, compile_modes: list[str],
+                data: str, min_time: float) -> list[dict]:
+    print(header(device, dtype))
+    path = demo_checkpoint()
+    tokenizer = load_tokenizer(path)
+    dt = getattr(torch, dtype)
+    moe = load_model(path, torch.float32)
+    files = [os.path.join(data, f) for f in TASK_FILES.values()]
+    if all(os.path.isfile(f) for f in files):
+        calib = calibration_from_files(tokenizer, files, 8, 256, 0)
+    else:
+        calib = calibration_from_model(moe, tokenizer, 4, 128, 0)
+    convert(moe, calib, ConvertSpec(active=active), log=lambda *_: None)
+    models = {"dense": load_model(path, dt, device), f"moe-{active:g}": moe.to(device=device, dtype=dt)}
+    prompt = torch.randint(0, 49152, (1, prefill_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for name, model in models.items():
+        for mode in compile_modes:
+            kernels.use_kernels(model, compile=mode == "compiled")
+            forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
+            with torch.no_grad():
+                t_prefill = measure(lambda: forward(prompt), device, min_time, max_runs=20)
+                model.setup_caches(1, 16 + new_tokens)
+                model(prompt[:, :16], torch.arange(16, device=device))
+                token = prompt[:, 16:17]
+
+                def decode():
+                    for i in range(new_tokens):
+                        forward(token, torch.tensor([16 + i], device=device))
+                t_decode = measure(decode, device, min_time, max_runs=5)
+            row = {"model": name, "mode": mode, "prefill_tok_s": prefill_tokens / t_prefill,
+                   "decode_tok_s": new_tokens / t_decode}
+            rows.append(row)
+            print(f"{name:>10} {mode:>9}: prefill {row['prefill_tok_s']:9.0f} tok/s (T={prefill_tokens})  "
+                  f"decode {row['decode_tok_s']:7.1f} tok/s (batch 1, {new_tokens} tokens)")
+    for mode in compile_modes:
+        d, m = [r for r in rows if r["mode"] == mode and r["model"] == "dense"][0], [r for r in rows if r["mode"] == mode and r["model"] != "dense"][0]
+        print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
+              f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
+    return rows
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt", "math": "gsm8k-train.jsonl",
               "code": "code-pytorch-examples.py.txt"}
+
+# -----------------------------------------------------------------------------
+# convert: a synthetic checkpoint with a real model's shapes, converted layer by layer
+
+SYNTH_CONFIGS = {
+    "llama3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+                  "rope_theta": 500000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6,
+                   "rope_theta": 1000000.0, "tie_word_embeddings": False, "max_position_embeddings": 32768},
+}
+
+
+def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
+    """Random bf16 weights with the shapes of a real model (`layers` to make it shorter), written a layer at a
+    time so memory stays at about one shard. Norm weights are ones, as in a fresh model."""
+    from model import Block, ModelConfig, ShardWriter, atomic_dir, write_checkpoint_files
+    hf = dict(SYNTH_CONFIGS[name], torch_dtype="bfloat16")
+    hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
+    cfg = ModelConfig.from_hf(hf)
+    g = torch.Generator().manual_seed(0)
+
+    def random(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    t0 = time.time()
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp)
+        writer.add("model.embed_tokens.weight", random(cfg.vocab_size, cfg.dim))
+        for i in range(cfg.n_layers):
+            with torch.device("meta"):
+                names = {f"model.layers.{i}.{n}": t.shape for n, t in Block(cfg, i).state_dict().items()}
+            for n, shape in names.items():
+                writer.add(n, torch.ones(shape, dtype=torch.bfloat16) if n.endswith("norm.weight") else random(*shape))
+        writer.add("model.norm.weight", torch.ones(cfg.dim, dtype=torch.bfloat16))
+        writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
+        writer.finish()
+        write_checkpoint_files(tmp, hf, None)
+        size = writer.total_bytes
+    print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in {time.time() - t0:.0f}s")
+    return out
+
+
+def convert_bench(name: str, layers: int | None, directory: str, samples: int, seqlen: int, tasks: int,
+                  device: str, dtype: str, keep: bool) -> dict:
+    """Converts a synthetic checkpoint (written first, by a child process so its memory is not counted here):
+    wall time per stage and peak RSS of this process. Calibration: random tokens, `tasks` tasks drawing from
+    separate slices of the vocabulary (the weights are random, so text would mean nothing)."""
+    import resource
+    import shutil
+    import subprocess
+    import sys
+    from weaver import Calibration, convert_checkpoint
+    source = os.path.join(directory, f"{name}-{layers or 'all'}")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        subprocess.run([sys.executable, os.path.abspath(__file__), "synth", name, "--out", source]
+                       + (["--layers", str(layers)] if layers else []), check=True)
+    hf = json.load(open(os.path.join(source, "config.json")))
+    vocab, n_layers = hf["vocab_size"], hf["num_hidden_layers"]
+    g = torch.Generator().manual_seed(0)
+    width = vocab // tasks
+    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g) for t in range(tasks)])
+    calib = Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"task{t}" for t in range(tasks)])
+    print(header(device, dtype))
+    print(f"converting {source}: {n_layers} layers, calibration {tasks} tasks x {samples} x {seqlen} tokens")
+    out = source + "-moe"
+    t0 = time.time()
+    report = convert_checkpoint(source, out, calib, ConvertSpec(), getattr(torch, dtype), device, torch.bfloat16,
+                                log=lambda line: print(line, flush=True))
+    seconds = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    timings = report["timings"]
+    calib_tokens = tasks * samples * seqlen
+    print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; total {seconds:.1f}s")
+    print(f"per layer: {seconds / n_layers:.2f}s; profile {timings['profile'] / n_layers / calib_tokens * 1e3:.3f}s "
+          f"per 1k calibration tokens; partition + router {(timings['partition'] + timings['router']) / n_layers:.2f}s")
+    print(f"peak RSS {peak:.2f} GiB")
+    if not keep:
+        shutil.rmtree(out)
+    return {"model": name, "layers": n_layers, "seconds": seconds, "timings": timings, "peak_rss_gib": peak,
+            "calib_tokens": calib_tokens, "device": device, "dtype": dtype}
+
+
+def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
+    """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples` samples from
+    random inputs: what conversion spends per layer besides the forward passes."""
+    from model import MLP
+    from weaver import LayerStats, plan_expertweaver, profile_layer
+    D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        mlp = MLP(D, d_ff)
+    mlp.load_state_dict({n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()}, assign=True)
+    x = torch.randn(samples, tokens, D, generator=g)
+    task = torch.arange(4).repeat_interleave(samples // 4)
+    stats = profile_layer(x, mlp)
+    print(header("cpu", "float32"))
+    rows = []
+    for tau in (0.6, 0.2):  # tau 0.6 leaves ~3 routed experts per token here, 0.2 about 25
+        spec = ConvertSpec(tau=tau)
+        times = []
+        for r in range(repeats):
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            plan = plan_expertweaver(LayerStats(stats.profile), task, mlp, spec, seed=r, timings=timings)
+            times.append(time.perf_counter() - t0)
+        row = {"shape": name, "d_ff": d_ff, "samples": samples, "tau": tau, "routed_experts": plan.groups.shape[0],
+               "kmeans_iters": plan.info["kmeans_iters"], "seconds": statistics.median(times),
+               "partition": timings["partition"], "router": timings["router"]}
+        rows.append(row)
+        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), tau {tau}: {row['routed_experts']} routed "
+              f"experts, {row['kmeans_iters']} k-means iterations: allocate + partition + router "
+              f"{row['seconds']:.2f}s (partition {row['partition']:.2f}s, router {row['router']:.3f}s)")
+    return rows
 
 # -----------------------------------------------------------------------------
 # quality
@@ -29,7 +320,7 @@ TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt",
 
 def quality(data: str, methods: list[str], actives: list[float], routers: list[str], grid: dict[str, list],
             calib_samples: int, calib_seqlen: int, eval_seqlen: int, eval_windows: int, holdout: float,
-            seed: int, json_out: str | None) -> list[dict]:
+            seed: int) -> list[dict]:
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
     files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
@@ -68,10 +359,7 @@ def quality(data: str, methods: list[str], actives: list[float], routers: list[s
         rows.append(row)
         print(format_row(row, knobs))
     print_table(rows, knobs, dense)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump({"dense_ppl": dense, "rows": rows}, f, indent=2)
-    return rows
+    return [{"method": "dense", "ppl": dense}] + rows
 
 
 def format_row(row: dict, knobs: list[str]) -> str:
@@ -94,9 +382,51 @@ def print_table(rows: list[dict], knobs: list[str], dense: dict) -> None:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Benchmarks: quality of every conversion method on the demo model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Benchmarks: FFN and model speed, and conversion quality, each against "
+                                "the dense model in the same run.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     sub = p.add_subparsers(dest="command", required=True)
+    fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
+    fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75], help="active fractions f")
+    fb.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts T (default 1 16 128 2048; "
+                    "on CPU 1 16 128, since T = 2048 at 8B shapes takes seconds per call)")
+    fb.add_argument("--routing", nargs="+", default=["router", "balanced"], choices=["router", "balanced"])
+    fb.add_argument("--experts", type=int, default=64, help="N_e")
+    fb.add_argument("--compile", action="store_true", help="torch.compile the MoE forward (fullgraph)")
+    fb.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement at least")
+    mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
+    mb.add_argument("--active", type=float, default=0.5, help="active fraction of the converted model")
+    mb.add_argument("--prefill", type=int, default=1024, help="prefill tokens")
+    mb.add_argument("--new-tokens", type=int, default=128, help="decode steps")
+    mb.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    mb.add_argument("--data", default=DATA, help="calibration files' directory (else the model writes its own)")
+    mb.add_argument("--min-time", type=float, default=2.0)
+    sb = sub.add_parser("synth", help="write a random-weight checkpoint with a real model's shapes")
+    sb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    sb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    sb.add_argument("--out", required=True)
+    cb = sub.add_parser("convert", help="time a streamed conversion of a synthetic checkpoint: stages, peak RSS",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    cb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    cb.add_argument("--dir", default="/tmp/expertweaver-synth", help="where the synthetic checkpoints live")
+    cb.add_argument("--samples", type=int, default=2, help="calibration windows per task")
+    cb.add_argument("--seqlen", type=int, default=256)
+    cb.add_argument("--tasks", type=int, default=4)
+    cb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    cb.add_argument("--keep", action="store_true", help="keep the converted output")
+    pb = sub.add_parser("partition", help="time partition + router for one layer",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
+    pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
+    pb.add_argument("--repeats", type=int, default=3)
     q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for methods x active fractions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
@@ -116,12 +446,28 @@ if __name__ == "__main__":
     q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
     q.add_argument("--holdout", type=float, default=0.1)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--json", default=None, help="also write the rows to this file")
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    if a.command == "quality":
+    if a.command in ("ffn", "model"):
+        a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    if a.command == "ffn":
+        tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
+        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts, a.compile, a.min_time)
+    elif a.command == "model":
+        rows = model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data, a.min_time)
+    elif a.command == "synth":
+        rows = [{"out": synth_checkpoint(a.model, a.layers, a.out)}]
+    elif a.command == "convert":
+        rows = [convert_bench(a.model, a.layers, a.dir, a.samples, a.seqlen, a.tasks, a.device, a.dtype, a.keep)]
+    elif a.command == "partition":
+        rows = partition_bench(a.model, a.samples, a.tokens, a.repeats)
+    else:
         # knobs given more than one value become table columns; single values are just settings
         grid = {"n_experts": a.experts, "tau": a.tau, "alpha_min": a.alpha_min, "alpha_max": a.alpha_max,
                 "kmeans_iters": a.kmeans_iters, "sequential": [bool(s) for s in a.sequential]}
-        quality(a.data, a.methods, a.active, a.routers, grid, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
-                a.eval_windows, a.holdout, a.seed, a.json)
+        rows = quality(a.data, a.methods, a.active, a.routers, grid, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
+                       a.eval_windows, a.holdout, a.seed)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"command": a.command, "args": vars(a), "header": header(getattr(a, "device", "cpu"),
+                       getattr(a, "dtype", "float32")), "rows": rows}, f, indent=2)

@@ -19,16 +19,17 @@ from dataclasses import asdict
 
 import torch
 
-from model import load_config, load_model, load_tokenizer, perplexity, resolve, save_checkpoint
+from model import load_config, load_model, load_tokenizer, perplexity, resolve
 from weaver import (METHODS, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
-                    check_divisible, convert, heldout_tokens)
+                    check_divisible, convert_checkpoint, heldout_tokens, parse_calib_spec)
 
 
 def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
          tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, kmeans_iters: int, k_act: int,
          dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
          field: str | None, holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int,
-         seed: int, dtype: str, save_dtype: str | None, device: str) -> dict:
+         seed: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
+         prompt: str | None = None) -> dict:
     t_start = time.time()
     spec = ConvertSpec(method=method, n_experts=experts, active=active, router=router, tau=tau,
                        alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, kmeans_iters=kmeans_iters,
@@ -39,55 +40,72 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
         raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
                          f"converting an MoE again is not supported: convert the dense checkpoint instead")
     check_divisible(cfg.ffn_dim, experts)
-    for file in calib + evals:
-        if not os.path.isfile(file.rsplit(":", 1)[0] if not os.path.isfile(file) else file):
+    for file in [parse_calib_spec(c)[0] for c in calib] + evals:
+        if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found")
     out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(path))}-{method}-{round(active * 100)}")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, "report.json")):
         raise ValueError(f"--out {out} exists and is not an earlier output of convert.py; choose another path")
-
-    t0 = time.time()
-    model = load_model(path, getattr(torch, dtype), device)
+    dtype = dtype or source_dtype(hf_config)
+    save_dtype = save_dtype or source_dtype(hf_config)
     tokenizer = load_tokenizer(path)
-    print(f"loaded {path} ({cfg.n_layers} layers, d_ff {cfg.ffn_dim}, {dtype}, {device}) in {time.time() - t0:.1f}s")
+
+    # the whole dense model is loaded only when needed: to write calibration text, or to evaluate it
     t0 = time.time()
+    dense = load_model(path, getattr(torch, dtype), device) if evals or not calib else None
     if calib:
         calibration = calibration_from_files(tokenizer, calib, calib_samples, calib_seqlen, seed, holdout, field)
     else:
-        calibration = calibration_from_model(model, tokenizer, calib_samples, calib_seqlen, seed)
+        calibration = calibration_from_model(dense, tokenizer, calib_samples, calib_seqlen, seed)
     t_calib = time.time() - t0
     S, T = calibration.tokens.shape
     print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} ({t_calib:.1f}s)")
-
     eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, field) for f in evals}
-    dense_ppl = {f: evaluate(model, f, toks, eval_seqlen, eval_windows, "dense") for f, toks in eval_tokens.items()}
+    dense_ppl = {f: evaluate(dense, f, toks, eval_seqlen, eval_windows, "dense") for f, toks in eval_tokens.items()}
+    del dense
 
     d_e = cfg.ffn_dim // experts
-    print(f"converting: {method}, router {spec.router}, {experts} experts of {d_e} neurons, "
-          f"k = {spec.k} active per token ({spec.k / experts:.1%} of the neurons)")
+    print(f"converting {path} layer by layer on {device} in {dtype}: {method}, router {spec.router}, {experts} "
+          f"experts of {d_e} neurons, k = {spec.k} active per token ({spec.k / experts:.1%} of the neurons)")
     t0 = time.time()
-    report = convert(model, calibration, spec)
+    report = {"source": path, "spec": asdict(spec),
+              "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names, "files": calib}}
+    layers = convert_checkpoint(path, out, calibration, spec, getattr(torch, dtype), device, getattr(torch, save_dtype),
+                                int(max_shard_gb * 2**30), extra={"report.json": report})
     t_convert = time.time() - t0
-    moe_ppl = {f: evaluate(model, f, toks, eval_seqlen, eval_windows, "moe") for f, toks in eval_tokens.items()}
+    report |= {"convert_seconds": t_convert, "timings": {"calibration": t_calib, **layers["timings"]},
+               "layers": layers["layers"], "peak_rss_gib": peak_rss_gib()}
+    print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
+          + f"; conversion {t_convert:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB")
 
-    timings = {"calibration": t_calib, **report["timings"]}
-    print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; convert {t_convert:.1f}s")
-    results = {}
+    moe = load_model(out, getattr(torch, dtype), device)
+    report["active_fraction"] = active_fraction(moe.cfg)
+    report["eval"] = {}
     if evals:
+        moe_ppl = {f: evaluate(moe, f, toks, eval_seqlen, eval_windows, "moe") for f, toks in eval_tokens.items()}
         print(f"held-out perplexity (last {holdout:.0%} of each file, {eval_windows} windows x {eval_seqlen}):")
         for f in evals:
             ratio = moe_ppl[f][1] / dense_ppl[f][1]
-            results[f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
-                          "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
+            report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
+                                 "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
             print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe {moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
-    full = {"source": path, "spec": asdict(spec), "active_fraction": active_fraction(model.cfg),
-            "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names, "files": calib},
-            "eval": results, "timings": timings, "convert_seconds": t_convert, "layers": report["layers"]}
-    if save_dtype:
-        model.to(getattr(torch, save_dtype))
-    save_checkpoint(model, hf_config, out, copy_from=path, extra={"report.json": full})
-    print(f"wrote {out} (active fraction {full['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
-    return full
+    write_json_atomically(os.path.join(out, "report.json"), report)
+    print(f"wrote {out} (active fraction {report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
+    if prompt:
+        ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
+        print(f"moe greedy: {tokenizer.decode(moe.generate(ids, 16)[0].tolist())!r}")
+    return report
+
+
+def peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def write_json_atomically(file: str, content: dict) -> None:
+    with open(file + ".tmp", "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(file + ".tmp", file)
 
 
 def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, label: str):
@@ -109,13 +127,15 @@ if __name__ == "__main__":
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
                    help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
-    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE)")
+    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE); replaced if it "
+                   "holds an earlier output")
     p.add_argument("--method", default="expertweaver", choices=METHODS,
                    help="expertweaver: CV-sized shared expert + balanced k-means + centroid router; cmoe: CMoE; "
                    "static: keep the most active neurons, no routing; random: expertweaver with a random partition")
-    p.add_argument("--router", default=None, choices=["centroid", "cmoe", "oracle"],
-                   help="override the method's router; oracle = select by true expert contribution (a diagnostic "
-                   "upper bound that computes every expert's gate and up projections)")
+    p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
+                   help="override the method's router. centroid: mean gate row (the paper's); lsq: ridge fit to each "
+                   "expert's true contribution; cmoe: CMoE's representative neurons; gate: full gate projection "
+                   "(costly); oracle: true contribution (a diagnostic upper bound, costs the whole gate and up)")
     p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must divide d_ff")
     p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token uses")
     p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
@@ -143,17 +163,21 @@ if __name__ == "__main__":
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
     p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at most")
     p.add_argument("--seed", type=int, default=0, help="seeds calibration sampling, k-means and the partition")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype to convert and evaluate in (statistics are always float32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights while converting and evaluating (default: the source checkpoint's); "
+                   "statistics are float32 whatever it is")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: the source checkpoint's)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    p.add_argument("--prompt", default="The capital of France is",
+                   help="print the MoE's greedy continuation of this prompt at the end ('' to skip)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="largest output shard; the converter holds at most one shard in memory")
     a = p.parse_args()
     try:
-        _, hf = load_config(resolve(a.checkpoint))
         main(a.checkpoint, a.out, a.method, a.router, a.experts, a.active, a.tau, a.alpha_min, a.alpha_max,
              a.n_shared, a.kmeans_iters, a.k_act, a.dense_layers, a.sequential, a.calib, a.calib_samples,
              a.calib_seqlen, a.field, a.holdout, a.evals, a.eval_seqlen, a.eval_windows, a.seed, a.dtype,
-             a.save_dtype or source_dtype(hf), a.device)
+             a.save_dtype, a.device, a.max_shard_gb, a.prompt)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where
         sys.exit(f"convert.py: error: {e}")

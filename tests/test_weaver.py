@@ -214,7 +214,7 @@ def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
     def more_experts(cfg):
         cfg["moe"]["layers"][1]["routed_experts"] += 1
         cfg["moe"]["layers"][1]["shared_neurons"] -= cfg["moe"]["expert_dim"]
-    with pytest.raises(ValueError, match=r"mlp.experts.(gate_up|down)_proj' has shape \(3, .*\), config.json implies \(4, "):
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.(shared|experts)\.\S+' has shape .*, config.json implies"):
         M.load_model(variant("count", more_experts))
     with pytest.raises(ValueError, match=r"moe.layers\[1\]: .* != intermediate_size 48"):
         M.load_model(variant("sizes", lambda c: c["moe"]["layers"][1].update(shared_neurons=6)))
@@ -289,7 +289,7 @@ def run_convert(checkpoint, out, **overrides):
                 sequential=False, calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
                 calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
                 evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2, seed=0,
-                dtype="float32", save_dtype="bfloat16", device="cpu")
+                dtype="float32", save_dtype="bfloat16", device="cpu", max_shard_gb=2.0)
     return convert.main(**(args | overrides))
 
 
@@ -307,13 +307,23 @@ def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path):
         run_convert(out, str(tmp_path / "again"))
 
 
-def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["writing a shard", "converting layer 1"])
+def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, where):
     import safetensors.torch
+    if where == "writing a shard":
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk full")
+        monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    else:
+        build, calls = W.build_moe, []
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(RuntimeError, match="disk full"):
+        def broken(*args):  # converts layer 0, fails on layer 1
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("interrupted")
+            return build(*args)
+        monkeypatch.setattr(W, "build_moe", broken)
+    with pytest.raises(RuntimeError, match="disk full|interrupted"):
         run_convert(tiny_checkpoint, str(tmp_path / "moe"))
     assert os.listdir(tmp_path) == []
 
@@ -328,10 +338,14 @@ def test_convert_refuses_a_foreign_out_dir(tiny_checkpoint, tmp_path):
 def test_generated_calibration_is_seeded():
     model = tiny_model()
 
-    class Tok:
+    class Tok:  # prompts of different lengths, so the batch needs padding
         def encode(self, text):
-            return type("E", (), {"ids": [ord(c) % 64 for c in text[:5]]})()
+            return type("E", (), {"ids": [ord(c) % 60 + 4 for c in text[: len(text) % 5 + 2]]})()
     a = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
     b = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
     assert a.tokens.shape == (2 * len(W.TASK_PROMPTS), 12) and torch.equal(a.tokens, b.tokens)
     assert a.names == list(W.TASK_PROMPTS)
+    prompts = [Tok().encode(p).ids for p in W.TASK_PROMPTS.values()]
+    assert len(set(map(len, prompts))) > 1
+    for row, task in zip(a.tokens, a.task):  # every window starts with its prompt, never with padding
+        assert row[: len(prompts[task])].tolist() == prompts[task]

@@ -1,0 +1,184 @@
+"""
+kernels.py: fast forward passes for the MoE FFN, every one tested against `reference`.
+
+    python bench.py ffn          # times them against the dense FFN
+    import kernels; kernels.use_kernels(model)   # route a loaded MoE model's FFNs through them
+
+Semantics (model.py's MoEMLP): y = shared GLU(x) + the sum, over the K experts selected for each token,
+of that expert's GLU(x), unweighted. Weights as model.py stores them, reduction dim contiguous:
+w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, D, F); the shared GLU as
+(gate (S, D), up (S, D), down (D, S)) or None.
+Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token, S shared neurons.
+
+Paths:
+  reference  a loop over all experts, the obvious version
+  select     a loop over only the experts the tokens selected (one host sync to learn which): reads just
+             the selected weights, in place, which is what a bandwidth-bound CPU decode needs
+  gather     gpt-fast's mixtral einsums on per-token gathered weights: no data-dependent shape, no sync,
+             so it compiles into one graph (CUDA graphs for decode)
+  grouped    token-slots sorted by expert, two grouped GEMMs (torch grouped_mm, int32 offsets), then
+             un-permuted and summed: the prefill path
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
+    # x: (N, D) -> (N, D); zeros when there is no shared expert
+    if shared is None:
+        return torch.zeros_like(x)
+    gate, up, down = shared
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def expert_glu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    # one expert: x (n, D), w13 (2F, D), w2 (D, F) -> (n, D)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def reference(x, idx, w13, w2, shared=None):
+    """x (N, D), idx (N, K) expert ids -> (N, D)."""
+    out = shared_glu(x, shared)
+    for e in range(w13.shape[0]):
+        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
+        if tokens.numel():
+            out.index_add_(0, tokens, expert_glu(x[tokens], w13[e], w2[e]))
+    return out
+
+
+def select(x, idx, w13, w2, shared=None):
+    """Like reference, but visits only the experts some token selected; w13[e] is a view, so each selected
+    expert's weights are read once and nothing is copied."""
+    out = shared_glu(x, shared)
+    if x.shape[0] == 1:  # decode: every selected expert serves the one token
+        for e in idx[0].tolist():
+            out += expert_glu(x, w13[e], w2[e])
+        return out
+    for e in idx.unique().tolist():
+        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
+        out.index_add_(0, tokens, expert_glu(x[tokens], w13[e], w2[e]))
+    return out
+
+
+def gather(x, idx, w13, w2, shared=None):
+    """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
+    gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
+    routed = torch.einsum("nkf,nkdf->nd", F.silu(gate) * up, w2[idx])  # (N, D), summed over k and f
+    return shared_glu(x, shared) + routed
+
+
+def grouped(x, idx, w13, w2, shared=None):
+    """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the experts'
+    contiguous runs. Counts come from scatter_add (no bincount, nonzero or .item()), so the shapes are
+    static and the whole function compiles into one graph."""
+    N, K = idx.shape
+    E = w13.shape[0]
+    expert = idx.flatten()  # (N*K,) expert of each token-slot
+    order = expert.argsort(stable=True)  # slot ids, grouped by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's run
+    xs = x[order // K]  # (N*K, D) one row per slot, in expert order
+    gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (N*K, F) each
+    ys = F.grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)  # (N*K, D)
+    routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)  # back to slot order
+    return shared_glu(x, shared) + routed
+
+
+PATHS = {"reference": reference, "select": select, "gather": gather, "grouped": grouped}
+
+# -----------------------------------------------------------------------------
+# choosing a path from static facts: device, dtype, token count vs experts
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """grouped_mm exists for some devices and dtypes only (e.g. CUDA wants bf16 on sm90+); try it once on a
+    tiny problem and say so when it is missing, since the fallback is slower."""
+    device = torch.device(device_type)
+    try:
+        a = torch.zeros(32, 16, device=device, dtype=dtype)
+        b = torch.zeros(2, 32, 16, device=device, dtype=dtype).transpose(-2, -1)
+        F.grouped_mm(a, b, offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):  # unsupported here: choose_path says so
+        return False
+
+
+def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int, n_experts: int,
+                dim: int, expert_dim: int, compiled: bool = False) -> str:
+    """Few token-slots per expert (decode): read only the selected experts. On CUDA that is `gather`, which
+    has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and `select` reads each selected
+    expert in place instead of copying it (eager only: the sync would break a compiled graph). Many tokens
+    (prefill): `grouped`, where grouped_mm runs for this device and dtype, the rows are 16-byte aligned as it
+    requires, and, under torch.compile, the dtype is bf16 (its meta function allows nothing else); otherwise
+    `gather`."""
+    if n_tokens * top_k <= n_experts:
+        return "gather" if device_type == "cuda" or compiled else "select"
+    size = torch.finfo(dtype).bits // 8
+    if (dim * size) % 16 or (expert_dim * size) % 16:
+        return announce_fallback(f"rows of {dim} and {expert_dim} {dtype} values are not 16-byte aligned")
+    if not grouped_mm_works(device_type, dtype):
+        return announce_fallback(f"grouped_mm is unavailable on {device_type}/{dtype}")
+    if compiled and dtype != torch.bfloat16:
+        return announce_fallback(f"compiled grouped_mm needs bfloat16, not {dtype}")
+    return "grouped"
+
+
+@functools.cache
+def announce_fallback(reason: str) -> str:
+    print(f"kernels: {reason}; prefill uses the slower gather path")
+    return "gather"
+
+
+def moe_ffn(x, idx, w13, w2, shared=None, path: str | None = None):
+    """The dispatcher: x (N, D), idx (N, K) -> (N, D) by the path choose_path picks (or `path`)."""
+    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1], w2.shape[2])
+    return PATHS[path](x, idx, w13, w2, shared)
+
+# -----------------------------------------------------------------------------
+# model.py integration: one function per MoE layer (router + experts + shared), compiled
+
+
+def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """What model.py's MoEMLP.forward computes, through moe_ffn. x: (..., D)."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, D)
+    shared = None if mlp.shared is None else (mlp.shared.gate_proj.weight, mlp.shared.up_proj.weight,
+                                              mlp.shared.down_proj.weight)
+    if not mlp.top_k:
+        return shared_glu(flat, shared).view_as(x)
+    idx = mlp.route(flat)
+    return moe_ffn(flat, idx, mlp.experts.gate_up_proj, mlp.experts.down_proj, shared, path).view_as(x)
+
+
+@functools.cache
+def compiled_layer_forward(device_type: str, decode: bool):
+    """torch.compile'd layer_forward, fullgraph (a graph break raises). Decode: static shapes, and CUDA graphs
+    on CUDA; prefill: a dynamic token count."""
+    if decode and device_type == "cuda":
+        return torch.compile(layer_forward, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return torch.compile(layer_forward, fullgraph=True, dynamic=not decode)
+
+
+def use_kernels(model, compile: bool = True) -> None:
+    """Installs the fast forward in every MoE layer of a model.py Transformer, in place; undo with
+    use_kernels(model, None). With compile=False the paths run eagerly."""
+    from model import MoEMLP
+    for block in model.layers:
+        if isinstance(block.mlp, MoEMLP):
+            block.mlp.kernel = None if compile is None else functools.partial(kernel_for, compile=compile)
+
+
+def kernel_for(mlp, x: torch.Tensor, compile: bool) -> torch.Tensor:
+    n_tokens = x.numel() // x.shape[-1]
+    if mlp.experts is None:
+        path = "select"  # no routed experts: only the shared GLU, nothing to choose
+    else:
+        E, D, F_ = mlp.experts.down_proj.shape
+        path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_, compile)
+    if not compile or path == "select":
+        return layer_forward(mlp, x, path)
+    return compiled_layer_forward(x.device.type, n_tokens * max(mlp.top_k, 1) <= E)(mlp, x, path)

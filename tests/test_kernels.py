@@ -1,0 +1,118 @@
+"""kernels.py: every path equals `reference` (random shapes, top-k and expert loads, empty experts, all
+tokens on one expert), the compiled entry point equals eager with no graph break, and a converted model
+gives the same logits through the kernels. GPU tests skip without CUDA."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels as K
+
+FAST = ["select", "gather", "grouped"]
+
+
+def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w13 = torch.randn(e, 2 * f, d, generator=g) / d ** 0.5
+    w2 = torch.randn(e, d, f, generator=g) / f ** 0.5
+    shared = None if s == 0 else (torch.randn(s, d, generator=g) / d ** 0.5, torch.randn(s, d, generator=g) / d ** 0.5,
+                                  torch.randn(d, s, generator=g) / s ** 0.5)
+    if load == "random":  # K distinct experts per token, as top-k gives
+        idx = torch.rand(n, e, generator=g).argsort(dim=1)[:, :k]
+    elif load == "one":  # every token on expert e-1 first; the other slots share the next experts
+        idx = (torch.arange(k)[None, :] + e - 1).remainder(e).expand(n, k).contiguous()
+    else:  # "skewed": only the first k experts ever used, the rest get no tokens
+        idx = torch.stack([torch.randperm(k, generator=g) for _ in range(n)])
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    return cast(x), idx.to(device), cast(w13), cast(w2), None if shared is None else tuple(map(cast, shared))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), e=st.integers(1, 9), data=st.data(), d=st.sampled_from([8, 16, 24]),
+       f=st.integers(1, 12), s=st.sampled_from([0, 8]), load=st.sampled_from(["random", "one", "skewed"]),
+       seed=st.integers(0, 1000))
+def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, seed):
+    k = data.draw(st.integers(1, e))
+    args = problem(n, e, k, d, f, s, load, seed)
+    expected = K.reference(*args)
+    for path in FAST if f % 4 == 0 else ["select", "gather"]:  # grouped_mm wants 16-byte rows
+        torch.testing.assert_close(K.PATHS[path](*args), expected, rtol=1e-5, atol=1e-5, msg=path)
+    torch.testing.assert_close(K.moe_ffn(*args), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,load", [(1, "random"), (7, "skewed"), (64, "one"), (200, "random")])
+def test_paths_equal_reference_bf16(n, load):
+    x, idx, w13, w2, shared = problem(n, 8, 3, 64, 16, 32, load, seed=n, dtype=torch.bfloat16)
+    truth = K.reference(x.float(), idx, w13.float(), w2.float(), tuple(t.float() for t in shared))
+    scale = truth.abs().max()
+    for path in ["reference"] + FAST:
+        got = K.PATHS[path](x, idx, w13, w2, shared)
+        assert got.dtype == torch.bfloat16
+        # bf16 keeps 8 bits of mantissa (0.4%); a handful of roundings stay within 1% of the output's scale
+        assert (got.float() - truth).abs().max() <= 0.01 * scale, path
+
+
+def test_dispatcher_picks_from_static_facts(capsys):
+    assert K.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224) == "select"
+    assert K.choose_path("cuda", torch.bfloat16, 1, 4, 48, 4096, 224) == "gather"
+    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224) == "grouped"
+    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 3) == "gather"
+    assert "not 16-byte aligned; prefill uses the slower gather path" in capsys.readouterr().out
+    assert K.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224, compiled=True) == "gather"
+    assert K.choose_path("cpu", torch.bfloat16, 2048, 4, 48, 4096, 224, compiled=True) == "grouped"
+    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224, compiled=True) == "gather"
+
+
+def test_compiled_layer_has_no_graph_break_and_matches_eager():
+    # fullgraph=True raises on any graph break. grouped in bf16 (compiled grouped_mm allows nothing else),
+    # gather in fp32
+    torch._dynamo.reset()
+    from test_weaver import converted, tiny_model
+    model = converted(tiny_model(dim=32, ffn_dim=64, n_layers=1), n_experts=8, active=0.5)
+    for path, dtype in (("grouped", torch.bfloat16), ("gather", torch.float32)):
+        mlp = model.layers[0].mlp.to(dtype)
+        x = torch.randn(3, 10, 32).to(dtype)
+        expected = mlp(x)
+        got = torch.compile(K.layer_forward, fullgraph=True, dynamic=False)(mlp, x, path)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # two bf16 computations in different orders: within 1% of the output's scale
+            assert (got.float() - expected.float()).abs().max() <= 0.01 * expected.float().abs().max()
+
+
+def test_model_through_kernels_matches_reference_model():
+    from test_weaver import TOKENS, converted, tiny_model
+    model = converted(tiny_model("qwen3", ffn_dim=48, n_layers=2), n_experts=8, active=0.5)
+    expected = model(TOKENS)
+    K.use_kernels(model, compile=False)
+    assert all(b.mlp.kernel is not None for b in model.layers)
+    torch.testing.assert_close(model(TOKENS), expected, rtol=1e-5, atol=1e-5)
+    greedy = model.generate(TOKENS[:1, :4], 6)  # decode goes through the select path
+    K.use_kernels(model, None)
+    assert torch.equal(model.generate(TOKENS[:1, :4], 6), greedy)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 16, 512])
+def test_cuda_paths_equal_reference(n):
+    args = problem(n, 16, 4, 256, 64, 128, "random", seed=n, dtype=torch.bfloat16, device="cuda")
+    expected = K.reference(*args).float()
+    for path in ["gather", "grouped"]:
+        torch.testing.assert_close(K.PATHS[path](*args).float(), expected, rtol=2e-2, atol=2e-2, msg=path)
+
+
+@cuda
+def test_cuda_graph_decode_matches_eager():
+    from test_weaver import converted, tiny_model
+    model = converted(tiny_model(dim=64, ffn_dim=128, n_layers=1), n_experts=8, active=0.5).cuda().bfloat16()
+    mlp = model.layers[0].mlp
+    x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    expected = mlp(x)
+    step = K.compiled_layer_forward("cuda", True)
+    for _ in range(3):  # warm-up runs record the graph, later ones replay it
+        got = step(mlp, x, "gather")
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
