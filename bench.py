@@ -52,26 +52,32 @@ def header(device: str, dtype: str) -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def measure(fn, device: str, min_time: float = 1.0, max_runs: int = 200) -> float:
-    """Median seconds per call, after warm-up; CUDA timed with events."""
-    for _ in range(3):
-        fn()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        if device.startswith("cuda"):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) -> list[float]:
+    """Median seconds per call of each function, after warm-up. The functions take turns, run by run, so a
+    noisy machine (this VM drifts by 15% from minute to minute) slows them alike and their ratio holds.
+    CUDA is timed with events."""
+    for fn in fns:
+        for _ in range(3):
             fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < 5 or (time.perf_counter() - start < min_time * len(fns) and len(times[0]) < max_runs):
+        for fn, t in zip(fns, times):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                t.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 # -----------------------------------------------------------------------------
 # ffn: one FFN layer, dense vs MoE
@@ -88,7 +94,7 @@ def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, activ
     gate, up = w13[:d_ff], w13[d_ff:]
     shared = (gate[:S], up[:S], w2[:, :S].contiguous()) if S else None
     e13 = torch.cat([gate[S:].view(E, d_e, -1), up[S:].view(E, d_e, -1)], dim=1)  # (E, 2F, D)
-    e2 = w2[:, S:].reshape(-1, E, d_e).permute(1, 0, 2).contiguous()  # (E, D, F)
+    e2 = w2[:, S:].T.reshape(E, d_e, -1).contiguous()  # (E, F, D)
     router = gate[S:].view(E, d_e, -1).float().mean(dim=1)  # (E, D)
     return shared, e13, e2, router, k - n_shared
 
@@ -125,11 +131,10 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
                     def moe(x, path):
                         idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
                         return kernels.moe_ffn(x, idx, e13, e2, shared, path)
-                    path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E)
+                    path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E, D, d_e, compile)
                     run = torch.compile(moe, fullgraph=True, dynamic=False) if compile and path != "select" else moe
                     with torch.no_grad():
-                        t_dense = measure(lambda: dense(x), device, min_time)
-                        t_moe = measure(lambda: run(x, path), device, min_time)
+                        t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], device, min_time)
                         idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices
                     touched = len(idx.unique())  # experts whose weights a memory-bound step must read
                     dense_bytes = 3 * D * d_ff * size
@@ -174,7 +179,7 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
             kernels.use_kernels(model, compile=mode == "compiled")
             forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
             with torch.no_grad():
-                t_prefill = measure(lambda: forward(prompt), device, min_time, max_runs=20)
+                t_prefill, = measure([lambda: forward(prompt)], device, min_time, max_runs=20)
                 model.setup_caches(1, 16 + new_tokens)
                 model(prompt[:, :16], torch.arange(16, device=device))
                 token = prompt[:, 16:17]
@@ -182,7 +187,7 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
                 def decode():
                     for i in range(new_tokens):
                         forward(token, torch.tensor([16 + i], device=device))
-                t_decode = measure(decode, device, min_time, max_runs=5)
+                t_decode, = measure([decode], device, min_time, max_runs=5)
             row = {"model": name, "mode": mode, "prefill_tok_s": prefill_tokens / t_prefill,
                    "decode_tok_s": new_tokens / t_decode}
             rows.append(row)
@@ -297,21 +302,22 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     stats = profile_layer(x, mlp)
     print(header("cpu", "float32"))
     rows = []
-    for tau in (0.6, 0.2):  # tau 0.6 leaves ~3 routed experts per token here, 0.2 about 25
-        spec = ConvertSpec(tau=tau)
-        times = []
+    for n_shared in (45, 8):  # 45: the paper's largest shared expert; 8: 56 experts to cluster, the hard case
+        spec = ConvertSpec(n_shared=n_shared)
+        runs = []
         for r in range(repeats):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             plan = plan_expertweaver(LayerStats(stats.profile), task, mlp, spec, seed=r, timings=timings)
-            times.append(time.perf_counter() - t0)
-        row = {"shape": name, "d_ff": d_ff, "samples": samples, "tau": tau, "routed_experts": plan.groups.shape[0],
-               "kmeans_iters": plan.info["kmeans_iters"], "seconds": statistics.median(times),
-               "partition": timings["partition"], "router": timings["router"]}
+            runs.append((time.perf_counter() - t0, timings["partition"], timings["router"], plan.info["kmeans_iters"]))
+        total, partition, router, iters = (statistics.median(v) for v in zip(*runs))
+        row = {"shape": name, "d_ff": d_ff, "samples": samples, "shared_experts": n_shared,
+               "routed_experts": plan.groups.shape[0], "kmeans_iters": iters, "seconds": total,
+               "partition": partition, "router": router}
         rows.append(row)
-        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), tau {tau}: {row['routed_experts']} routed "
-              f"experts, {row['kmeans_iters']} k-means iterations: allocate + partition + router "
-              f"{row['seconds']:.2f}s (partition {row['partition']:.2f}s, router {row['router']:.3f}s)")
+        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts: "
+              f"allocate + partition + router {total:.2f}s (partition {partition:.2f}s with {iters:.0f} k-means "
+              f"iterations, router {router:.3f}s; median of {repeats})")
     return rows
 
 # -----------------------------------------------------------------------------

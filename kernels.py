@@ -5,9 +5,11 @@ kernels.py: fast forward passes for the MoE FFN, every one tested against `refer
     import kernels; kernels.use_kernels(model)   # route a loaded MoE model's FFNs through them
 
 Semantics (model.py's MoEMLP): y = shared GLU(x) + the sum, over the K experts selected for each token,
-of that expert's GLU(x), unweighted. Weights as model.py stores them, reduction dim contiguous:
-w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, D, F); the shared GLU as
-(gate (S, D), up (S, D), down (D, S)) or None.
+of that expert's GLU(x), unweighted. Weights as model.py stores them, every neuron's three vectors as
+contiguous rows of D: w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons'
+output directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
+(E, D, F), because a CPU decode step streams a (224, 4096) down matrix at 21 GB/s as act @ W, and the
+(4096, 224) one, rows of 224 floats, at 8 GB/s (LLaMA-3-8B shape, 2 threads); grouped_mm takes either.
 Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token, S shared neurons.
 
 Paths:
@@ -34,9 +36,9 @@ def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
 
 
 def expert_glu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    # one expert: x (n, D), w13 (2F, D), w2 (D, F) -> (n, D)
+    # one expert: x (n, D), w13 (2F, D), w2 (F, D) -> (n, D)
     gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    return (F.silu(gate) * up) @ w2
 
 
 def reference(x, idx, w13, w2, shared=None):
@@ -66,7 +68,7 @@ def select(x, idx, w13, w2, shared=None):
 def gather(x, idx, w13, w2, shared=None):
     """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
     gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
-    routed = torch.einsum("nkf,nkdf->nd", F.silu(gate) * up, w2[idx])  # (N, D), summed over k and f
+    routed = torch.einsum("nkf,nkfd->nd", F.silu(gate) * up, w2[idx])  # (N, D), summed over k and f
     return shared_glu(x, shared) + routed
 
 
@@ -83,7 +85,7 @@ def grouped(x, idx, w13, w2, shared=None):
     offsets = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's run
     xs = x[order // K]  # (N*K, D) one row per slot, in expert order
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (N*K, F) each
-    ys = F.grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)  # (N*K, D)
+    ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)  # (N*K, D)
     routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)  # back to slot order
     return shared_glu(x, shared) + routed
 
@@ -108,6 +110,7 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided eagerly, the probe never traced
 def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int, n_experts: int,
                 dim: int, expert_dim: int, compiled: bool = False) -> str:
     """Few token-slots per expert (decode): read only the selected experts. On CUDA that is `gather`, which
@@ -136,7 +139,7 @@ def announce_fallback(reason: str) -> str:
 
 def moe_ffn(x, idx, w13, w2, shared=None, path: str | None = None):
     """The dispatcher: x (N, D), idx (N, K) -> (N, D) by the path choose_path picks (or `path`)."""
-    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1], w2.shape[2])
+    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1], w2.shape[1])
     return PATHS[path](x, idx, w13, w2, shared)
 
 # -----------------------------------------------------------------------------
@@ -165,7 +168,9 @@ def compiled_layer_forward(device_type: str, decode: bool):
 
 def use_kernels(model, compile: bool = True) -> None:
     """Installs the fast forward in every MoE layer of a model.py Transformer, in place; undo with
-    use_kernels(model, None). With compile=False the paths run eagerly."""
+    use_kernels(model, None). compile=True runs each layer's forward torch.compile'd; compile=False runs the
+    paths eagerly. Under an outer torch.compile of the whole model, the layers pick paths that trace (no
+    host sync) and leave the compiling to it."""
     from model import MoEMLP
     for block in model.layers:
         if isinstance(block.mlp, MoEMLP):
@@ -173,12 +178,12 @@ def use_kernels(model, compile: bool = True) -> None:
 
 
 def kernel_for(mlp, x: torch.Tensor, compile: bool) -> torch.Tensor:
+    tracing = torch.compiler.is_compiling()
     n_tokens = x.numel() // x.shape[-1]
     if mlp.experts is None:
-        path = "select"  # no routed experts: only the shared GLU, nothing to choose
-    else:
-        E, D, F_ = mlp.experts.down_proj.shape
-        path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_, compile)
-    if not compile or path == "select":
+        return layer_forward(mlp, x, "select")  # no routed experts: only the shared GLU, nothing to choose
+    E, F_, D = mlp.experts.down_proj.shape
+    path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_, compile or tracing)
+    if tracing or not compile:
         return layer_forward(mlp, x, path)
     return compiled_layer_forward(x.device.type, n_tokens * max(mlp.top_k, 1) <= E)(mlp, x, path)

@@ -228,28 +228,38 @@ def balanced_assign_reference(cost: torch.Tensor, capacity: int) -> torch.Tensor
 
 
 def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Same result as balanced_assign_reference, vectorised. Items propose to clusters in order of cost;
-    each cluster keeps its `capacity` cheapest proposers so far and turns away the rest, who propose to
-    their next cluster (deferred acceptance). When both sides rank by one pair cost, the stable matching
-    is unique and is exactly what the greedy walk produces. Ties: by cluster index for an item, by item
-    index for a cluster, the order the reference's stable sort gives. cost: (n, K) -> (n,)."""
+    """Same result as balanced_assign_reference, vectorised. Deferred acceptance: free items propose, each
+    cluster keeps its `capacity` cheapest proposers so far and turns away the rest, who propose again. When
+    both sides rank by one pair cost the stable matching is unique and is exactly what the greedy walk
+    produces. A full cluster's worst holder only ever improves, so a free item skips the clusters that would
+    surely turn it away and proposes straight to its cheapest cluster with room or with a worse holder:
+    the same matching in a handful of rounds. Ties: by cluster index for an item, by item index for a
+    cluster, the order of the reference's stable sort. cost: (n, K) -> (n,)."""
     n, K = cost.shape
     assert n == K * capacity, f"{n} items do not fill {K} clusters of {capacity}"
-    prefs = cost.argsort(dim=1, stable=True)  # (n, K): each item's clusters, cheapest first
     items = torch.arange(n, device=cost.device)
-    tried = torch.zeros(n, dtype=torch.int64, device=cost.device)  # how far down its list each item is
-    while True:
-        target = prefs[items, tried]  # (n,) the cluster each item holds or proposes to
+    target = torch.full((n,), -1, dtype=torch.int64, device=cost.device)  # cluster holding each item, -1 = free
+    worst_cost = torch.full((K,), float("inf"), dtype=cost.dtype, device=cost.device)  # inf while not full
+    worst_item = torch.full((K,), n, dtype=torch.int64, device=cost.device)
+    free = items
+    while len(free):
+        c = cost[free]  # (f, K)
+        beats = (c < worst_cost) | ((c == worst_cost) & (free[:, None] < worst_item))
+        target[free] = torch.where(beats, c, float("inf")).argmin(dim=1)  # first minimum: lowest cluster index
+        # every cluster keeps its `capacity` best of holders and proposers, by (cost, item)
         by_cost = cost[items, target].argsort(stable=True)
         order = by_cost[target[by_cost].argsort(stable=True)]  # by cluster, then cost, then item
         counts = torch.bincount(target, minlength=K)
         first = torch.cumsum(counts, 0) - counts  # (K,) where each cluster's run starts in `order`
         rank = torch.empty_like(items)
         rank[order] = items - first[target[order]]
-        rejected = rank >= capacity
-        if not rejected.any():
-            return target
-        tried += rejected
+        free = (rank >= capacity).nonzero().squeeze(1)
+        target[free] = -1
+        full = counts >= capacity
+        last = order[(first + capacity - 1).clamp(max=n - 1)]  # (K,) each cluster's worst kept item
+        worst_cost = torch.where(full, cost[last, torch.arange(K, device=cost.device)], worst_cost)
+        worst_item = torch.where(full, last, worst_item)
+    return target
 
 
 def balanced_kmeans(features: torch.Tensor, n_clusters: int, seed: int, max_iter: int = 50,
@@ -492,7 +502,7 @@ def build_moe(mlp: MLP, plan: LayerPlan, expert_dim: int, router: str) -> MoEMLP
                   "shared.down_proj.weight": down_w[:, plan.shared]}
     if n_routed:
         state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]], dim=1),  # (E, 2F, D)
-                  "experts.down_proj": down_w[:, plan.groups].permute(1, 0, 2).contiguous()}  # (E, D, F)
+                  "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0).contiguous()}  # (E, F, D)
     if plan.top_k:
         state |= {f"router.{name}": t.to(gate_w.dtype) for name, t in plan.router.items()}
     moe.load_state_dict({n: t.contiguous() for n, t in state.items()}, strict=True, assign=True)

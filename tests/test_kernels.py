@@ -15,7 +15,7 @@ def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     w13 = torch.randn(e, 2 * f, d, generator=g) / d ** 0.5
-    w2 = torch.randn(e, d, f, generator=g) / f ** 0.5
+    w2 = torch.randn(e, f, d, generator=g) / f ** 0.5
     shared = None if s == 0 else (torch.randn(s, d, generator=g) / d ** 0.5, torch.randn(s, d, generator=g) / d ** 0.5,
                                   torch.randn(d, s, generator=g) / s ** 0.5)
     if load == "random":  # K distinct experts per token, as top-k gives

@@ -93,7 +93,7 @@ def test_every_method_regroups_the_dense_weights_exactly(method, router):
         parts = [(moe.shared.gate_proj.weight, moe.shared.up_proj.weight, moe.shared.down_proj.weight)] if moe.shared else []
         E, F2, D = moe.experts.gate_up_proj.shape
         g_r, u_r = moe.experts.gate_up_proj.split(F2 // 2, dim=1)
-        parts.append((g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(1, 0, 2).reshape(D, -1)))
+        parts.append((g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(2, 0, 1).reshape(D, -1)))
         assert torch.equal(torch.cat([p[0] for p in parts]), gate[idx])
         assert torch.equal(torch.cat([p[1] for p in parts]), up[idx])
         assert torch.equal(torch.cat([p[2] for p in parts], dim=1), down[:, idx])
