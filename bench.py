@@ -4,7 +4,7 @@ bench.py: what a conversion costs in quality and buys in speed, each against the
     python bench.py ffn                              # one FFN layer: dense vs MoE at real model shapes
     python bench.py model                            # the demo model: prefill and decode tokens/s
     python bench.py quality                          # held-out ppl ratio for every method x active fraction
-    python bench.py quality --methods expertweaver --active 0.75 --tau 0.6 0.3 0.2   # an ablation
+    python bench.py quality --rows expertweaver:lsq:tau=0.6 expertweaver:lsq:tau=0.3 --active 0.75   # an ablation
     python bench.py convert llama3-8b                # stream-convert a synthetic 8B checkpoint: time, peak RSS
     python bench.py partition llama3-8b              # partition + router of one 8B layer
 
@@ -18,9 +18,10 @@ model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T 
 tokens/s over 128 new tokens, eager and torch.compile'd.
 
 quality: calibrates once on the files in --data (default ../shared/data: prose, dialogue, math, code),
-converts the demo model with every method x active fraction (x every value of each list-valued knob),
-and reports held-out perplexity as a ratio to the dense model's on the same windows: the last 10% of
-each file, which calibration never reads.
+converts the demo model with every row (a method, its router and settings) x active fraction, and
+reports held-out perplexity as a ratio to the dense model's on the same windows: the last 10% of each
+file, which calibration never reads. Also the FFN FLOPs used per token, router included, and the share
+of the centroid -> oracle gap each router closes.
 """
 import itertools
 import json
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 
 import kernels
 from model import demo_checkpoint, load_model, load_tokenizer, perplexity
-from weaver import ConvertSpec, calibration_from_files, calibration_from_model, convert, geomean, heldout_tokens
+from weaver import (ConvertSpec, calibration_from_files, calibration_from_model, convert, ffn_flops, geomean,
+                    heldout_tokens)
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
 
@@ -308,7 +310,7 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
         for r in range(repeats):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            plan = plan_expertweaver(LayerStats(stats.profile), task, mlp, spec, seed=r, timings=timings)
+            plan = plan_expertweaver(LayerStats(stats.profile), x, task, mlp, spec, seed=r, timings=timings)
             runs.append((time.perf_counter() - t0, timings["partition"], timings["router"], plan.info["kmeans_iters"]))
         total, partition, router, iters = (statistics.median(v) for v in zip(*runs))
         row = {"shape": name, "d_ff": d_ff, "samples": samples, "shared_experts": n_shared,
@@ -324,9 +326,27 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
 # quality
 
 
-def quality(data: str, methods: list[str], actives: list[float], routers: list[str], grid: dict[str, list],
-            calib_samples: int, calib_seqlen: int, eval_seqlen: int, eval_windows: int, holdout: float,
-            seed: int) -> list[dict]:
+DEFAULT_ROWS = ["expertweaver:centroid", "expertweaver:lsq", "expertweaver:gate", "expertweaver:cmoe",
+                "expertweaver:oracle", "cmoe", "cmoe:lsq", "static", "random:centroid",
+                "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
+
+
+def parse_row(row: str) -> dict:
+    """'method[:router][:key=value...]' -> ConvertSpec keyword arguments."""
+    method, *rest = row.split(":")
+    spec = {"method": method}
+    for part in rest:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            value = json.loads(value.lower())  # numbers and true/false
+            spec[key] = float(value) if isinstance(getattr(ConvertSpec, key), float) else value
+        else:
+            spec["router"] = part
+    return spec
+
+
+def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
+            eval_seqlen: int, eval_windows: int, holdout: float, seed: int) -> list[dict]:
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
     files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
@@ -345,45 +365,50 @@ def quality(data: str, methods: list[str], actives: list[float], routers: list[s
     t0 = time.time()
     dense = ppl_per_task(load_model(path))
     print(f"dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items()) + f" ({time.time() - t0:.0f}s)")
-    rows = []
-    knobs = [k for k, values in grid.items() if len(values) > 1]  # the ones that become table columns
-    configs = [(m, r, a, values) for a in actives for m in methods for r in routers
-               for values in itertools.product(*grid.values())
-               if not (m == "static" and r not in ("default", "none")) and not (m != "static" and r == "none")]
-    for method, router, active, values in configs:
-        extra = dict(zip(grid, values))
-        spec = ConvertSpec(method=method, active=active, router=None if router == "default" else router,
-                           seed=seed, **extra)
-        model = load_model(path)
-        t0 = time.time()
-        convert(model, calib, spec, log=lambda *_: None)
-        seconds = time.time() - t0
-        ppl = ppl_per_task(model)
-        ratios = {t: ppl[t] / dense[t] for t in ppl}
-        row = {"method": method, "router": spec.router, "active": active, **{k: extra[k] for k in knobs}, "ratio": ratios,
-               "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds}
-        rows.append(row)
-        print(format_row(row, knobs))
-    print_table(rows, knobs, dense)
-    return [{"method": "dense", "ppl": dense}] + rows
+    results = []
+    for active in actives:
+        for row in rows:
+            spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
+            model = load_model(path)
+            t0 = time.time()
+            convert(model, calib, spec, log=lambda *_: None)
+            seconds = time.time() - t0
+            ppl = ppl_per_task(model)
+            flops = ffn_flops(model.cfg)
+            ratios = {t: ppl[t] / dense[t] for t in ppl}
+            result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,
+                      "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds,
+                      "router_share": flops["router"] / (flops["experts"] + flops["router"]),
+                      "active_flops": (flops["experts"] + flops["router"]) / flops["dense"]}
+            results.append(result)
+            print(f"{row:>55} active {active:.2f}: " + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
+                  + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of MoE FLOPs "
+                  f"({seconds:.0f}s)", flush=True)
+    print_tables(results, dense)
+    return [{"row": "dense", "ppl": dense}] + results
 
 
-def format_row(row: dict, knobs: list[str]) -> str:
-    extra = "".join(f" {k}={row[k]}" for k in knobs)
-    ratios = "  ".join(f"{t} x{r:.3f}" for t, r in row["ratio"].items())
-    return (f"{row['method']:>12} {row['router']:>8} active {row['active']:.2f}{extra}: {ratios}  "
-            f"geomean x{row['geomean']:.3f}  ({row['convert_seconds']:.0f}s)")
-
-
-def print_table(rows: list[dict], knobs: list[str], dense: dict) -> None:
+def print_tables(results: list[dict], dense: dict) -> None:
     tasks = list(dense)
-    head = ["method", "router", "active", *knobs, *tasks, "geomean", "convert s"]
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    print("| dense | | 1.00 | " + "".join(" |" for _ in knobs) + " | ".join(f"ppl {dense[t]:.2f}" for t in tasks) + " | 1.000 | |")
-    for r in rows:
-        cells = [r["method"], r["router"], f"{r['active']:.2f}", *(str(r[k]) for k in knobs),
-                 *(f"{r['ratio'][t]:.3f}" for t in tasks), f"**{r['geomean']:.3f}**", f"{r['convert_seconds']:.0f}"]
+    head = ["row", "active", *tasks, "geomean", "FFN FLOPs used (router share)", "convert s"]
+    print("\nppl ratio MoE / dense on held-out text\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    print("| dense | 1.00 | " + " | ".join(f"ppl {dense[t]:.2f}" for t in tasks) + " | 1.000 | 100% | |")
+    for r in results:
+        cells = [f"`{r['row']}`", f"{r['active']:.2f}", *(f"{r['ratio'][t]:.3f}" for t in tasks),
+                 f"**{r['geomean']:.3f}**", f"{r['active_flops']:.1%} ({r['router_share']:.1%})",
+                 f"{r['convert_seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |")
+    # how much of the way from the paper's router to the oracle each row goes, on the same partition
+    base = {r["active"]: r for r in results if r["row"] == "expertweaver:centroid"}
+    best = {r["active"]: r for r in results if r["row"] == "expertweaver:oracle"}
+    if base and best:
+        print("\nshare of the centroid -> oracle gap closed (ExpertWeaver partition)\n\n| row | active | "
+              + " | ".join(tasks) + " |\n|" + "---|" * (len(tasks) + 2))
+        for r in results:
+            a = r["active"]
+            if a in base and a in best and r["row"] not in ("expertweaver:centroid", "expertweaver:oracle"):
+                gap = [(base[a]["ratio"][t] - r["ratio"][t]) / (base[a]["ratio"][t] - best[a]["ratio"][t]) for t in tasks]
+                print(f"| `{r['row']}` | {a:.2f} | " + " | ".join(f"{g:.0%}" for g in gap) + " |")
 
 
 if __name__ == "__main__":
@@ -433,19 +458,12 @@ if __name__ == "__main__":
     pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
     pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
     pb.add_argument("--repeats", type=int, default=3)
-    q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for methods x active fractions",
+    q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for conversions x active fractions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
-    q.add_argument("--methods", nargs="+", default=["expertweaver", "cmoe", "static", "random"])
-    q.add_argument("--routers", nargs="+", default=["default"],
-                   help="default (each method's own), centroid, cmoe, oracle; every method x router pair is run")
+    q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="conversions, each 'method[:router][:key=value...]' "
+                   "with ConvertSpec keys, e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
     q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5], help="active fractions")
-    q.add_argument("--experts", nargs="+", type=int, default=[64], help="N_e values")
-    q.add_argument("--tau", nargs="+", type=float, default=[0.6], help="CV thresholds")
-    q.add_argument("--alpha-min", nargs="+", type=float, default=[0.2])
-    q.add_argument("--alpha-max", nargs="+", type=float, default=[0.7])
-    q.add_argument("--kmeans-iters", nargs="+", type=int, default=[50])
-    q.add_argument("--sequential", nargs="+", type=int, default=[0], help="0: profile on dense outputs, 1: sequential")
     q.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
     q.add_argument("--calib-seqlen", type=int, default=256)
     q.add_argument("--eval-seqlen", type=int, default=512)
@@ -468,11 +486,8 @@ if __name__ == "__main__":
     elif a.command == "partition":
         rows = partition_bench(a.model, a.samples, a.tokens, a.repeats)
     else:
-        # knobs given more than one value become table columns; single values are just settings
-        grid = {"n_experts": a.experts, "tau": a.tau, "alpha_min": a.alpha_min, "alpha_max": a.alpha_max,
-                "kmeans_iters": a.kmeans_iters, "sequential": [bool(s) for s in a.sequential]}
-        rows = quality(a.data, a.methods, a.active, a.routers, grid, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
-                       a.eval_windows, a.holdout, a.seed)
+        rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen, a.eval_windows,
+                       a.holdout, a.seed)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"command": a.command, "args": vars(a), "header": header(getattr(a, "device", "cpu"),

@@ -118,38 +118,25 @@ def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: 
 class LayerStats:
     profile: torch.Tensor                # (S, d_ff) float32: a[i, j] transposed, one row per sample
     markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M calibration tokens
-    # for the lsq router, over the fit tokens: [x, 1]^T [x, 1] and [x, 1]^T c, where c = |silu(x W_gate) *
-    # (x W_up)| per neuron; and some held-out tokens' x and c, to choose the ridge strength on
-    xtx: torch.Tensor | None = None      # (D+1, D+1) float32
-    xtc: torch.Tensor | None = None      # (D+1, d_ff) float32
-    val_x: torch.Tensor | None = None    # (V, D) float32
-    val_c: torch.Tensor | None = None    # (V, d_ff) float32
 
 
 @torch.no_grad()
 def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: int | None = None,
-                  marker_tokens: torch.Tensor | None = None, lsq_val: torch.Tensor | None = None,
-                  max_val_tokens: int = 4096) -> LayerStats:
+                  marker_tokens: torch.Tensor | None = None) -> LayerStats:
     """x: (S, T, D) FFN inputs. Works through the samples in batches of about batch_tokens tokens, so
     memory grows with d_ff * batch, not with the calibration set. With k_act, also CMoE's markers for the
-    tokens listed in marker_tokens (flat indices into S * T). With lsq_val ((S,) bool: the samples held out
-    for validation), also the lsq router's statistics."""
+    tokens listed in marker_tokens (flat indices into S * T)."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
-    d_ff = gate_w.shape[0]
-    profile = torch.empty(S, d_ff, dtype=torch.float32, device=x.device)
-    markers, val_x, val_c = [], [], []
+    profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
+    markers = []
     if k_act:
         # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
         gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
-    if lsq_val is not None:
-        xtx = torch.zeros(D + 1, D + 1, device=x.device)
-        xtc = torch.zeros(D + 1, d_ff, device=x.device)
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step]  # (b, T, D)
-        act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
-        profile[i: i + step] = act.float().abs().mean(dim=1)
+        profile[i: i + step] = F.silu(xb @ gate_w.T).float().abs().mean(dim=1)
         if k_act:
             lo, hi = i * T, (i + len(xb)) * T
             keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
@@ -157,24 +144,7 @@ def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: in
             scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
-        if lsq_val is not None:
-            contrib = (act * (xb @ up_w.T)).float().abs()  # (b, T, d_ff)
-            held = lsq_val[i: i + len(xb)].to(x.device)
-            fit_x, fit_c = xb[~held].reshape(-1, D).float(), contrib[~held].reshape(-1, d_ff)
-            ones = torch.ones(len(fit_x), 1, device=x.device)
-            fit_x1 = torch.cat([fit_x, ones], dim=1)  # (n, D+1)
-            xtx += fit_x1.T @ fit_x1
-            xtc += fit_x1.T @ fit_c
-            val_x.append(xb[held].reshape(-1, D).float())
-            val_c.append(contrib[held].reshape(-1, d_ff))
-    stats = LayerStats(profile, torch.cat(markers) if k_act else None)
-    if lsq_val is not None:
-        val_x, val_c = torch.cat(val_x), torch.cat(val_c)
-        if len(val_x) > max_val_tokens:  # evenly spaced, deterministic
-            pick = torch.linspace(0, len(val_x) - 1, max_val_tokens, device=x.device).long()
-            val_x, val_c = val_x[pick], val_c[pick]
-        stats.xtx, stats.xtc, stats.val_x, stats.val_c = xtx, xtc, val_x, val_c
-    return stats
+    return LayerStats(profile, torch.cat(markers) if k_act else None)
 
 
 def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
@@ -303,28 +273,68 @@ def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
     return (picked / truth.topk(top_k, dim=-1).values.sum()).item()
 
 
+def expert_contributions(x: torch.Tensor, mlp: MLP, groups: torch.Tensor) -> torch.Tensor:
+    """Each routed expert's true contribution, y_e = sum over its neurons of |silu(x W_gate) * (x W_up)|, the
+    oracle router's score. x: (n, D), groups (E, F) -> (n, E) float32."""
+    rows = groups.flatten()
+    act = F.silu(x @ mlp.gate_proj.weight[rows].T) * (x @ mlp.up_proj.weight[rows].T)  # (n, E*F)
+    return act.float().abs().view(len(x), *groups.shape).sum(-1)
+
+
 RIDGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths, relative to the mean of diag(X^T X)
+def rank_in_token(y: torch.Tensor) -> torch.Tensor:
+    # (n, E) -> each expert's rank within its token, 0 = smallest contribution, as a fraction of E
+    return y.argsort(dim=1).argsort(dim=1).float() / y.shape[1]
 
 
-def lsq_router(stats: LayerStats, groups: torch.Tensor, top_k: int) -> tuple[dict, dict]:
-    """Ridge regression from [x, 1] to each expert's contribution y_e = sum over its neurons of c, fitted in
-    float64 from the profiled statistics (X^T Y = X^T C summed over each expert's neurons). The ridge strength
-    is the one whose router captures the most on the held-out tokens; then the fit is redone on all tokens."""
-    xtx, xty = stats.xtx.double(), stats.xtc[:, groups].sum(-1).double()  # (D+1, D+1), (D+1, E)
-    D = xtx.shape[0] - 1
-    penalty = torch.eye(D + 1, dtype=torch.float64, device=xtx.device)
+# what the regression predicts: the contribution, its log, or only the order of the experts within a token
+TARGETS = {"linear": lambda y, s: y, "log": lambda y, s: torch.log1p(y / s), "rank": lambda y, s: rank_in_token(y)}
+
+
+@torch.no_grad()
+def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tensor, top_k: int,
+               batch_tokens: int = 8192, max_val_tokens: int = 4096) -> tuple[dict, dict]:
+    """A linear router [x, 1] -> score per expert, fitted in closed form (ridge regression, float64) to the
+    experts' true contributions on the calibration tokens of this layer, x (S, T, D). Every 4th sample of each
+    task is held out; on it, each target (TARGETS: the contribution itself, its log, which weighs the small
+    contributions that decide which experts to drop, or only the experts' order within the token) and ridge
+    strength is scored by the share of the oracle's contribution its top-k captures, the best pair wins,
+    and the fit is redone on every token."""
+    S, T, D = x.shape
+    held = validation_samples(task)
+    xtx = torch.zeros(D + 1, D + 1, dtype=torch.float64, device=x.device)
+    xty = {name: torch.zeros(D + 1, len(groups), dtype=torch.float64, device=x.device) for name in TARGETS}
+    val_x, val_y, scale = [], [], None
+    step = max(1, batch_tokens // T)
+    for i in range(0, S, step):
+        xb = x[i: i + step].reshape(-1, D)  # (b*T, D)
+        y = expert_contributions(xb, mlp, groups)  # (b*T, E)
+        scale = scale if scale is not None else y.mean().clamp_min(1e-12)  # fixes the log target's unit
+        x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double()  # (b*T, D+1)
+        fit = (~held[i: i + step].to(x.device)).repeat_interleave(T)
+        xtx += x1[fit].T @ x1[fit]
+        for name, target in TARGETS.items():
+            xty[name] += x1[fit].T @ target(y[fit], scale).double()
+        val_x.append(x1[~fit])
+        val_y.append(y[~fit])
+    val_x, val_y = torch.cat(val_x), torch.cat(val_y)
+    if len(val_x) > max_val_tokens:  # evenly spaced, deterministic
+        pick = torch.linspace(0, len(val_x) - 1, max_val_tokens, device=x.device).long()
+        val_x, val_y = val_x[pick], val_y[pick]
+    penalty = torch.eye(D + 1, dtype=torch.float64, device=x.device)
     penalty[D, D] = 0  # the bias is not shrunk
-    scale = xtx.diagonal()[:D].mean()
-    best, info = RIDGE[2], {}
-    if stats.val_x is not None and len(stats.val_x):
-        val_x1 = torch.cat([stats.val_x, torch.ones(len(stats.val_x), 1, device=xtx.device)], dim=1).double()
-        val_y = stats.val_c[:, groups].sum(-1)  # (V, E)
-        scores = {lam: captured((val_x1 @ torch.linalg.solve(xtx + lam * scale * penalty, xty)).float(), val_y, top_k)
-                  for lam in RIDGE}
+    ridge = xtx.diagonal()[:D].mean()
+    best, info = ("linear", RIDGE[2]), {}
+    if len(val_x):
+        scores = {(name, lam): captured((val_x @ torch.linalg.solve(xtx + lam * ridge * penalty, xty[name])).float(),
+                                        val_y, top_k)
+                  for name in TARGETS for lam in RIDGE}
         best = max(scores, key=scores.get)
-        info = {"lsq_ridge": best, "lsq_val_captured": scores[best]}
-        xtx, xty = xtx + val_x1.T @ val_x1, xty + val_x1.T @ val_y.double()  # refit on every token
-    w = torch.linalg.solve(xtx + best * scale * penalty, xty)  # (D+1, E)
+        info = {"lsq_target": best[0], "lsq_ridge": best[1], "lsq_val_captured": scores[best]}
+        xtx = xtx + val_x.T @ val_x  # refit on every token
+        xty = {name: xty[name] + val_x.T @ target(val_y, scale).double() for name, target in TARGETS.items()}
+    name, lam = best
+    w = torch.linalg.solve(xtx + lam * ridge * penalty, xty[name])  # (D+1, E)
     return {"weight": w[:D].T.float(), "bias": w[D].float()}, info
 
 
@@ -343,7 +353,9 @@ def representatives(features: torch.Tensor, groups: torch.Tensor, p: float = 2.0
 # one layer's plan per method: which neurons are shared, the routed groups, top-k and the router
 
 METHODS = ("expertweaver", "cmoe", "static", "random")
-DEFAULT_ROUTER = {"expertweaver": "centroid", "random": "centroid", "cmoe": "cmoe", "static": "none"}
+# lsq, not the paper's centroid router, by default: at the same cost per token it keeps much more quality
+# (README, "Routers"); --router centroid gives the paper's
+DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none"}
 
 
 @dataclass
@@ -401,7 +413,7 @@ def split_shared(importance: torch.Tensor, n_shared_neurons: int) -> tuple[torch
     return shared, rest.nonzero().squeeze(1)
 
 
-def plan_expertweaver(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+def plan_expertweaver(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
                       timings: dict) -> LayerPlan:
     d_ff = stats.profile.shape[1]
     d_e, k = d_ff // spec.n_experts, spec.k
@@ -424,12 +436,12 @@ def plan_expertweaver(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: Con
             groups = groups_of(rest, assign, n_routed)
     top_k = min(k, spec.n_experts) - n_se
     with timed(timings, "router"):
-        router, router_info = make_router(spec.router, mlp, groups, top_k, stats, stats.profile.T, p=2.0)
+        router, router_info = make_router(spec.router, mlp, groups, top_k, x, task, stats.profile.T, p=2.0)
     info = {"r": r, "alpha": alpha, "kmeans_iters": iters, **router_info}
     return LayerPlan(shared, groups, top_k, router, info)
 
 
-def plan_cmoe(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+def plan_cmoe(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
               timings: dict) -> LayerPlan:
     """CMoE as in its reference code: shared = the highest activation rates; one balanced assignment of
     the other neurons' marker columns (L1) to centroids seeded from the highest-rate ones; representative
@@ -453,12 +465,12 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec
             groups = rest.view(0, d_e)
     top_k = min(k, spec.n_experts) - n_se
     with timed(timings, "router"):
-        router, router_info = make_router(spec.router, mlp, groups, top_k, stats, markers.T, p=1.0)
+        router, router_info = make_router(spec.router, mlp, groups, top_k, x, task, markers.T, p=1.0)
     info = {"r": None, "alpha": None, "kmeans_iters": 1, **router_info}
     return LayerPlan(shared, groups, top_k, router, info)
 
 
-def plan_static(stats: LayerStats, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
+def plan_static(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, mlp: MLP, spec: ConvertSpec, seed: int,
                 timings: dict) -> LayerPlan:
     """Structured pruning: the k * d_e most active neurons always on; the others kept in the checkpoint as
     experts that are never selected (top_k = 0), so the index map still covers every neuron."""
@@ -474,14 +486,15 @@ PLANNERS = {"expertweaver": plan_expertweaver, "random": plan_expertweaver, "cmo
             "static": plan_static}
 
 
-def make_router(kind: str, mlp: MLP, groups: torch.Tensor, top_k: int, stats: LayerStats, features: torch.Tensor,
-                p: float) -> tuple[dict, dict]:
-    """Router parameters for a partition, and what the report should show about them. features (d_ff, M):
-    the space the partition was made in, where CMoE's representative neurons are chosen."""
+def make_router(kind: str, mlp: MLP, groups: torch.Tensor, top_k: int, x: torch.Tensor, task: torch.Tensor,
+                features: torch.Tensor, p: float) -> tuple[dict, dict]:
+    """Router parameters for a partition, and what the report should show about them. x (S, T, D): the layer's
+    calibration inputs; features (d_ff, M): the space the partition was made in, where CMoE's representative
+    neurons are chosen."""
     if kind == "centroid":
         return centroid_router(mlp.gate_proj.weight, groups), {}
     if kind == "lsq":
-        return lsq_router(stats, groups, top_k)
+        return lsq_router(x, task, mlp, groups, top_k)
     if kind == "cmoe":
         return cmoe_router(mlp.gate_proj.weight, mlp.up_proj.weight, representatives(features, groups, p)), {}
     return {}, {}  # gate, oracle: scores come from the experts' own weights
@@ -559,7 +572,6 @@ def convert_layers(cfg, h: torch.Tensor, window_inputs, get_block, put_block, ca
     if spec.method == "cmoe":
         generator = torch.Generator().manual_seed(spec.seed)
         marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens].sort().values.to(h.device)
-    lsq_val = validation_samples(calib.task) if spec.router == "lsq" else None
     moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": d_e, "router": spec.router,
                "active": spec.active, "layers": [None] * cfg.n_layers}
     layers = []
@@ -576,8 +588,8 @@ def convert_layers(cfg, h: torch.Tensor, window_inputs, get_block, put_block, ca
         if i not in spec.dense_layers:
             with timed(timings, "profile"):
                 stats = profile_layer(x, dense, k_act=spec.k_act if spec.method == "cmoe" else None,
-                                      marker_tokens=marker_tokens, lsq_val=lsq_val)
-            plan = PLANNERS[spec.method](stats, calib.task, dense, spec, spec.seed + i, timings)
+                                      marker_tokens=marker_tokens)
+            plan = PLANNERS[spec.method](stats, x, calib.task, dense, spec, spec.seed + i, timings)
             with timed(timings, "build"):
                 block.mlp = build_moe(dense, plan, d_e, spec.router)
                 load = expert_load(block.mlp, x) if plan.top_k else None
@@ -685,6 +697,26 @@ def active_fraction(cfg) -> float:
     for layer in cfg.moe["layers"]:
         fractions.append(1.0 if layer is None else (layer["shared_neurons"] + layer["top_k"] * d_e) / cfg.ffn_dim)
     return sum(fractions) / len(fractions)
+
+
+def ffn_flops(cfg) -> dict:
+    """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of their routers
+    (multiply-adds x 2). gate and oracle routers compute projections of every routed neuron, so they cost
+    what those neurons would."""
+    D, d_ff = cfg.dim, cfg.ffn_dim
+    per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
+                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n, "oracle": lambda E, n: 4 * D * n,
+                  "none": lambda E, n: 0}
+    dense = experts = router = 0
+    for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):
+        dense += 6 * D * d_ff
+        if layer is None:
+            experts += 6 * D * d_ff
+            continue
+        d_e, E = cfg.moe["expert_dim"], layer["routed_experts"]
+        experts += 6 * D * (layer["shared_neurons"] + layer["top_k"] * d_e)
+        router += per_router[cfg.moe["router"]](E, E * d_e) if layer["top_k"] else 0
+    return {"dense": dense, "experts": experts, "router": router}
 
 
 def geomean(values) -> float:

@@ -128,22 +128,23 @@ def test_specialisation_ratio():
 @settings(max_examples=12, deadline=None)
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), dim=st.sampled_from([16, 32]),
        n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6), n_layers=st.integers(1, 3),
-       seed=st.integers(0, 1000))
-def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, seed):
+       router=st.sampled_from([None, "lsq", "gate"]), seed=st.integers(0, 1000))
+def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, router, seed):
     model = tiny_model(arch, dim, n_experts * expert_dim, n_layers, seed)
     dense = model(TOKENS)
-    converted(model, n_experts=n_experts, active=1.0, alpha_min=1.0, alpha_max=1.0, seed=seed)
+    converted(model, n_experts=n_experts, active=1.0, alpha_min=1.0, alpha_max=1.0, router=router, seed=seed)
     assert all(b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim for b in model.layers)
     assert torch.equal(model(TOKENS), dense)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), n_experts=st.sampled_from([4, 8]),
-       method=st.sampled_from(["expertweaver", "random", "cmoe"]), seed=st.integers(0, 1000))
-def test_all_experts_active_matches_dense(arch, n_experts, method, seed):
+       method=st.sampled_from(["expertweaver", "random", "cmoe"]),
+       router=st.sampled_from([None, "centroid", "lsq", "gate", "oracle"]), seed=st.integers(0, 1000))
+def test_all_experts_active_matches_dense(arch, n_experts, method, router, seed):
     model = tiny_model(arch, 32, n_experts * 6, 2, seed)
     dense = model(TOKENS)
-    converted(model, method=method, n_experts=n_experts, active=1.0, seed=seed, k_act=3)
+    converted(model, method=method, router=router, n_experts=n_experts, active=1.0, seed=seed, k_act=3)
     assert all(b.mlp.top_k == b.mlp.experts.gate_up_proj.shape[0] for b in model.layers)
     torch.testing.assert_close(model(TOKENS), dense, rtol=1e-5, atol=1e-5)
 
@@ -164,6 +165,44 @@ def test_sequential_and_dense_layers():
     # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when sequential
     assert torch.equal(a.layers[0].mlp.neuron_index, b.layers[0].mlp.neuron_index)
     assert a(TOKENS).shape == b(TOKENS).shape
+
+
+def test_lsq_recovers_a_planted_linear_router(monkeypatch):
+    # contributions that are exactly linear in x: y = x A + b per expert
+    g = torch.Generator().manual_seed(0)
+    D, E, S, T = 12, 4, 8, 50
+    A, b = torch.randn(D, E, generator=g), torch.randn(E, generator=g)
+    monkeypatch.setattr(W, "expert_contributions", lambda x, mlp, groups: x.float() @ A + b)
+    x = torch.randn(S, T, D, generator=g)
+    task = torch.arange(2).repeat_interleave(S // 2)
+    router, info = W.lsq_router(x, task, mlp=None, groups=torch.zeros(E, 3, dtype=torch.int64), top_k=2)
+    torch.testing.assert_close(router["weight"], A.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(router["bias"], b, rtol=1e-4, atol=1e-4)
+    assert info["lsq_target"] == "linear" and info["lsq_val_captured"] == pytest.approx(1.0)
+
+
+def test_router_flops_accounting():
+    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5, router="centroid", dense_layers=(1,))
+    layer = model.cfg.moe["layers"][0]
+    flops = W.ffn_flops(model.cfg)
+    D = 32
+    assert flops["dense"] == 2 * 6 * D * 48
+    assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
+    assert flops["router"] == 2 * D * layer["routed_experts"]
+
+
+def test_captured_is_one_for_the_oracle_and_less_otherwise():
+    truth = torch.tensor([[3.0, 2.0, 1.0], [1.0, 5.0, 0.0]])
+    assert W.captured(truth, truth, 1) == 1.0
+    assert W.captured(-truth, truth, 1) == pytest.approx((1.0 + 0.0) / (3.0 + 5.0))
+
+
+@pytest.mark.parametrize("router", ["centroid", "lsq", "cmoe", "gate"])
+def test_conversion_is_deterministic_for_a_seed(router):
+    a = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router=router, seed=3)
+    b = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router=router, seed=3)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
 
 
 def test_oracle_router_picks_the_largest_contributions():
