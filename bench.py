@@ -10,9 +10,10 @@ bench.py: what a conversion costs in quality and buys in speed, each against the
 
 ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts, half of
 the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs ("router") or
-by a forced round-robin ("balanced"). Times are medians after warm-up; the MoE time includes the router.
-ideal = dense bytes / MoE bytes for T <= 16 (memory-bound), dense FLOPs / MoE FLOPs above, router
-included; efficiency = speedup / ideal.
+by a forced round-robin ("balanced"). Times are medians after warm-up, dense and MoE calls alternating;
+the MoE time includes the router. ideal = the roofline ratio, cost = max(bytes / bandwidth, FLOPs / rate)
+with the bandwidth and FLOP rate this machine's dense FFN reaches at the smallest and largest T, the
+bytes being those of the experts the tokens touch; efficiency = speedup / ideal.
 
 model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1 decode
 tokens/s over 128 new tokens, eager and torch.compile'd.
@@ -103,6 +104,9 @@ def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, activ
 
 def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], tokens: list[int],
               routings: list[str], n_experts: int, compile: bool, min_time: float) -> list[dict]:
+    """Rows of dense vs MoE FFN time. The ideal speedup is a roofline ratio: cost = max(bytes / bandwidth,
+    FLOPs / FLOP rate), with this machine's bandwidth read off the dense FFN at the smallest T and its FLOP
+    rate off the dense FFN at the largest T, so it follows whichever bound binds at each T."""
     print(header(device, dtype))
     dt = getattr(torch, dtype)
     size = torch.finfo(dt).bits // 8
@@ -118,6 +122,7 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
         def dense(x):
             gate, up = F.linear(x, w13).chunk(2, dim=-1)
             return F.linear(F.silu(gate) * up, w2)
+        shape_rows = []
         for active in actives:
             shared, e13, e2, router, top_k = moe_layer_weights(w13, w2, n_experts, active)
             E, d_e = e13.shape[0], e13.shape[1] // 2
@@ -138,22 +143,25 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
                     with torch.no_grad():
                         t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], device, min_time)
                         idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices
-                    touched = len(idx.unique())  # experts whose weights a memory-bound step must read
-                    dense_bytes = 3 * D * d_ff * size
-                    moe_bytes = 3 * D * (S + touched * d_e) * size + E * D * 4
-                    dense_flops = 2 * 3 * D * d_ff * T
-                    moe_flops = 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T
-                    memory_bound = T <= 16
-                    ideal = dense_bytes / moe_bytes if memory_bound else dense_flops / moe_flops
-                    achieved = (f"{moe_bytes / t_moe / 1e9:8.1f} GB/s" if memory_bound
-                                else f"{moe_flops / t_moe / 1e12:6.2f} TFLOP/s")
-                    row = {"shape": shape, "D": D, "d_ff": d_ff, "active": active, "T": T, "routing": routing,
-                           "path": path, "compiled": compile and path != "select", "dense_ms": t_dense * 1e3,
-                           "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe, "ideal": ideal,
-                           "efficiency": t_dense / t_moe / ideal, "experts_touched": touched, "achieved": achieved.strip()}
-                    rows.append(row)
-                    print(f"{shape:>11} {active:5.2f} {T:5d} {routing:>8} {path:>8} {row['dense_ms']:9.3f} "
-                          f"{row['moe_ms']:9.3f} {row['speedup']:7.2f}x {ideal:5.2f}x {row['efficiency']:5.2f} {achieved:>14}")
+                    touched = len(idx.unique())  # experts whose weights the step must read
+                    shape_rows.append({
+                        "shape": shape, "D": D, "d_ff": d_ff, "active": active, "T": T, "routing": routing,
+                        "path": path, "compiled": compile and path != "select", "dense_ms": t_dense * 1e3,
+                        "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe, "experts_touched": touched,
+                        "dense_bytes": 3 * D * d_ff * size, "moe_bytes": 3 * D * (S + touched * d_e) * size + E * D * 4,
+                        "dense_flops": 2 * 3 * D * d_ff * T, "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T})
+        bandwidth = max(r["dense_bytes"] / r["dense_ms"] for r in shape_rows if r["T"] == min(tokens))  # bytes/ms
+        rate = max(r["dense_flops"] / r["dense_ms"] for r in shape_rows if r["T"] == max(tokens))  # FLOPs/ms
+        for r in shape_rows:
+            roof = lambda kind: max(r[f"{kind}_bytes"] / bandwidth, r[f"{kind}_flops"] / rate)
+            memory_bound = r["moe_bytes"] / bandwidth >= r["moe_flops"] / rate
+            r |= {"ideal": roof("dense") / roof("moe"), "memory_bound": memory_bound,
+                  "achieved": (f"{r['moe_bytes'] / r['moe_ms'] / 1e6:8.1f} GB/s" if memory_bound
+                               else f"{r['moe_flops'] / r['moe_ms'] / 1e9:6.2f} TFLOP/s")}
+            r["efficiency"] = r["speedup"] / r["ideal"]
+            print(f"{shape:>11} {r['active']:5.2f} {r['T']:5d} {r['routing']:>8} {r['path']:>8} {r['dense_ms']:9.3f} "
+                  f"{r['moe_ms']:9.3f} {r['speedup']:7.2f}x {r['ideal']:5.2f}x {r['efficiency']:5.2f} {r['achieved']:>14}")
+        rows += shape_rows
     return rows
 
 # -----------------------------------------------------------------------------
