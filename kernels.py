@@ -98,8 +98,8 @@ PATHS = {"reference": reference, "select": select, "gather": gather, "grouped": 
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """grouped_mm exists for some devices and dtypes only (e.g. CUDA wants bf16 on sm90+); try it once on a
-    tiny problem and say so when it is missing, since the fallback is slower."""
+    """grouped_mm exists for some devices and dtypes only (e.g. CUDA wants bf16 on sm90+): try it once on a
+    tiny problem. choose_path announces the slower fallback when it is missing."""
     device = torch.device(device_type)
     try:
         a = torch.zeros(32, 16, device=device, dtype=dtype)

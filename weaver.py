@@ -10,9 +10,12 @@ One layer at a time, on the calibration windows' hidden states:
                CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
   3. shared    the alpha * N_e * d_e neurons with the largest mean activation, one dense GLU
   4. partition the rest into equal experts of d_e neurons by balanced k-means on their profiles
-  5. route     router row of an expert = the mean gate row of its neurons; top-k per token
+  5. route     the paper: router row of an expert = the mean gate row of its neurons ("centroid"); by
+               default here: a linear router fitted in closed form to the experts' true contributions
+               ("lsq"), same cost per token, much closer to the oracle. Top-k per token, unweighted sum.
 Read top to bottom: calibration data, profiling, allocation, partitioning, routers, per-method layer
-plans, building an MoE layer, the conversion driver, held-out evaluation.
+plans, building an MoE layer, the conversion driver (in memory, or streaming a checkpoint layer by
+layer), held-out evaluation and FLOPs accounting.
 """
 import math
 import time
@@ -147,14 +150,6 @@ def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: in
     return LayerStats(profile, torch.cat(markers) if k_act else None)
 
 
-def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
-    """(S,) bool: every `every`-th sample of each task (its 4th, 8th, ...) is held out to validate a router."""
-    rank = torch.zeros_like(task)
-    for t in task.unique():
-        where = (task == t).nonzero().squeeze(1)
-        rank[where] = torch.arange(len(where))
-    return rank % every == every - 1
-
 # -----------------------------------------------------------------------------
 # allocation: how many experts of a layer are shared
 
@@ -232,16 +227,14 @@ def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
     return target
 
 
-def balanced_kmeans(features: torch.Tensor, n_clusters: int, seed: int, max_iter: int = 50,
-                    init: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def balanced_kmeans(features: torch.Tensor, n_clusters: int, seed: int, max_iter: int = 50) -> tuple[torch.Tensor, int]:
     """features (n, S) -> (cluster of each item (n,), iterations run). Squared Euclidean distance,
-    centroids seeded from random items (or `init` (K, S)), iterated until no item moves or max_iter."""
+    centroids seeded from random items, iterated until no item moves or max_iter."""
     n = features.shape[0]
     capacity = n // n_clusters
-    if init is None:
-        generator = torch.Generator().manual_seed(seed)
-        init = features[torch.randperm(n, generator=generator)[:n_clusters].to(features.device)]
-    centroids, assign = init.clone(), None
+    generator = torch.Generator().manual_seed(seed)
+    centroids = features[torch.randperm(n, generator=generator)[:n_clusters].to(features.device)].clone()
+    assign = None
     for it in range(1, max_iter + 1):
         new = balanced_assign(torch.cdist(features, centroids).pow(2), capacity)
         if assign is not None and torch.equal(new, assign):
@@ -257,7 +250,8 @@ def groups_of(neurons: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> t
     return neurons[order].view(n_clusters, -1)
 
 # -----------------------------------------------------------------------------
-# routers, from the dense weights and the partition alone
+# routers: from the dense weights and the partition (centroid, cmoe), or fitted to the layer's
+# calibration inputs in closed form (lsq)
 
 
 def centroid_router(gate_w: torch.Tensor, groups: torch.Tensor) -> dict:
@@ -281,7 +275,18 @@ def expert_contributions(x: torch.Tensor, mlp: MLP, groups: torch.Tensor) -> tor
     return act.float().abs().view(len(x), *groups.shape).sum(-1)
 
 
+def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
+    """(S,) bool: every `every`-th sample of each task (its 4th, 8th, ...) is held out to validate a router."""
+    rank = torch.zeros_like(task)
+    for t in task.unique():
+        where = (task == t).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return rank % every == every - 1
+
+
 RIDGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths, relative to the mean of diag(X^T X)
+
+
 def rank_in_token(y: torch.Tensor) -> torch.Tensor:
     # (n, E) -> each expert's rank within its token, 0 = smallest contribution, as a fraction of E
     return y.argsort(dim=1).argsort(dim=1).float() / y.shape[1]
