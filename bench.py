@@ -1,7 +1,7 @@
 """
 bench.py: what a conversion costs in quality and buys in speed, each against the dense model in the same run.
 
-    python bench.py ffn                              # one FFN layer: dense vs MoE at real model shapes
+    python bench.py ffn --breakdown                  # one FFN layer: dense vs MoE at real model shapes, and where the time goes
     python bench.py model                            # the demo model: prefill and decode tokens/s
     python bench.py quality                          # held-out ppl ratio for every method x active fraction
     python bench.py quality --rows expertweaver:lsq:tau=0.6 expertweaver:lsq:tau=0.3 --active 0.75   # an ablation
@@ -102,11 +102,38 @@ def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, activ
     return shared, e13, e2, router, k - n_shared
 
 
+def grouped_gemms(x, idx, w13, w2):
+    """Only the two grouped GEMMs of kernels.grouped, on token-slots already sorted by expert: what the grouped
+    path would cost with free routing bookkeeping (sort, gather, un-permute, sum)."""
+    expert = idx.flatten()
+    order = expert.argsort(stable=True)
+    offsets = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+    xs = x[order // idx.shape[1]]
+
+    def run():
+        gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)
+    return run
+
+
+def ffn_parts(x, route, e13, e2, shared, path, device, min_time) -> dict:
+    """Where an MoE call's time goes, each part timed alone (eager): the router (scores + top-k), the shared
+    GLU, the routed experts (for `grouped`: its two GEMMs alone, the rest being permutation)."""
+    idx = route(x)
+    parts = {"router": lambda: route(x), "shared": lambda: kernels.shared_glu(x, shared),
+             "experts": lambda: kernels.moe_ffn(x, idx, e13, e2, None, path)}
+    if path == "grouped":
+        parts["gemms"] = grouped_gemms(x, idx, e13, e2)
+    return dict(zip(parts, (t * 1e3 for t in measure(list(parts.values()), device, min_time))))
+
+
 def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], tokens: list[int],
-              routings: list[str], n_experts: int, compile: bool, min_time: float) -> list[dict]:
+              routings: list[str], n_experts: int, compile: bool, min_time: float, breakdown: bool = False) -> list[dict]:
     """Rows of dense vs MoE FFN time. The ideal speedup is a roofline ratio: cost = max(bytes / bandwidth,
     FLOPs / FLOP rate), with this machine's bandwidth read off the dense FFN at the smallest T and its FLOP
-    rate off the dense FFN at the largest T, so it follows whichever bound binds at each T."""
+    rate off the dense FFN at the largest T, so it follows whichever bound binds at each T. `breakdown` also
+    times the MoE call's parts (ffn_parts)."""
     print(header(device, dtype))
     dt = getattr(torch, dtype)
     size = torch.finfo(dt).bits // 8
@@ -135,21 +162,25 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
                     if routing == "balanced":
                         bias.scatter_(1, (torch.arange(T * top_k, device=device) % E).view(T, top_k), 1e9)
 
+                    def route(x):
+                        return (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
+
                     def moe(x, path):
-                        idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
-                        return kernels.moe_ffn(x, idx, e13, e2, shared, path)
+                        return kernels.moe_ffn(x, route(x), e13, e2, shared, path)
                     path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E, D, d_e, compile)
                     run = torch.compile(moe, fullgraph=True, dynamic=False) if compile and path != "select" else moe
                     with torch.no_grad():
                         t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], device, min_time)
-                        idx = (x.float() @ router.T + bias).topk(top_k, dim=-1).indices
+                        idx = route(x)
+                        parts = ffn_parts(x, route, e13, e2, shared, path, device, min_time) if breakdown else {}
                     touched = len(idx.unique())  # experts whose weights the step must read
                     shape_rows.append({
                         "shape": shape, "D": D, "d_ff": d_ff, "active": active, "T": T, "routing": routing,
                         "path": path, "compiled": compile and path != "select", "dense_ms": t_dense * 1e3,
                         "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe, "experts_touched": touched,
                         "dense_bytes": 3 * D * d_ff * size, "moe_bytes": 3 * D * (S + touched * d_e) * size + E * D * 4,
-                        "dense_flops": 2 * 3 * D * d_ff * T, "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T})
+                        "dense_flops": 2 * 3 * D * d_ff * T, "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T,
+                        "parts_ms": parts})
         bandwidth = max(r["dense_bytes"] / r["dense_ms"] for r in shape_rows if r["T"] == min(tokens))  # bytes/ms
         rate = max(r["dense_flops"] / r["dense_ms"] for r in shape_rows if r["T"] == max(tokens))  # FLOPs/ms
         for r in shape_rows:
@@ -161,6 +192,11 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
             r["efficiency"] = r["speedup"] / r["ideal"]
             print(f"{shape:>11} {r['active']:5.2f} {r['T']:5d} {r['routing']:>8} {r['path']:>8} {r['dense_ms']:9.3f} "
                   f"{r['moe_ms']:9.3f} {r['speedup']:7.2f}x {r['ideal']:5.2f}x {r['efficiency']:5.2f} {r['achieved']:>14}")
+            if r["parts_ms"]:
+                p = r["parts_ms"]
+                gemms = f" (grouped GEMMs {p['gemms']:.3f}, permutation {p['experts'] - p['gemms']:.3f})" if "gemms" in p else ""
+                print(f"{'':>11} parts ms: router {p['router']:.3f}, shared {p['shared']:.3f}, experts {p['experts']:.3f}"
+                      f"{gemms}, rest {r['moe_ms'] - p['router'] - p['shared'] - p['experts']:.3f}")
         rows += shape_rows
     return rows
 
@@ -436,6 +472,8 @@ if __name__ == "__main__":
     fb.add_argument("--experts", type=int, default=64, help="N_e")
     fb.add_argument("--compile", action="store_true", help="torch.compile the MoE forward (fullgraph)")
     fb.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement at least")
+    fb.add_argument("--breakdown", action="store_true", help="also time the MoE call's parts alone: router, shared "
+                    "GLU, routed experts (and, on the grouped path, its GEMMs without the permutation)")
     mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
@@ -484,7 +522,8 @@ if __name__ == "__main__":
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.command == "ffn":
         tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
-        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts, a.compile, a.min_time)
+        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts, a.compile, a.min_time,
+                         a.breakdown)
     elif a.command == "model":
         rows = model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data, a.min_time)
     elif a.command == "synth":

@@ -9,13 +9,27 @@ import bench
 
 
 def test_ffn_bench_rows():
-    rows = bench.ffn_bench("cpu", "float32", ["demo"], [0.5], [1, 64], ["router", "balanced"], 64, False, 0.01)
+    rows = bench.ffn_bench("cpu", "float32", ["demo"], [0.5], [1, 64], ["router", "balanced"], 64, False, 0.01,
+                           breakdown=True)
     assert [(r["T"], r["routing"], r["path"]) for r in rows] == [
         (1, "router", "select"), (1, "balanced", "select"), (64, "router", "grouped"), (64, "balanced", "grouped")]
     for r in rows:
         assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ideal"] > 1
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
     assert rows[1]["experts_touched"] == rows[0]["experts_touched"]  # T = 1: top_k experts either way
+    assert set(rows[0]["parts_ms"]) == {"router", "shared", "experts"}
+    assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts", "gemms"}  # grouped: its GEMMs alone too
+    assert all(t > 0 for r in rows for t in r["parts_ms"].values())
+
+
+def test_grouped_gemms_compute_the_routed_output():
+    # the breakdown's GEMMs-only timing must time the same arithmetic as kernels.grouped, only pre-permuted
+    g = torch.Generator().manual_seed(0)
+    x, w13, w2 = torch.randn(40, 32, generator=g), torch.randn(6, 16, 32, generator=g), torch.randn(6, 8, 32, generator=g)
+    idx = torch.randint(0, 6, (40, 2), generator=g)
+    order = idx.flatten().argsort(stable=True)
+    routed = torch.empty(80, 32).index_copy_(0, order, bench.grouped_gemms(x, idx, w13, w2)()).view(40, 2, 32).sum(1)
+    torch.testing.assert_close(routed, bench.kernels.grouped(x, idx, w13, w2), rtol=1e-5, atol=1e-5)
 
 
 def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
