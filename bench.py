@@ -1,7 +1,7 @@
 """
 bench.py: what a conversion costs in quality and buys in speed, each against the dense model in the same run.
 
-    python bench.py ffn --breakdown                  # one FFN layer: dense vs MoE at real model shapes, and where the time goes
+    python bench.py ffn --breakdown                  # one FFN layer, dense vs MoE at real shapes; where time goes
     python bench.py model                            # the demo model: prefill and decode tokens/s
     python bench.py quality                          # held-out ppl ratio for every method x active fraction
     python bench.py quality --rows expertweaver:lsq:tau=0.6 expertweaver:lsq:tau=0.3 --active 0.75   # an ablation
