@@ -134,8 +134,9 @@ if __name__ == "__main__":
                    "static: keep the most active neurons, no routing; random: expertweaver with a random partition")
     p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
                    help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). centroid: mean "
-                   "gate row (the paper's); lsq: ridge fit to each expert's true contribution, same cost; cmoe: CMoE's representative neurons; gate: full gate projection "
-                   "(costly); oracle: true contribution (a diagnostic upper bound, costs the whole gate and up)")
+                   "gate row (the paper's); lsq: ridge fit to each expert's true contribution, same cost; cmoe: "
+                   "CMoE's representative neurons; gate: full gate projection (costly); oracle: true contribution "
+                   "(a diagnostic upper bound, costs the whole gate and up)")
     p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must divide d_ff")
     p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token uses")
     p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
