@@ -240,7 +240,7 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
             print(f"{name:>10} {mode:>9}: prefill {row['prefill_tok_s']:9.0f} tok/s (T={prefill_tokens})  "
                   f"decode {row['decode_tok_s']:7.1f} tok/s (batch 1, {new_tokens} tokens)")
     for mode in compile_modes:
-        d, m = [r for r in rows if r["mode"] == mode and r["model"] == "dense"][0], [r for r in rows if r["mode"] == mode and r["model"] != "dense"][0]
+        d, m = (next(r for r in rows if r["mode"] == mode and (r["model"] == "dense") == dense) for dense in (True, False))
         print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
               f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
