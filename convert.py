@@ -62,6 +62,7 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
     print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} ({t_calib:.1f}s)")
     eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, field) for f in evals}
     dense_ppl = {f: evaluate(dense, f, toks, eval_seqlen, eval_windows, "dense") for f, toks in eval_tokens.items()}
+    dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
     d_e = cfg.ffn_dim // experts
@@ -92,9 +93,15 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
     write_json_atomically(os.path.join(out, "report.json"), report)
     print(f"wrote {out} (active fraction {report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
     if prompt:
-        ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
-        print(f"moe greedy: {tokenizer.decode(moe.generate(ids, 16)[0].tolist())!r}")
+        if dense_text is not None:  # only when the dense model was loaded anyway
+            print(f"dense greedy: {dense_text!r}")
+        print(f"moe greedy:   {greedy(moe, tokenizer, prompt, device)!r}")
     return report
+
+
+def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> str:
+    ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
+    return tokenizer.decode(model.generate(ids, new_tokens)[0].tolist())
 
 
 def peak_rss_gib() -> float:

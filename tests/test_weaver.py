@@ -332,9 +332,11 @@ def run_convert(checkpoint, out, **overrides):
     return convert.main(**(args | overrides))
 
 
-def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path):
+def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "moe")
-    report = run_convert(tiny_checkpoint, out)
+    report = run_convert(tiny_checkpoint, out, prompt="w1 w2")
+    printed = capsys.readouterr().out
+    assert "dense greedy: 'w1 w2 " in printed and "moe greedy:   'w1 w2 " in printed  # dense was loaded for --eval
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "report.json", "tokenizer.json"]
     moe = M.load_model(out)
     assert next(moe.parameters()).dtype == torch.float32  # bf16 on disk, loaded as asked
