@@ -348,22 +348,24 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     stats = profile_layer(x, mlp)
     print(header("cpu", "float32"))
     rows = []
-    for n_shared in (45, 8):  # 45: the paper's largest shared expert; 8: 56 experts to cluster, the hard case
-        spec = ConvertSpec(n_shared=n_shared)
+    # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case. The paper's
+    # router is a mean of rows; lsq solves a (D+1)-dimensional ridge regression per candidate strength
+    for router, n_shared in itertools.product(("centroid", "lsq"), (45, 8)):
+        spec = ConvertSpec(n_shared=n_shared, router=router)
         runs = []
         for r in range(repeats):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             plan = plan_expertweaver(LayerStats(stats.profile), x, task, mlp, spec, seed=r, timings=timings)
             runs.append((time.perf_counter() - t0, timings["partition"], timings["router"], plan.info["kmeans_iters"]))
-        total, partition, router, iters = (statistics.median(v) for v in zip(*runs))
-        row = {"shape": name, "d_ff": d_ff, "samples": samples, "shared_experts": n_shared,
+        total, partition, router_s, iters = (statistics.median(v) for v in zip(*runs))
+        row = {"shape": name, "d_ff": d_ff, "samples": samples, "router": router, "shared_experts": n_shared,
                "routed_experts": plan.groups.shape[0], "kmeans_iters": iters, "seconds": total,
-               "partition": partition, "router": router}
+               "partition": partition, "router_seconds": router_s}
         rows.append(row)
-        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts: "
-              f"allocate + partition + router {total:.2f}s (partition {partition:.2f}s with {iters:.0f} k-means "
-              f"iterations, router {router:.3f}s; median of {repeats})")
+        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts, router "
+              f"{router}: allocate + partition + router {total:.2f}s (partition {partition:.2f}s with {iters:.0f} "
+              f"k-means iterations, router {row['router_seconds']:.3f}s; median of {repeats})")
     return rows
 
 # -----------------------------------------------------------------------------

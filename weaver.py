@@ -326,20 +326,28 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tens
     if len(val_x) > max_val_tokens:  # evenly spaced, deterministic
         pick = torch.linspace(0, len(val_x) - 1, max_val_tokens, device=x.device).long()
         val_x, val_y = val_x[pick], val_y[pick]
-    penalty = torch.eye(D + 1, dtype=torch.float64, device=x.device)
-    penalty[D, D] = 0  # the bias is not shrunk
+    penalty = torch.ones(D + 1, dtype=torch.float64, device=x.device)
+    penalty[D] = 0  # the bias is not shrunk
     ridge = xtx.diagonal()[:D].mean()
-    best, info = ("linear", RIDGE[2]), {}
+
+    def solve(xtx, lam, xty):
+        # ridge normal equations by Cholesky (the matrix is positive definite for lam > 0): at D = 4096, one
+        # factorisation serves every target, and it costs half an LU
+        factor = torch.linalg.cholesky(xtx + torch.diag(lam * ridge * penalty))
+        return torch.cholesky_solve(xty, factor)
+    best, info, E = ("linear", RIDGE[2]), {}, len(groups)
     if len(val_x):
-        scores = {(name, lam): captured((val_x @ torch.linalg.solve(xtx + lam * ridge * penalty, xty[name])).float(),
-                                        val_y, top_k)
-                  for name in TARGETS for lam in RIDGE}
+        scores = {}
+        for lam in RIDGE:
+            w = solve(xtx, lam, torch.cat(list(xty.values()), dim=1))  # (D+1, targets*E)
+            for j, name in enumerate(xty):
+                scores[(name, lam)] = captured((val_x @ w[:, j * E:(j + 1) * E]).float(), val_y, top_k)
         best = max(scores, key=scores.get)
         info = {"lsq_target": best[0], "lsq_ridge": best[1], "lsq_val_captured": scores[best]}
         xtx = xtx + val_x.T @ val_x  # refit on every token
         xty = {name: xty[name] + val_x.T @ target(val_y, scale).double() for name, target in TARGETS.items()}
     name, lam = best
-    w = torch.linalg.solve(xtx + lam * ridge * penalty, xty[name])  # (D+1, E)
+    w = solve(xtx, lam, xty[name])  # (D+1, E)
     return {"weight": w[:D].T.float(), "bias": w[D].float()}, info
 
 
