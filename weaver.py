@@ -285,6 +285,7 @@ def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
 
 
 RIDGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths, relative to the mean of diag(X^T X)
+UNVALIDATED = ("linear", 1e-3)  # target and strength when no calibration window can be held out
 
 
 def rank_in_token(y: torch.Tensor) -> torch.Tensor:
@@ -304,12 +305,19 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tens
     task is held out; on it, each target (TARGETS: the contribution itself, its log, which weighs the small
     contributions that decide which experts to drop, or only the experts' order within the token) and ridge
     strength is scored by the share of the oracle's contribution its top-k captures, the best pair wins,
-    and the fit is redone on every token."""
+    and the fit is redone on every token. Memory: two (D+1)^2 float64 matrices and a bounded validation
+    sample, whatever the number of calibration tokens."""
     S, T, D = x.shape
     held = validation_samples(task)
-    xtx = torch.zeros(D + 1, D + 1, dtype=torch.float64, device=x.device)
-    xty = {name: torch.zeros(D + 1, len(groups), dtype=torch.float64, device=x.device) for name in TARGETS}
-    val_x, val_y, scale = [], [], None
+    # the normal equations of the fitting tokens and of the held-out ones, kept apart so that the final fit
+    # can use both; of the held-out tokens, at most max_val_tokens (evenly spaced) are kept to score with
+    gram = {part: torch.zeros(D + 1, D + 1, dtype=torch.float64, device=x.device) for part in ("fit", "val")}
+    cross = {part: {name: torch.zeros(D + 1, len(groups), dtype=torch.float64, device=x.device) for name in TARGETS}
+             for part in ("fit", "val")}
+    n_val = int(held.sum()) * T
+    keep = torch.zeros(n_val, dtype=torch.bool)
+    keep[torch.linspace(0, n_val - 1, min(n_val, max_val_tokens)).long()] = True
+    val_x, val_y, scale, seen = [], [], None, 0
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step].reshape(-1, D)  # (b*T, D)
@@ -317,15 +325,16 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tens
         scale = scale if scale is not None else y.mean().clamp_min(1e-12)  # fixes the log target's unit
         x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double()  # (b*T, D+1)
         fit = (~held[i: i + step].to(x.device)).repeat_interleave(T)
-        xtx += x1[fit].T @ x1[fit]
-        for name, target in TARGETS.items():
-            xty[name] += x1[fit].T @ target(y[fit], scale).double()
-        val_x.append(x1[~fit])
-        val_y.append(y[~fit])
+        for part, rows in (("fit", fit), ("val", ~fit)):
+            gram[part] += x1[rows].T @ x1[rows]
+            for name, target in TARGETS.items():
+                cross[part][name] += x1[rows].T @ target(y[rows], scale).double()
+        kept = keep[seen: seen + int((~fit).sum())].to(x.device)
+        seen += len(kept)
+        val_x.append(x1[~fit][kept])
+        val_y.append(y[~fit][kept])
     val_x, val_y = torch.cat(val_x), torch.cat(val_y)
-    if len(val_x) > max_val_tokens:  # evenly spaced, deterministic
-        pick = torch.linspace(0, len(val_x) - 1, max_val_tokens, device=x.device).long()
-        val_x, val_y = val_x[pick], val_y[pick]
+    xtx, xty = gram["fit"], cross["fit"]
     penalty = torch.ones(D + 1, dtype=torch.float64, device=x.device)
     penalty[D] = 0  # the bias is not shrunk
     ridge = xtx.diagonal()[:D].mean()
@@ -335,7 +344,7 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tens
         # factorisation serves every target, and it costs half an LU
         factor = torch.linalg.cholesky(xtx + torch.diag(lam * ridge * penalty))
         return torch.cholesky_solve(xty, factor)
-    best, info, E = ("linear", RIDGE[2]), {}, len(groups)
+    best, info, E = UNVALIDATED, {}, len(groups)
     if len(val_x):
         scores = {}
         for lam in RIDGE:
@@ -344,8 +353,8 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, mlp: MLP, groups: torch.Tens
                 scores[(name, lam)] = captured((val_x @ w[:, j * E:(j + 1) * E]).float(), val_y, top_k)
         best = max(scores, key=scores.get)
         info = {"lsq_target": best[0], "lsq_ridge": best[1], "lsq_val_captured": scores[best]}
-        xtx = xtx + val_x.T @ val_x  # refit on every token
-        xty = {name: xty[name] + val_x.T @ target(val_y, scale).double() for name, target in TARGETS.items()}
+        xtx = xtx + gram["val"]  # refit on every token
+        xty = {name: xty[name] + cross["val"][name] for name in TARGETS}
     name, lam = best
     w = solve(xtx, lam, xty[name])  # (D+1, E)
     return {"weight": w[:D].T.float(), "bias": w[D].float()}, info

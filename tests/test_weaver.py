@@ -181,6 +181,33 @@ def test_lsq_recovers_a_planted_linear_router(monkeypatch):
     assert info["lsq_target"] == "linear" and info["lsq_val_captured"] == pytest.approx(1.0)
 
 
+def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeypatch):
+    # noisy contributions, several batches, and fewer validation tokens kept than held out: the scoring sample
+    # is bounded, but the final ridge solution is the one over all the tokens, held-out ones included
+    g = torch.Generator().manual_seed(1)
+    D, E, S, T, lam = 6, 3, 16, 10, 1e-2
+    A = torch.randn(D, E, generator=g)
+    x = torch.randn(S, T, D, generator=g)
+    noise = torch.randn(S * T, E, generator=g)
+    contributions = dict(zip([r.tobytes() for r in x.reshape(-1, D).numpy()], (x.reshape(-1, D) @ A + noise)))
+    monkeypatch.setattr(W, "expert_contributions",
+                        lambda xb, mlp, groups: torch.stack([contributions[r.tobytes()] for r in xb.numpy()]))
+    monkeypatch.setattr(W, "TARGETS", {"linear": lambda y, s: y})
+    monkeypatch.setattr(W, "RIDGE", (lam,))
+    task = torch.arange(2).repeat_interleave(S // 2)
+    router, info = W.lsq_router(x, task, mlp=None, groups=torch.zeros(E, 3, dtype=torch.int64), top_k=1,
+                                batch_tokens=3 * T, max_val_tokens=7)
+    x1 = torch.cat([x.reshape(-1, D), torch.ones(S * T, 1)], dim=1).double()
+    y = (x.reshape(-1, D) @ A + noise).double()
+    fit_rows = (~W.validation_samples(task)).repeat_interleave(T)
+    penalty = torch.diag(torch.tensor([1.0] * D + [0.0], dtype=torch.float64))
+    ridge = (x1[fit_rows].T @ x1[fit_rows]).diagonal()[:D].mean()
+    w = torch.linalg.solve(x1.T @ x1 + lam * ridge * penalty, x1.T @ y)
+    torch.testing.assert_close(router["weight"], w[:D].T.float())
+    torch.testing.assert_close(router["bias"], w[D].float())
+    assert "lsq_val_captured" in info  # a validation sample existed, bounded to 7 of the 40 held-out tokens
+
+
 def test_router_flops_accounting():
     model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5, router="centroid", dense_layers=(1,))
     layer = model.cfg.moe["layers"][0]
