@@ -40,6 +40,9 @@ from weaver import (ConvertSpec, calibration_from_files, calibration_from_model,
                     heldout_tokens)
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt", "math": "gsm8k-train.jsonl",
+              "code": "code-pytorch-examples.py.txt"}
 
 # -----------------------------------------------------------------------------
 # timing
@@ -105,10 +108,7 @@ def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, activ
 def grouped_gemms(x, idx, w13, w2):
     """Only the two grouped GEMMs of kernels.grouped, on token-slots already sorted by expert: what the grouped
     path would cost with free routing bookkeeping (sort, gather, un-permute, sum)."""
-    expert = idx.flatten()
-    order = expert.argsort(stable=True)
-    offsets = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
-        0, expert, torch.ones_like(expert, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
+    order, offsets = kernels.sort_by_expert(idx, w13.shape[0])
     xs = x[order // idx.shape[1]]
 
     def run():
@@ -244,10 +244,6 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
         print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
               f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
-
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
-TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt", "math": "gsm8k-train.jsonl",
-              "code": "code-pytorch-examples.py.txt"}
 
 # -----------------------------------------------------------------------------
 # convert: a synthetic checkpoint with a real model's shapes, converted layer by layer

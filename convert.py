@@ -21,7 +21,7 @@ import torch
 
 from model import load_config, load_model, load_tokenizer, perplexity, resolve
 from weaver import (METHODS, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
-                    check_divisible, convert_checkpoint, heldout_tokens, parse_calib_spec)
+                    check_dense, check_divisible, convert_checkpoint, heldout_tokens, parse_calib_spec)
 
 
 def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
@@ -36,9 +36,7 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
                        k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential, seed=seed)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
-    if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
-                         f"converting an MoE again is not supported: convert the dense checkpoint instead")
+    check_dense(cfg, path)  # before the minutes of calibration, not after
     check_divisible(cfg.ffn_dim, experts)
     for file in [parse_calib_spec(c)[0] for c in calib] + evals:
         if not os.path.isfile(file):

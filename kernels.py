@@ -72,17 +72,21 @@ def gather(x, idx, w13, w2, shared=None):
     return shared_glu(x, shared) + routed
 
 
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the end of each
+    expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so the shapes are static."""
+    expert = idx.flatten()  # (N*K,) expert of each token-slot
+    order = expert.argsort(stable=True)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32))
+    return order, counts.cumsum(0, dtype=torch.int32)
+
+
 def grouped(x, idx, w13, w2, shared=None):
     """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the experts'
-    contiguous runs. Counts come from scatter_add (no bincount, nonzero or .item()), so the shapes are
-    static and the whole function compiles into one graph."""
+    contiguous runs. No host sync anywhere, so the whole function compiles into one graph."""
     N, K = idx.shape
-    E = w13.shape[0]
-    expert = idx.flatten()  # (N*K,) expert of each token-slot
-    order = expert.argsort(stable=True)  # slot ids, grouped by expert
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, expert, torch.ones_like(expert, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's run
+    order, offsets = sort_by_expert(idx, w13.shape[0])
     xs = x[order // K]  # (N*K, D) one row per slot, in expert order
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (N*K, F) each
     ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)  # (N*K, D)

@@ -603,14 +603,16 @@ class ShardWriter:
     def __init__(self, directory: str, max_bytes: int = 2 << 30):
         self.directory, self.max_bytes = directory, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.max_bytes:
+        if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
         self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
@@ -618,7 +620,7 @@ class ShardWriter:
         if self.pending:
             save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
             self.shards.append(list(self.pending))
-            self.pending = {}
+            self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> None:
         self.flush()

@@ -568,6 +568,12 @@ def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
 
 
+def check_dense(cfg, path: str) -> None:
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
+                         f"converting an MoE again is not supported: convert the dense checkpoint instead")
+
+
 def check_divisible(ffn_dim: int, n_experts: int) -> None:
     if ffn_dim % n_experts:
         divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
@@ -657,9 +663,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: ConvertSpe
     blocks and one output shard, whatever the depth. Produces the same tensors as convert() followed by
     save_checkpoint(). `extra` JSON files are written too; `out` appears atomically at the end."""
     cfg, hf_config = load_config(path)
-    if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
-                         f"converting an MoE again is not supported: convert the dense checkpoint instead")
+    check_dense(cfg, path)
     where = tensor_locations(path)
     with torch.device("meta"):
         skeleton = Transformer(cfg)  # no memory: only for the names, shapes and rope of the real model
