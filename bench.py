@@ -368,9 +368,9 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
 # quality
 
 
-DEFAULT_ROWS = ["expertweaver:centroid", "expertweaver:lsq", "expertweaver:gate", "expertweaver:cmoe",
-                "expertweaver:oracle", "cmoe", "cmoe:lsq", "static", "random:centroid",
-                "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
+DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:centroid", "expertweaver:lsq",
+                "expertweaver:gate", "expertweaver:cmoe", "expertweaver:oracle", "cmoe", "cmoe:lsq", "static",
+                "random:centroid", "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
 
 
 def parse_row(row: str) -> dict:
@@ -380,8 +380,12 @@ def parse_row(row: str) -> dict:
     for part in rest:
         if "=" in part:
             key, value = part.split("=", 1)
+            default = getattr(ConvertSpec, key)
+            if isinstance(default, str):
+                spec[key] = value
+                continue
             value = json.loads(value.lower())  # numbers and true/false
-            spec[key] = float(value) if isinstance(getattr(ConvertSpec, key), float) else value
+            spec[key] = float(value) if isinstance(default, float) else value
         else:
             spec["router"] = part
     return spec

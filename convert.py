@@ -25,14 +25,16 @@ from weaver import (METHODS, ConvertSpec, active_fraction, calibration_from_file
 
 
 def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
-         tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, kmeans_iters: int, k_act: int,
+         tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, shared_by: str, kmeans_iters: int,
+         k_act: int,
          dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
          field: str | None, holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int,
          seed: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
          prompt: str | None = None) -> dict:
     t_start = time.time()
     spec = ConvertSpec(method=method, n_experts=experts, active=active, router=router, tau=tau,
-                       alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, kmeans_iters=kmeans_iters,
+                       alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, shared_by=shared_by,
+                       kmeans_iters=kmeans_iters,
                        k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential, seed=seed)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
@@ -139,9 +141,9 @@ if __name__ == "__main__":
                    "static: keep the most active neurons, no routing; random: expertweaver with a random partition")
     p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
                    help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). centroid: mean "
-                   "gate row (the paper's); lsq: ridge fit to each expert's true contribution, same cost; cmoe: "
-                   "CMoE's representative neurons; gate: full gate projection (costly); oracle: true contribution "
-                   "(a diagnostic upper bound, costs the whole gate and up)")
+                   "gate row (the paper's); lsq: ridge fit to the norm of each expert's output, same "
+                   "cost; cmoe: CMoE's representative neurons; gate: full gate projection (costly); oracle: the norm "
+                   "of each expert's output (a diagnostic upper bound that costs every routed expert)")
     p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must divide d_ff")
     p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token uses")
     p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
@@ -149,6 +151,9 @@ if __name__ == "__main__":
     p.add_argument("--alpha-max", type=float, default=0.7, help="shared fraction of the least specialised layer")
     p.add_argument("--n-shared", type=int, default=None,
                    help="shared experts in every layer, overriding the method's rule (cmoe default: half of k)")
+    p.add_argument("--shared-by", default="contribution", choices=["contribution", "activation"],
+                   help="expertweaver, random, static: which neurons are shared (kept). activation: the paper's mean "
+                   "|silu(x W_gate)|; contribution: mean |silu(x W_gate) * (x W_up)|, better on held-out text")
     p.add_argument("--kmeans-iters", type=int, default=50, help="max balanced k-means iterations")
     p.add_argument("--k-act", type=int, default=10, help="cmoe: neurons marked per token (K_a)")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layer indices to leave dense")
@@ -182,7 +187,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     try:
         main(a.checkpoint, a.out, a.method, a.router, a.experts, a.active, a.tau, a.alpha_min, a.alpha_max,
-             a.n_shared, a.kmeans_iters, a.k_act, a.dense_layers, a.sequential, a.calib, a.calib_samples,
+             a.n_shared, a.shared_by, a.kmeans_iters, a.k_act, a.dense_layers, a.sequential, a.calib, a.calib_samples,
              a.calib_seqlen, a.field, a.holdout, a.evals, a.eval_seqlen, a.eval_windows, a.seed, a.dtype,
              a.save_dtype, a.device, a.max_shard_gb, a.prompt)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where

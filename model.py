@@ -265,8 +265,8 @@ class Router(nn.Module):
     cmoe:     |(x @ U.T) * silu(x @ W.T)| with the unit-norm up / gate rows of a representative neuron (CMoE).
     gate:     sum over an expert's neurons of |silu(x W_gate)|: the full gate projection of the routed
               neurons, so it costs a third of their FLOPs; a comparison point, not a cheap router.
-    oracle:   each expert's true L1 contribution sum |silu(gate) * up|, which needs the full gate and up
-              projections: a diagnostic upper bound, not a deployable router."""
+    oracle:   each expert's true contribution, the norm of its output ||(silu(gate) * up) @ W_down||, which
+              costs the whole expert: a diagnostic upper bound, not a deployable router."""
 
     def __init__(self, kind: str, dim: int, n_experts: int):
         super().__init__()
@@ -294,7 +294,9 @@ class Router(nn.Module):
             return F.silu(gate).abs().sum(-1)
         if self.kind == "oracle":
             gate, up = torch.einsum("nd,efd->nef", xf, w13).chunk(2, dim=-1)  # (N, E, F) each
-            return (F.silu(gate) * up).abs().sum(-1)
+            act, w2 = F.silu(gate) * up, experts.down_proj.float()  # (N, E, F), (E, F, D)
+            # one expert at a time, so that (N, E, D) is never held
+            return torch.stack([(act[:, e] @ w2[e]).norm(dim=-1) for e in range(len(w2))], dim=1)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
 
 

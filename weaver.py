@@ -8,10 +8,12 @@ One layer at a time, on the calibration windows' hidden states:
   1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
   2. allocate  per neuron CV = std / mean of its task-averaged activation; r = share of neurons with
                CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
-  3. shared    the alpha * N_e * d_e neurons with the largest mean activation, one dense GLU
+  3. shared    the alpha * N_e * d_e most important neurons, one dense GLU. The paper ranks neurons by
+               mean activation |silu(x W_gate)|; by default here, by mean |silu(x W_gate) * (x W_up)|
+               (--shared-by), which keeps more quality at the same sizes
   4. partition the rest into equal experts of d_e neurons by balanced k-means on their profiles
   5. route     the paper: router row of an expert = the mean gate row of its neurons ("centroid"); by
-               default here: a linear router fitted in closed form to the experts' true contributions
+               default here: a linear router fitted in closed form to the norm of each expert's output
                ("lsq"), same cost per token, much closer to the oracle. Top-k per token, unweighted sum.
 Read top to bottom: calibration data, profiling, allocation, partitioning, routers, per-method layer
 plans, building an MoE layer, the conversion driver (in memory, or streaming a checkpoint layer by
@@ -121,25 +123,30 @@ def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: 
 class LayerStats:
     profile: torch.Tensor                # (S, d_ff) float32: a[i, j] transposed, one row per sample
     markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M calibration tokens
+    contribution: torch.Tensor | None = None  # (d_ff,) float32: mean over tokens of |silu(x W_gate) * (x W_up)|
 
 
 @torch.no_grad()
 def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: int | None = None,
-                  marker_tokens: torch.Tensor | None = None) -> LayerStats:
+                  marker_tokens: torch.Tensor | None = None, contribution: bool = False) -> LayerStats:
     """x: (S, T, D) FFN inputs. Works through the samples in batches of about batch_tokens tokens, so
     memory grows with d_ff * batch, not with the calibration set. With k_act, also CMoE's markers for the
-    tokens listed in marker_tokens (flat indices into S * T)."""
+    tokens listed in marker_tokens (flat indices into S * T); with contribution, each neuron's mean
+    |silu(x W_gate) * (x W_up)|, its share of the FFN's output before W_down (costs the up projection)."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
     profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
-    markers = []
+    markers, total = [], torch.zeros(gate_w.shape[0], dtype=torch.float32, device=x.device)
     if k_act:
         # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
         gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step]  # (b, T, D)
-        profile[i: i + step] = F.silu(xb @ gate_w.T).float().abs().mean(dim=1)
+        act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
+        profile[i: i + step] = act.float().abs().mean(dim=1)
+        if contribution:
+            total += (act * (xb @ up_w.T)).float().abs().sum(dim=(0, 1))
         if k_act:
             lo, hi = i * T, (i + len(xb)) * T
             keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
@@ -147,7 +154,7 @@ def profile_layer(x: torch.Tensor, mlp: MLP, batch_tokens: int = 8192, k_act: in
             scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
-    return LayerStats(profile, torch.cat(markers) if k_act else None)
+    return LayerStats(profile, torch.cat(markers) if k_act else None, total / (S * T) if contribution else None)
 
 
 # -----------------------------------------------------------------------------
@@ -268,11 +275,15 @@ def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
 
 
 def expert_contributions(x: torch.Tensor, mlp: MLP, groups: torch.Tensor) -> torch.Tensor:
-    """Each routed expert's true contribution, y_e = sum over its neurons of |silu(x W_gate) * (x W_up)|, the
-    oracle router's score. x: (n, D), groups (E, F) -> (n, E) float32."""
-    rows = groups.flatten()
-    act = F.silu(x @ mlp.gate_proj.weight[rows].T) * (x @ mlp.up_proj.weight[rows].T)  # (n, E*F)
-    return act.float().abs().view(len(x), *groups.shape).sum(-1)
+    """Each routed expert's true contribution: the norm of what it adds to the FFN output,
+    y_e = || (silu(x W_gate) * (x W_up))[its neurons] @ W_down[its neurons] ||, which is what leaving it out
+    costs; the oracle router's score. x: (n, D), groups (E, F) -> (n, E) float32."""
+    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    y = torch.empty(len(x), len(groups), dtype=torch.float32, device=x.device)
+    for e, rows in enumerate(groups):  # one expert at a time: (n, D) in flight, not (n, E, D)
+        act = F.silu(x @ gate_w[rows].T) * (x @ up_w[rows].T)  # (n, F)
+        y[:, e] = (act @ down_w[:, rows].T).float().norm(dim=-1)
+    return y
 
 
 def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
@@ -380,6 +391,12 @@ METHODS = ("expertweaver", "cmoe", "static", "random")
 DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none"}
 
 
+# what makes a neuron important enough to be shared, for expertweaver, random and static (CMoE ranks by
+# its own activation rates): the paper's mean |silu(x W_gate)|, or the mean |silu(x W_gate) * (x W_up)|,
+# which also counts the up projection and keeps more quality (README, "Quality")
+SHARED_BY = {"contribution": lambda stats: stats.contribution, "activation": lambda stats: stats.profile.mean(dim=0)}
+
+
 @dataclass
 class ConvertSpec:
     method: str = "expertweaver"
@@ -390,6 +407,7 @@ class ConvertSpec:
     alpha_min: float = 0.2
     alpha_max: float = 0.7
     n_shared: int | None = None       # shared experts in every layer, overriding the method's rule
+    shared_by: str = "contribution"   # which neurons are shared (and kept by static): SHARED_BY
     kmeans_iters: int = 50
     k_act: int = 10                   # CMoE's K_a
     marker_tokens: int = 16384        # CMoE: calibration tokens whose markers are kept (CMoE uses 8 x 2048)
@@ -402,6 +420,8 @@ class ConvertSpec:
             raise ValueError(f"method {self.method!r} is not one of {METHODS}")
         if not 0 < self.active <= 1:
             raise ValueError(f"active {self.active} must be in (0, 1]: the fraction of FFN neurons a token uses")
+        if self.shared_by not in SHARED_BY:
+            raise ValueError(f"shared_by {self.shared_by!r} is not one of {tuple(SHARED_BY)}")
         if not 0 <= self.alpha_min <= self.alpha_max <= 1:
             raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} <= 1")
         self.router = self.router or DEFAULT_ROUTER[self.method]
@@ -443,7 +463,7 @@ def plan_expertweaver(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, ml
         cv, r = specialization(stats.profile, task, spec.tau)
         alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
         n_se = spec.n_shared if spec.n_shared is not None else n_shared_experts(alpha, spec.n_experts, k, spec.alpha_max)
-        shared, rest = split_shared(stats.profile.mean(dim=0), n_se * d_e)
+        shared, rest = split_shared(SHARED_BY[spec.shared_by](stats), n_se * d_e)
     n_routed = spec.n_experts - n_se
     iters = 0
     with timed(timings, "partition"):
@@ -499,7 +519,7 @@ def plan_static(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, mlp: MLP
     d_ff = stats.profile.shape[1]
     d_e, k = d_ff // spec.n_experts, spec.k
     with timed(timings, "allocate"):
-        shared, rest = split_shared(stats.profile.mean(dim=0), k * d_e)
+        shared, rest = split_shared(SHARED_BY[spec.shared_by](stats), k * d_e)
     info = {"r": None, "alpha": None, "kmeans_iters": 0}
     return LayerPlan(shared, rest.view(-1, d_e), 0, {}, info)
 
@@ -615,8 +635,9 @@ def convert_layers(cfg, h: torch.Tensor, window_inputs, get_block, put_block, ca
         row = {"layer": i, "dense": True}
         if i not in spec.dense_layers:
             with timed(timings, "profile"):
-                stats = profile_layer(x, dense, k_act=spec.k_act if spec.method == "cmoe" else None,
-                                      marker_tokens=marker_tokens)
+                cmoe = spec.method == "cmoe"
+                stats = profile_layer(x, dense, k_act=spec.k_act if cmoe else None, marker_tokens=marker_tokens,
+                                      contribution=not cmoe and spec.shared_by == "contribution")
             plan = PLANNERS[spec.method](stats, x, calib.task, dense, spec, spec.seed + i, timings)
             with timed(timings, "build"):
                 block.mlp = build_moe(dense, plan, d_e, spec.router)
@@ -731,7 +752,7 @@ def ffn_flops(cfg) -> dict:
     what those neurons would."""
     D, d_ff = cfg.dim, cfg.ffn_dim
     per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
-                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n, "oracle": lambda E, n: 4 * D * n,
+                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n, "oracle": lambda E, n: 6 * D * n,
                   "none": lambda E, n: 0}
     dense = experts = router = 0
     for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):

@@ -117,6 +117,24 @@ def test_routing_stays_alive_at_every_budget():
     assert all(b.mlp.top_k >= 1 for b in model.layers)
 
 
+def test_shared_neurons_are_the_most_important_by_the_chosen_measure():
+    mlp = tiny_model(ffn_dim=48, n_layers=1).layers[0].mlp
+    x = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(1))
+    stats = W.profile_layer(x, mlp, batch_tokens=16, contribution=True)  # two batches: 2 samples, then 1
+    gate = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T)  # (3, 8, 48)
+    importance = {"contribution": (gate * (x @ mlp.up_proj.weight.T)).abs().mean(dim=(0, 1)),
+                  "activation": gate.abs().mean(dim=(0, 1))}
+    assert torch.allclose(stats.contribution, importance["contribution"], rtol=1e-5, atol=1e-6)
+    kept = {}
+    for shared_by, score in importance.items():
+        spec = W.ConvertSpec(method="static", n_experts=8, active=0.5, shared_by=shared_by)
+        kept[shared_by] = W.plan_static(stats, x, torch.tensor([0, 0, 1]), mlp, spec, 0, {}).shared
+        assert torch.equal(kept[shared_by], score.topk(24).indices.sort().values)
+    assert not torch.equal(kept["contribution"], kept["activation"])  # the two measures disagree here
+    with pytest.raises(ValueError, match="shared_by 'rate' is not one of"):
+        W.ConvertSpec(shared_by="rate")
+
+
 def test_specialisation_ratio():
     profile = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 4.0]])  # neuron 1: task means 1 and 3
     cv, r = W.specialization(profile, torch.tensor([0, 0, 1, 1]), tau=0.3)
@@ -237,7 +255,8 @@ def test_oracle_router_picks_the_largest_contributions():
     moe = model.layers[0].mlp
     x = torch.randn(5, 32)
     gate, up = torch.einsum("nd,efd->nef", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
-    truth = (torch.nn.functional.silu(gate) * up).abs().sum(-1)  # (5, E)
+    out = torch.einsum("nef,efd->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (5, E, D)
+    truth = out.norm(dim=-1)  # (5, E)
     assert torch.equal(moe.route(x).sort(dim=1).values, truth.topk(moe.top_k).indices.sort(dim=1).values)
 
 
@@ -351,7 +370,7 @@ def tiny_checkpoint(tmp_path_factory):
 def run_convert(checkpoint, out, **overrides):
     import convert
     args = dict(checkpoint=checkpoint, out=out, method="expertweaver", router=None, experts=8, active=0.75,
-                tau=0.6, alpha_min=0.2, alpha_max=0.7, n_shared=None, kmeans_iters=50, k_act=4, dense_layers=[],
+                tau=0.6, alpha_min=0.2, alpha_max=0.7, n_shared=None, shared_by="contribution", kmeans_iters=50, k_act=4, dense_layers=[],
                 sequential=False, calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
                 calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
                 evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2, seed=0,
