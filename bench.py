@@ -333,7 +333,7 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples` samples from
     random inputs: what conversion spends per layer besides the forward passes."""
     from model import MLP
-    from weaver import LayerStats, plan_expertweaver, profile_layer
+    from weaver import plan_expertweaver, profile_layer
     D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
@@ -341,7 +341,7 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     mlp.load_state_dict({n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()}, assign=True)
     x = torch.randn(samples, tokens, D, generator=g)
     task = torch.arange(4).repeat_interleave(samples // 4)
-    stats = profile_layer(x, mlp)
+    stats = profile_layer(x, mlp, contribution=True)
     print(header("cpu", "float32"))
     rows = []
     # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case. The paper's
@@ -352,7 +352,7 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
         for r in range(repeats):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            plan = plan_expertweaver(LayerStats(stats.profile), x, task, mlp, spec, seed=r, timings=timings)
+            plan = plan_expertweaver(stats, x, task, mlp, spec, seed=r, timings=timings)
             runs.append((time.perf_counter() - t0, timings["partition"], timings["router"], plan.info["kmeans_iters"]))
         total, partition, router_s, iters = (statistics.median(v) for v in zip(*runs))
         row = {"shape": name, "d_ff": d_ff, "samples": samples, "router": router, "shared_experts": n_shared,

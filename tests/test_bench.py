@@ -46,3 +46,11 @@ def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
     import model as M
     moe = M.load_model(out)
     assert moe.cfg.moe["num_experts"] == 64 and moe(torch.arange(8)[None]).shape == (1, 8, 256)
+
+
+def test_partition_bench_on_a_tiny_shape(monkeypatch):
+    monkeypatch.setitem(bench.SYNTH_CONFIGS, "tiny", {"hidden_size": 32, "intermediate_size": 128})
+    rows = bench.partition_bench("tiny", samples=8, tokens=16, repeats=1)
+    assert [(r["router"], r["shared_experts"]) for r in rows] == [("centroid", 45), ("centroid", 8), ("lsq", 45),
+                                                                   ("lsq", 8)]
+    assert all(r["routed_experts"] == 64 - r["shared_experts"] and r["seconds"] > 0 for r in rows)
