@@ -381,10 +381,8 @@ def parse_row(row: str) -> dict:
         if "=" in part:
             key, value = part.split("=", 1)
             default = getattr(ConvertSpec, key)
-            if isinstance(default, str):
-                spec[key] = value
-                continue
-            value = json.loads(value.lower())  # numbers and true/false
+            if not isinstance(default, str):
+                value = json.loads(value.lower())  # numbers and true/false
             spec[key] = float(value) if isinstance(default, float) else value
         else:
             spec["router"] = part

@@ -20,22 +20,21 @@ from dataclasses import asdict
 import torch
 
 from model import load_config, load_model, load_tokenizer, perplexity, resolve
-from weaver import (METHODS, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
+from weaver import (METHODS, SHARED_BY, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
                     check_dense, check_divisible, convert_checkpoint, heldout_tokens, parse_calib_spec)
 
 
 def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
          tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, shared_by: str, kmeans_iters: int,
-         k_act: int,
-         dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
+         k_act: int, dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
          field: str | None, holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int,
          seed: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
          prompt: str | None = None) -> dict:
     t_start = time.time()
     spec = ConvertSpec(method=method, n_experts=experts, active=active, router=router, tau=tau,
                        alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, shared_by=shared_by,
-                       kmeans_iters=kmeans_iters,
-                       k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential, seed=seed)
+                       kmeans_iters=kmeans_iters, k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential,
+                       seed=seed)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
     check_dense(cfg, path)  # before the minutes of calibration, not after
@@ -151,7 +150,7 @@ if __name__ == "__main__":
     p.add_argument("--alpha-max", type=float, default=0.7, help="shared fraction of the least specialised layer")
     p.add_argument("--n-shared", type=int, default=None,
                    help="shared experts in every layer, overriding the method's rule (cmoe default: half of k)")
-    p.add_argument("--shared-by", default="contribution", choices=["contribution", "activation"],
+    p.add_argument("--shared-by", default="contribution", choices=SHARED_BY,
                    help="expertweaver, random, static: which neurons are shared (kept). activation: the paper's mean "
                    "|silu(x W_gate)|; contribution: mean |silu(x W_gate) * (x W_up)|, better on held-out text")
     p.add_argument("--kmeans-iters", type=int, default=50, help="max balanced k-means iterations")

@@ -392,9 +392,18 @@ DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "stati
 
 
 # what makes a neuron important enough to be shared, for expertweaver, random and static (CMoE ranks by
-# its own activation rates): the paper's mean |silu(x W_gate)|, or the mean |silu(x W_gate) * (x W_up)|,
-# which also counts the up projection and keeps more quality (README, "Quality")
-SHARED_BY = {"contribution": lambda stats: stats.contribution, "activation": lambda stats: stats.profile.mean(dim=0)}
+# its own activation rates): the paper's mean |silu(x W_gate)| ("activation"), or the mean
+# |silu(x W_gate) * (x W_up)| ("contribution"), which also counts the up projection and keeps more quality
+# (README, "Quality")
+SHARED_BY = ("contribution", "activation")
+
+
+def importance(stats: LayerStats, shared_by: str) -> torch.Tensor:
+    """(d_ff,) the score split_shared ranks neurons by."""
+    if shared_by == "activation":
+        return stats.profile.mean(dim=0)
+    assert stats.contribution is not None, "shared_by 'contribution' needs profile_layer(..., contribution=True)"
+    return stats.contribution
 
 
 @dataclass
@@ -421,7 +430,7 @@ class ConvertSpec:
         if not 0 < self.active <= 1:
             raise ValueError(f"active {self.active} must be in (0, 1]: the fraction of FFN neurons a token uses")
         if self.shared_by not in SHARED_BY:
-            raise ValueError(f"shared_by {self.shared_by!r} is not one of {tuple(SHARED_BY)}")
+            raise ValueError(f"shared_by {self.shared_by!r} is not one of {SHARED_BY}")
         if not 0 <= self.alpha_min <= self.alpha_max <= 1:
             raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} <= 1")
         self.router = self.router or DEFAULT_ROUTER[self.method]
@@ -463,7 +472,7 @@ def plan_expertweaver(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, ml
         cv, r = specialization(stats.profile, task, spec.tau)
         alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
         n_se = spec.n_shared if spec.n_shared is not None else n_shared_experts(alpha, spec.n_experts, k, spec.alpha_max)
-        shared, rest = split_shared(SHARED_BY[spec.shared_by](stats), n_se * d_e)
+        shared, rest = split_shared(importance(stats, spec.shared_by), n_se * d_e)
     n_routed = spec.n_experts - n_se
     iters = 0
     with timed(timings, "partition"):
@@ -519,7 +528,7 @@ def plan_static(stats: LayerStats, x: torch.Tensor, task: torch.Tensor, mlp: MLP
     d_ff = stats.profile.shape[1]
     d_e, k = d_ff // spec.n_experts, spec.k
     with timed(timings, "allocate"):
-        shared, rest = split_shared(SHARED_BY[spec.shared_by](stats), k * d_e)
+        shared, rest = split_shared(importance(stats, spec.shared_by), k * d_e)
     info = {"r": None, "alpha": None, "kmeans_iters": 0}
     return LayerPlan(shared, rest.view(-1, d_e), 0, {}, info)
 
