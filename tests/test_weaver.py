@@ -371,8 +371,8 @@ def run_convert(checkpoint, out, **overrides):
     import convert
     args = dict(checkpoint=checkpoint, out=out, method="expertweaver", router=None, experts=8, active=0.75,
                 tau=0.6, alpha_min=0.2, alpha_max=0.7, n_shared=None, shared_by="contribution", kmeans_iters=50,
-                k_act=4, dense_layers=[],
-                sequential=False, calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
+                k_act=4, dense_layers=[], sequential=False,
+                calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
                 calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
                 evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2, seed=0,
                 dtype="float32", save_dtype="bfloat16", device="cpu", max_shard_gb=2.0)
