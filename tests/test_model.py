@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import convert as C
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -113,23 +114,23 @@ def test_perplexity_protocol_matches_transformers_loss(tmp_path):
     hf = make_hf("llama")
     ours = M.load_model(save_hf(hf, tmp_path))
     tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,), generator=torch.Generator().manual_seed(4))
-    nll, ppl, n = M.perplexity(ours, tokens, seqlen=32)
+    nll, ppl, n = C.perplexity(ours, tokens, seqlen=32)
     assert n == 3  # the 5 tokens of remainder are dropped
     with torch.no_grad():
         losses = [hf(w[None], labels=w[None]).loss for w in tokens[:96].view(3, 32)]
     assert nll == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
     assert ppl == pytest.approx(math.exp(nll))
-    assert M.perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
-    assert M.perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
+    assert C.perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
+    assert C.perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
 
 
 def test_read_text_jsonl_fields(tmp_path):
     file = tmp_path / "d.jsonl"
     file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
-    assert M.read_text(str(file), "q,a") == "a\nb\n\nc\nd"
-    assert M.read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
+    assert C.read_text(str(file), "q,a") == "a\nb\n\nc\nd"
+    assert C.read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
     with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
-        M.read_text(str(file), "text")
+        C.read_text(str(file), "text")
 
 # ---- the demo checkpoint
 
@@ -161,9 +162,9 @@ def test_demo_tokenizer(demo_path):
 def test_demo_perplexity_on_wikitext(demo_path, data_dir):
     model = M.load_model(demo_path, torch.float32)
     tokenizer = M.load_tokenizer(demo_path)
-    text = M.read_text(os.path.join(data_dir, "wikitext2-valid.txt"))
+    text = C.read_text(os.path.join(data_dir, "wikitext2-valid.txt"))
     tokens = torch.tensor(tokenizer.encode(text[:40_000]).ids)
-    _, ppl, n = M.perplexity(model, tokens, seqlen=1024, max_windows=2)
+    _, ppl, n = C.perplexity(model, tokens, seqlen=1024, max_windows=2)
     assert n == 2 and 10 < ppl < 30, ppl
 
 # ---- bad input: every error names the problem

@@ -5,9 +5,10 @@ import os
 import torch
 from safetensors.torch import load_file
 
+import convert as C
 import model as M
 import weaver as W
-from test_weaver import TOKENS, random_calibration, tiny_model
+from conftest import TOKENS, hf_config_of, random_calibration, tiny_model
 
 
 def all_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -17,19 +18,12 @@ def all_tensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def hf_config_of(model) -> dict:
-    c = model.cfg
-    return {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
-            "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "tie_word_embeddings": c.tie_embeddings}
-
-
 def streamed_equals_in_memory(source: str, tmp_path, calib, spec_kwargs, dtype, save_dtype, shard_bytes):
     in_memory = M.load_model(source, dtype)
-    W.convert(in_memory, calib, W.ConvertSpec(**spec_kwargs), log=lambda *_: None)
+    C.convert(in_memory, calib, W.ConvertSpec(**spec_kwargs), log=lambda *_: None)
     in_memory.to(save_dtype)
     M.save_checkpoint(in_memory, M.load_config(source)[1], str(tmp_path / "memory"))
-    W.convert_checkpoint(source, str(tmp_path / "stream"), calib, W.ConvertSpec(**spec_kwargs), dtype, "cpu",
+    C.convert_checkpoint(source, str(tmp_path / "stream"), calib, W.ConvertSpec(**spec_kwargs), dtype, "cpu",
                          save_dtype, max_shard_bytes=shard_bytes, log=lambda *_: None)
     a, b = all_tensors(str(tmp_path / "memory")), all_tensors(str(tmp_path / "stream"))
     assert sorted(a) == sorted(b)
@@ -59,7 +53,7 @@ def test_streamed_demo_equals_in_memory(demo_path, tmp_path):
 
 def test_sharded_round_trip(tmp_path):
     model = tiny_model("llama", n_layers=3)
-    W.convert(model, random_calibration(), W.ConvertSpec(n_experts=8, active=0.5), log=lambda *_: None)
+    C.convert(model, random_calibration(), W.ConvertSpec(n_experts=8, active=0.5), log=lambda *_: None)
     expected = model(TOKENS)
     M.save_checkpoint(model, hf_config_of(model), str(tmp_path / "moe"), max_shard_bytes=10_000)
     files = sorted(os.listdir(tmp_path / "moe"))
@@ -70,7 +64,7 @@ def test_sharded_round_trip(tmp_path):
 
 
 def test_shard_writer_limits(tmp_path):
-    writer = M.ShardWriter(str(tmp_path), max_bytes=100)
+    writer = M.CheckpointWriter(str(tmp_path), max_bytes=100)
     writer.add("a", torch.zeros(10))   # 40 bytes
     writer.add("b", torch.zeros(10))   # 80: fits
     writer.add("c", torch.zeros(100))  # 400: larger than a shard, gets its own

@@ -9,38 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import convert as C
 import model as M
 import weaver as W
-
-# ---- tiny random models, built directly (no transformers needed)
-
-
-def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transformer:
-    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
-                        head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
-                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=arch == "qwen2")
-    torch.manual_seed(seed)
-    model = M.Transformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    return model.eval()
-
-
-def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> W.Calibration:
-    g = torch.Generator().manual_seed(seed)
-    # each task draws from its own slice of the vocabulary, so tasks really differ
-    width = vocab // tasks
-    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g) for t in range(tasks)])
-    return W.Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)])
-
-
-def converted(model, **spec):
-    W.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec), log=lambda *_: None)
-    return model
-
-
-TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(9))
+from conftest import TOKENS, converted, hf_config_of, random_calibration, tiny_model
 
 # ---- partitioning
 
@@ -128,7 +100,7 @@ def test_shared_neurons_are_the_most_important_by_the_chosen_measure():
     kept = {}
     for shared_by, score in importance.items():
         spec = W.ConvertSpec(method="static", n_experts=8, active=0.5, shared_by=shared_by)
-        kept[shared_by] = W.plan_static(stats, x, torch.tensor([0, 0, 1]), mlp, spec, 0, {}).shared
+        kept[shared_by] = W.plan_static(stats, torch.tensor([0, 0, 1]), spec, 0).shared
         assert torch.equal(kept[shared_by], score.topk(24).indices.sort().values)
     assert not torch.equal(kept["contribution"], kept["activation"])  # the two measures disagree here
     with pytest.raises(ValueError, match="shared_by 'rate' is not one of"):
@@ -146,11 +118,11 @@ def test_specialisation_ratio():
 @settings(max_examples=12, deadline=None)
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), dim=st.sampled_from([16, 32]),
        n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6), n_layers=st.integers(1, 3),
-       router=st.sampled_from([None, "lsq", "gate"]), seed=st.integers(0, 1000))
-def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, router, seed):
+       method=st.sampled_from(["expertweaver", "random", "cmoe", "static"]), seed=st.integers(0, 1000))
+def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, method, seed):
     model = tiny_model(arch, dim, n_experts * expert_dim, n_layers, seed)
     dense = model(TOKENS)
-    converted(model, n_experts=n_experts, active=1.0, alpha_min=1.0, alpha_max=1.0, router=router, seed=seed)
+    converted(model, method=method, n_experts=n_experts, active=1.0, n_shared=n_experts, seed=seed, k_act=1)
     assert all(b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim for b in model.layers)
     assert torch.equal(model(TOKENS), dense)
 
@@ -172,7 +144,7 @@ def test_demo_full_shared_is_exact(demo_path):
     tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
     dense = model(tokens)
     calib = random_calibration(vocab=model.cfg.vocab_size, samples=1, seqlen=8)
-    W.convert(model, calib, W.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0), log=lambda *_: None)
+    C.convert(model, calib, W.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0), log=lambda *_: None)
     assert torch.equal(model(tokens), dense)
 
 
@@ -180,20 +152,30 @@ def test_sequential_and_dense_layers():
     a = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,))
     assert isinstance(a.layers[1].mlp, M.MLP) and a.cfg.moe["layers"][1] is None
     b = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,), sequential=True)
-    # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when sequential
-    assert torch.equal(a.layers[0].mlp.neuron_index, b.layers[0].mlp.neuron_index)
-    assert a(TOKENS).shape == b(TOKENS).shape
+    # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when sequential,
+    # so its profile, partition and router differ
+    first, second = a.layers[0].mlp.state_dict(), b.layers[0].mlp.state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(a.layers[2].mlp.router.weight, b.layers[2].mlp.router.weight)
+    # and what layer 2 of the sequential conversion was fitted on is what the converted model feeds it
+    calib = random_calibration(64)
+    inputs = []
+    hook = b.layers[2].mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    b(calib.tokens)
+    hook.remove()
+    refit, _ = W.lsq_router(inputs[0], calib.task, b.layers[2].mlp.experts.contributions,
+                            b.layers[2].mlp.experts.gate_up_proj.shape[0], b.layers[2].mlp.top_k)
+    torch.testing.assert_close(refit["weight"], b.layers[2].mlp.router.weight, rtol=1e-4, atol=1e-5)
 
 
-def test_lsq_recovers_a_planted_linear_router(monkeypatch):
+def test_lsq_recovers_a_planted_linear_router():
     # contributions that are exactly linear in x: y = x A + b per expert
     g = torch.Generator().manual_seed(0)
     D, E, S, T = 12, 4, 8, 50
     A, b = torch.randn(D, E, generator=g), torch.randn(E, generator=g)
-    monkeypatch.setattr(W, "expert_contributions", lambda x, mlp, groups: x.float() @ A + b)
     x = torch.randn(S, T, D, generator=g)
     task = torch.arange(2).repeat_interleave(S // 2)
-    router, info = W.lsq_router(x, task, mlp=None, groups=torch.zeros(E, 3, dtype=torch.int64), top_k=2)
+    router, info = W.lsq_router(x, task, lambda xb: xb.float() @ A + b, n_experts=E, top_k=2)
     torch.testing.assert_close(router["weight"], A.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(router["bias"], b, rtol=1e-4, atol=1e-4)
     assert info["lsq_target"] == "linear" and info["lsq_val_captured"] == pytest.approx(1.0)
@@ -208,13 +190,11 @@ def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeyp
     x = torch.randn(S, T, D, generator=g)
     noise = torch.randn(S * T, E, generator=g)
     contributions = dict(zip([r.tobytes() for r in x.reshape(-1, D).numpy()], (x.reshape(-1, D) @ A + noise)))
-    monkeypatch.setattr(W, "expert_contributions",
-                        lambda xb, mlp, groups: torch.stack([contributions[r.tobytes()] for r in xb.numpy()]))
+    lookup = lambda xb: torch.stack([contributions[r.tobytes()] for r in xb.numpy()])
     monkeypatch.setattr(W, "TARGETS", {"linear": lambda y, s: y})
     monkeypatch.setattr(W, "RIDGE", (lam,))
     task = torch.arange(2).repeat_interleave(S // 2)
-    router, info = W.lsq_router(x, task, mlp=None, groups=torch.zeros(E, 3, dtype=torch.int64), top_k=1,
-                                batch_tokens=3 * T, max_val_tokens=7)
+    router, info = W.lsq_router(x, task, lookup, n_experts=E, top_k=1, batch_tokens=3 * T, max_val_tokens=7)
     x1 = torch.cat([x.reshape(-1, D), torch.ones(S * T, 1)], dim=1).double()
     y = (x.reshape(-1, D) @ A + noise).double()
     fit_rows = (~W.validation_samples(task)).repeat_interleave(T)
@@ -224,16 +204,6 @@ def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeyp
     torch.testing.assert_close(router["weight"], w[:D].T.float())
     torch.testing.assert_close(router["bias"], w[D].float())
     assert "lsq_val_captured" in info  # a validation sample existed, bounded to 7 of the 40 held-out tokens
-
-
-def test_router_flops_accounting():
-    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5, router="centroid", dense_layers=(1,))
-    layer = model.cfg.moe["layers"][0]
-    flops = W.ffn_flops(model.cfg)
-    D = 32
-    assert flops["dense"] == 2 * 6 * D * 48
-    assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
-    assert flops["router"] == 2 * D * layer["routed_experts"]
 
 
 def test_captured_is_one_for_the_oracle_and_less_otherwise():
@@ -246,8 +216,10 @@ def test_captured_is_one_for_the_oracle_and_less_otherwise():
 def test_conversion_is_deterministic_for_a_seed(router):
     a = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router=router, seed=3)
     b = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router=router, seed=3)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
 
 
 def test_oracle_router_picks_the_largest_contributions():
@@ -265,7 +237,12 @@ def test_cmoe_markers_mark_k_act_neurons_per_token():
     x = torch.randn(3, 8, 32)
     stats = W.profile_layer(x, model.layers[0].mlp, k_act=5, marker_tokens=torch.tensor([0, 3, 9, 23]))
     assert stats.markers.shape == (4, 48) and (stats.markers.sum(1) == 5).all()
-    assert stats.profile.shape == (3, 48) and (stats.profile >= 0).all()
+    # token 9 is token 1 of sample 1: its markers are the top 5 of CMoE's unit-norm score
+    xn = torch.nn.functional.normalize(x[1, 1], dim=0)
+    gate = torch.nn.functional.normalize(model.layers[0].mlp.gate_proj.weight, dim=1)
+    up = torch.nn.functional.normalize(model.layers[0].mlp.up_proj.weight, dim=1)
+    score = (torch.nn.functional.silu(gate @ xn) * (up @ xn)).abs()
+    assert torch.equal(stats.markers[2].nonzero().squeeze(1), score.topk(5).indices.sort().values)
 
 # ---- the checkpoint
 
@@ -323,17 +300,17 @@ def test_calibration_from_files(tmp_path):
     (tmp_path / "a.txt").write_text(" ".join(f"w{i % 100}" for i in range(1000)))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"q": f"w{i}", "a": f"w{i + 1}"}) for i in range(90)))
     specs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl") + ":qa"]
-    calib = W.calibration_from_files(tokenizer, specs, samples=3, seqlen=10, seed=0)
+    calib = C.calibration_from_files(tokenizer, specs, samples=3, seqlen=10, seed=0)
     assert calib.tokens.shape == (6, 10) and calib.names == ["a", "qa"] and calib.task.tolist() == [0] * 3 + [1] * 3
-    assert torch.equal(W.calibration_from_files(tokenizer, specs, 3, 10, 0).tokens, calib.tokens)
+    assert torch.equal(C.calibration_from_files(tokenizer, specs, 3, 10, 0).tokens, calib.tokens)
     assert calib.tokens[:3].max() < 900 - 1  # never from the held-out last 10% of a.txt (tokens 900..999)
     with pytest.raises(ValueError, match=r"task 'qa' has 16 windows of 10 tokens, fewer than --calib-samples 20"):
-        W.calibration_from_files(tokenizer, specs, samples=20, seqlen=10, seed=0)
+        C.calibration_from_files(tokenizer, specs, samples=20, seqlen=10, seed=0)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="calibration file .*empty.txt is empty"):
-        W.calibration_from_files(tokenizer, [str(tmp_path / "empty.txt")], 1, 10, 0)
+        C.calibration_from_files(tokenizer, [str(tmp_path / "empty.txt")], 1, 10, 0)
     with pytest.raises(FileNotFoundError, match="nope.txt not found"):
-        W.calibration_from_files(tokenizer, [str(tmp_path / "nope.txt")], 1, 10, 0)
+        C.calibration_from_files(tokenizer, [str(tmp_path / "nope.txt")], 1, 10, 0)
 
 
 def test_spec_and_input_errors():
@@ -346,9 +323,9 @@ def test_spec_and_input_errors():
     with pytest.raises(ValueError, match="intermediate_size 48 is not divisible by --experts 5: .*valid counts "
                                          "near it: 3, 4, 6, 8"):
         converted(tiny_model(ffn_dim=48), n_experts=5)
-    one_task = W.Calibration(torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"])
+    one_task = C.Calibration(torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"])
     with pytest.raises(ValueError, match="at least 2 tasks; got 1"):
-        W.convert(tiny_model(), one_task, W.ConvertSpec(n_experts=8))
+        C.convert(tiny_model(), one_task, W.ConvertSpec(n_experts=8))
 
 
 @pytest.fixture(scope="module")
@@ -367,16 +344,13 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def run_convert(checkpoint, out, **overrides):
-    import convert
-    args = dict(checkpoint=checkpoint, out=out, method="expertweaver", router=None, experts=8, active=0.75,
-                tau=0.6, alpha_min=0.2, alpha_max=0.7, n_shared=None, shared_by="contribution", kmeans_iters=50,
-                k_act=4, dense_layers=[], sequential=False,
+def run_convert(checkpoint, out, spec=None, **overrides):
+    args = dict(checkpoint=checkpoint, out=out, spec=spec or W.ConvertSpec(n_experts=8, k_act=4),
                 calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
                 calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
-                evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2, seed=0,
+                evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2,
                 dtype="float32", save_dtype="bfloat16", device="cpu", max_shard_gb=2.0)
-    return convert.main(**(args | overrides))
+    return C.main(**(args | overrides))
 
 
 def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
@@ -384,15 +358,18 @@ def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     report = run_convert(tiny_checkpoint, out, prompt="w1 w2")
     printed = capsys.readouterr().out
     assert "dense greedy: 'w1 w2 " in printed and "moe greedy:   'w1 w2 " in printed  # dense was loaded for --eval
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "report.json", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "report.json",
+                                       "tokenizer.json"]
     moe = M.load_model(out)
     assert next(moe.parameters()).dtype == torch.float32  # bf16 on disk, loaded as asked
     assert report["active_fraction"] == pytest.approx(0.75)
-    assert report["eval"][os.path.join(tiny_checkpoint, "prose.txt")]["ratio"] > 0
+    result = report["eval"][os.path.join(tiny_checkpoint, "prose.txt")]
+    assert result["ratio"] == pytest.approx(result["moe_ppl"] / result["dense_ppl"])
     assert json.load(open(os.path.join(out, "report.json")))["layers"][0]["routed_experts"] > 0
     assert moe.generate(torch.tensor([[1, 2, 3]]), 5).shape == (1, 8)
     with pytest.raises(ValueError, match="already an MoE checkpoint"):
-        run_convert(out, str(tmp_path / "again"))
+        run_convert(out, str(tmp_path / "again"), calib=[os.path.join(tiny_checkpoint, "prose.txt"),
+                                                         os.path.join(tiny_checkpoint, "code.txt")], evals=[])
 
 
 @pytest.mark.parametrize("where", ["writing a shard", "converting layer 1"])
@@ -419,8 +396,9 @@ def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, 
 def test_convert_refuses_a_foreign_out_dir(tiny_checkpoint, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="exists and is not an earlier output of convert.py"):
+    with pytest.raises(ValueError, match="exists and was not written by expertweaver"):
         run_convert(tiny_checkpoint, str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_generated_calibration_is_seeded():
@@ -429,11 +407,11 @@ def test_generated_calibration_is_seeded():
     class Tok:  # prompts of different lengths, so the batch needs padding
         def encode(self, text):
             return type("E", (), {"ids": [ord(c) % 60 + 4 for c in text[: len(text) % 5 + 2]]})()
-    a = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
-    b = W.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
-    assert a.tokens.shape == (2 * len(W.TASK_PROMPTS), 12) and torch.equal(a.tokens, b.tokens)
-    assert a.names == list(W.TASK_PROMPTS)
-    prompts = [Tok().encode(p).ids for p in W.TASK_PROMPTS.values()]
+    a = C.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
+    b = C.calibration_from_model(model, Tok(), samples=2, seqlen=12, seed=3, log=lambda *_: None)
+    assert a.tokens.shape == (2 * len(C.TASK_PROMPTS), 12) and torch.equal(a.tokens, b.tokens)
+    assert a.names == list(C.TASK_PROMPTS)
+    prompts = [Tok().encode(p).ids for p in C.TASK_PROMPTS.values()]
     assert len(set(map(len, prompts))) > 1
     for row, task in zip(a.tokens, a.task):  # every window starts with its prompt, never with padding
         assert row[: len(prompts[task])].tolist() == prompts[task]
