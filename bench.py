@@ -143,7 +143,7 @@ def ffn_parts(x, route, e13, e2, shared, path, device, min_time) -> dict:
     GLU, the routed experts (for `grouped`: its two GEMMs alone, the rest being permutation)."""
     idx = route(x)
     parts = {"router": lambda: route(x), "shared": lambda: kernels.shared_glu(x, shared),
-             "experts": lambda: kernels.moe_ffn(x, idx, e13, e2, None, path)}
+             "experts": lambda: kernels.moe_ffn(x, idx, e13, e2, None, path=path)}
     if path == "grouped":
         parts["gemms"] = grouped_gemms(x, idx, e13, e2)
     return dict(zip(parts, (t * 1e3 for t in measure(list(parts.values()), device, min_time))))
@@ -187,7 +187,7 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
                         return (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
 
                     def moe(x, path):
-                        return kernels.moe_ffn(x, route(x), e13, e2, shared, path)
+                        return kernels.moe_ffn(x, route(x), e13, e2, shared, path=path)
                     path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E, D, d_e, compile)
                     run = torch.compile(moe, fullgraph=True, dynamic=False) if compile and path != "select" else moe
                     with torch.no_grad():

@@ -38,29 +38,29 @@ def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def reference(x, idx, w13, w2, shared=None):
-    """x (N, D), idx (N, K) expert ids -> (N, D), as model.MoEMLP computes it."""
-    return shared_glu(x, shared) + routed_reference(x, idx, w13, w2)
+def reference(x, idx, w13, w2, shared=None, weights=None):
+    """x (N, D), idx (N, K) expert ids, weights (N, K) or None (unweighted) -> (N, D), as model.MoEMLP
+    computes it."""
+    return shared_glu(x, shared) + routed_reference(x, idx, w13, w2, weights)
 
 
-def select(x, idx, w13, w2, shared=None):
-    """Like reference, but visits only the experts some token selected; w13[e] is a view, so each selected
-    expert's weights are read once and nothing is copied."""
+def select(x, idx, w13, w2, shared=None, weights=None):
+    """Like reference, but visits only the experts some token selected; w13[e] is a view, so each
+    selected expert's weights are read once and nothing is copied."""
     out = shared_glu(x, shared)
     if x.shape[0] == 1:  # decode: every selected expert serves the one token
-        for e in idx[0].tolist():
-            out += glu(x, w13[e], w2[e])
+        for k, e in enumerate(idx[0].tolist()):
+            y = glu(x, w13[e], w2[e])
+            out += y if weights is None else y * weights[0, k].to(y.dtype)
         return out
-    for e in idx.unique().tolist():
-        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-        out.index_add_(0, tokens, glu(x[tokens], w13[e], w2[e]))
-    return out
+    return out + routed_reference(x, idx, w13, w2, weights, experts=idx.unique().tolist())
 
 
-def gather(x, idx, w13, w2, shared=None):
+def gather(x, idx, w13, w2, shared=None, weights=None):
     """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
     gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
-    routed = torch.einsum("nkf,nkfd->nd", F.silu(gate) * up, w2[idx])  # (N, D), summed over k and f
+    act = F.silu(gate) * up if weights is None else F.silu(gate) * up * weights[..., None].to(x.dtype)
+    routed = torch.einsum("nkf,nkfd->nd", act, w2[idx])  # (N, D), summed over k and f
     return shared_glu(x, shared) + routed
 
 
@@ -74,7 +74,7 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     return order, counts.cumsum(0, dtype=torch.int32)
 
 
-def grouped(x, idx, w13, w2, shared=None):
+def grouped(x, idx, w13, w2, shared=None, weights=None):
     """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the experts'
     contiguous runs. No host sync anywhere, so the whole function compiles into one graph."""
     N, K = idx.shape
@@ -82,6 +82,8 @@ def grouped(x, idx, w13, w2, shared=None):
     xs = x[order // K]  # (N*K, D) one row per slot, in expert order
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (N*K, F) each
     ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)  # (N*K, D)
+    if weights is not None:
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
     routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)  # back to slot order
     return shared_glu(x, shared) + routed
 
@@ -133,10 +135,12 @@ def announce_fallback(reason: str) -> str:
     return "gather"
 
 
-def moe_ffn(x, idx, w13, w2, shared=None, path: str | None = None):
-    """The dispatcher: x (N, D), idx (N, K) -> (N, D) by the path choose_path picks (or `path`)."""
-    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1], w2.shape[1])
-    return PATHS[path](x, idx, w13, w2, shared)
+def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None):
+    """The dispatcher: x (N, D), idx (N, K), weights (N, K) or None -> (N, D) by the path choose_path
+    picks (or `path`)."""
+    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1],
+                               w2.shape[1])
+    return PATHS[path](x, idx, w13, w2, shared, weights)
 
 # -----------------------------------------------------------------------------
 # model.py integration: one function per MoE layer (router + experts + shared), compiled
@@ -149,8 +153,9 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
                                               mlp.shared.down_proj.weight)
     if not mlp.top_k:
         return shared_glu(flat, shared).view_as(x)
-    idx = mlp.route(flat)
-    return moe_ffn(flat, idx, mlp.experts.gate_up_proj, mlp.experts.down_proj, shared, path).view_as(x)
+    idx, weights = mlp.route(flat)
+    w13, w2 = mlp.experts.gate_up_proj, mlp.experts.down_proj
+    return moe_ffn(flat, idx, w13, w2, shared, weights, path).view_as(x)
 
 
 @functools.cache

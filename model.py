@@ -115,6 +115,11 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                          f"found {str(layers)[:80]}")
     if moe.get("router") not in ROUTER_KINDS:
         raise ValueError(f"config.json moe.router {moe.get('router')!r} is not one of {ROUTER_KINDS}")
+    if moe.get("routing", "sum") not in ROUTINGS:
+        raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
+    for flag in ("norm_topk", "select_bias"):
+        if not isinstance(moe.get(flag, False), bool):
+            raise ValueError(f"config.json moe.{flag} must be true or false, found {moe[flag]!r}")
     for i, layer in enumerate(layers):
         if layer is None:
             continue
@@ -257,12 +262,21 @@ class MLP(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the MoE FFN. The dense FFN's neurons are regrouped into a shared GLU that every token uses and
-# n_routed experts of expert_dim neurons each, of which a router picks top_k per token. Outputs are
-# summed unweighted, so a selected expert computes exactly what its neurons computed in the dense FFN;
-# with every neuron shared (in the original order) the layer *is* the dense FFN.
+# n_routed experts of expert_dim neurons each, of which a router picks top_k per token. With the
+# `sum` routing that convert.py writes, the selected experts' outputs are summed unweighted, so a
+# selected expert computes exactly what its neurons computed in the dense FFN; with every neuron shared
+# (in the original order) the layer *is* the dense FFN. Training switches to a weighted routing.
 # Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
 ROUTER_KINDS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")
+# how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
+#   sum      1: the training-free conversion. The router gets no gradient (top-k is not differentiable)
+#   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to sum
+#            bit for bit at gamma = 0; the router learns once gamma has moved
+#   softmax  p_e (ExpertWeaver's downcycling, Switch), or p_e / sum of the top-k p (norm_topk)
+# Selection is the top-k of the scores plus an optional per-expert select_bias, which balancing
+# without an auxiliary loss nudges (DeepSeek-V3); the weights never see the bias.
+ROUTINGS = ("sum", "scaled", "softmax")
 
 
 class Router(nn.Module):
@@ -275,7 +289,7 @@ class Router(nn.Module):
     oracle:   each expert's output norm (Experts.contributions), which costs the whole expert: a
               diagnostic upper bound, not a deployable router."""
 
-    def __init__(self, kind: str, dim: int, n_experts: int):
+    def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum", select_bias: bool = False):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
@@ -285,6 +299,9 @@ class Router(nn.Module):
             self.bias = nn.Parameter(torch.empty(n_experts))  # (E,)
         if kind == "cmoe":
             self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
+        if routing == "scaled":
+            self.gamma = nn.Parameter(torch.empty(()))
+        self.register_buffer("select_bias", torch.empty(n_experts) if select_bias else None)  # (E,) float32
 
     def forward(self, x, experts: "Experts"):
         # x: (N, D) -> (N, E) float32
@@ -309,15 +326,19 @@ def glu(x, w13, w2):
     return (F.silu(gate) * up) @ w2
 
 
-def routed_reference(x, idx, w13, w2):
-    """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D) -> (N, D): each token's sum over
-    its K experts. The obvious loop over experts, the reference kernels.py's fast paths are tested
-    against."""
+def routed_reference(x, idx, w13, w2, weights=None, experts=None):
+    """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D), weights (N, K) or None -> (N, D):
+    each token's sum over its K experts, weighted. The obvious loop over experts (or over the listed
+    `experts` only), the reference that kernels.py's fast paths are tested against."""
     out = torch.zeros_like(x)
-    for e in range(w13.shape[0]):
-        tokens = (idx == e).any(dim=-1).nonzero().squeeze(-1)
+    for e in range(w13.shape[0]) if experts is None else experts:
+        hit = idx == e  # (N, K): a token selects each expert at most once
+        tokens = hit.any(dim=-1).nonzero().squeeze(-1)
         if tokens.numel():
-            out.index_add_(0, tokens, glu(x[tokens], w13[e], w2[e]))
+            y = glu(x[tokens], w13[e], w2[e])  # (n, D)
+            if weights is not None:
+                y = y * (weights[tokens] * hit[tokens]).sum(dim=-1, keepdim=True).to(y.dtype)
+            out.index_add_(0, tokens, y)
     return out
 
 
@@ -333,9 +354,9 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, expert_dim, dim))
 
-    def forward(self, x, idx):
-        # x: (N, D), idx: (N, K) expert ids -> (N, D)
-        return routed_reference(x, idx, self.gate_up_proj, self.down_proj)
+    def forward(self, x, idx, weights=None):
+        # x: (N, D), idx: (N, K) expert ids, weights: (N, K) or None -> (N, D)
+        return routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights)
 
     def contributions(self, x):
         # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is what
@@ -345,21 +366,42 @@ class Experts(nn.Module):
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int,
-                 routed_experts: int, top_k: int):
+    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int, routed_experts: int,
+                 top_k: int, routing: str = "sum", norm_topk: bool = False, select_bias: bool = False):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.routing, self.norm_topk = top_k, routing, norm_topk
         self.shared = MLP(dim, shared_neurons) if shared_neurons else None
         self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
-        self.router = Router(router, dim, routed_experts) if top_k else None
+        self.router = Router(router, dim, routed_experts, routing, select_bias) if top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
         n_neurons = shared_neurons + routed_experts * expert_dim
         self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
         self.kernel = None  # kernels.use_kernels(model) puts a fast forward here; None = the reference
+        self.balance_loss = self.load = None  # set by each forward in training mode (train.py reads them)
 
     def route(self, x):
-        # x: (N, D) -> (N, K) expert ids
-        return self.router(x, self.experts).topk(self.top_k, dim=-1).indices
+        # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (unweighted: `sum`)
+        scores = self.router(x, self.experts)  # (N, E) float32
+        bias = self.router.select_bias
+        idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
+        probs = scores.softmax(dim=-1) if self.routing != "sum" else None
+        if self.training:
+            self.record(idx, probs)
+        if self.routing == "sum":
+            return idx, None
+        picked = probs.gather(1, idx)  # (N, K)
+        if self.routing == "scaled":
+            return idx, 1 + self.router.gamma.float() * picked
+        return idx, picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked
+
+    def record(self, idx, probs):
+        # tokens per expert, and the Switch balance loss E * sum_e f_e P_e (f_e: share of the selections
+        # that went to e, P_e: mean router probability of e), whose gradient flows through P
+        E = probs.shape[1] if probs is not None else self.experts.gate_up_proj.shape[0]
+        self.load = torch.bincount(idx.flatten(), minlength=E)
+        if probs is not None:
+            f = self.load.float() / idx.numel()
+            self.balance_loss = E * (f * probs.mean(dim=0)).sum()
 
     def forward(self, x):
         if self.kernel is not None:
@@ -368,7 +410,7 @@ class MoEMLP(nn.Module):
         if not self.top_k:
             return y
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
-        return y + self.experts(flat, self.route(flat)).view_as(x)
+        return y + self.experts(flat, *self.route(flat)).view_as(x)
 
 # -----------------------------------------------------------------------------
 # block and model. Module names are the HF tensor names without the leading "model."
@@ -382,7 +424,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer)
+            options = {k: cfg.moe[k] for k in ("routing", "norm_topk", "select_bias") if k in cfg.moe}
+            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer, **options)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
@@ -669,12 +712,14 @@ class CheckpointWriter:
 
 
 def save_checkpoint(model: Transformer, hf_config: dict, directory: str, copy_from: str | None = None,
-                    extra: dict[str, dict] | None = None, max_shard_bytes: int = 2 << 30) -> None:
+                    extra: dict[str, dict] | None = None, max_shard_bytes: int = 2 << 30,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
     """The model (config.json with its moe section, safetensors shards), the tokenizer files of
-    `copy_from` and any `extra` JSON files, written into `directory`."""
+    `copy_from` and any `extra` JSON files, written into `directory`. `state` replaces the model's
+    state_dict (train.py passes one with its adapters merged)."""
     os.makedirs(directory, exist_ok=True)
     writer = CheckpointWriter(directory, max_shard_bytes)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
             writer.add(hf_name(name), tensor)
     writer.finish()

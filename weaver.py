@@ -531,7 +531,7 @@ def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) 
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
     for i in range(0, len(flat), batch_tokens):
-        counts += torch.bincount(moe.route(flat[i: i + batch_tokens]).flatten(), minlength=len(counts))
+        counts += torch.bincount(moe.route(flat[i: i + batch_tokens])[0].flatten(), minlength=len(counts))
     return counts
 
 # -----------------------------------------------------------------------------

@@ -67,3 +67,19 @@ def converted(model, **spec):
 
 
 TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", n_layers=2)
+    hf_config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    M.save_checkpoint(model, hf_config, str(path))
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    for name, offset in (("prose", 0), ("code", 30)):
+        (path / f"{name}.txt").write_text(" ".join(f"w{offset + (i * 7) % 30}" for i in range(2000)))
+    return str(path)

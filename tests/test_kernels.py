@@ -31,14 +31,33 @@ def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), e=st.integers(1, 9), data=st.data(), d=st.sampled_from([8, 16, 24]),
        f=st.integers(1, 12), s=st.sampled_from([0, 8]), load=st.sampled_from(["random", "one", "skewed"]),
-       seed=st.integers(0, 1000))
-def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, seed):
+       weighted=st.booleans(), seed=st.integers(0, 1000))
+def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, seed):
     k = data.draw(st.integers(1, e))
     args = problem(n, e, k, d, f, s, load, seed)
-    expected = K.reference(*args)
+    weights = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) if weighted else None
+    expected = K.reference(*args, weights)
     for path in FAST if f % 4 == 0 else ["select", "gather"]:  # grouped_mm wants 16-byte rows
-        torch.testing.assert_close(K.PATHS[path](*args), expected, rtol=1e-5, atol=1e-5, msg=path)
-    torch.testing.assert_close(K.moe_ffn(*args), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(K.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5, msg=path)
+    torch.testing.assert_close(K.moe_ffn(*args, weights), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 24])
+def test_paths_have_the_reference_gradients(n):
+    # what training differentiates: the input, both weight stacks, the shared GLU and the routing weights
+    x, idx, w13, w2, shared = problem(n, 6, 2, 16, 8, 8, "random", seed=n)
+    weights = torch.rand(n, 2, generator=torch.Generator().manual_seed(1))
+    leaves = [x, w13, w2, weights, *shared]
+
+    def grads(path):
+        inputs = [t.clone().requires_grad_(True) for t in leaves]
+        out = K.PATHS[path](inputs[0], idx, inputs[1], inputs[2], tuple(inputs[4:]), inputs[3])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [t.grad for t in inputs]
+    expected = grads("reference")
+    for path in FAST:
+        for got, want in zip(grads(path), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=path)
 
 
 @pytest.mark.parametrize("n,load", [(1, "random"), (7, "skewed"), (64, "one"), (200, "random")])

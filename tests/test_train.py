@@ -1,0 +1,240 @@
+"""train.py and the routing modes: scaled at gamma 0 is sum bit for bit, the weighted routings train the
+router, adapters equal their merged weights, a step lowers the loss, resume and torchrun match one
+uninterrupted process, and bad input fails in one line before any work, leaving nothing behind."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import convert as C
+import model as M
+import train as T
+import weaver as W
+from conftest import ROOT, TOKENS, converted, random_calibration, tiny_model
+
+# ---- routing modes
+
+
+def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the_router():
+    model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5)
+    expected = model(TOKENS)
+    T.set_routing(model, "scaled")
+    assert all(m.router.gamma.item() == 0 for m in T.moe_layers(model))
+    assert torch.equal(model(TOKENS), expected)
+    model.train()
+    model(TOKENS).square().mean().backward()
+    layer = T.moe_layers(model)[0]
+    assert layer.router.gamma.grad != 0 and not layer.router.weight.grad.any()  # gamma first, then the router
+    with torch.no_grad():
+        layer.router.gamma.fill_(0.5)
+    model.zero_grad()
+    model(TOKENS).square().mean().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+    T.set_routing(model, "softmax", norm_topk=True)
+    model.zero_grad()
+    model(TOKENS).square().mean().backward()
+    assert all(m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None for m in T.moe_layers(model))
+    _, weights = layer.route(torch.randn(5, 32))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+def test_keep_function_starts_at_the_sum_model(norm_topk):
+    model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router="lsq")
+    x = torch.randn(50, 32) * 3
+    before = [m.route(x)[0] for m in T.moe_layers(model)]
+    expected = model(TOKENS)
+    T.set_routing(model, "softmax", norm_topk=norm_topk, keep_function=True, eps=1e-3)
+    for m, idx in zip(T.moe_layers(model), before):
+        got, weights = m.route(x)
+        assert torch.equal(got, idx)  # the same experts
+        scale = m.top_k if norm_topk else m.experts.down_proj.shape[0]
+        assert ((weights * scale).log().abs() <= 1e-3 + 1e-6).all()  # every weight within exp(+-eps) of 1/scale
+    torch.testing.assert_close(model(TOKENS), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_routing_is_stored_in_config_and_loaded(tmp_path):
+    model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5)
+    T.set_routing(model, "scaled")
+    T.add_select_bias(model)
+    with torch.no_grad():
+        for m in T.moe_layers(model):
+            m.router.gamma.fill_(0.3)
+            m.router.select_bias.copy_(torch.linspace(-1, 1, len(m.router.select_bias)))
+    M.save_checkpoint(model, {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                      str(tmp_path))
+    loaded = M.load_model(str(tmp_path))
+    assert loaded.cfg.moe["routing"] == "scaled" and loaded.cfg.moe["select_bias"] is True
+    assert torch.equal(loaded(TOKENS), model(TOKENS))
+
+# ---- LoRA
+
+
+def test_lora_model_equals_the_merged_one():
+    model = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)
+    T.add_lora(model, rank=3, alpha=6.0, seed=0)
+    with torch.no_grad():  # B starts at zero; give every adapter a real update
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.1)
+    wrapped = model(TOKENS)
+    merged = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)
+    merged.load_state_dict(T.merged_state(model), strict=True)
+    assert not torch.equal(merged(TOKENS), converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)(TOKENS))
+    torch.testing.assert_close(merged(TOKENS), wrapped, rtol=1e-6, atol=1e-6)
+    targets = T.lora_targets(model)
+    assert sum(1 for m, _ in targets if isinstance(m, M.Experts)) == 4  # gate_up and down of both layers
+
+# ---- training runs on a tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("moe") / "moe")
+    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
+    C.main(tiny_checkpoint, out, W.ConvertSpec(n_experts=8, active=0.5), calib, 4, 32, None, 0.1, [], 32, 2,
+           "float32", "float32", "cpu", 2.0, prompt=None)
+    return out
+
+
+def data_of(checkpoint):
+    return (os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt:code"))
+
+
+def tiny_spec(data, **spec):
+    return T.TrainSpec(**{"data": data, "seqlen": 16, "batch": 2, "steps": 4, "lr": 1e-2, "warmup": 1, **spec})
+
+
+def run(checkpoint, out, data, **kwargs):
+    spec = {k: v for k, v in kwargs.items() if k in T.TrainSpec.__dataclass_fields__}
+    options = {k: v for k, v in kwargs.items() if k not in spec}
+    return T.train(checkpoint, out, tiny_spec(data, **spec), **{"val_seqlen": 16, "val_windows": 2, "val_every": 2,
+                                                                 "log": lambda *_: None, **options})
+
+
+def all_tensors(path):
+    return {n: t for f in sorted(set(M.tensor_locations(path).values())) for n, t in load_file(f).items()}
+
+
+def test_a_step_lowers_the_loss_on_its_batch(tiny_checkpoint, tmp_path):
+    rows = run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora", "norms"), steps=1)
+    spec = tiny_spec(data_of(tiny_checkpoint), steps=1)
+    windows, _ = T.load_data(M.load_tokenizer(tiny_checkpoint), spec, 16)
+    batch = windows[T.batch_windows(len(windows), 0, 0, 2, 1, 0, 1, 0)]
+
+    def loss(path):
+        logits = M.load_model(path)(batch)[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)).item()
+    assert rows[1]["loss"] == pytest.approx(loss(tiny_checkpoint), rel=1e-5)  # the logged loss is that batch's
+    assert loss(str(tmp_path / "out")) < loss(tiny_checkpoint)
+
+
+def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, tiny_moe, tmp_path):
+    out = str(tmp_path / "healed")
+    rows = run(tiny_moe, out, data_of(tiny_checkpoint), train=("lora", "router"), routing="softmax", balance=0.01,
+               bias_balance=1e-3)
+    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "tokenizer.json",
+                                       "train_log.jsonl", "train_state.json", "train_state.safetensors"]
+    model = M.load_model(out)
+    assert model.cfg.moe["routing"] == "softmax" and model.cfg.moe["select_bias"]
+    assert any(m.router.select_bias.abs().sum() > 0 for m in T.moe_layers(model))  # the balancing moved them
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 4 and all(r["balance"] > 0 and r["load_max_over_mean"] >= 1 for r in steps)
+    assert [r["step"] for r in rows if "val_ppl" in r] == [0, 2, 4]
+    assert len(open(os.path.join(out, "train_log.jsonl")).readlines()) == len(rows)
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_moe, tmp_path, monkeypatch):
+    data, heal = data_of(tiny_checkpoint), dict(train=("lora", "router"), routing="scaled")
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    run(tiny_moe, straight, data, **heal)
+    save = T.save
+
+    def save_then_stop(*args, **kwargs):  # the run is killed right after its step-2 save
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_moe, broken, data, save_every=2, **heal)
+    monkeypatch.setattr(T, "save", save)
+    assert json.load(open(os.path.join(broken, "train_state.json")))["step"] == 2
+    run(tiny_moe, broken, data, resume=True, **heal)
+    a, b = all_tensors(straight), all_tensors(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    log = lambda path: [json.loads(line) for line in open(os.path.join(path, "train_log.jsonl"))]
+    assert log(straight) == [{**r, "tok_s": a["tok_s"]} if "tok_s" in r else r
+                             for r, a in zip(log(broken), log(straight))]
+    with pytest.raises(ValueError, match="trained with lr = 0.01, this run asks for 0.02"):
+        run(tiny_moe, broken, data, resume=True, lr=2e-2, **heal)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_gloo_processes_match_one(tiny_checkpoint, tiny_moe, tmp_path):
+    data = data_of(tiny_checkpoint)
+    common = ["--train", "lora,router", "--routing", "softmax", "--seqlen", "16", "--steps", "3", "--lr", "1e-2",
+              "--warmup", "1", "--val-seqlen", "16", "--val-windows", "2", "--bias-balance", "1e-3"]
+    common += [arg for d in data for arg in ("--data", d)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "train.py", tiny_moe, "--out", str(tmp_path / "one"), "--batch", "4",
+                          *common], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train.py", tiny_moe,
+                          "--out", str(tmp_path / "two"), "--batch", "2", *common],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stdout
+    a, b = all_tensors(str(tmp_path / "one")), all_tensors(str(tmp_path / "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+# ---- bad input
+
+
+def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
+    data = data_of(tiny_checkpoint)
+    cases = [
+        (dict(data=()), tiny_checkpoint, "--data: give at least one text file"),
+        (dict(data=data, seqlen=5000, train=("lora",)), tiny_checkpoint,
+         r"prose.txt: \d+ tokens .* make no window of --seqlen 5000"),
+        (dict(data=data, routing="softmax"), tiny_checkpoint, "--routing applies to an MoE checkpoint; this one is dense"),
+        (dict(data=data, train=("router",)), tiny_checkpoint, "--train router applies to an MoE checkpoint"),
+        (dict(data=data, train=("router",)), tiny_moe, "--train router with sum routing: the router gets no gradient"),
+        (dict(data=data, balance=0.01), tiny_moe, "--balance needs router probabilities"),
+        (dict(data=(data[0] + ".missing",)), tiny_checkpoint, "prose.txt.missing not found"),
+    ]
+    for spec, checkpoint, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            T.train(checkpoint, str(tmp_path / "out"), T.TrainSpec(**spec), log=lambda *_: None)
+    for spec, message in [(dict(train=("lora", "wings")), "--train wings: not one of"),
+                          (dict(train=("lora", "all")), "--train lora with experts or all"),
+                          (dict(keep_function=True), "--keep-function rescales a sum-routed MoE for --routing softmax")]:
+        with pytest.raises(ValueError, match=message):
+            T.TrainSpec(**spec)
+    assert os.listdir(tmp_path) == []
+    cli = subprocess.run([sys.executable, "train.py", tiny_checkpoint, "--out", str(tmp_path / "x"), "--data",
+                          data[0], "--train", "lora,wings"], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 1 and cli.stderr.strip().splitlines() == [
+        "train.py: error: --train wings: not one of router, norms, lora, experts, all"]
+
+
+def test_an_interrupted_save_leaves_no_partial_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(M.CheckpointWriter, "finish", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora",), steps=1)
+    assert os.listdir(tmp_path) == []
