@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import time
 
@@ -314,7 +315,6 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     """Converts a synthetic checkpoint (written first, by a child process so its memory is not counted here):
     wall time per stage and peak RSS of this process. Calibration: random tokens, `tasks` tasks drawing from
     separate slices of the vocabulary (the weights are random, so text would mean nothing)."""
-    import shutil
     import subprocess
     import sys
     source = os.path.join(directory, f"{name}-{layers or 'all'}")
@@ -387,6 +387,15 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
 # quality
 
 
+def task_files(data: str, command: str) -> dict[str, str]:
+    files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"bench {command} needs the task files in --data (../shared/data beside the "
+                                f"repository, or --data DIR); missing: {', '.join(missing)}")
+    return files
+
+
 def ffn_flops(cfg) -> dict:
     """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of their
     routers (multiply-adds x 2). gate and oracle routers compute projections of every routed neuron, so
@@ -435,12 +444,9 @@ def parse_row(row: str) -> dict:
 
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
             eval_seqlen: int, eval_windows: int, holdout: float, seed: int) -> list[dict]:
+    files = task_files(data, "quality")
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
-    files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
-    missing = [f for f in files.values() if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"bench quality needs the task files in --data; missing: {', '.join(missing)}")
     specs = [f"{f}:{task}" for task, f in files.items()]
     calib = calibration_from_files(tokenizer, specs, calib_samples, calib_seqlen, seed, holdout)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
@@ -497,6 +503,150 @@ def print_tables(results: list[dict], dense: dict) -> None:
             if a in base and a in best and r["row"] not in ("expertweaver:centroid", "expertweaver:oracle"):
                 gap = [(base[a]["ratio"][t] - r["ratio"][t]) / (base[a]["ratio"][t] - best[a]["ratio"][t]) for t in tasks]
                 print(f"| `{r['row']}` | {a:.2f} | " + " | ".join(f"{g:.0%}" for g in gap) + " |")
+
+
+# -----------------------------------------------------------------------------
+# training: healing and downcycling, every ratio against the dense model trained the same way (same data,
+# budget and trainable set: training on the tasks' text also lowers the dense model's perplexity on it)
+
+
+def trained(checkpoint: str, out: str, spec, val_windows: int, val_every: int, label: str) -> dict:
+    """train.train on one checkpoint -> validation ppl per task before and after, the validation loss
+    curve (mean NLL over the tasks), tokens/s (median over steps) and wall seconds."""
+    import train
+    t0 = time.time()
+    rows = train.train(checkpoint, out, spec, val_seqlen=512, val_windows=val_windows, val_every=val_every,
+                       log_every=8, log=lambda line: print(f"  {label}: {line}", flush=True))
+    vals = [r for r in rows if "val_ppl" in r]
+    nll = lambda ppl: sum(math.log(p) for p in ppl.values()) / len(ppl)
+    return {"before": vals[0]["val_ppl"], "after": vals[-1]["val_ppl"], "seconds": time.time() - t0,
+            "curve": [(r["step"], nll(r["val_ppl"])) for r in vals],
+            "tok_s": statistics.median(r["tok_s"] for r in rows if "tok_s" in r)}
+
+
+def ratio_cells(ppl: dict, dense: dict) -> list[str]:
+    ratios = {t: ppl[t] / dense[t] for t in ppl}
+    return [f"{r:.3f}" for r in ratios.values()] + [f"**{geomean(ratios.values()):.3f}**"]
+
+
+def train_specs(data: str, command: str, **common):
+    from train import TrainSpec
+    specs = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
+    return lambda **kw: TrainSpec(data=specs, **{**common, **kw})
+
+
+def heal(data: str, rows: list[str], actives: list[float], tokens: int, seqlen: int, batch: int, lr: float,
+         calib_samples: int, calib_seqlen: int, holdout: float, val_windows: int, seed: int) -> list[dict]:
+    """Each conversion healed with LoRA (attention and every FFN projection) + its router, scaled
+    routing (gamma = 0: training starts from the converted model itself), the same data and budget;
+    the dense model gets the same LoRA and budget."""
+    import tempfile
+    spec = train_specs(data, "heal", holdout=holdout, seqlen=seqlen, batch=batch, tokens=tokens, lr=lr,
+                       warmup=max(1, tokens // (seqlen * batch) // 10), seed=seed)
+    path = demo_checkpoint()
+    calib = calibration_from_files(load_tokenizer(path), list(spec().data), calib_samples, calib_seqlen, seed,
+                                   holdout)
+    print(header("cpu", "float32"))
+    work = tempfile.mkdtemp(prefix="expertweaver-heal-")
+    dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows, 10**9, "dense")
+    results = []
+    for active in actives:
+        for row in rows:
+            convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
+            moe = os.path.join(work, "moe")
+            convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
+                               log=lambda *_: None)
+            routed = convert_spec.router != "none"
+            run = trained(moe, os.path.join(work, "healed"), spec(train=("lora", "router") if routed else ("lora",),
+                          routing="scaled" if routed else None), val_windows, 10**9, f"{row} {active}")
+            results.append({"row": row, "active": active, **run})
+    shutil.rmtree(work)
+    tasks = list(dense["before"])
+    print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed the same way "
+          f"after ({tokens} tokens, LoRA r 8 + router)\n")
+    head = ["row", "active", *(f"before {t}" for t in tasks), "before geomean", *(f"after {t}" for t in tasks),
+            "after geomean", "tok/s (x dense)", "train s"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    ppl_cells = lambda ppl: " | ".join(f"ppl {ppl[t]:.2f}" for t in tasks)
+    print(f"| dense | 1.00 | {ppl_cells(dense['before'])} | 1.000 | {ppl_cells(dense['after'])} | 1.000 | "
+          f"{dense['tok_s']:.0f} | {dense['seconds']:.0f} |")
+    for r in results:
+        cells = [f"`{r['row']}`", f"{r['active']:.2f}", *ratio_cells(r["before"], dense["before"]),
+                 *ratio_cells(r["after"], dense["after"]), f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
+                 f"{r['seconds']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    return [{"row": "dense", **dense}] + results
+
+
+def downcycle(data: str, rows: list[str], active: float, n_experts: int, n_shared: int, tokens: int, seqlen: int,
+              batch: int, lr: float, min_lr: float, balance: float, calib_samples: int, calib_seqlen: int,
+              holdout: float, val_windows: int, val_every: int, seed: int, plot: str | None) -> list[dict]:
+    """The demo downcycled to `active` of its FFN: each initialisation (a row, '+keep' for the start that
+    keeps the converted model's function) trained with softmax routing and the balance loss, every
+    parameter, the same budget; the dense model trained the same way."""
+    import tempfile
+    steps = max(1, tokens // (seqlen * batch))
+    spec = train_specs(data, "downcycle", holdout=holdout, seqlen=seqlen, batch=batch, tokens=tokens, lr=lr,
+                       min_lr=min_lr, warmup=max(1, steps // 10), train=("all",), seed=seed)
+    path = demo_checkpoint()
+    calib = calibration_from_files(load_tokenizer(path), list(spec().data), calib_samples, calib_seqlen, seed,
+                                   holdout)
+    print(header("cpu", "float32"))
+    work = tempfile.mkdtemp(prefix="expertweaver-downcycle-")
+    dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense")
+    results = []
+    for row in rows:
+        init, _, start = row.partition("+")
+        convert_spec = ConvertSpec(active=active, n_experts=n_experts, n_shared=n_shared, seed=seed,
+                                   **parse_row(init))
+        moe = os.path.join(work, "moe")
+        convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32, log=lambda *_: None)
+        run = trained(moe, os.path.join(work, "trained"), spec(routing="softmax", balance=balance,
+                      keep_function=start == "keep"), val_windows, val_every, row)
+        results.append({"row": row, **run})
+    shutil.rmtree(work)
+    tasks = list(dense["before"])
+    print(f"\nheld-out ppl ratio to the dense model trained the same way ({tokens} tokens, every parameter), "
+          f"{active:.0%} of the FFN active, {n_experts} experts, {n_shared} shared\n")
+    head = ["init", *tasks, "geomean", "val loss at step 0", "val loss at the end", "tok/s (x dense)", "train s"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    ppl_cells = " | ".join(f"ppl {dense['after'][t]:.2f}" for t in tasks)
+    print(f"| dense | {ppl_cells} | 1.000 | {dense['curve'][0][1]:.3f} | {dense['curve'][-1][1]:.3f} | "
+          f"{dense['tok_s']:.0f} | {dense['seconds']:.0f} |")
+    for r in results:
+        cells = [f"`{r['row']}`", *ratio_cells(r["after"], dense["after"]), f"{r['curve'][0][1]:.3f}",
+                 f"{r['curve'][-1][1]:.3f}", f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
+                 f"{r['seconds']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nvalidation loss (mean NLL over the tasks) by step\n\n| step | " + " | ".join(
+        f"`{r['row']}`" for r in results) + " | dense |\n|" + "---|" * (len(results) + 2))
+    for i, (step, _) in enumerate(dense["curve"]):
+        print(f"| {step} | " + " | ".join(f"{r['curve'][i][1]:.3f}" for r in results) + f" | {dense['curve'][i][1]:.3f} |")
+    if plot:
+        draw_curves(plot, results, dense, f"the demo downcycled to {active:.0%} of its FFN: validation loss")
+    return [{"row": "dense", **dense}] + results
+
+
+def draw_curves(file: str, results: list[dict], dense: dict, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no picture: matplotlib is not installed (pip install matplotlib), {file} not written")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results + [{"row": "dense (same training)", **dense}]:
+        steps, loss = zip(*r["curve"])
+        ax.plot(steps, loss, marker="o", markersize=3, label=r["row"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss (mean NLL over 4 tasks)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    print(f"wrote {file}")
 
 
 if __name__ == "__main__":
@@ -570,7 +720,51 @@ if __name__ == "__main__":
     q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
     q.add_argument("--holdout", type=float, default=0.1)
     q.add_argument("--seed", type=int, default=0)
+    hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model trained alike",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hb.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
+    hb.add_argument("--rows", nargs="+", default=["expertweaver", "expertweaver:centroid:shared_by=activation", "cmoe",
+                                                  "static"], help="conversions, as in quality")
+    hb.add_argument("--active", nargs="+", type=float, default=[0.75, 0.5], help="active fractions")
+    hb.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
+    hb.add_argument("--seqlen", type=int, default=256)
+    hb.add_argument("--batch", type=int, default=8)
+    hb.add_argument("--lr", type=float, default=5e-4)
+    db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (all parameters)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    db.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
+    db.add_argument("--rows", nargs="+", default=["expertweaver:centroid", "random:centroid", "cmoe",
+                                                  "expertweaver:centroid+keep"],
+                    help="initialisations, as quality's rows; +keep: start at the converted model's function")
+    db.add_argument("--active", type=float, default=0.25)
+    db.add_argument("--experts", type=int, default=64)
+    db.add_argument("--n-shared", type=int, default=2)
+    db.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
+    db.add_argument("--seqlen", type=int, default=256)
+    db.add_argument("--batch", type=int, default=8)
+    db.add_argument("--lr", type=float, default=4e-4)
+    db.add_argument("--min-lr", type=float, default=4e-5)
+    db.add_argument("--balance", type=float, default=0.01, help="Switch balance loss coefficient")
+    db.add_argument("--val-every", type=int, default=4)
+    db.add_argument("--plot", default=None, help="draw the validation curves into this PNG (needs matplotlib)")
+    for s in (hb, db):
+        s.add_argument("--calib-samples", type=int, default=8)
+        s.add_argument("--calib-seqlen", type=int, default=256)
+        s.add_argument("--holdout", type=float, default=0.1)
+        s.add_argument("--val-windows", type=int, default=8, help="held-out windows of 512 tokens per task")
+        s.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.command in ("heal", "downcycle"):
+        rows = heal(a.data, a.rows, a.active, a.tokens, a.seqlen, a.batch, a.lr, a.calib_samples, a.calib_seqlen,
+                    a.holdout, a.val_windows, a.seed) if a.command == "heal" else \
+            downcycle(a.data, a.rows, a.active, a.experts, a.n_shared, a.tokens, a.seqlen, a.batch, a.lr, a.min_lr,
+                      a.balance, a.calib_samples, a.calib_seqlen, a.holdout, a.val_windows, a.val_every, a.seed,
+                      a.plot)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"command": a.command, "args": vars(a), "header": header("cpu", "float32"), "rows": rows},
+                          f, indent=2)
+        raise SystemExit
     torch.set_grad_enabled(False)
     if a.command in ("ffn", "model"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
