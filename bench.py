@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 import kernels
 from convert import (Calibration, calibration_from_files, calibration_from_model, convert, convert_checkpoint,
-                     demo_checkpoint, heldout_tokens, output_dir, peak_rss_gib, perplexity, read_text, resolve)
+                     demo_checkpoint, exit_on_sigterm, heldout_tokens, output_dir, peak_rss_gib, perplexity, read_text,
+                     resolve)
 from model import MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
@@ -458,7 +459,7 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
 
     t0 = time.time()
     dense = ppl_per_task(load_model(path))
-    print(f"dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items()) + f" ({time.time() - t0:.0f}s)")
+    print("dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items()) + f" ({time.time() - t0:.0f}s)")
     results = []
     for active in actives:
         for row in rows:
@@ -548,19 +549,21 @@ def heal(data: str, rows: list[str], actives: list[float], tokens: int, seqlen: 
                                    holdout)
     print(header("cpu", "float32"))
     work = tempfile.mkdtemp(prefix="expertweaver-heal-")
-    dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows, 10**9, "dense")
-    results = []
-    for active in actives:
-        for row in rows:
-            convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
-            moe = os.path.join(work, "moe")
-            convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
-                               log=lambda *_: None)
-            routed = convert_spec.router != "none"
-            run = trained(moe, os.path.join(work, "healed"), spec(train=("lora", "router") if routed else ("lora",),
-                          routing="scaled" if routed else None), val_windows, 10**9, f"{row} {active}")
-            results.append({"row": row, "active": active, **run})
-    shutil.rmtree(work)
+    try:
+        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows, 10**9, "dense")
+        results = []
+        for active in actives:
+            for row in rows:
+                convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
+                moe = os.path.join(work, "moe")
+                convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
+                                   log=lambda *_: None)
+                routed = convert_spec.router != "none"
+                run = trained(moe, os.path.join(work, "healed"), spec(train=("lora", "router") if routed else
+                              ("lora",), routing="scaled" if routed else None), val_windows, 10**9, f"{row} {active}")
+                results.append({"row": row, "active": active, **run})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed the same way "
           f"after ({tokens} tokens, LoRA r 8 + router)\n")
@@ -593,18 +596,21 @@ def downcycle(data: str, rows: list[str], active: float, n_experts: int, n_share
                                    holdout)
     print(header("cpu", "float32"))
     work = tempfile.mkdtemp(prefix="expertweaver-downcycle-")
-    dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense")
-    results = []
-    for row in rows:
-        init, _, start = row.partition("+")
-        convert_spec = ConvertSpec(active=active, n_experts=n_experts, n_shared=n_shared, seed=seed,
-                                   **parse_row(init))
-        moe = os.path.join(work, "moe")
-        convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32, log=lambda *_: None)
-        run = trained(moe, os.path.join(work, "trained"), spec(routing="softmax", balance=balance,
-                      keep_function=start == "keep"), val_windows, val_every, row)
-        results.append({"row": row, **run})
-    shutil.rmtree(work)
+    try:
+        dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense")
+        results = []
+        for row in rows:
+            init, _, start = row.partition("+")
+            convert_spec = ConvertSpec(active=active, n_experts=n_experts, n_shared=n_shared, seed=seed,
+                                       **parse_row(init))
+            moe = os.path.join(work, "moe")
+            convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
+                               log=lambda *_: None)
+            run = trained(moe, os.path.join(work, "trained"), spec(routing="softmax", balance=balance,
+                          keep_function=start == "keep"), val_windows, val_every, row)
+            results.append({"row": row, **run})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model trained the same way ({tokens} tokens, every parameter), "
           f"{active:.0%} of the FFN active, {n_experts} experts, {n_shared} shared\n")
@@ -754,6 +760,7 @@ if __name__ == "__main__":
         s.add_argument("--val-windows", type=int, default=8, help="held-out windows of 512 tokens per task")
         s.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    exit_on_sigterm()
     if a.command in ("heal", "downcycle"):
         rows = heal(a.data, a.rows, a.active, a.tokens, a.seqlen, a.batch, a.lr, a.calib_samples, a.calib_seqlen,
                     a.holdout, a.val_windows, a.seed) if a.command == "heal" else \

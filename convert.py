@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import weaver
-from model import (CheckpointWriter, Transformer, load_block, load_config, load_model, load_tokenizer,
+from model import (MLP, CheckpointWriter, Transformer, load_block, load_config, load_model, load_tokenizer,
                    read_tensors, tensor_locations)
 
 # -----------------------------------------------------------------------------
@@ -363,12 +363,6 @@ def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: 
 # the conversion drivers: in memory, or streaming a checkpoint layer by layer
 
 
-def check_dense(cfg, path: str) -> None:
-    if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section); "
-                         f"converting an MoE again is not supported: convert the dense checkpoint")
-
-
 def format_layer(row: dict, n_layers: int) -> str:
     head = f"layer {row['layer']:>{len(str(n_layers))}}/{n_layers}"
     if row["dense"]:
@@ -386,11 +380,14 @@ def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibrati
     weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
     cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
     moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": cfg.ffn_dim // spec.n_experts,
-               "router": spec.router, "active": spec.active, "layers": [None] * cfg.n_layers}
+               "router": spec.router, "router_bias": spec.router_bias, "active": spec.active,
+               "layers": [None] * cfg.n_layers,
+               "topk_spread": [None] * cfg.n_layers}  # per layer, on the calibration tokens: export's scale
     rows, timings = [], {}
     run = lambda block, hb: block(hb, cos, sin, mask)
     for i, block, row in weaver.convert_blocks(blocks, run, h, calib.task, spec, timings):
         moe_cfg["layers"][i] = row.pop("moe", None)
+        moe_cfg["topk_spread"][i] = row["topk_spread"] if not row["dense"] else None
         if keep is not None:
             with weaver.timed(timings, "write"):
                 keep(i, block)
@@ -420,7 +417,8 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     two blocks and one output shard, whatever the depth. The same tensors as convert() followed by
     save_checkpoint(); `extra` JSON files too; `out` appears atomically at the end."""
     cfg, hf_config = load_config(path)
-    check_dense(cfg, path)
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint: convert the dense checkpoint")
     where = tensor_locations(path)
     with torch.device("meta"):
         skeleton = Transformer(cfg)  # no memory: the names, shapes and rope of the real model
@@ -502,6 +500,185 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 # -----------------------------------------------------------------------------
+# export: a stock Qwen2-MoE checkpoint, which transformers, vLLM and SGLang load as Qwen2MoeForCausalLM
+# with no code of ours. Its MoE block computes y = sigmoid(x w_g) * shared(x) + sum over the top-k of
+# softmax(x W_gate) (renormalised over the top-k with norm_topk_prob) times expert(x). Ours maps onto it:
+#   shared   w_g = 0 gives exactly 0.5, so the shared down projection is doubled: exact
+#   softmax  W_gate = the router's weight, norm_topk_prob = norm_topk: the same function
+#   sum      the unit weights that no softmax gives exactly: W_gate = c W, norm_topk_prob, and every
+#            routed down projection times k, so each weight k p_e / sum_topk p lies within exp(+-eps) of
+#            1 for any input, c = eps / Router.score_bound; scaling keeps the order of the scores
+# Dense layers become mlp_only_layers (an MLP of intermediate_size; a static layer's kept neurons are
+# padded with zero neurons, which add exactly zero). Every MoE layer needs the same routed experts and
+# top-k, since the format has one of each per model.
+
+EXPORT_EPS = 2.0 ** -10  # sum routing: weights within exp(+-2^-11) of 1 on calibration-like tokens
+EXPORTABLE_ROUTERS = ("centroid", "lsq")  # linear scores without a bias: what Qwen2-MoE's gate computes
+
+
+def export_problems(cfg) -> list[str]:
+    """Why a checkpoint cannot become a Qwen2-MoE checkpoint with the same function; empty if it can."""
+    problems = []
+    if cfg.qk_norm:
+        problems.append("Qwen3's q/k norms have no place in Qwen2-MoE (and Qwen3-MoE, which has them, has no "
+                        "shared expert)")
+    if cfg.sliding_window is not None:
+        problems.append(f"sliding_window {cfg.sliding_window}: vLLM's and SGLang's Qwen2-MoE attend without one")
+    if cfg.o_bias:
+        problems.append("attention_bias gives o_proj a bias, which Qwen2-MoE lacks")
+    if cfg.head_dim != cfg.dim // cfg.n_heads:
+        problems.append(f"head_dim {cfg.head_dim} is not hidden_size / heads = {cfg.dim // cfg.n_heads}, which "
+                        f"vLLM and SGLang assume")
+    moe = cfg.moe
+    if moe is None:  # the model's own problems; a conversion's are spec_export_problems
+        return problems
+    routed = {i: layer for i, layer in enumerate(moe["layers"]) if layer and layer["top_k"]}
+    if not routed:
+        problems.append("no layer routes (static pruning): it is a smaller dense model, not an MoE")
+    if len({(layer["routed_experts"], layer["top_k"]) for layer in routed.values()}) > 1:
+        sizes = ", ".join(f"{i}: {layer['top_k']} of {layer['routed_experts']}" for i, layer in routed.items())
+        problems.append(f"layers route different numbers of experts (layer: top-k of routed = {sizes}) and "
+                        f"Qwen2-MoE has one per model: convert with a uniform allocation, --n-shared N")
+    if routed and moe["router"] not in EXPORTABLE_ROUTERS:
+        problems.append(f"the {moe['router']!r} router does not score linearly: convert with --router centroid "
+                        f"or lsq")
+    if routed and moe["router"] == "lsq" and moe.get("router_bias", True):
+        problems.append("the lsq router has a per-expert bias, which Qwen2-MoE's gate lacks: convert with "
+                        "--no-router-bias")
+    if moe.get("routing", "sum") == "scaled":
+        problems.append("scaled routing (1 + gamma p) is no softmax: train with --routing softmax")
+    if moe.get("select_bias"):
+        problems.append("a selection bias (from --bias-balance) has no place in Qwen2-MoE's router")
+    spread = moe.get("topk_spread") or [None] * len(moe["layers"])
+    if moe.get("routing", "sum") == "sum" and any(spread[i] is None for i in routed):
+        problems.append("sum routing needs the converter's per-layer top-k score spread (moe.topk_spread), which "
+                        "this checkpoint lacks: convert it again with this version")
+    return problems
+
+
+def spec_export_problems(spec: weaver.ConvertSpec) -> list[str]:
+    """What in a conversion's settings keeps its result from being exported, known before converting."""
+    problems = []
+    if spec.method == "static":
+        problems.append("static pruning routes nothing: the result is a smaller dense model, not an MoE")
+    if spec.method in ("expertweaver", "random") and spec.n_shared is None:
+        problems.append(f"{spec.method} sizes each layer's shared expert from its statistics, so layers route "
+                        f"different numbers of experts, and Qwen2-MoE has one per model: add --n-shared N")
+    if spec.router not in EXPORTABLE_ROUTERS + ("none",):
+        problems.append(f"the {spec.router!r} router does not score linearly: use --router centroid or lsq")
+    if spec.router == "lsq" and spec.router_bias:
+        problems.append("the lsq router's per-expert bias has no place in Qwen2-MoE's gate: add --no-router-bias")
+    return problems
+
+
+def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
+    moe = cfg.moe
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+            "rope_theta", "rope_scaling", "rope_parameters")
+    config = {k: hf_config[k] for k in keep if hf_config.get(k) is not None}
+    config.setdefault("rope_theta", cfg.rope_theta)  # SGLang reads rope_theta, transformers rope_parameters
+    return {**config, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
+            "intermediate_size": cfg.ffn_dim, "moe_intermediate_size": moe["expert_dim"],
+            "shared_expert_intermediate_size": layout["shared"], "num_experts": layout["experts"],
+            "num_experts_per_tok": layout["top_k"], "norm_topk_prob": layout["norm_topk"],
+            "mlp_only_layers": layout["dense"], "decoder_sparse_step": 1, "qkv_bias": True,
+            "use_sliding_window": False, "output_router_logits": False, "torch_dtype": layout["dtype"]}
+
+
+@torch.no_grad()
+def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None, log=print) -> dict:
+    """Writes the MoE checkpoint at `path` as a Qwen2-MoE checkpoint at `out` (per-expert tensors as
+    transformers and vLLM name them), a layer at a time. Returns the layout and the largest sum-routing
+    scale c used."""
+    cfg, hf_config = load_config(path)
+    problems = export_problems(cfg) + (["a dense checkpoint: convert it first"] if cfg.moe is None else [])
+    if problems:
+        raise ValueError(f"{path} cannot be exported as Qwen2-MoE: " + "; ".join(problems))
+    save_dtype = save_dtype or getattr(torch, source_dtype(hf_config))
+    moe = cfg.moe
+    routed = [layer for layer in moe["layers"] if layer and layer["top_k"]]
+    sum_routing = moe.get("routing", "sum") == "sum"
+    layout = {"experts": routed[0]["routed_experts"], "top_k": routed[0]["top_k"],
+              "shared": max(1, max(layer["shared_neurons"] for layer in routed)),  # engines want one at least
+              "norm_topk": sum_routing or moe.get("norm_topk", False),
+              "dense": [i for i, layer in enumerate(moe["layers"]) if not (layer and layer["top_k"])],
+              "dtype": str(save_dtype).removeprefix("torch.")}
+    where = tensor_locations(path)
+    with torch.device("meta"):
+        skeleton = Transformer(cfg)
+    scales, worst = [], []
+    with output_dir(out) as tmp:
+        writer = CheckpointWriter(tmp)
+        add = lambda name, tensor: writer.add(name, tensor.to(save_dtype))
+        ends = {"model.embed_tokens.weight": skeleton.embed_tokens.weight, "model.norm.weight": skeleton.norm.weight}
+        if not cfg.tie_embeddings:
+            ends["lm_head.weight"] = skeleton.lm_head.weight
+        for name, tensor in read_tensors(path, ends, torch.float32, "cpu", where).items():
+            add(name, tensor)
+        for i in range(cfg.n_layers):
+            block = load_block(path, cfg, i, torch.float32, "cpu", where)
+            prefix = f"model.layers.{i}."
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                add(f"{prefix}{name}.weight", getattr(block, name).weight)
+            for p in "qkvo":
+                proj = getattr(block.self_attn, f"{p}_proj")
+                add(f"{prefix}self_attn.{p}_proj.weight", proj.weight)
+                if p != "o":  # the engines always have q/k/v biases: zeros where the source has none
+                    add(f"{prefix}self_attn.{p}_proj.bias", proj.bias if proj.bias is not None else
+                        torch.zeros(proj.weight.shape[0]))
+            spread = (moe.get("topk_spread") or [None] * cfg.n_layers)[i]
+            scales.append(export_ffn(block, f"{prefix}mlp.", cfg.ffn_dim, layout, sum_routing, spread, add))
+            if scales[-1] is not None:
+                worst.append(scales[-1] * block.mlp.router.score_bound(block.post_attention_layernorm.max_output_norm()))
+            log(f"export: layer {i + 1}/{cfg.n_layers}")
+        writer.finish()
+        writer.json("config.json", qwen2_moe_config(cfg, hf_config, layout))
+        writer.copy_tokenizer(path)
+    # how far a weight may stray from 1 (as a log): on calibration-like tokens, and for any input at all
+    return {**layout, "weight_error_calibration": EXPORT_EPS / 2 if sum_routing else 0.0,
+            "weight_error_any_input": max(worst) if sum_routing else 0.0}
+
+
+def zero_padded(w: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """w (2-D) with zero rows (dim 0) or zero columns (dim 1) up to n: zero neurons add exactly zero."""
+    shape = list(w.shape)
+    shape[dim] = n - w.shape[dim]
+    return torch.cat([w, w.new_zeros(shape)], dim=dim) if shape[dim] else w
+
+
+def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool, spread: float | None,
+               add) -> float | None:
+    """One layer's FFN in Qwen2-MoE's names; returns the router scale c of a sum-routed layer."""
+    mlp = block.mlp
+    pad = zero_padded
+    if isinstance(mlp, MLP) or not mlp.top_k:  # a dense (or statically pruned) layer: an MLP of d_ff
+        ffn = mlp if isinstance(mlp, MLP) else mlp.shared
+        add(prefix + "gate_proj.weight", pad(ffn.gate_proj.weight, ffn_dim, 0))
+        add(prefix + "up_proj.weight", pad(ffn.up_proj.weight, ffn_dim, 0))
+        add(prefix + "down_proj.weight", pad(ffn.down_proj.weight, ffn_dim, 1))
+        return None
+    D = block.post_attention_layernorm.weight.numel()
+    shared = mlp.shared
+    empty = torch.zeros(0, D)
+    add(prefix + "shared_expert.gate_proj.weight", pad(shared.gate_proj.weight if shared else empty, layout["shared"], 0))
+    add(prefix + "shared_expert.up_proj.weight", pad(shared.up_proj.weight if shared else empty, layout["shared"], 0))
+    add(prefix + "shared_expert.down_proj.weight", pad(2 * shared.down_proj.weight if shared else empty.T,
+                                                       layout["shared"], 1))  # times sigmoid(0) = 0.5
+    add(prefix + "shared_expert_gate.weight", torch.zeros(1, D))
+    c, scale = None, 1.0
+    if sum_routing:
+        c = EXPORT_EPS / (2 * max(spread, 1e-30))
+        scale = mlp.top_k
+    add(prefix + "gate.weight", mlp.router.weight * (c or 1.0))
+    F_ = mlp.experts.expert_dim
+    for e, (w13, w2) in enumerate(zip(mlp.experts.gate_up_proj, mlp.experts.down_proj)):
+        add(f"{prefix}experts.{e}.gate_proj.weight", w13[:F_])
+        add(f"{prefix}experts.{e}.up_proj.weight", w13[F_:])
+        add(f"{prefix}experts.{e}.down_proj.weight", w2.T * scale)
+    return c
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -538,17 +715,60 @@ def check_args(spec: weaver.ConvertSpec, calib: list[str], calib_samples: int, c
 def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list[str], calib_samples: int,
          calib_seqlen: int, field: str | None, holdout: float, evals: list[str], eval_seqlen: int,
          eval_windows: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
-         prompt: str | None = None) -> dict:
+         prompt: str | None = None, format: str = "expertweaver") -> dict:
     t_start = time.time()
     check_args(spec, calib, calib_samples, calib_seqlen, holdout, evals, eval_seqlen, eval_windows, device,
                max_shard_gb)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
-    check_dense(cfg, path)
+    name = os.path.basename(os.path.normpath(path))
+    if cfg.moe is not None and format == "qwen2_moe":  # an MoE checkpoint: export it, nothing else
+        out = out or os.path.join("out", f"{name}-qwen2_moe")
+        check_out(out)
+        layout = export_qwen2_moe(path, out, getattr(torch, save_dtype) if save_dtype else None,
+                                  log=lambda line: print(line, end="\r", flush=True))
+        print(f"wrote {out}: Qwen2-MoE, {layout['experts']} experts, top-{layout['top_k']}, shared "
+              f"{layout['shared']} neurons, dense layers {layout['dense']} ({time.time() - t_start:.1f}s)")
+        return {"export": layout}
+    if cfg.moe is not None:
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section): convert "
+                         f"the dense checkpoint, or export this one with --format qwen2_moe")
     weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
-    out = out or os.path.join("out", f"{os.path.basename(os.path.normpath(path))}-{spec.method}-"
-                                     f"{round(spec.active * 100)}")
+    problems = export_problems(cfg) + spec_export_problems(spec) if format == "qwen2_moe" else []
+    if problems:
+        raise ValueError("--format qwen2_moe: " + "; ".join(problems))
+    out = out or os.path.join("out", f"{name}-{spec.method}-{round(spec.active * 100)}"
+                                     + ("-qwen2_moe" if format == "qwen2_moe" else ""))
     check_out(out)
+    # a Qwen2-MoE export is converted into a temporary checkpoint of ours first, which goes at the end
+    parent, base = os.path.split(os.path.abspath(out))
+    work = tempfile.mkdtemp(prefix=f".tmp-{base}-{os.getpid()}-", dir=parent) if format == "qwen2_moe" else None
+    try:
+        report = convert_and_evaluate(path, cfg, hf_config, os.path.join(work, "moe") if work else out, spec,
+                                      calib, calib_samples, calib_seqlen, field, holdout, evals, eval_seqlen,
+                                      eval_windows, dtype, save_dtype, device, max_shard_gb, prompt)
+        if work:
+            report["export"] = export_qwen2_moe(os.path.join(work, "moe"), out)
+            write_report(out, report)
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}" + (" as Qwen2-MoE" if work else "") + f" (active fraction {report['active_fraction']:.3f}) "
+          f"in {time.time() - t_start:.1f}s total")
+    return report
+
+
+def write_report(out: str, report: dict) -> None:
+    with open(os.path.join(out, "report.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
+
+
+def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver.ConvertSpec, calib: list[str],
+                         calib_samples: int, calib_seqlen: int, field: str | None, holdout: float, evals: list[str],
+                         eval_seqlen: int, eval_windows: int, dtype: str | None, save_dtype: str | None,
+                         device: str, max_shard_gb: float, prompt: str | None) -> dict:
+    """Calibrates, converts the checkpoint at `path` into `out` and evaluates: main's slow part."""
     dtype = dtype or source_dtype(hf_config)
     save_dtype = save_dtype or source_dtype(hf_config)
     tokenizer = load_tokenizer(path)
@@ -594,10 +814,7 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list
             report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
                                  "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
             print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe {moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
-    with open(os.path.join(out, "report.json.tmp"), "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
-    print(f"wrote {out} (active fraction {report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
+    write_report(out, report)
     if prompt:
         if dense_text is not None:  # only when the dense model was loaded anyway
             print(f"dense greedy: {dense_text!r}")
@@ -681,6 +898,12 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     p.add_argument("--prompt", default="The capital of France is",
                    help="print the MoE's greedy continuation of this prompt at the end ('' to skip)")
+    p.add_argument("--no-router-bias", action="store_true", help="lsq: fit without the per-expert bias "
+                   "(Qwen2-MoE's gate has none; --format qwen2_moe needs it)")
+    p.add_argument("--format", default="expertweaver", choices=["expertweaver", "qwen2_moe"],
+                   help="expertweaver: our checkpoint (model.py loads it); qwen2_moe: a stock Qwen2MoeForCausalLM "
+                   "checkpoint for transformers, vLLM and SGLang. Given an MoE checkpoint of ours, qwen2_moe only "
+                   "exports it")
     p.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="largest output shard; the converter holds at most one shard in memory")
     a = p.parse_args()
@@ -690,8 +913,8 @@ if __name__ == "__main__":
             method=a.method, n_experts=a.experts, active=a.active, router=a.router, tau=a.tau,
             alpha_min=a.alpha_min, alpha_max=a.alpha_max, n_shared=a.n_shared, shared_by=a.shared_by,
             kmeans_iters=a.kmeans_iters, k_act=a.k_act, dense_layers=tuple(a.dense_layers),
-            sequential=a.sequential, seed=a.seed)
+            sequential=a.sequential, seed=a.seed, router_bias=not a.no_router_bias)
         main(a.checkpoint, a.out, spec, a.calib, a.calib_samples, a.calib_seqlen, a.field, a.holdout, a.evals,
-             a.eval_seqlen, a.eval_windows, a.dtype, a.save_dtype, a.device, a.max_shard_gb, a.prompt)
+             a.eval_seqlen, a.eval_windows, a.dtype, a.save_dtype, a.device, a.max_shard_gb, a.prompt, a.format)
     except (ValueError, OSError) as e:  # bad input or a failed download: the message says what and where
         sys.exit(f"convert.py: error: {e}")

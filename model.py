@@ -117,7 +117,7 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
         raise ValueError(f"config.json moe.router {moe.get('router')!r} is not one of {ROUTER_KINDS}")
     if moe.get("routing", "sum") not in ROUTINGS:
         raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
-    for flag in ("norm_topk", "select_bias"):
+    for flag in ("norm_topk", "select_bias", "router_bias"):
         if not isinstance(moe.get(flag, False), bool):
             raise ValueError(f"config.json moe.{flag} must be true or false, found {moe[flag]!r}")
     for i, layer in enumerate(layers):
@@ -162,6 +162,10 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def max_output_norm(self) -> float:
+        # ||x / rms(x)|| <= sqrt(D), so no output is longer than sqrt(D) times the largest weight
+        return self.weight.detach().abs().max().item() * math.sqrt(self.weight.numel())
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -282,21 +286,21 @@ ROUTINGS = ("sum", "scaled", "softmax")
 class Router(nn.Module):
     """Scores (N, E) in float32; the MoE layer takes the top_k. How weaver.py builds each:
     centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
-    lsq:      x @ W.T + b, fitted by ridge regression to each expert's output norm.
+    lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm.
     cmoe:     |(x @ U.T) * silu(x @ W.T)|, unit-norm up / gate rows of a representative neuron (CMoE).
     gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
               neuron, a third of their FLOPs; a comparison point, not a cheap router.
     oracle:   each expert's output norm (Experts.contributions), which costs the whole expert: a
               diagnostic upper bound, not a deployable router."""
 
-    def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum", select_bias: bool = False):
+    def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum", select_bias: bool = False,
+                 bias: bool = True):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
         if kind in ("centroid", "lsq", "cmoe"):
             self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
-        if kind == "lsq":
-            self.bias = nn.Parameter(torch.empty(n_experts))  # (E,)
+        self.bias = nn.Parameter(torch.empty(n_experts)) if kind == "lsq" and bias else None  # (E,)
         if kind == "cmoe":
             self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
         if routing == "scaled":
@@ -309,7 +313,8 @@ class Router(nn.Module):
         if self.kind == "centroid":
             return xf @ self.weight.float().T
         if self.kind == "lsq":
-            return xf @ self.weight.float().T + self.bias.float()
+            scores = xf @ self.weight.float().T
+            return scores if self.bias is None else scores + self.bias.float()
         if self.kind == "cmoe":
             return ((xf @ self.up.float().T) * F.silu(xf @ self.weight.float().T)).abs()
         if self.kind == "gate":
@@ -318,6 +323,17 @@ class Router(nn.Module):
         if self.kind == "oracle":
             return experts.contributions(x)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
+
+    def score_bound(self, input_norm: float) -> float:
+        """An upper bound on max_e s_e(x) - min_e s_e(x) over every input with ||x|| <= input_norm (an
+        RMSNorm output has ||x|| <= max|its weight| * sqrt(D)). Linear: ||w_e - w_j|| ||x|| + |b_e - b_j|;
+        CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
+        w = self.weight.detach().double()
+        if self.kind == "cmoe":
+            return (self.up.detach().double().norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
+        assert self.kind in ("centroid", "lsq"), f"the {self.kind!r} router's scores have no simple bound"
+        spread = torch.cdist(w, w).max().item() * input_norm
+        return spread + ((self.bias.max() - self.bias.min()).item() if self.bias is not None else 0.0)
 
 
 def glu(x, w13, w2):
@@ -367,12 +383,13 @@ class Experts(nn.Module):
 
 class MoEMLP(nn.Module):
     def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int, routed_experts: int,
-                 top_k: int, routing: str = "sum", norm_topk: bool = False, select_bias: bool = False):
+                 top_k: int, routing: str = "sum", norm_topk: bool = False, select_bias: bool = False,
+                 router_bias: bool = True):
         super().__init__()
         self.top_k, self.routing, self.norm_topk = top_k, routing, norm_topk
         self.shared = MLP(dim, shared_neurons) if shared_neurons else None
         self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
-        self.router = Router(router, dim, routed_experts, routing, select_bias) if top_k else None
+        self.router = Router(router, dim, routed_experts, routing, select_bias, router_bias) if top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
         n_neurons = shared_neurons + routed_experts * expert_dim
         self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
@@ -424,7 +441,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            options = {k: cfg.moe[k] for k in ("routing", "norm_topk", "select_bias") if k in cfg.moe}
+            options = {k: cfg.moe[k] for k in ("routing", "norm_topk", "select_bias", "router_bias") if k in cfg.moe}
             self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer, **options)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_dim)

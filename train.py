@@ -225,20 +225,6 @@ def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
 # routing: convert a checkpoint's routing for training
 
 
-def score_spread_bound(router, norm_weight: torch.Tensor) -> float:
-    """An upper bound on max_e s_e(x) - min_e s_e(x) over every FFN input x, which is an RMSNorm output
-    and so has ||x|| <= max|norm weight| * sqrt(D). Linear routers: ||w_e - w_j|| ||x|| + |b_e - b_j|;
-    CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
-    x_norm = norm_weight.detach().abs().max().item() * math.sqrt(norm_weight.numel())
-    w = router.weight.detach().double()
-    if router.kind == "cmoe":
-        return (router.up.detach().double().norm(dim=1) * w.norm(dim=1)).max().item() * x_norm ** 2
-    spread = torch.cdist(w, w).max().item() * x_norm
-    if router.kind == "lsq":
-        spread += (router.bias.max() - router.bias.min()).item()
-    return spread
-
-
 @torch.no_grad()
 def set_routing(model, routing: str, norm_topk: bool = False, keep_function: bool = False,
                 eps: float = 1e-3) -> None:
@@ -257,9 +243,9 @@ def set_routing(model, routing: str, norm_topk: bool = False, keep_function: boo
         if routing != "scaled" and hasattr(router, "gamma"):
             del router.gamma
         if keep_function:
-            c = eps / max(score_spread_bound(router, block.post_attention_layernorm.weight), 1e-30)
+            c = eps / max(router.score_bound(block.post_attention_layernorm.max_output_norm()), 1e-30)
             router.get_parameter("up" if router.kind == "cmoe" else "weight").mul_(c)
-            if router.kind == "lsq":
+            if router.bias is not None:
                 router.bias.mul_(c)
             mlp.experts.down_proj.mul_(mlp.top_k if norm_topk else mlp.experts.down_proj.shape[0])
         mlp.routing, mlp.norm_topk = routing, norm_topk

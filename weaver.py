@@ -49,6 +49,7 @@ class ConvertSpec:
     n_experts: int = 64               # N_e: experts per layer, shared ones included
     active: float = 0.75              # fraction of the experts (= of FFN neurons) each token uses
     router: str | None = None         # None: the method's own (DEFAULT_ROUTER)
+    router_bias: bool = True          # lsq: a per-expert bias (Qwen2-MoE's gate has none: export needs False)
     tau: float = 0.6                  # CV above which a neuron counts as specialised
     alpha_min: float = 0.2
     alpha_max: float = 0.7
@@ -327,14 +328,16 @@ class NormalEquations:
     val_y: torch.Tensor  # (n, E) float32: its true contributions
 
 
-def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int,
-               batch_tokens: int, max_val_tokens: int) -> NormalEquations:
+def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int, batch_tokens: int,
+               max_val_tokens: int, bias: bool = True) -> NormalEquations:
     """Streams the calibration inputs x (S, T, D) once; memory stays two (D+1)^2 matrices and at most
-    max_val_tokens held-out tokens (evenly spaced), whatever the number of tokens."""
+    max_val_tokens held-out tokens (evenly spaced), whatever the number of tokens. Without bias the rows
+    are x alone."""
     S, T, D = x.shape
     held = validation_samples(task)
-    zeros = lambda cols: torch.zeros(D + 1, cols, dtype=torch.float64, device=x.device)
-    eq = NormalEquations({part: zeros(D + 1) for part in ("fit", "val")},
+    width = D + 1 if bias else D
+    zeros = lambda cols: torch.zeros(width, cols, dtype=torch.float64, device=x.device)
+    eq = NormalEquations({part: zeros(width) for part in ("fit", "val")},
                          {part: {name: zeros(n_experts) for name in TARGETS} for part in ("fit", "val")},
                          torch.empty(0), torch.empty(0))
     n_val = int(held.sum()) * T
@@ -346,7 +349,8 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
         xb = x[i: i + step].reshape(-1, D)  # (b*T, D)
         y = contributions(xb)  # (b*T, E)
         scale = scale if scale is not None else y.mean().clamp_min(1e-12)  # the log target's unit
-        x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double()
+        x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double() if bias \
+            else xb.double()
         fit = (~held[i: i + step].to(x.device)).repeat_interleave(T)
         for part, rows in (("fit", fit), ("val", ~fit)):
             eq.gram[part] += x1[rows].T @ x1[rows]
@@ -360,21 +364,23 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
     return eq
 
 
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float, unit: torch.Tensor) -> torch.Tensor:
-    """(gram + lam * unit * I') w = cross, I' leaving the bias unshrunk. By Cholesky (positive definite
-    for lam > 0): one factorisation serves every column, at half the cost of an LU."""
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float, unit: torch.Tensor,
+                bias: bool = True) -> torch.Tensor:
+    """(gram + lam * unit * I') w = cross, I' leaving the bias (the last row) unshrunk. By Cholesky
+    (positive definite for lam > 0): one factorisation serves every column, at half the cost of an LU."""
     penalty = torch.ones(len(gram), dtype=torch.float64, device=gram.device)
-    penalty[-1] = 0
+    if bias:
+        penalty[-1] = 0
     factor = torch.linalg.cholesky(gram + torch.diag(lam * unit * penalty))
     return torch.cholesky_solve(cross, factor)
 
 
-def choose_fit(eq: NormalEquations, top_k: int, unit: torch.Tensor) -> tuple[tuple, dict]:
+def choose_fit(eq: NormalEquations, top_k: int, unit: torch.Tensor, bias: bool) -> tuple[tuple, dict]:
     """The (target, ridge strength) whose fit on the fitting tokens captures most on the held-out ones."""
     E = eq.val_y.shape[1]
     scores = {}
     for lam in RIDGE:
-        w = ridge_solve(eq.gram["fit"], torch.cat(list(eq.cross["fit"].values()), dim=1), lam, unit)
+        w = ridge_solve(eq.gram["fit"], torch.cat(list(eq.cross["fit"].values()), dim=1), lam, unit, bias)
         for j, name in enumerate(eq.cross["fit"]):
             scores[(name, lam)] = captured((eq.val_x @ w[:, j * E:(j + 1) * E]).float(), eq.val_y, top_k)
     best = max(scores, key=scores.get)
@@ -383,20 +389,21 @@ def choose_fit(eq: NormalEquations, top_k: int, unit: torch.Tensor) -> tuple[tup
 
 @torch.no_grad()
 def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int, top_k: int,
-               batch_tokens: int = BATCH_TOKENS, max_val_tokens: int = 4096) -> tuple[dict, dict]:
-    """A linear router [x, 1] -> score per expert, fitted by ridge regression (float64) to the experts'
-    true contributions (contributions: (n, D) -> (n, E)) on the layer's calibration inputs x (S, T, D):
-    accumulate the normal equations, choose a target and strength on held-out windows, solve on all."""
-    eq = accumulate(x, task, contributions, n_experts, batch_tokens, max_val_tokens)
+               batch_tokens: int = BATCH_TOKENS, max_val_tokens: int = 4096, bias: bool = True) -> tuple[dict, dict]:
+    """A linear router [x, 1] -> score per expert (x alone without bias), fitted by ridge regression
+    (float64) to the experts' true contributions (contributions: (n, D) -> (n, E)) on the layer's
+    calibration inputs x (S, T, D): accumulate the normal equations, choose a target and strength on
+    held-out windows, solve on all."""
+    eq = accumulate(x, task, contributions, n_experts, batch_tokens, max_val_tokens, bias)
     D = x.shape[-1]
     unit = eq.gram["fit"].diagonal()[:D].mean()
     if len(eq.val_x):
-        (name, lam), info = choose_fit(eq, top_k, unit)
+        (name, lam), info = choose_fit(eq, top_k, unit, bias)
     else:
         (name, lam), info = UNVALIDATED, {}
     w = ridge_solve(eq.gram["fit"] + eq.gram["val"], eq.cross["fit"][name] + eq.cross["val"][name], lam,
-                    unit)  # (D+1, E)
-    return {"weight": w[:D].T.float(), "bias": w[D].float()}, info
+                    unit, bias)  # (D+1, E), or (D, E)
+    return {"weight": w[:D].T.float(), **({"bias": w[D].float()} if bias else {})}, info
 
 # -----------------------------------------------------------------------------
 # one layer's plan per method: which neurons are shared, the routed groups and top-k
@@ -487,12 +494,13 @@ PLANS = {"expertweaver": plan_expertweaver, "random": plan_random, "cmoe": plan_
 # building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; then its router
 
 
-def build_moe(mlp, plan: LayerPlan, router: str) -> MoEMLP:
+def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
     """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
     gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     n_routed, d_e = plan.groups.shape
     with torch.device("meta"):
-        moe = MoEMLP(gate_w.shape[1], d_e, router, len(plan.shared), n_routed, plan.top_k)
+        moe = MoEMLP(gate_w.shape[1], d_e, router, len(plan.shared), n_routed, plan.top_k,
+                     router_bias=router_bias)
     state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
     if len(plan.shared):
         state |= {"shared.gate_proj.weight": gate_w[plan.shared], "shared.up_proj.weight": up_w[plan.shared],
@@ -516,7 +524,8 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
     elif kind == "cmoe":
         params = cmoe_router(experts, representatives(plan.features, plan.groups, plan.p))
     elif kind == "lsq":
-        params, info = lsq_router(x, task, experts.contributions, len(plan.groups), moe.top_k)
+        params, info = lsq_router(x, task, experts.contributions, len(plan.groups), moe.top_k,
+                                  bias=moe.router.bias is not None)
     else:
         params = {}
     dtype = experts.gate_up_proj.dtype
@@ -526,13 +535,18 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
 
 
 @torch.no_grad()
-def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
-    """Tokens routed to each expert, over the calibration inputs x (S, T, D) -> (E,) int64."""
+def routing_stats(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> tuple[torch.Tensor, float]:
+    """Over the calibration inputs x (S, T, D): tokens routed to each expert (E,) int64, and the largest
+    spread of the router's scores within a token's top-k, which sets the scale of a softmax export."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
+    spread = 0.0
     for i in range(0, len(flat), batch_tokens):
-        counts += torch.bincount(moe.route(flat[i: i + batch_tokens])[0].flatten(), minlength=len(counts))
-    return counts
+        scores = moe.router(flat[i: i + batch_tokens], moe.experts)
+        top = scores.topk(moe.top_k, dim=-1)
+        counts += torch.bincount(top.indices.flatten(), minlength=len(counts))
+        spread = max(spread, (top.values[:, 0] - top.values[:, -1]).max().item())
+    return counts, spread
 
 # -----------------------------------------------------------------------------
 # the per-layer loop: profile, plan, build and route each FFN on the inputs it really sees
@@ -558,16 +572,17 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     with timed(timings, "partition"):
         plan = PLANS[spec.method](stats, task, spec, seed)
     with timed(timings, "build"):
-        moe = build_moe(mlp, plan, spec.router)
+        moe = build_moe(mlp, plan, spec.router, spec.router_bias)
     with timed(timings, "router"):
         info = fit_router(moe, plan, x, task)
     with timed(timings, "build"):
-        load = expert_load(moe, x) if plan.top_k else None
+        load, spread = routing_stats(moe, x) if plan.top_k else (None, None)
     d_e = plan.groups.shape[1]
     return moe, {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
                  "routed_experts": len(plan.groups), "top_k": plan.top_k,
                  "load_max_over_mean": (load.max() / load.float().mean()).item() if load is not None else None,
                  "load": load.tolist() if load is not None else None,
+                 "topk_spread": spread,
                  "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
                          "top_k": plan.top_k}}
 
@@ -608,7 +623,7 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
             block.mlp, row = convert_ffn(block.mlp, x, task, spec, spec.seed + i, marker_tokens, timings)
             row = {"layer": i, "dense": False, **row}
             del x
-        del inputs
+        inputs.clear()
         if spec.sequential and not row["dense"]:
             with timed(timings, "forward"):
                 h_dense = torch.cat([run(block, h[j: j + batch]) for j in range(0, S, batch)])

@@ -83,3 +83,36 @@ def tiny_checkpoint(tmp_path_factory):
     for name, offset in (("prose", 0), ("code", 30)):
         (path / f"{name}.txt").write_text(" ".join(f"w{offset + (i * 7) % 30}" for i in range(2000)))
     return str(path)
+
+
+# ---- tiny random transformers models (the reference oracle), made on demand
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": ROPE_LLAMA3}),
+    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),  # head_dim != hidden / heads
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),  # the window binds at T = 16
+}
+
+
+def make_hf(arch: str, seed: int = 0, **overrides):
+    import transformers
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides})
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # the default init (std 0.02, unit norms, zero biases) would hide layout bugs
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return hf
+
+
+def save_hf(hf, path, **kw) -> str:
+    hf.save_pretrained(path, **kw)
+    return str(path)

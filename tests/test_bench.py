@@ -2,7 +2,6 @@
 that the benchmarks work and report consistent rows, not how fast anything is."""
 import os
 
-import pytest
 import torch
 
 import bench

@@ -3,7 +3,6 @@ router, adapters equal their merged weights, a step lowers the loss, resume and 
 uninterrupted process, and bad input fails in one line before any work, leaving nothing behind."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import convert as C
 import model as M
 import train as T
 import weaver as W
-from conftest import ROOT, TOKENS, converted, random_calibration, tiny_model
+from conftest import ROOT, TOKENS, converted, tiny_model
 
 # ---- routing modes
 

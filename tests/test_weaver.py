@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import convert as C
 import model as M
 import weaver as W
-from conftest import TOKENS, converted, hf_config_of, random_calibration, tiny_model
+from conftest import TOKENS, converted, random_calibration, tiny_model
 
 # ---- partitioning
 

@@ -1,0 +1,156 @@
+"""--format qwen2_moe: transformers loads the export as a stock Qwen2MoeForCausalLM (no code of ours) and
+computes our model's function, exactly for softmax routing and within the stated bound for sum routing;
+what cannot be exported is refused in one line before any work."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import convert as C
+import model as M
+import train as T
+import weaver as W
+from conftest import make_hf, random_calibration, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+UNIFORM = dict(n_experts=8, active=0.5, n_shared=2, router="lsq", router_bias=False)
+
+
+def our_moe(hf, tmp_path, routing="sum", **spec):
+    """A converted (and, for softmax, re-routed) MoE checkpoint of ours from a transformers model."""
+    source = save_hf(hf, tmp_path / "dense")
+    model = M.load_model(source)
+    C.convert(model, random_calibration(model.cfg.vocab_size, samples=4), W.ConvertSpec(**{**UNIFORM, **spec}),
+              log=lambda *_: None)
+    if routing != "sum":
+        T.set_routing(model, routing, norm_topk=True)
+        with torch.no_grad():  # sharpen the router, so the softmax weights differ from one another
+            for m in T.moe_layers(model):
+                m.router.weight.mul_(20)
+    M.save_checkpoint(model, M.load_config(source)[1], str(tmp_path / "ours"))
+    return str(tmp_path / "ours"), model
+
+
+def exported_logits(path, tmp_path, tokens):
+    out = str(tmp_path / "qwen2_moe")
+    layout = C.export_qwen2_moe(path, out, torch.float32, log=lambda *_: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    with torch.no_grad():
+        return hf(tokens).logits, layout, hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope", "llama-tied", "qwen2", "mistral"])
+@pytest.mark.parametrize("routing", ["sum", "softmax"])
+def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
+    overrides = {"llama-tied": {"tie_word_embeddings": True}, "mistral": {"sliding_window": None}}.get(arch, {})
+    hf = make_hf(arch.removesuffix("-tied"), **overrides)
+    path, ours = our_moe(hf, tmp_path, routing, dense_layers=(1,))
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits, layout, exported = exported_logits(path, tmp_path, tokens)
+    assert layout["dense"] == [1] and layout["top_k"] == 2 and layout["experts"] == 6
+    expected = ours(tokens)
+    if routing == "softmax":  # the same function: float rounding only
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    else:  # each routed weight within exp(+-2^-12) of 1
+        error = (logits - expected).abs().max().item()
+        assert error <= 4 * C.EXPORT_EPS * expected.abs().max().item(), error
+    assert torch.equal(exported.generate(tokens[:1, :4], max_new_tokens=8, do_sample=False),
+                       ours.generate(tokens[:1, :4], 8))
+
+
+def test_sum_weights_stay_within_the_bound_on_random_scores():
+    # the construction alone, on any input of norm <= the bound: every weight within exp(+-eps) of 1,
+    # and the same top-k set except where the k-th and (k+1)-th scores are closer than the float32 softmax
+    # resolves: its logits span at most eps, so exp tells apart about eps / 2^-24 levels of the bound
+    g = torch.Generator().manual_seed(0)
+    router = M.Router("lsq", 16, 12, bias=False)
+    router.weight = torch.nn.Parameter(torch.randn(12, 16, generator=g) * 3)
+    norm = 5.0
+    bound = router.score_bound(norm)
+    x = torch.nn.functional.normalize(torch.randn(4000, 16, generator=g), dim=-1) * norm * torch.rand(4000, 1)
+    scores = (x @ router.weight.T).detach()
+    top = scores.topk(5, dim=-1)
+    picked = (C.EXPORT_EPS / bound * scores).softmax(dim=-1).topk(4, dim=-1)
+    weights = 4 * picked.values / picked.values.sum(dim=-1, keepdim=True)
+    assert (weights.log().abs() <= C.EXPORT_EPS + 1e-6).all()
+    assert weights.sub(1).abs().max() > C.EXPORT_EPS / 100  # the bound is not vacuous here
+    same = (picked.indices.sort(dim=1).values == top.indices[:, :4].sort(dim=1).values).all(dim=1)
+    resolved = top.values[:, 3] - top.values[:, 4] > 16 * 2.0 ** -24 / C.EXPORT_EPS * bound
+    assert same[resolved].all() and same.float().mean() > 0.95
+
+
+def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
+    cases = [(make_hf("qwen3"), {}, "Qwen3's q/k norms"), (make_hf("mistral"), {}, "sliding_window 7"),
+             (make_hf("llama-bias-tied"), {}, "o_proj a bias")]
+    for i, (hf, spec, message) in enumerate(cases):
+        path, _ = our_moe(hf, tmp_path / str(i), **spec)
+        with pytest.raises(ValueError, match=message):
+            C.export_qwen2_moe(path, str(tmp_path / "never"))
+    path, model = our_moe(make_hf("llama"), tmp_path / "scaled")
+    T.set_routing(model, "scaled")
+    T.add_select_bias(model)
+    M.save_checkpoint(model, M.load_config(path)[1], path + "2")
+    with pytest.raises(ValueError, match="scaled routing .* no softmax.*; a selection bias"):
+        C.export_qwen2_moe(path + "2", str(tmp_path / "never"))
+    # a conversion whose result could not be exported is refused before calibrating
+    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
+    for spec, message in [(W.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's per-expert bias|"
+                                                        "add --n-shared N.*add --no-router-bias"),
+                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"), "'gate' router does not score"),
+                          (W.ConvertSpec(method="static", n_experts=8), "static pruning routes nothing")]:
+        with pytest.raises(ValueError, match=message):
+            C.main(tiny_checkpoint, str(tmp_path / "never"), spec, calib, 4, 32, None, 0.1, [], 32, 2, "float32",
+                   None, "cpu", 2.0, format="qwen2_moe")
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_layer_adaptive_allocations_are_refused_naming_the_layers(tmp_path):
+    path, model = our_moe(make_hf("llama", num_hidden_layers=2), tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    layer = config["moe"]["layers"][1]  # one more shared expert in layer 1, as the alpha rule gives
+    layer.update(shared_neurons=layer["shared_neurons"] + config["moe"]["expert_dim"],
+                 routed_experts=layer["routed_experts"] - 1, top_k=layer["top_k"] - 1)
+    problems = C.export_problems(M.ModelConfig.from_hf(config))
+    assert len(problems) == 1 and "(layer: top-k of routed = 0: 2 of 6, 1: 1 of 5)" in problems[0]
+    assert problems[0].endswith("--n-shared N")
+
+
+def test_demo_export_gives_the_same_greedy_tokens(demo_path, tmp_path):
+    model = M.load_model(demo_path)
+    calib = random_calibration(vocab=model.cfg.vocab_size, samples=2, seqlen=32)
+    spec = W.ConvertSpec(n_experts=64, active=0.75, n_shared=45, router="lsq", router_bias=False)
+    C.convert_checkpoint(demo_path, str(tmp_path / "ours"), calib, spec, torch.float32, "cpu", torch.float32,
+                         log=lambda *_: None)
+    ours = M.load_model(str(tmp_path / "ours"))
+    tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
+    logits, layout, exported = exported_logits(str(tmp_path / "ours"), tmp_path, tokens)
+    assert layout["experts"] == 19 and layout["top_k"] == 3 and layout["shared"] == 45 * 24
+    assert (logits - ours(tokens)).abs().max().item() <= 4 * C.EXPORT_EPS * logits.abs().max().item()
+    assert torch.equal(exported.generate(tokens, max_new_tokens=16, do_sample=False), ours.generate(tokens, 16))
+    assert layout["weight_error_calibration"] == C.EXPORT_EPS / 2
+    assert math.isfinite(layout["weight_error_any_input"])
+
+
+def test_the_cli_converts_and_exports_in_one_go_leaving_nothing_beside(tiny_checkpoint, tmp_path):
+    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
+    spec = W.ConvertSpec(n_experts=8, active=0.5, n_shared=2, router_bias=False)
+    args = (calib, 4, 32, None, 0.1, [], 32, 2, "float32", "float32", "cpu", 2.0)
+    report = C.main(tiny_checkpoint, str(tmp_path / "q"), spec, *args, format="qwen2_moe")
+    assert sorted(os.listdir(tmp_path)) == ["q"]  # the intermediate checkpoint of ours is gone
+    assert json.load(open(tmp_path / "q" / "config.json"))["model_type"] == "qwen2_moe"
+    assert report["export"]["experts"] == 6 and os.path.isfile(tmp_path / "q" / "report.json")
+    C.main(tiny_checkpoint, str(tmp_path / "ours"), spec, *args)  # ours, then exported on its own
+    C.main(str(tmp_path / "ours"), str(tmp_path / "q2"), spec, *args, format="qwen2_moe")
+    # experts of 6 neurons: rows of 24 bytes, which transformers' default grouped_mm path cannot take on CPU
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q2"), dtype=torch.float32,
+                                                           experts_implementation="eager")
+    tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = hf(tokens).logits
+    expected = M.load_model(str(tmp_path / "ours"))(tokens)
+    assert (got - expected).abs().max() <= 4 * C.EXPORT_EPS * expected.abs().max()
