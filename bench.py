@@ -1,31 +1,35 @@
 """
-bench.py: what a conversion costs in quality and buys in speed, each against the dense model in the same run.
+bench.py: what a conversion costs in quality and buys in speed, each against the dense model in
+the same run.
 
-    python bench.py ppl CHECKPOINT FILE --seqlen 1024      # perplexity of one checkpoint on a text file
-    python bench.py quality                          # held-out ppl ratio for every method x active fraction
+    python bench.py ppl CHECKPOINT FILE --seqlen 1024   # perplexity of a checkpoint on a text file
+    python bench.py quality                  # held-out ppl ratio, every method x active fraction
     python bench.py quality --rows expertweaver:lsq:tau=0.3 --active 0.75      # an ablation
-    python bench.py ffn --breakdown                  # one FFN layer, dense vs MoE at real shapes; where time goes
-    python bench.py model                            # the demo model: prefill and decode tokens/s
-    python bench.py convert llama3-8b                # stream-convert a synthetic 8B checkpoint: time, peak RSS
-    python bench.py partition llama3-8b              # partition + router of one 8B layer
+    python bench.py heal                     # conversions healed with LoRA vs dense trained alike
+    python bench.py downcycle                # initialisations of a sparser MoE trained alike
+    python bench.py ffn --breakdown          # one FFN layer, dense vs MoE; where the time goes
+    python bench.py model                    # the demo model: prefill and decode tokens/s
+    python bench.py convert llama3-8b        # stream-convert a synthetic 8B checkpoint: time, RSS
+    python bench.py partition llama3-8b      # partition + router of one 8B layer
 
 Imports model.py, kernels.py, weaver.py and convert.py (calibration, the drivers, perplexity).
 
-ppl: the GPTQ / CMoE protocol (convert.perplexity) on a .txt file or the --field(s) of a .jsonl file.
+ppl: the GPTQ / CMoE protocol (convert.perplexity) on a .txt file or the --field(s) of a .jsonl
+file.
 
-quality: calibrates once on the files in --data (default ../shared/data: prose, dialogue, math, code),
-converts the demo model with every row (a method, its router and settings) x active fraction, and
-reports held-out perplexity as a ratio to the dense model's on the same windows: the last 10% of each
-file, which calibration never reads. Also the FFN FLOPs used per token, router included, and the share
-of the centroid -> oracle gap each router closes.
+quality: calibrates once on the files in --data (default ../shared/data: prose, dialogue, math,
+code), converts the demo model with every row (a method, its router and settings) x active fraction,
+and reports held-out perplexity as a ratio to the dense model's on the same windows: the last 10% of
+each file, which calibration never reads. Also the FFN FLOPs used per token, router included, and
+the share of the centroid -> oracle gap each router closes.
 
-ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts, half
-of the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs ("router")
-or by a forced round-robin ("balanced"). Times are medians after warm-up, dense and MoE calls
-alternating; the MoE time includes the router. ideal = the roofline ratio, cost = max(bytes /
+ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts,
+half of the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs
+("router") or by a forced round-robin ("balanced"). Times are medians after warm-up, dense and MoE
+calls alternating; the MoE time includes the router. ideal = the roofline ratio, cost = max(bytes /
 bandwidth, FLOPs / rate) with the bandwidth and FLOP rate this machine's dense FFN reaches at the
-smallest and largest T, the bytes being those of the experts the tokens touch; efficiency = speedup /
-ideal.
+smallest and largest T, the bytes being those of the experts the tokens touch; efficiency = speedup
+/ ideal.
 
 model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1
 decode tokens/s over 128 new tokens, eager and torch.compile'd.
@@ -43,24 +47,25 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from convert import (Calibration, calibration_from_files, calibration_from_model, convert, convert_checkpoint,
-                     demo_checkpoint, exit_on_sigterm, heldout_tokens, output_dir, peak_rss_gib, perplexity, read_text,
-                     resolve)
+from convert import (Calibration, calibration_from_files, calibration_from_model, convert,
+                     convert_checkpoint, demo_checkpoint, exit_on_sigterm, heldout_tokens,
+                     output_dir, peak_rss_gib, perplexity, read_text, resolve)
 from model import MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
-TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt", "math": "gsm8k-train.jsonl",
-              "code": "code-pytorch-examples.py.txt"}
+TASK_FILES = {"prose": "wikitext2-valid.txt", "dialogue": "tinyshakespeare.txt",
+              "math": "gsm8k-train.jsonl", "code": "code-pytorch-examples.py.txt"}
 
 # -----------------------------------------------------------------------------
 # timing
 
 
 def header(device: str, dtype: str) -> str:
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or
-                                                                                  platform.machine())
+    name = platform.processor() or platform.machine()
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
     if device == "cpu":
         with open("/proc/cpuinfo") as f:
             name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
@@ -69,8 +74,9 @@ def header(device: str, dtype: str) -> str:
 
 
 def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) -> list[float]:
-    """Median seconds per call of each function, after warm-up. The functions take turns, run by run, so a
-    machine whose speed drifts slows them alike and their ratio holds. CUDA is timed with events."""
+    """Median seconds per call of each function, after warm-up. The functions take turns, run by
+    run, so a machine whose speed drifts slows them alike and their ratio holds. CUDA is timed with
+    events."""
     for fn in fns:
         for _ in range(3):
             fn()
@@ -79,7 +85,8 @@ def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) 
         torch.cuda.synchronize()
     times = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times[0]) < 5 or (time.perf_counter() - start < min_time * len(fns) and len(times[0]) < max_runs):
+    more = lambda: time.perf_counter() - start < min_time * len(fns) and len(times[0]) < max_runs
+    while len(times[0]) < 5 or more():
         for fn, t in zip(fns, times):
             if cuda:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -94,27 +101,60 @@ def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) 
                 t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
+
+def print_table(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str) -> None:
+    """One line per (label, xs, ys), into a PNG. matplotlib is optional, imported here only."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no picture: matplotlib is not installed (pip install matplotlib); {file} not "
+              f"written")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    print(f"wrote {file}")
+
 # -----------------------------------------------------------------------------
 # ppl: one checkpoint on one file
 
 
-def ppl(checkpoint: str, file: str, field: str | None, seqlen: int, max_windows: int | None, dtype: str,
-        device: str) -> dict:
+def ppl(checkpoint: str, file: str, field: str | None, seqlen: int, max_windows: int | None,
+        dtype: str, device: str) -> dict:
     path = resolve(checkpoint)
-    tokens = torch.tensor(load_tokenizer(path).encode(read_text(file, field)).ids, dtype=torch.int64)
+    ids = load_tokenizer(path).encode(read_text(file, field)).ids
+    tokens = torch.tensor(ids, dtype=torch.int64)
     t0 = time.time()
-    nll, value, n = perplexity(load_model(path, getattr(torch, dtype), device), tokens, seqlen, max_windows)
-    print(f"{file}: {tokens.numel()} tokens, {n} windows of {seqlen}: nll {nll:.4f} ppl {value:.3f} "
-          f"({time.time() - t0:.1f}s)")
-    return {"checkpoint": path, "file": file, "nll": nll, "ppl": value, "windows": n, "seqlen": seqlen}
+    model = load_model(path, getattr(torch, dtype), device)
+    nll, value, n = perplexity(model, tokens, seqlen, max_windows)
+    print(f"{file}: {tokens.numel()} tokens, {n} windows of {seqlen}: nll {nll:.4f} ppl "
+          f"{value:.3f} ({time.time() - t0:.1f}s)")
+    return {"checkpoint": path, "file": file, "nll": nll, "ppl": value, "windows": n,
+            "seqlen": seqlen}
 
 # -----------------------------------------------------------------------------
 # ffn: one FFN layer, dense vs MoE
 
 
 def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, active: float):
-    """Dense GLU weights w13 (2 d_ff, D) = gate then up, w2 (D, d_ff) -> the MoE layout: the first S neurons
-    shared, the rest in equal experts, and a centroid router. Returns (shared, e13, e2, router, top_k)."""
+    """Dense GLU weights w13 (2 d_ff, D) = gate then up, w2 (D, d_ff) -> the MoE layout: the first S
+    neurons shared, the rest in equal experts, and a centroid router. Returns (shared, e13, e2,
+    router, top_k)."""
     d_ff = w2.shape[1]
     k = round(active * n_experts)
     n_shared = k // 2
@@ -129,8 +169,8 @@ def moe_layer_weights(w13: torch.Tensor, w2: torch.Tensor, n_experts: int, activ
 
 
 def grouped_gemms(x, idx, w13, w2):
-    """Only the two grouped GEMMs of kernels.grouped, on token-slots already sorted by expert: what the grouped
-    path would cost with free routing bookkeeping (sort, gather, un-permute, sum)."""
+    """Only the two grouped GEMMs of kernels.grouped, on token-slots already sorted by expert: what
+    the grouped path would cost with free routing bookkeeping (sort, gather, un-permute, sum)."""
     order, offsets = kernels.sort_by_expert(idx, w13.shape[0])
     xs = x[order // idx.shape[1]]
 
@@ -141,8 +181,9 @@ def grouped_gemms(x, idx, w13, w2):
 
 
 def ffn_parts(x, route, e13, e2, shared, path, device, min_time) -> dict:
-    """Where an MoE call's time goes, each part timed alone (eager): the router (scores + top-k), the shared
-    GLU, the routed experts (for `grouped`: its two GEMMs alone, the rest being permutation)."""
+    """Where an MoE call's time goes, each part timed alone (eager): the router (scores + top-k),
+    the shared GLU, the routed experts (for `grouped`: its two GEMMs alone, the rest being
+    permutation)."""
     idx = route(x)
     parts = {"router": lambda: route(x), "shared": lambda: kernels.shared_glu(x, shared),
              "experts": lambda: kernels.moe_ffn(x, idx, e13, e2, None, path=path)}
@@ -152,83 +193,110 @@ def ffn_parts(x, route, e13, e2, shared, path, device, min_time) -> dict:
 
 
 def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], tokens: list[int],
-              routings: list[str], n_experts: int, compile: bool, min_time: float, breakdown: bool = False) -> list[dict]:
-    """Rows of dense vs MoE FFN time. The ideal speedup is a roofline ratio: cost = max(bytes / bandwidth,
-    FLOPs / FLOP rate), with this machine's bandwidth read off the dense FFN at the smallest T and its FLOP
-    rate off the dense FFN at the largest T, so it follows whichever bound binds at each T. `breakdown` also
-    times the MoE call's parts (ffn_parts)."""
+              routings: list[str], n_experts: int, compile: bool, min_time: float,
+              breakdown: bool = False) -> list[dict]:
+    """Rows of dense vs MoE FFN time. The ideal speedup is a roofline ratio: cost = max(bytes /
+    bandwidth, FLOPs / FLOP rate), with this machine's bandwidth read off the dense FFN at the
+    smallest T and its FLOP rate off the dense FFN at the largest T, so it follows whichever bound
+    binds at each T. `breakdown` also times the MoE call's parts (ffn_parts)."""
     print(header(device, dtype))
     dt = getattr(torch, dtype)
-    size = torch.finfo(dt).bits // 8
     rows = []
-    print(f"{'shape':>11} {'f':>5} {'T':>5} {'routing':>8} {'path':>8} {'dense ms':>9} {'moe ms':>9} {'speedup':>8} "
-          f"{'ideal':>6} {'eff':>5} {'achieved':>14}")
+    print(f"{'shape':>11} {'f':>5} {'T':>5} {'routing':>8} {'path':>8} {'dense ms':>9} "
+          f"{'moe ms':>9} {'speedup':>8} {'ideal':>6} {'eff':>5} {'achieved':>14}")
     for shape in shapes:
         D, d_ff = SHAPES[shape]
         g = torch.Generator(device=device).manual_seed(0)
         w13 = (torch.randn(2 * d_ff, D, generator=g, device=device) / D ** 0.5).to(dt)
         w2 = (torch.randn(D, d_ff, generator=g, device=device) / d_ff ** 0.5).to(dt)
-
-        def dense(x):
-            gate, up = F.linear(x, w13).chunk(2, dim=-1)
-            return F.linear(F.silu(gate) * up, w2)
         shape_rows = []
         for active in actives:
-            shared, e13, e2, router, top_k = moe_layer_weights(w13, w2, n_experts, active)
-            E, d_e = e13.shape[0], e13.shape[1] // 2
-            S = 0 if shared is None else shared[0].shape[0]
+            layer = moe_layer_weights(w13, w2, n_experts, active)
             for T in tokens:
                 x = torch.randn(T, D, generator=g, device=device).to(dt)
                 for routing in routings:
-                    # balanced: a large bias on round-robin experts forces the choice, with the router still run
-                    bias = torch.zeros(T, E, device=device)
-                    if routing == "balanced":
-                        bias.scatter_(1, (torch.arange(T * top_k, device=device) % E).view(T, top_k), 1e9)
-
-                    def route(x):
-                        return (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
-
-                    def moe(x, path):
-                        return kernels.moe_ffn(x, route(x), e13, e2, shared, path=path)
-                    path = kernels.choose_path(torch.device(device).type, dt, T, top_k, E, D, d_e, compile)
-                    run = torch.compile(moe, fullgraph=True, dynamic=False) if compile and path != "select" else moe
-                    with torch.no_grad():
-                        t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], device, min_time)
-                        idx = route(x)
-                        parts = ffn_parts(x, route, e13, e2, shared, path, device, min_time) if breakdown else {}
-                    touched = len(idx.unique())  # experts whose weights the step must read
-                    shape_rows.append({
-                        "shape": shape, "D": D, "d_ff": d_ff, "active": active, "T": T, "routing": routing,
-                        "path": path, "compiled": compile and path != "select", "dense_ms": t_dense * 1e3,
-                        "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe, "experts_touched": touched,
-                        "dense_bytes": 3 * D * d_ff * size, "moe_bytes": 3 * D * (S + touched * d_e) * size + E * D * 4,
-                        "dense_flops": 2 * 3 * D * d_ff * T, "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T,
-                        "parts_ms": parts})
-        bandwidth = max(r["dense_bytes"] / r["dense_ms"] for r in shape_rows if r["T"] == min(tokens))  # bytes/ms
-        rate = max(r["dense_flops"] / r["dense_ms"] for r in shape_rows if r["T"] == max(tokens))  # FLOPs/ms
+                    row = ffn_row(x, w13, w2, layer, routing, compile, min_time, breakdown)
+                    shape_rows.append({"shape": shape, "active": active, **row})
+        add_roofline(shape_rows, tokens)
         for r in shape_rows:
-            roof = lambda kind: max(r[f"{kind}_bytes"] / bandwidth, r[f"{kind}_flops"] / rate)
-            memory_bound = r["moe_bytes"] / bandwidth >= r["moe_flops"] / rate
-            r |= {"ideal": roof("dense") / roof("moe"), "memory_bound": memory_bound,
-                  "achieved": (f"{r['moe_bytes'] / r['moe_ms'] / 1e6:8.1f} GB/s" if memory_bound
-                               else f"{r['moe_flops'] / r['moe_ms'] / 1e9:6.2f} TFLOP/s")}
-            r["efficiency"] = r["speedup"] / r["ideal"]
-            print(f"{shape:>11} {r['active']:5.2f} {r['T']:5d} {r['routing']:>8} {r['path']:>8} {r['dense_ms']:9.3f} "
-                  f"{r['moe_ms']:9.3f} {r['speedup']:7.2f}x {r['ideal']:5.2f}x {r['efficiency']:5.2f} {r['achieved']:>14}")
-            if r["parts_ms"]:
-                p = r["parts_ms"]
-                gemms = f" (grouped GEMMs {p['gemms']:.3f}, permutation {p['experts'] - p['gemms']:.3f})" if "gemms" in p else ""
-                print(f"{'':>11} parts ms: router {p['router']:.3f}, shared {p['shared']:.3f}, experts {p['experts']:.3f}"
-                      f"{gemms}, rest {r['moe_ms'] - p['router'] - p['shared'] - p['experts']:.3f}")
+            print_ffn_row(r)
         rows += shape_rows
     return rows
+
+
+def ffn_row(x, w13, w2, layer, routing: str, compile: bool, min_time: float,
+            breakdown: bool) -> dict:
+    """One measurement: the dense FFN and the MoE on the same tokens x (T, D). routing "balanced":
+    a large bias on round-robin experts forces the choice, the router still run."""
+    shared, e13, e2, router, top_k = layer
+    (T, D), (E, F2, _), device = x.shape, e13.shape, x.device
+    d_ff, d_e, S = w2.shape[1], F2 // 2, 0 if shared is None else shared[0].shape[0]
+    bias = torch.zeros(T, E, device=device)
+    if routing == "balanced":
+        bias.scatter_(1, (torch.arange(T * top_k, device=device) % E).view(T, top_k), 1e9)
+
+    def dense(x):
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+
+    def route(x):
+        return (x.float() @ router.T + bias).topk(top_k, dim=-1).indices  # (T, K)
+
+    def moe(x, path):
+        return kernels.moe_ffn(x, route(x), e13, e2, shared, path=path)
+    path = kernels.choose_path(device.type, x.dtype, T, top_k, E, D, d_e, compile)
+    compiled = compile and path != "select"
+    run = torch.compile(moe, fullgraph=True, dynamic=False) if compiled else moe
+    with torch.no_grad():
+        t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], str(device), min_time)
+        touched = len(route(x).unique())  # experts whose weights the step must read
+        parts = {}
+        if breakdown:
+            parts = ffn_parts(x, route, e13, e2, shared, path, str(device), min_time)
+    size = torch.finfo(x.dtype).bits // 8
+    return {"D": D, "d_ff": d_ff, "T": T, "routing": routing, "path": path, "compiled": compiled,
+            "dense_ms": t_dense * 1e3, "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe,
+            "experts_touched": touched, "dense_bytes": 3 * D * d_ff * size,
+            "moe_bytes": 3 * D * (S + touched * d_e) * size + E * D * 4,
+            "dense_flops": 2 * 3 * D * d_ff * T,
+            "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T, "parts_ms": parts}
+
+
+def add_roofline(rows: list[dict], tokens: list[int]) -> None:
+    """The ideal speedup, efficiency and achieved rate of each row of one shape, from the bandwidth
+    (bytes/ms) its dense FFN reaches at the smallest T and the FLOP rate at the largest."""
+    bandwidth = max(r["dense_bytes"] / r["dense_ms"] for r in rows if r["T"] == min(tokens))
+    rate = max(r["dense_flops"] / r["dense_ms"] for r in rows if r["T"] == max(tokens))
+    for r in rows:
+        roof = lambda kind: max(r[f"{kind}_bytes"] / bandwidth, r[f"{kind}_flops"] / rate)
+        memory_bound = r["moe_bytes"] / bandwidth >= r["moe_flops"] / rate
+        achieved = f"{r['moe_bytes'] / r['moe_ms'] / 1e6:8.1f} GB/s" if memory_bound \
+            else f"{r['moe_flops'] / r['moe_ms'] / 1e9:6.2f} TFLOP/s"
+        r |= {"ideal": roof("dense") / roof("moe"), "memory_bound": memory_bound,
+              "achieved": achieved}
+        r["efficiency"] = r["speedup"] / r["ideal"]
+
+
+def print_ffn_row(r: dict) -> None:
+    print(f"{r['shape']:>11} {r['active']:5.2f} {r['T']:5d} {r['routing']:>8} {r['path']:>8} "
+          f"{r['dense_ms']:9.3f} {r['moe_ms']:9.3f} {r['speedup']:7.2f}x "
+          f"{r['ideal']:5.2f}x {r['efficiency']:5.2f} {r['achieved']:>14}")
+    p = r["parts_ms"]
+    if p:
+        gemms = ""
+        if "gemms" in p:
+            gemms = (f" (grouped GEMMs {p['gemms']:.3f}, permutation "
+                     f"{p['experts'] - p['gemms']:.3f})")
+        rest = r["moe_ms"] - p["router"] - p["shared"] - p["experts"]
+        print(f"{'':>11} parts ms: router {p['router']:.3f}, shared {p['shared']:.3f}, "
+              f"experts {p['experts']:.3f}{gemms}, rest {rest:.3f}")
 
 # -----------------------------------------------------------------------------
 # model: the demo model, dense vs converted, prefill and decode
 
 
-def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new_tokens: int, compile_modes: list[str],
-                data: str, min_time: float) -> list[dict]:
+def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new_tokens: int,
+                compile_modes: list[str], data: str, min_time: float) -> list[dict]:
     print(header(device, dtype))
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
@@ -240,8 +308,10 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
     else:
         calib = calibration_from_model(moe, tokenizer, 4, 128, 0)
     convert(moe, calib, ConvertSpec(active=active), log=lambda *_: None)
-    models = {"dense": load_model(path, dt, device), f"moe-{active:g}": moe.to(device=device, dtype=dt)}
-    prompt = torch.randint(0, 49152, (1, prefill_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    models = {"dense": load_model(path, dt, device),
+              f"moe-{active:g}": moe.to(device=device, dtype=dt)}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, moe.cfg.vocab_size, (1, prefill_tokens), generator=g).to(device)
     rows = []
     for name, model in models.items():
         for mode in compile_modes:
@@ -260,10 +330,11 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
             row = {"model": name, "mode": mode, "prefill_tok_s": prefill_tokens / t_prefill,
                    "decode_tok_s": new_tokens / t_decode}
             rows.append(row)
-            print(f"{name:>10} {mode:>9}: prefill {row['prefill_tok_s']:9.0f} tok/s (T={prefill_tokens})  "
-                  f"decode {row['decode_tok_s']:7.1f} tok/s (batch 1, {new_tokens} tokens)")
+            print(f"{name:>10} {mode:>9}: prefill {row['prefill_tok_s']:9.0f} tok/s "
+                  f"(T={prefill_tokens})  decode {row['decode_tok_s']:7.1f} tok/s (batch 1, "
+                  f"{new_tokens} tokens)")
     for mode in compile_modes:
-        d, m = (next(r for r in rows if r["mode"] == mode and (r["model"] == "dense") == dense) for dense in (True, False))
+        d, m = (r for r in rows if r["mode"] == mode)  # dense first
         print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
               f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
@@ -272,20 +343,24 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
 # convert: a synthetic checkpoint with a real model's shapes, converted layer by layer
 
 SYNTH_CONFIGS = {
-    "llama3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
-                  "rope_theta": 500000.0, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+    "llama3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                  "tie_word_embeddings": False, "max_position_embeddings": 131072,
                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6,
-                   "rope_theta": 1000000.0, "tie_word_embeddings": False, "max_position_embeddings": 32768},
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}},
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "tie_word_embeddings": False, "max_position_embeddings": 32768},
 }
 
 
 def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
-    """Random bf16 weights with the shapes of a real model (`layers` to make it shorter), written a layer at a
-    time so memory stays at about one shard. Norm weights are ones, as in a fresh model."""
+    """Random bf16 weights with the shapes of a real model (`layers` to make it shorter), written
+    a layer at a time so memory stays at about one shard. Norm weights are ones, as in a fresh
+    model."""
     hf = dict(SYNTH_CONFIGS[name], torch_dtype="bfloat16")
     hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
     cfg = ModelConfig.from_hf(hf)
@@ -299,23 +374,27 @@ def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
         writer.add("model.embed_tokens.weight", random(cfg.vocab_size, cfg.dim))
         for i in range(cfg.n_layers):
             with torch.device("meta"):
-                names = {f"model.layers.{i}.{n}": t.shape for n, t in Block(cfg, i).state_dict().items()}
-            for n, shape in names.items():
-                writer.add(n, torch.ones(shape, dtype=torch.bfloat16) if n.endswith("norm.weight") else random(*shape))
+                shapes = {n: t.shape for n, t in Block(cfg, i).state_dict().items()}
+            for n, shape in shapes.items():
+                norm = n.endswith("norm.weight")
+                writer.add(f"model.layers.{i}.{n}",
+                           torch.ones(shape, dtype=torch.bfloat16) if norm else random(*shape))
         writer.add("model.norm.weight", torch.ones(cfg.dim, dtype=torch.bfloat16))
         writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
         writer.finish()
         writer.json("config.json", hf)
         size = writer.total_bytes
-    print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in {time.time() - t0:.0f}s")
+    print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in "
+          f"{time.time() - t0:.0f}s")
     return out
 
 
-def convert_bench(name: str, layers: int | None, directory: str, samples: int, seqlen: int, tasks: int,
-                  device: str, dtype: str, keep: bool) -> dict:
-    """Converts a synthetic checkpoint (written first, by a child process so its memory is not counted here):
-    wall time per stage and peak RSS of this process. Calibration: random tokens, `tasks` tasks drawing from
-    separate slices of the vocabulary (the weights are random, so text would mean nothing)."""
+def convert_bench(name: str, layers: int | None, directory: str, samples: int, seqlen: int,
+                  tasks: int, device: str, dtype: str, keep: bool) -> dict:
+    """Converts a synthetic checkpoint (written first, by a child process so its memory is not
+    counted here): wall time per stage and peak RSS of this process. Calibration: random tokens,
+    `tasks` tasks drawing from separate slices of the vocabulary (the weights are random, so text
+    would mean nothing)."""
     import subprocess
     import sys
     source = os.path.join(directory, f"{name}-{layers or 'all'}")
@@ -326,44 +405,50 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     vocab, n_layers = hf["vocab_size"], hf["num_hidden_layers"]
     g = torch.Generator().manual_seed(0)
     width = vocab // tasks
-    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g) for t in range(tasks)])
-    calib = Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"task{t}" for t in range(tasks)])
+    tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g)
+                        for t in range(tasks)])
+    task = torch.arange(tasks).repeat_interleave(samples)
+    calib = Calibration(tokens, task, [f"task{t}" for t in range(tasks)])
     print(header(device, dtype))
-    print(f"converting {source}: {n_layers} layers, calibration {tasks} tasks x {samples} x {seqlen} tokens")
+    print(f"converting {source}: {n_layers} layers, calibration {tasks} tasks x {samples} x "
+          f"{seqlen} tokens")
     out = source + "-moe"
     t0 = time.time()
-    report = convert_checkpoint(source, out, calib, ConvertSpec(), getattr(torch, dtype), device, torch.bfloat16,
-                                log=lambda line: print(line, flush=True))
+    report = convert_checkpoint(source, out, calib, ConvertSpec(), getattr(torch, dtype), device,
+                                torch.bfloat16, log=lambda line: print(line, flush=True))
     seconds = time.time() - t0
     peak = peak_rss_gib()
     timings = report["timings"]
     calib_tokens = tasks * samples * seqlen
-    print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; total {seconds:.1f}s")
-    print(f"per layer: {seconds / n_layers:.2f}s; profile {timings['profile'] / n_layers / calib_tokens * 1e3:.3f}s "
-          f"per 1k calibration tokens; partition + router {(timings['partition'] + timings['router']) / n_layers:.2f}s")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    print(f"time per stage: {stages}; total {seconds:.1f}s")
+    print(f"per layer: {seconds / n_layers:.2f}s; profile "
+          f"{timings['profile'] / n_layers / calib_tokens * 1e3:.3f}s per 1k calibration tokens; "
+          f"partition + router {(timings['partition'] + timings['router']) / n_layers:.2f}s")
     print(f"peak RSS {peak:.2f} GiB")
     if not keep:
         shutil.rmtree(out)
-    return {"model": name, "layers": n_layers, "seconds": seconds, "timings": timings, "peak_rss_gib": peak,
-            "calib_tokens": calib_tokens, "device": device, "dtype": dtype}
+    return {"model": name, "layers": n_layers, "seconds": seconds, "timings": timings,
+            "peak_rss_gib": peak, "calib_tokens": calib_tokens, "device": device, "dtype": dtype}
 
 
 def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
-    """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples` samples from
-    random inputs: what conversion spends per layer besides the forward passes."""
+    """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples`
+    samples from random inputs: what conversion spends per layer besides the forward passes."""
     D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         mlp = MLP(D, d_ff)
-    mlp.load_state_dict({n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()},
-                        assign=True)
+    weights = {n: torch.randn(p.shape, generator=g) * 0.02 for n, p in mlp.state_dict().items()}
+    mlp.load_state_dict(weights, assign=True)
     x = torch.randn(samples, tokens, D, generator=g)
     task = torch.arange(4).repeat_interleave(samples // 4)
     stats = profile_layer(x, mlp, contribution=True)
     print(header("cpu", "float32"))
     rows = []
-    # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case. The
-    # paper's router is a mean of rows; lsq solves a (D+1)-dimensional ridge regression per strength
+    # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case.
+    # The paper's router is a mean of rows; lsq solves a (D+1)-dimensional ridge regression per
+    # strength
     for router, n_shared in itertools.product(("centroid", "lsq"), (45, 8)):
         spec = ConvertSpec(n_shared=n_shared, router=router)
         runs = []
@@ -375,13 +460,14 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
             t2 = time.perf_counter()
             runs.append((t1 - t0, t2 - t1, plan.info["kmeans_iters"]))
         partition, router_s, iters = (statistics.median(v) for v in zip(*runs))
-        row = {"shape": name, "d_ff": d_ff, "samples": samples, "router": router, "shared_experts": n_shared,
-               "routed_experts": plan.groups.shape[0], "kmeans_iters": iters, "seconds": partition + router_s,
-               "partition": partition, "router_seconds": router_s}
+        row = {"shape": name, "d_ff": d_ff, "samples": samples, "router": router,
+               "shared_experts": n_shared, "routed_experts": plan.groups.shape[0],
+               "kmeans_iters": iters, "seconds": partition + router_s, "partition": partition,
+               "router_seconds": router_s}
         rows.append(row)
-        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} routed experts, "
-              f"router {router}: allocate + partition {partition:.2f}s ({iters:.0f} k-means iterations), "
-              f"router {router_s:.3f}s (median of {repeats})")
+        print(f"{name} layer (d_ff {d_ff}, {samples}-sample profiles), {row['routed_experts']} "
+              f"routed experts, router {router}: allocate + partition {partition:.2f}s "
+              f"({iters:.0f} k-means iterations), router {router_s:.3f}s (median of {repeats})")
     return rows
 
 # -----------------------------------------------------------------------------
@@ -392,19 +478,20 @@ def task_files(data: str, command: str) -> dict[str, str]:
     files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"bench {command} needs the task files in --data (../shared/data beside the "
-                                f"repository, or --data DIR); missing: {', '.join(missing)}")
+        raise FileNotFoundError(f"bench {command} needs the task files in --data (../shared/data "
+                                f"beside the repository, or --data DIR); missing: "
+                                f"{', '.join(missing)}")
     return files
 
 
 def ffn_flops(cfg) -> dict:
-    """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of their
-    routers (multiply-adds x 2). gate and oracle routers compute projections of every routed neuron, so
-    they cost what those neurons would."""
+    """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of
+    their routers (multiply-adds x 2). gate and oracle routers compute projections of every routed
+    neuron, so they cost what those neurons would."""
     D, d_ff = cfg.dim, cfg.ffn_dim
     per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
-                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n, "oracle": lambda E, n: 6 * D * n,
-                  "none": lambda E, n: 0}
+                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n,
+                  "oracle": lambda E, n: 6 * D * n, "none": lambda E, n: 0}
     dense = experts = router = 0
     for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):
         dense += 6 * D * d_ff
@@ -422,9 +509,10 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:centroid", "expertweaver:lsq",
-                "expertweaver:gate", "expertweaver:cmoe", "expertweaver:oracle", "cmoe", "cmoe:lsq", "static",
-                "random:centroid", "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
+DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:centroid",
+                "expertweaver:lsq", "expertweaver:gate", "expertweaver:cmoe", "expertweaver:oracle",
+                "cmoe", "cmoe:lsq", "static", "random:centroid",
+                "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
 
 
 def parse_row(row: str) -> dict:
@@ -444,22 +532,26 @@ def parse_row(row: str) -> dict:
 
 
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
-            eval_seqlen: int, eval_windows: int, holdout: float, seed: int) -> list[dict]:
+            eval_seqlen: int, eval_windows: int, holdout: float, seed: int,
+            plot: str | None = None) -> list[dict]:
     files = task_files(data, "quality")
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
     specs = [f"{f}:{task}" for task, f in files.items()]
     calib = calibration_from_files(tokenizer, specs, calib_samples, calib_seqlen, seed, holdout)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
-    print(f"calibration: {len(calib.names)} tasks x {calib_samples} windows x {calib_seqlen} tokens; evaluation: "
-          f"held-out last {holdout:.0%} of each file, {eval_windows} windows x {eval_seqlen} tokens")
+    print(f"calibration: {len(calib.names)} tasks x {calib_samples} windows x {calib_seqlen} "
+          f"tokens; evaluation: held-out last {holdout:.0%} of each file, {eval_windows} windows "
+          f"x {eval_seqlen} tokens")
 
     def ppl_per_task(model):
-        return {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1] for task, tokens in evals.items()}
+        return {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1]
+                for task, tokens in evals.items()}
 
     t0 = time.time()
     dense = ppl_per_task(load_model(path))
-    print("dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items()) + f" ({time.time() - t0:.0f}s)")
+    print("dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items())
+          + f" ({time.time() - t0:.0f}s)")
     results = []
     for active in actives:
         for row in rows:
@@ -471,53 +563,68 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
             ppl = ppl_per_task(model)
             flops = ffn_flops(model.cfg)
             ratios = {t: ppl[t] / dense[t] for t in ppl}
+            used = flops["experts"] + flops["router"]
             result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,
                       "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds,
-                      "router_share": flops["router"] / (flops["experts"] + flops["router"]),
-                      "active_flops": (flops["experts"] + flops["router"]) / flops["dense"]}
+                      "router_share": flops["router"] / used, "active_flops": used / flops["dense"]}
             results.append(result)
-            print(f"{row:>55} active {active:.2f}: " + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
-                  + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of MoE FLOPs "
-                  f"({seconds:.0f}s)", flush=True)
-    print_tables(results, dense)
+            print(f"{row:>55} active {active:.2f}: "
+                  + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
+                  + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of "
+                  f"MoE FLOPs ({seconds:.0f}s)", flush=True)
+    print_quality_tables(results, dense)
+    if plot:
+        lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
+                                    for r in results if r["row"] == row))) for row in rows]
+        draw(plot, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
+             "held-out ppl / dense ppl (geomean of 4 tasks)",
+             "the demo model converted: quality against compute")
     return [{"row": "dense", "ppl": dense}] + results
 
 
-def print_tables(results: list[dict], dense: dict) -> None:
+def print_quality_tables(results: list[dict], dense: dict) -> None:
     tasks = list(dense)
-    head = ["row", "active", *tasks, "geomean", "FFN FLOPs used (router share)", "convert s"]
-    print("\nppl ratio MoE / dense on held-out text\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    print("| dense | 1.00 | " + " | ".join(f"ppl {dense[t]:.2f}" for t in tasks) + " | 1.000 | 100% | |")
+    print("\nppl ratio MoE / dense on held-out text\n")
+    table = [["dense", "1.00", *(f"ppl {dense[t]:.2f}" for t in tasks), "1.000", "100%", ""]]
     for r in results:
-        cells = [f"`{r['row']}`", f"{r['active']:.2f}", *(f"{r['ratio'][t]:.3f}" for t in tasks),
-                 f"**{r['geomean']:.3f}**", f"{r['active_flops']:.1%} ({r['router_share']:.1%})",
-                 f"{r['convert_seconds']:.0f}"]
-        print("| " + " | ".join(cells) + " |")
-    # how much of the way from the paper's router to the oracle each row goes, on the same partition
+        table.append([f"`{r['row']}`", f"{r['active']:.2f}",
+                      *(f"{r['ratio'][t]:.3f}" for t in tasks), f"**{r['geomean']:.3f}**",
+                      f"{r['active_flops']:.1%} ({r['router_share']:.1%})",
+                      f"{r['convert_seconds']:.0f}"])
+    print_table(["row", "active", *tasks, "geomean", "FFN FLOPs used (router share)", "convert s"],
+                table)
+    # how much of the way from the paper's router to the oracle each row goes, same partition
     base = {r["active"]: r for r in results if r["row"] == "expertweaver:centroid"}
     best = {r["active"]: r for r in results if r["row"] == "expertweaver:oracle"}
-    if base and best:
-        print("\nshare of the centroid -> oracle gap closed (ExpertWeaver partition)\n\n| row | active | "
-              + " | ".join(tasks) + " |\n|" + "---|" * (len(tasks) + 2))
-        for r in results:
-            a = r["active"]
-            if a in base and a in best and r["row"] not in ("expertweaver:centroid", "expertweaver:oracle"):
-                gap = [(base[a]["ratio"][t] - r["ratio"][t]) / (base[a]["ratio"][t] - best[a]["ratio"][t]) for t in tasks]
-                print(f"| `{r['row']}` | {a:.2f} | " + " | ".join(f"{g:.0%}" for g in gap) + " |")
+    if not (base and best):
+        return
+    print("\nshare of the centroid -> oracle gap closed (ExpertWeaver partition)\n")
+    table = []
+    for r in results:
+        a = r["active"]
+        ends = ("expertweaver:centroid", "expertweaver:oracle")
+        if a in base and a in best and r["row"] not in ends:
+            start, end = base[a]["ratio"], best[a]["ratio"]
+            gap = [(start[t] - r["ratio"][t]) / (start[t] - end[t]) for t in tasks]
+            table.append([f"`{r['row']}`", f"{a:.2f}", *(f"{g:.0%}" for g in gap)])
+    print_table(["row", "active", *tasks], table)
 
 
 # -----------------------------------------------------------------------------
-# training: healing and downcycling, every ratio against the dense model trained the same way (same data,
-# budget and trainable set: training on the tasks' text also lowers the dense model's perplexity on it)
+# training: healing and downcycling, every ratio against the dense model trained the same way (same
+# data, budget and trainable set: training on the tasks' text also lowers the dense model's
+# perplexity on it)
 
 
-def trained(checkpoint: str, out: str, spec, val_windows: int, val_every: int, label: str) -> dict:
-    """train.train on one checkpoint -> validation ppl per task before and after, the validation loss
-    curve (mean NLL over the tasks), tokens/s (median over steps) and wall seconds."""
+def trained(checkpoint: str, out: str, spec, val_windows: int, val_every: int, label: str,
+            val_seqlen: int = 512) -> dict:
+    """train.train on one checkpoint -> validation ppl per task before and after, the validation
+    loss curve (mean NLL over the tasks), tokens/s (median over steps) and wall seconds."""
     import train
     t0 = time.time()
-    rows = train.train(checkpoint, out, spec, val_seqlen=512, val_windows=val_windows, val_every=val_every,
-                       log_every=8, log=lambda line: print(f"  {label}: {line}", flush=True))
+    rows = train.train(checkpoint, out, spec, val_seqlen=val_seqlen, val_windows=val_windows,
+                       val_every=val_every, log_every=8,
+                       log=lambda line: print(f"  {label}: {line}", flush=True))
     vals = [r for r in rows if "val_ppl" in r]
     nll = lambda ppl: sum(math.log(p) for p in ppl.values()) / len(ppl)
     return {"before": vals[0]["val_ppl"], "after": vals[-1]["val_ppl"], "seconds": time.time() - t0,
@@ -530,269 +637,284 @@ def ratio_cells(ppl: dict, dense: dict) -> list[str]:
     return [f"{r:.3f}" for r in ratios.values()] + [f"**{geomean(ratios.values()):.3f}**"]
 
 
-def train_specs(data: str, command: str, **common):
+def training_setup(data: str, command: str, calib_samples: int, calib_seqlen: int, seed: int,
+                   **common):
+    """-> (TrainSpec maker with the common settings, the demo's path, its calibration windows)."""
     from train import TrainSpec
     specs = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
-    return lambda **kw: TrainSpec(data=specs, **{**common, **kw})
-
-
-def heal(data: str, rows: list[str], actives: list[float], tokens: int, seqlen: int, batch: int, lr: float,
-         calib_samples: int, calib_seqlen: int, holdout: float, val_windows: int, seed: int) -> list[dict]:
-    """Each conversion healed with LoRA (attention and every FFN projection) + its router, scaled
-    routing (gamma = 0: training starts from the converted model itself), the same data and budget;
-    the dense model gets the same LoRA and budget."""
-    import tempfile
-    spec = train_specs(data, "heal", holdout=holdout, seqlen=seqlen, batch=batch, tokens=tokens, lr=lr,
-                       warmup=max(1, tokens // (seqlen * batch) // 10), seed=seed)
     path = demo_checkpoint()
-    calib = calibration_from_files(load_tokenizer(path), list(spec().data), calib_samples, calib_seqlen, seed,
-                                   holdout)
+    calib = calibration_from_files(load_tokenizer(path), list(specs), calib_samples, calib_seqlen,
+                                   seed, common["holdout"])
     print(header("cpu", "float32"))
+    return (lambda **kw: TrainSpec(data=specs, seed=seed, **{**common, **kw})), path, calib
+
+
+def converted_into(path: str, out: str, calib: Calibration, spec: ConvertSpec) -> str:
+    convert_checkpoint(path, out, calib, spec, torch.float32, "cpu", torch.float32,
+                       log=lambda *_: None)
+    return out
+
+
+def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_samples: int,
+         calib_seqlen: int, val_windows: int, seed: int, val_seqlen: int = 512) -> list[dict]:
+    """Each conversion healed with LoRA (attention and every FFN projection) and its router, with
+    scaled routing (gamma = 0: training starts at the converted model itself); the dense model gets
+    the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
+    import tempfile
+    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
+    spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed,
+                                       warmup=max(1, steps // 10), **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-heal-")
+    results = []
     try:
-        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows, 10**9, "dense")
-        results = []
+        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
+                        10**9, "dense", val_seqlen)
         for active in actives:
             for row in rows:
                 convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
-                moe = os.path.join(work, "moe")
-                convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
-                                   log=lambda *_: None)
+                moe = converted_into(path, os.path.join(work, "moe"), calib, convert_spec)
                 routed = convert_spec.router != "none"
-                run = trained(moe, os.path.join(work, "healed"), spec(train=("lora", "router") if routed else
-                              ("lora",), routing="scaled" if routed else None), val_windows, 10**9, f"{row} {active}")
+                heal_spec = spec(train=("lora", "router"), routing="scaled") if routed else \
+                    spec(train=("lora",))
+                run = trained(moe, os.path.join(work, "healed"), heal_spec, val_windows, 10**9,
+                              f"{row} {active}", val_seqlen)
                 results.append({"row": row, "active": active, **run})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
-    print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed the same way "
-          f"after ({tokens} tokens, LoRA r 8 + router)\n")
-    head = ["row", "active", *(f"before {t}" for t in tasks), "before geomean", *(f"after {t}" for t in tasks),
-            "after geomean", "tok/s (x dense)", "train s"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    ppl_cells = lambda ppl: " | ".join(f"ppl {ppl[t]:.2f}" for t in tasks)
-    print(f"| dense | 1.00 | {ppl_cells(dense['before'])} | 1.000 | {ppl_cells(dense['after'])} | 1.000 | "
-          f"{dense['tok_s']:.0f} | {dense['seconds']:.0f} |")
+    print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed "
+          f"the same way after ({budget['tokens']} tokens, LoRA r 8 + router)\n")
+    ppl_cells = lambda ppl: [f"ppl {ppl[t]:.2f}" for t in tasks]
+    table = [["dense", "1.00", *ppl_cells(dense["before"]), "1.000", *ppl_cells(dense["after"]),
+              "1.000", f"{dense['tok_s']:.0f}", f"{dense['seconds']:.0f}"]]
     for r in results:
-        cells = [f"`{r['row']}`", f"{r['active']:.2f}", *ratio_cells(r["before"], dense["before"]),
-                 *ratio_cells(r["after"], dense["after"]), f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
-                 f"{r['seconds']:.0f}"]
-        print("| " + " | ".join(cells) + " |")
+        table.append([f"`{r['row']}`", f"{r['active']:.2f}",
+                      *ratio_cells(r["before"], dense["before"]),
+                      *ratio_cells(r["after"], dense["after"]),
+                      f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
+                      f"{r['seconds']:.0f}"])
+    print_table(["row", "active", *(f"before {t}" for t in tasks), "before geomean",
+                 *(f"after {t}" for t in tasks), "after geomean", "tok/s (x dense)", "train s"],
+                table)
     return [{"row": "dense", **dense}] + results
 
 
-def downcycle(data: str, rows: list[str], active: float, n_experts: int, n_shared: int, tokens: int, seqlen: int,
-              batch: int, lr: float, min_lr: float, balance: float, calib_samples: int, calib_seqlen: int,
-              holdout: float, val_windows: int, val_every: int, seed: int, plot: str | None) -> list[dict]:
-    """The demo downcycled to `active` of its FFN: each initialisation (a row, '+keep' for the start that
-    keeps the converted model's function) trained with softmax routing and the balance loss, every
-    parameter, the same budget; the dense model trained the same way."""
+def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: float,
+              calib_samples: int, calib_seqlen: int, val_windows: int, val_every: int, seed: int,
+              plot: str | None, val_seqlen: int = 512) -> list[dict]:
+    """The demo downcycled (layout: active, n_experts, n_shared): each initialisation (a row;
+    '+keep' starts at the converted model's function) trained with softmax routing and the balance
+    loss, every parameter, on the same budget (tokens, seqlen, batch, lr, min_lr, holdout); the
+    dense model trained the same way."""
     import tempfile
-    steps = max(1, tokens // (seqlen * batch))
-    spec = train_specs(data, "downcycle", holdout=holdout, seqlen=seqlen, batch=batch, tokens=tokens, lr=lr,
-                       min_lr=min_lr, warmup=max(1, steps // 10), train=("all",), seed=seed)
-    path = demo_checkpoint()
-    calib = calibration_from_files(load_tokenizer(path), list(spec().data), calib_samples, calib_seqlen, seed,
-                                   holdout)
-    print(header("cpu", "float32"))
+    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
+    spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
+                                       warmup=max(1, steps // 10), train=("all",), **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-downcycle-")
+    results = []
     try:
-        dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense")
-        results = []
+        dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense",
+                        val_seqlen)
         for row in rows:
             init, _, start = row.partition("+")
-            convert_spec = ConvertSpec(active=active, n_experts=n_experts, n_shared=n_shared, seed=seed,
-                                       **parse_row(init))
-            moe = os.path.join(work, "moe")
-            convert_checkpoint(path, moe, calib, convert_spec, torch.float32, "cpu", torch.float32,
-                               log=lambda *_: None)
-            run = trained(moe, os.path.join(work, "trained"), spec(routing="softmax", balance=balance,
-                          keep_function=start == "keep"), val_windows, val_every, row)
+            convert_spec = ConvertSpec(**layout, seed=seed, **parse_row(init))
+            moe = converted_into(path, os.path.join(work, "moe"), calib, convert_spec)
+            train_spec = spec(routing="softmax", balance=balance, keep_function=start == "keep")
+            run = trained(moe, os.path.join(work, "trained"), train_spec, val_windows, val_every,
+                          row, val_seqlen)
             results.append({"row": row, **run})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
-    print(f"\nheld-out ppl ratio to the dense model trained the same way ({tokens} tokens, every parameter), "
-          f"{active:.0%} of the FFN active, {n_experts} experts, {n_shared} shared\n")
-    head = ["init", *tasks, "geomean", "val loss at step 0", "val loss at the end", "tok/s (x dense)", "train s"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    ppl_cells = " | ".join(f"ppl {dense['after'][t]:.2f}" for t in tasks)
-    print(f"| dense | {ppl_cells} | 1.000 | {dense['curve'][0][1]:.3f} | {dense['curve'][-1][1]:.3f} | "
-          f"{dense['tok_s']:.0f} | {dense['seconds']:.0f} |")
+    print(f"\nheld-out ppl ratio to the dense model trained the same way ({budget['tokens']} "
+          f"tokens, every parameter), {layout['active']:.0%} of the FFN active, "
+          f"{layout['n_experts']} experts, {layout['n_shared']} shared\n")
+    table = [["dense", *(f"ppl {dense['after'][t]:.2f}" for t in tasks), "1.000",
+              f"{dense['curve'][0][1]:.3f}", f"{dense['curve'][-1][1]:.3f}",
+              f"{dense['tok_s']:.0f}", f"{dense['seconds']:.0f}"]]
     for r in results:
-        cells = [f"`{r['row']}`", *ratio_cells(r["after"], dense["after"]), f"{r['curve'][0][1]:.3f}",
-                 f"{r['curve'][-1][1]:.3f}", f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
-                 f"{r['seconds']:.0f}"]
-        print("| " + " | ".join(cells) + " |")
-    print("\nvalidation loss (mean NLL over the tasks) by step\n\n| step | " + " | ".join(
-        f"`{r['row']}`" for r in results) + " | dense |\n|" + "---|" * (len(results) + 2))
-    for i, (step, _) in enumerate(dense["curve"]):
-        print(f"| {step} | " + " | ".join(f"{r['curve'][i][1]:.3f}" for r in results) + f" | {dense['curve'][i][1]:.3f} |")
+        table.append([f"`{r['row']}`", *ratio_cells(r["after"], dense["after"]),
+                      f"{r['curve'][0][1]:.3f}", f"{r['curve'][-1][1]:.3f}",
+                      f"{r['tok_s']:.0f} ({r['tok_s'] / dense['tok_s']:.2f})",
+                      f"{r['seconds']:.0f}"])
+    print_table(["init", *tasks, "geomean", "val loss at step 0", "val loss at the end",
+                 "tok/s (x dense)", "train s"], table)
+    print("\nvalidation loss (mean NLL over the tasks) by step\n")
+    curves = [[str(step), *(f"{r['curve'][i][1]:.3f}" for r in results + [dense])]
+              for i, (step, _) in enumerate(dense["curve"])]
+    print_table(["step", *(f"`{r['row']}`" for r in results), "dense"], curves)
     if plot:
-        draw_curves(plot, results, dense, f"the demo downcycled to {active:.0%} of its FFN: validation loss")
+        title = f"the demo downcycled to {layout['active']:.0%} of its FFN: held-out loss"
+        draw(plot, [(r["row"], *zip(*r["curve"])) for r in results + [{"row": "dense (same "
+                                                                              "training)",
+                                                                        **dense}]],
+             "optimizer step", "held-out loss (mean NLL over 4 tasks)", title)
     return [{"row": "dense", **dense}] + results
-
-
-def draw_curves(file: str, results: list[dict], dense: dict, title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no picture: matplotlib is not installed (pip install matplotlib), {file} not written")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results + [{"row": "dense (same training)", **dense}]:
-        steps, loss = zip(*r["curve"])
-        ax.plot(steps, loss, marker="o", markersize=3, label=r["row"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (mean NLL over 4 tasks)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    print(f"wrote {file}")
 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Benchmarks: FFN and model speed, and conversion quality, each against "
-                                "the dense model in the same run.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    files = ", ".join(TASK_FILES.values())
+    p = argparse.ArgumentParser(description="Benchmarks: FFN and model speed, conversion quality "
+                                "and training, each against the dense model in the same run.",
+                                formatter_class=defaults)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("ppl", help="perplexity of a checkpoint on a text file",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=defaults)
     pp.add_argument("checkpoint", help="checkpoint directory, or 'demo'")
     pp.add_argument("file", help="a .txt file, or a .jsonl file read through --field")
-    pp.add_argument("--field", default=None, help=".jsonl: the field(s) to read, comma-separated (default: "
-                    "'text', or else every string field)")
+    pp.add_argument("--field", default=None,
+                    help=".jsonl: the field(s) to read, comma-separated (default: 'text', or else "
+                    "every string field)")
     pp.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most these windows")
     pp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
-    fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75], help="active fractions f")
-    fb.add_argument("--tokens", nargs="+", type=int, default=None, help="token counts T (default 1 16 128 2048; "
-                    "on CPU 1 16 128, since T = 2048 at 8B shapes takes seconds per call)")
-    fb.add_argument("--routing", nargs="+", default=["router", "balanced"], choices=["router", "balanced"])
-    fb.add_argument("--experts", type=int, default=64, help="N_e")
-    fb.add_argument("--compile", action="store_true", help="torch.compile the MoE forward (fullgraph)")
-    fb.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement at least")
-    fb.add_argument("--breakdown", action="store_true", help="also time the MoE call's parts alone: router, shared "
-                    "GLU, routed experts (and, on the grouped path, its GEMMs without the permutation)")
-    mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    mb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, float32 on CPU")
-    mb.add_argument("--active", type=float, default=0.5, help="active fraction of the converted model")
-    mb.add_argument("--prefill", type=int, default=1024, help="prefill tokens")
-    mb.add_argument("--new-tokens", type=int, default=128, help="decode steps")
-    mb.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    mb.add_argument("--data", default=DATA, help="calibration files' directory (else the model writes its own)")
-    mb.add_argument("--min-time", type=float, default=2.0)
-    sb = sub.add_parser("synth", help="write a random-weight checkpoint with a real model's shapes")
-    sb.add_argument("model", choices=list(SYNTH_CONFIGS))
-    sb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
-    sb.add_argument("--out", required=True)
-    cb = sub.add_parser("convert", help="time a streamed conversion of a synthetic checkpoint: stages, peak RSS",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cb.add_argument("model", choices=list(SYNTH_CONFIGS))
-    cb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
-    cb.add_argument("--dir", default="/tmp/expertweaver-synth", help="where the synthetic checkpoints live")
-    cb.add_argument("--samples", type=int, default=2, help="calibration windows per task")
-    cb.add_argument("--seqlen", type=int, default=256)
-    cb.add_argument("--tasks", type=int, default=4)
-    cb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    cb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    cb.add_argument("--keep", action="store_true", help="keep the converted output")
-    pb = sub.add_parser("partition", help="time partition + router for one layer",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pb.add_argument("model", choices=list(SYNTH_CONFIGS))
-    pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
-    pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
-    pb.add_argument("--repeats", type=int, default=3)
-    q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for conversions x active fractions",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
-    q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="conversions, each 'method[:router][:key=value...]' "
-                   "with ConvertSpec keys, e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
-    q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5], help="active fractions")
+    pp.add_argument("--device", default=device)
+    q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for conversions x active "
+                       "fractions", formatter_class=defaults)
+    q.add_argument("--data", default=DATA, help=f"directory holding {files}")
+    q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                   help="conversions, each 'method[:router][:key=value...]' with ConvertSpec keys, "
+                   "e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
+    q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5], help="active "
+                                                                                     "fractions")
     q.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
     q.add_argument("--calib-seqlen", type=int, default=256)
     q.add_argument("--eval-seqlen", type=int, default=512)
     q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
     q.add_argument("--holdout", type=float, default=0.1)
     q.add_argument("--seed", type=int, default=0)
-    hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model trained alike",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hb.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
-    hb.add_argument("--rows", nargs="+", default=["expertweaver", "expertweaver:centroid:shared_by=activation", "cmoe",
-                                                  "static"], help="conversions, as in quality")
+    q.add_argument("--plot", default=None,
+                   help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
+                   "into this PNG (needs matplotlib)")
+    fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=defaults)
+    fb.add_argument("--device", default=device)
+    fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75], help="active "
+                                                                                 "fractions f")
+    fb.add_argument("--tokens", nargs="+", type=int, default=None,
+                    help="token counts T (default 1 16 128 2048; on CPU 1 16 128, since T = 2048 "
+                    "at 8B shapes takes seconds per call)")
+    fb.add_argument("--routing", nargs="+", default=["router", "balanced"],
+                    choices=["router", "balanced"])
+    fb.add_argument("--experts", type=int, default=64, help="N_e")
+    fb.add_argument("--compile", action="store_true", help="torch.compile the MoE forward "
+                                                           "(fullgraph)")
+    fb.add_argument("--min-time", type=float, default=1.0,
+                    help="seconds of timed runs per measurement at least")
+    fb.add_argument("--breakdown", action="store_true",
+                    help="also time the MoE call's parts alone: router, shared GLU, routed experts "
+                    "(and, on the grouped path, its GEMMs without the permutation)")
+    mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=defaults)
+    mb.add_argument("--device", default=device)
+    mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    mb.add_argument("--active", type=float, default=0.5, help="active fraction of the MoE")
+    mb.add_argument("--prefill", type=int, default=1024, help="prefill tokens")
+    mb.add_argument("--new-tokens", type=int, default=128, help="decode steps")
+    mb.add_argument("--modes", nargs="+", default=["eager", "compiled"],
+                    choices=["eager", "compiled"])
+    mb.add_argument("--data", default=DATA,
+                    help="calibration files' directory (else the model writes its own)")
+    mb.add_argument("--min-time", type=float, default=2.0)
+    sb = sub.add_parser("synth", help="write a random-weight checkpoint with a real model's shapes")
+    sb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    sb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    sb.add_argument("--out", required=True)
+    cb = sub.add_parser("convert", help="time a streamed conversion of a synthetic checkpoint",
+                        formatter_class=defaults)
+    cb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    cb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
+    cb.add_argument("--dir", default="/tmp/expertweaver-synth",
+                    help="where the synthetic checkpoints live")
+    cb.add_argument("--samples", type=int, default=2, help="calibration windows per task")
+    cb.add_argument("--seqlen", type=int, default=256)
+    cb.add_argument("--tasks", type=int, default=4)
+    cb.add_argument("--device", default=device)
+    cb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    cb.add_argument("--keep", action="store_true", help="keep the converted output")
+    pb = sub.add_parser("partition", help="time partition + router for one layer",
+                        formatter_class=defaults)
+    pb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
+    pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
+    pb.add_argument("--repeats", type=int, default=3)
+    hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
+                        "trained alike", formatter_class=defaults)
+    hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
+                    default=["expertweaver", "expertweaver:centroid:shared_by=activation", "cmoe",
+                             "static"])
     hb.add_argument("--active", nargs="+", type=float, default=[0.75, 0.5], help="active fractions")
-    hb.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
-    hb.add_argument("--seqlen", type=int, default=256)
-    hb.add_argument("--batch", type=int, default=8)
     hb.add_argument("--lr", type=float, default=5e-4)
-    db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (all parameters)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    db.add_argument("--data", default=DATA, help=f"directory holding {', '.join(TASK_FILES.values())}")
-    db.add_argument("--rows", nargs="+", default=["expertweaver:centroid", "random:centroid", "cmoe",
-                                                  "expertweaver:centroid+keep"],
-                    help="initialisations, as quality's rows; +keep: start at the converted model's function")
+    db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (every "
+                        "parameter)", formatter_class=defaults)
+    db.add_argument("--rows", nargs="+",
+                    default=["expertweaver:centroid", "random:centroid", "cmoe",
+                             "expertweaver:centroid+keep"],
+                    help="initialisations, as quality's rows; +keep: start at the converted "
+                    "model's function")
     db.add_argument("--active", type=float, default=0.25)
     db.add_argument("--experts", type=int, default=64)
     db.add_argument("--n-shared", type=int, default=2)
-    db.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
-    db.add_argument("--seqlen", type=int, default=256)
-    db.add_argument("--batch", type=int, default=8)
     db.add_argument("--lr", type=float, default=4e-4)
     db.add_argument("--min-lr", type=float, default=4e-5)
     db.add_argument("--balance", type=float, default=0.01, help="Switch balance loss coefficient")
     db.add_argument("--val-every", type=int, default=4)
-    db.add_argument("--plot", default=None, help="draw the validation curves into this PNG (needs matplotlib)")
+    db.add_argument("--plot", default=None,
+                    help="draw the validation curves into this PNG (needs matplotlib)")
     for s in (hb, db):
+        s.add_argument("--data", default=DATA, help=f"directory holding {files}")
+        s.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
+        s.add_argument("--seqlen", type=int, default=256)
+        s.add_argument("--batch", type=int, default=8)
         s.add_argument("--calib-samples", type=int, default=8)
         s.add_argument("--calib-seqlen", type=int, default=256)
         s.add_argument("--holdout", type=float, default=0.1)
-        s.add_argument("--val-windows", type=int, default=8, help="held-out windows of 512 tokens per task")
+        s.add_argument("--val-windows", type=int, default=8,
+                       help="held-out windows of 512 tokens per task")
         s.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     exit_on_sigterm()
-    if a.command in ("heal", "downcycle"):
-        rows = heal(a.data, a.rows, a.active, a.tokens, a.seqlen, a.batch, a.lr, a.calib_samples, a.calib_seqlen,
-                    a.holdout, a.val_windows, a.seed) if a.command == "heal" else \
-            downcycle(a.data, a.rows, a.active, a.experts, a.n_shared, a.tokens, a.seqlen, a.batch, a.lr, a.min_lr,
-                      a.balance, a.calib_samples, a.calib_seqlen, a.holdout, a.val_windows, a.val_every, a.seed,
-                      a.plot)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"command": a.command, "args": vars(a), "header": header("cpu", "float32"), "rows": rows},
-                          f, indent=2)
-        raise SystemExit
-    torch.set_grad_enabled(False)
+    if a.command not in ("heal", "downcycle"):
+        torch.set_grad_enabled(False)
     if a.command in ("ffn", "model"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.command == "ppl":
         rows = [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]
     elif a.command == "ffn":
         tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
-        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts, a.compile, a.min_time,
-                         a.breakdown)
+        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts,
+                         a.compile, a.min_time, a.breakdown)
     elif a.command == "model":
-        rows = model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data, a.min_time)
+        rows = model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data,
+                           a.min_time)
     elif a.command == "synth":
         rows = [{"out": synth_checkpoint(a.model, a.layers, a.out)}]
     elif a.command == "convert":
-        rows = [convert_bench(a.model, a.layers, a.dir, a.samples, a.seqlen, a.tasks, a.device, a.dtype, a.keep)]
+        rows = [convert_bench(a.model, a.layers, a.dir, a.samples, a.seqlen, a.tasks, a.device,
+                              a.dtype, a.keep)]
     elif a.command == "partition":
         rows = partition_bench(a.model, a.samples, a.tokens, a.repeats)
+    elif a.command == "quality":
+        rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
+                       a.eval_windows, a.holdout, a.seed, a.plot)
+    elif a.command == "heal":
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
+        rows = heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,
+                    a.val_windows, a.seed)
     else:
-        rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen, a.eval_windows,
-                       a.holdout, a.seed)
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, min_lr=a.min_lr,
+                      holdout=a.holdout)
+        layout = dict(active=a.active, n_experts=a.experts, n_shared=a.n_shared)
+        rows = downcycle(a.data, a.rows, layout, budget, a.balance, a.calib_samples, a.calib_seqlen,
+                         a.val_windows, a.val_every, a.seed, a.plot)
     if a.json:
+        where = header(getattr(a, "device", "cpu"), getattr(a, "dtype", "float32"))
         with open(a.json, "w") as f:
-            json.dump({"command": a.command, "args": vars(a), "header": header(getattr(a, "device", "cpu"),
-                       getattr(a, "dtype", "float32")), "rows": rows}, f, indent=2)
+            json.dump({"command": a.command, "args": vars(a), "header": where, "rows": rows}, f,
+                      indent=2)

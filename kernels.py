@@ -6,12 +6,12 @@ kernels.py: fast forward passes for the MoE FFN, each tested against `reference`
 
 Imports model.py (its MoE FFN and the reference loop over experts). Semantics (model.MoEMLP): y =
 shared GLU(x) + the sum, over the K experts selected for each token, of that expert's GLU(x),
-unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D: w13
-(E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output directions; the
-shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not (E, D, F), because a
-CPU decode step streams a matrix of long rows (act @ W) several times faster than one of F-long rows;
-grouped_mm takes either.
-Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token, S shared.
+unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D:
+w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output
+directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
+(E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
+than one of F-long rows; grouped_mm takes either. Letters: N tokens, D model dim, E routed experts,
+F neurons per expert, K experts per token, S shared.
 
 Paths:
   reference  model.routed_reference: a loop over all experts, the obvious version
@@ -39,8 +39,8 @@ def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
 
 
 def reference(x, idx, w13, w2, shared=None, weights=None):
-    """x (N, D), idx (N, K) expert ids, weights (N, K) or None (unweighted) -> (N, D), as model.MoEMLP
-    computes it."""
+    """x (N, D), idx (N, K) expert ids, weights (N, K) or None (unweighted) -> (N, D), as
+    model.MoEMLP computes it."""
     return shared_glu(x, shared) + routed_reference(x, idx, w13, w2, weights)
 
 
@@ -59,14 +59,17 @@ def select(x, idx, w13, w2, shared=None, weights=None):
 def gather(x, idx, w13, w2, shared=None, weights=None):
     """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
     gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
-    act = F.silu(gate) * up if weights is None else F.silu(gate) * up * weights[..., None].to(x.dtype)
+    act = F.silu(gate) * up
+    if weights is not None:
+        act = act * weights[..., None].to(x.dtype)
     routed = torch.einsum("nkf,nkfd->nd", act, w2[idx])  # (N, D), summed over k and f
     return shared_glu(x, shared) + routed
 
 
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the end of each
-    expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so the shapes are static."""
+    """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the
+    end of each expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so
+    the shapes are static."""
     expert = idx.flatten()  # (N*K,) expert of each token-slot
     order = expert.argsort(stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
@@ -75,16 +78,19 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
 
 
 def grouped(x, idx, w13, w2, shared=None, weights=None):
-    """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the experts'
-    contiguous runs. No host sync anywhere, so the whole function compiles into one graph."""
+    """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the
+    experts' contiguous runs. No host sync anywhere, so the whole function compiles into one
+    graph."""
     N, K = idx.shape
     order, offsets = sort_by_expert(idx, w13.shape[0])
     xs = x[order // K]  # (N*K, D) one row per slot, in expert order
-    gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)  # (N*K, F) each
+    # (N*K, F) each
+    gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)  # (N*K, D)
     if weights is not None:
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-    routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)  # back to slot order
+    # back to slot order
+    routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)
     return shared_glu(x, shared) + routed
 
 
@@ -96,32 +102,35 @@ PATHS = {"reference": reference, "select": select, "gather": gather, "grouped": 
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """grouped_mm exists for some devices and dtypes only (e.g. CUDA wants bf16 on sm90+): try it once on a
-    tiny problem. choose_path announces the slower fallback when it is missing."""
+    """grouped_mm exists for some devices and dtypes only (e.g. CUDA wants bf16 on sm90+): try it
+    once on a tiny problem. choose_path announces the slower fallback when it is missing."""
     device = torch.device(device_type)
     try:
         a = torch.zeros(32, 16, device=device, dtype=dtype)
         b = torch.zeros(2, 32, 16, device=device, dtype=dtype).transpose(-2, -1)
         F.grouped_mm(a, b, offs=torch.tensor([16, 32], device=device, dtype=torch.int32))
         return True
-    except (RuntimeError, NotImplementedError, AttributeError):  # unsupported here: choose_path says so
+    # unsupported here: choose_path says so
+    except (RuntimeError, NotImplementedError, AttributeError):
         return False
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: decided eagerly, the probe never traced
+# under torch.compile: decided eagerly, the probe never traced
+@torch.compiler.assume_constant_result
 def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int, n_experts: int,
                 dim: int, expert_dim: int, compiled: bool = False) -> str:
-    """Few token-slots per expert (decode): read only the selected experts. On CUDA that is `gather`, which
-    has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and `select` reads each selected
-    expert in place instead of copying it (eager only: the sync would break a compiled graph). Many tokens
-    (prefill): `grouped`, where grouped_mm runs for this device and dtype, the rows are 16-byte aligned as it
-    requires, and, under torch.compile, the dtype is bf16 (its meta function allows nothing else); otherwise
-    `gather`."""
+    """Few token-slots per expert (decode): read only the selected experts. On CUDA that is
+    `gather`, which has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and
+    `select` reads each selected expert in place instead of copying it (eager only: the sync would
+    break a compiled graph). Many tokens (prefill): `grouped`, where grouped_mm runs for this device
+    and dtype, the rows are 16-byte aligned as it requires, and, under torch.compile, the dtype is
+    bf16 (its meta function allows nothing else); otherwise `gather`."""
     if n_tokens * top_k <= n_experts:
         return "gather" if device_type == "cuda" or compiled else "select"
     size = torch.finfo(dtype).bits // 8
     if (dim * size) % 16 or (expert_dim * size) % 16:
-        return announce_fallback(f"rows of {dim} and {expert_dim} {dtype} values are not 16-byte aligned")
+        return announce_fallback(f"rows of {dim} and {expert_dim} {dtype} values are not 16-byte "
+                                 f"aligned")
     if not grouped_mm_works(device_type, dtype):
         return announce_fallback(f"grouped_mm is unavailable on {device_type}/{dtype}")
     if compiled and dtype != torch.bfloat16:
@@ -136,10 +145,10 @@ def announce_fallback(reason: str) -> str:
 
 
 def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None):
-    """The dispatcher: x (N, D), idx (N, K), weights (N, K) or None -> (N, D) by the path choose_path
-    picks (or `path`)."""
-    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0], x.shape[1],
-                               w2.shape[1])
+    """The dispatcher: x (N, D), idx (N, K), weights (N, K) or None -> (N, D) by the path
+    choose_path picks (or `path`)."""
+    path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0],
+                               x.shape[1], w2.shape[1])
     return PATHS[path](x, idx, w13, w2, shared, weights)
 
 # -----------------------------------------------------------------------------
@@ -149,8 +158,9 @@ def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None)
 def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """What model.py's MoEMLP.forward computes, through moe_ffn. x: (..., D)."""
     flat = x.reshape(-1, x.shape[-1])  # (N, D)
-    shared = None if mlp.shared is None else (mlp.shared.gate_proj.weight, mlp.shared.up_proj.weight,
-                                              mlp.shared.down_proj.weight)
+    shared = None
+    if mlp.shared is not None:
+        shared = (mlp.shared.gate_proj.weight, mlp.shared.up_proj.weight, mlp.shared.down_proj.weight)
     if not mlp.top_k:
         return shared_glu(flat, shared).view_as(x)
     idx, weights = mlp.route(flat)
@@ -160,8 +170,8 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
 
 @functools.cache
 def compiled_layer_forward(device_type: str, decode: bool):
-    """torch.compile'd layer_forward, fullgraph (a graph break raises). Decode: static shapes, and CUDA graphs
-    on CUDA; prefill: a dynamic token count."""
+    """torch.compile'd layer_forward, fullgraph (a graph break raises). Decode: static shapes, and
+    CUDA graphs on CUDA; prefill: a dynamic token count."""
     if decode and device_type == "cuda":
         return torch.compile(layer_forward, fullgraph=True, dynamic=False, mode="reduce-overhead")
     return torch.compile(layer_forward, fullgraph=True, dynamic=not decode)
@@ -169,21 +179,24 @@ def compiled_layer_forward(device_type: str, decode: bool):
 
 def use_kernels(model, compile: bool = True) -> None:
     """Installs the fast forward in every MoE layer of a model.py Transformer, in place; undo with
-    use_kernels(model, None). compile=True runs each layer's forward torch.compile'd; compile=False runs the
-    paths eagerly. Under an outer torch.compile of the whole model, the layers pick paths that trace (no
-    host sync) and leave the compiling to it."""
+    use_kernels(model, None). compile=True runs each layer's forward torch.compile'd; compile=False
+    runs the paths eagerly. Under an outer torch.compile of the whole model, the layers pick paths
+    that trace (no host sync) and leave the compiling to it."""
     for block in model.layers:
         if isinstance(block.mlp, MoEMLP):
-            block.mlp.kernel = None if compile is None else functools.partial(kernel_for, compile=compile)
+            block.mlp.kernel = None if compile is None else \
+                functools.partial(kernel_for, compile=compile)
 
 
 def kernel_for(mlp, x: torch.Tensor, compile: bool) -> torch.Tensor:
     tracing = torch.compiler.is_compiling()
     n_tokens = x.numel() // x.shape[-1]
     if mlp.experts is None:
-        return layer_forward(mlp, x, "select")  # no routed experts: only the shared GLU, nothing to choose
+        # no routed experts: only the shared GLU, nothing to choose
+        return layer_forward(mlp, x, "select")
     E, F_, D = mlp.experts.down_proj.shape
-    path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_, compile or tracing)
+    path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_,
+                       compile or tracing)
     if tracing or not compile:
         return layer_forward(mlp, x, path)
     return compiled_layer_forward(x.device.type, n_tokens * max(mlp.top_k, 1) <= E)(mlp, x, path)

@@ -1,13 +1,13 @@
 """
-model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or with the MoE FFN that
-convert.py writes, read from and written to HF-style safetensors checkpoints.
+model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or with the MoE FFN
+that convert.py writes, read from and written to HF-style safetensors checkpoints.
 
     python model.py CHECKPOINT --prompt "The capital of France is"     # greedy continuation
 
 A checkpoint is a directory: config.json, model.safetensors (or model.safetensors.index.json and its
 shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
-tokenizers inside load_tokenizer. Read top to bottom: config, norm and rotary embedding, attention, the
-dense FFN, the MoE FFN, block and model with generation, loading, saving, CLI.
+tokenizers inside load_tokenizer. Read top to bottom: config, norm and rotary embedding, attention,
+the dense FFN, the MoE FFN, block and model with generation, loading, saving, CLI.
 """
 import json
 import math
@@ -60,12 +60,14 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
-                             f"converts decoder-only SiLU-GLU models: {', '.join(SUPPORTED_MODEL_TYPES)} "
-                             f"(a GPT-2 style MLP has no gate to split into experts)")
+                             f"converts decoder-only SiLU-GLU models: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 style MLP has no gate "
+                             f"to split into experts)")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be the "
-                             f"SiLU-gated GLU down(silu(x W_gate) * x W_up) that is split into neurons")
+                             f"SiLU-gated GLU down(silu(x W_gate) * x W_up) that is split into "
+                             f"neurons")
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split "
                              f"across experts)")
@@ -78,8 +80,8 @@ class ModelConfig:
         scaling = hf.get("rope_scaling") or rope_params
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only the "
-                             f"plain RoPE and 'llama3')")
+            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only "
+                             f"the plain RoPE and 'llama3')")
         attention_bias = bool(hf.get("attention_bias", False))
         try:
             return cls(
@@ -111,10 +113,11 @@ class ModelConfig:
 def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
     layers, expert_dim = moe.get("layers"), moe.get("expert_dim")
     if not isinstance(layers, list) or len(layers) != n_layers:
-        raise ValueError(f"config.json moe.layers must list {n_layers} layers (null for a dense one), "
-                         f"found {str(layers)[:80]}")
+        raise ValueError(f"config.json moe.layers must list {n_layers} layers (null for a dense "
+                         f"one), found {str(layers)[:80]}")
     if moe.get("router") not in ROUTER_KINDS:
-        raise ValueError(f"config.json moe.router {moe.get('router')!r} is not one of {ROUTER_KINDS}")
+        raise ValueError(f"config.json moe.router {moe.get('router')!r} is not one of "
+                         f"{ROUTER_KINDS}")
     if moe.get("routing", "sum") not in ROUTINGS:
         raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
     for flag in ("norm_topk", "select_bias", "router_bias"):
@@ -125,8 +128,8 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
             continue
         shared, routed, top_k = layer["shared_neurons"], layer["routed_experts"], layer["top_k"]
         if shared + routed * expert_dim != ffn_dim:
-            raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} experts "
-                             f"x {expert_dim} neurons != intermediate_size {ffn_dim}")
+            raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} "
+                             f"experts x {expert_dim} neurons != intermediate_size {ffn_dim}")
         if not 0 <= top_k <= routed:
             raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
 
@@ -170,12 +173,14 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling if set."""
-    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
+    exponents = exponents / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     if cfg.rope_scaling is None:
         return inv_freq
     # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
-    # `factor`, those shorter than context / high_freq_factor are kept, the band between interpolated
+    # `factor`, those shorter than context / high_freq_factor are kept, the band between
+    # interpolated
     s = cfg.rope_scaling
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
@@ -214,7 +219,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: (T,); k, v: (B, n_kv, T, hd) -> the whole cache, (B, n_kv, max_seq_len, hd) each
+        # input_pos: (T,); k, v: (B, n_kv, T, hd) -> the whole cache, (B, n_kv, max_seq_len, hd)
+        # each
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -246,8 +252,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        gqa = self.n_heads != self.n_kv_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, nh, T, hd)
+                                           enable_gqa=gqa)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 # -----------------------------------------------------------------------------
@@ -268,15 +275,15 @@ class MLP(nn.Module):
 # the MoE FFN. The dense FFN's neurons are regrouped into a shared GLU that every token uses and
 # n_routed experts of expert_dim neurons each, of which a router picks top_k per token. With the
 # `sum` routing that convert.py writes, the selected experts' outputs are summed unweighted, so a
-# selected expert computes exactly what its neurons computed in the dense FFN; with every neuron shared
-# (in the original order) the layer *is* the dense FFN. Training switches to a weighted routing.
-# Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
+# selected expert computes exactly what its neurons computed in the dense FFN; with every neuron
+# shared (in the original order) the layer *is* the dense FFN. Training switches to a weighted
+# routing. Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
 ROUTER_KINDS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")
 # how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
-#   sum      1: the training-free conversion. The router gets no gradient (top-k is not differentiable)
-#   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to sum
-#            bit for bit at gamma = 0; the router learns once gamma has moved
+#   sum      1: the training-free conversion. The router gets no gradient (top-k has none)
+#   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to
+#            sum bit for bit at gamma = 0; the router learns once gamma has moved
 #   softmax  p_e (ExpertWeaver's downcycling, Switch), or p_e / sum of the top-k p (norm_topk)
 # Selection is the top-k of the scores plus an optional per-expert select_bias, which balancing
 # without an auxiliary loss nudges (DeepSeek-V3); the weights never see the bias.
@@ -287,14 +294,15 @@ class Router(nn.Module):
     """Scores (N, E) in float32; the MoE layer takes the top_k. How weaver.py builds each:
     centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
     lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm.
-    cmoe:     |(x @ U.T) * silu(x @ W.T)|, unit-norm up / gate rows of a representative neuron (CMoE).
+    cmoe:     |(x @ U.T) * silu(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
+              (CMoE).
     gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
               neuron, a third of their FLOPs; a comparison point, not a cheap router.
     oracle:   each expert's output norm (Experts.contributions), which costs the whole expert: a
               diagnostic upper bound, not a deployable router."""
 
-    def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum", select_bias: bool = False,
-                 bias: bool = True):
+    def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum",
+                 select_bias: bool = False, bias: bool = True):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
@@ -305,7 +313,8 @@ class Router(nn.Module):
             self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
         if routing == "scaled":
             self.gamma = nn.Parameter(torch.empty(()))
-        self.register_buffer("select_bias", torch.empty(n_experts) if select_bias else None)  # (E,) float32
+        # (E,) float32
+        self.register_buffer("select_bias", torch.empty(n_experts) if select_bias else None)
 
     def forward(self, x, experts: "Experts"):
         # x: (N, D) -> (N, E) float32
@@ -325,15 +334,18 @@ class Router(nn.Module):
         raise ValueError(f"router {self.kind!r} cannot score tokens")
 
     def score_bound(self, input_norm: float) -> float:
-        """An upper bound on max_e s_e(x) - min_e s_e(x) over every input with ||x|| <= input_norm (an
-        RMSNorm output has ||x|| <= max|its weight| * sqrt(D)). Linear: ||w_e - w_j|| ||x|| + |b_e - b_j|;
-        CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
+        """An upper bound on max_e s_e(x) - min_e s_e(x) over every input with ||x|| <= input_norm
+        (an RMSNorm output has ||x|| <= max|its weight| * sqrt(D)). Linear: ||w_e - w_j|| ||x|| +
+        |b_e - b_j|; CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
         w = self.weight.detach().double()
         if self.kind == "cmoe":
-            return (self.up.detach().double().norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
-        assert self.kind in ("centroid", "lsq"), f"the {self.kind!r} router's scores have no simple bound"
+            up = self.up.detach().double()
+            return (up.norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
+        assert self.kind in ("centroid", "lsq"), f"the {self.kind!r} router's scores have no bound"
         spread = torch.cdist(w, w).max().item() * input_norm
-        return spread + ((self.bias.max() - self.bias.min()).item() if self.bias is not None else 0.0)
+        if self.bias is not None:
+            spread += (self.bias.max() - self.bias.min()).item()
+        return spread
 
 
 def glu(x, w13, w2):
@@ -343,9 +355,9 @@ def glu(x, w13, w2):
 
 
 def routed_reference(x, idx, w13, w2, weights=None, experts=None):
-    """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D), weights (N, K) or None -> (N, D):
-    each token's sum over its K experts, weighted. The obvious loop over experts (or over the listed
-    `experts` only), the reference that kernels.py's fast paths are tested against."""
+    """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D), weights (N, K) or None -> (N,
+    D): each token's sum over its K experts, weighted. The obvious loop over experts (or over the
+    listed `experts` only), the reference that kernels.py's fast paths are tested against."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]) if experts is None else experts:
         hit = idx == e  # (N, K): a token selects each expert at most once
@@ -359,9 +371,10 @@ def routed_reference(x, idx, w13, w2, weights=None, experts=None):
 
 
 class Experts(nn.Module):
-    """E GLU experts stacked, gate and up rows fused so one matmul serves both. Every neuron owns three
-    contiguous rows of D values: its gate row, its up row, and its output direction (its column of the
-    dense down_proj). Long rows are what a memory-bound decode step streams fastest (kernels.py)."""
+    """E GLU experts stacked, gate and up rows fused so one matmul serves both. Every neuron owns
+    three contiguous rows of D values: its gate row, its up row, and its output direction (its
+    column of the dense down_proj). Long rows are what a memory-bound decode step streams fastest
+    (kernels.py)."""
 
     def __init__(self, n_experts: int, dim: int, expert_dim: int):
         super().__init__()
@@ -375,29 +388,34 @@ class Experts(nn.Module):
         return routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights)
 
     def contributions(self, x):
-        # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is what
-        # leaving it out costs. One expert at a time, so (N, E, D) is never held.
+        # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is
+        # what leaving it out costs. One expert at a time, so (N, E, D) is never held.
         w13, w2 = self.gate_up_proj, self.down_proj
-        return torch.stack([glu(x, w13[e], w2[e]).float().norm(dim=-1) for e in range(len(w13))], dim=1)
+        norms = [glu(x, w13[e], w2[e]).float().norm(dim=-1) for e in range(len(w13))]
+        return torch.stack(norms, dim=1)
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int, routed_experts: int,
-                 top_k: int, routing: str = "sum", norm_topk: bool = False, select_bias: bool = False,
-                 router_bias: bool = True):
+    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int,
+                 routed_experts: int, top_k: int, routing: str = "sum", norm_topk: bool = False,
+                 select_bias: bool = False, router_bias: bool = True):
         super().__init__()
         self.top_k, self.routing, self.norm_topk = top_k, routing, norm_topk
         self.shared = MLP(dim, shared_neurons) if shared_neurons else None
         self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
-        self.router = Router(router, dim, routed_experts, routing, select_bias, router_bias) if top_k else None
+        self.router = Router(router, dim, routed_experts, routing, select_bias, router_bias) \
+            if top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
         n_neurons = shared_neurons + routed_experts * expert_dim
         self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
-        self.kernel = None  # kernels.use_kernels(model) puts a fast forward here; None = the reference
-        self.balance_loss = self.load = None  # set by each forward in training mode (train.py reads them)
+        # kernels.use_kernels(model) puts a fast forward here; None = the reference
+        self.kernel = None
+        # set by each forward in training mode (train.py reads them)
+        self.balance_loss = self.load = None
 
     def route(self, x):
-        # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (unweighted: `sum`)
+        # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (unweighted:
+        # `sum`)
         scores = self.router(x, self.experts)  # (N, E) float32
         bias = self.router.select_bias
         idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
@@ -412,8 +430,9 @@ class MoEMLP(nn.Module):
         return idx, picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked
 
     def record(self, idx, probs):
-        # tokens per expert, and the Switch balance loss E * sum_e f_e P_e (f_e: share of the selections
-        # that went to e, P_e: mean router probability of e), whose gradient flows through P
+        # tokens per expert, and the Switch balance loss E * sum_e f_e P_e (f_e: share of the
+        # selections that went to e, P_e: mean router probability of e), whose gradient flows
+        # through P
         E = probs.shape[1] if probs is not None else self.experts.gate_up_proj.shape[0]
         self.load = torch.bincount(idx.flatten(), minlength=E)
         if probs is not None:
@@ -441,8 +460,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            options = {k: cfg.moe[k] for k in ("routing", "norm_topk", "select_bias", "router_bias") if k in cfg.moe}
-            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer, **options)
+            keys = ("routing", "norm_topk", "select_bias", "router_bias")
+            options = {k: cfg.moe[k] for k in keys if k in cfg.moe}
+            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer,
+                              **options)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
@@ -466,13 +487,15 @@ class Transformer(nn.Module):
         self.causal_mask: torch.Tensor | None = None  # (S, S) bool, set by setup_caches
 
     def rope(self, n_pos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rope_cos is None or self.rope_cos.shape[0] < n_pos or self.rope_cos.device != device:
-            size = max(n_pos, 2 * self.rope_cos.shape[0] if self.rope_cos is not None else 0, 1024)
+        cached = self.rope_cos.shape[0] if self.rope_cos is not None else 0
+        if cached < n_pos or self.rope_cos.device != device:
+            size = max(n_pos, 2 * cached, 1024)
             self.rope_cos, self.rope_sin = rope_tables(self.cfg, size, device)
         return self.rope_cos, self.rope_sin
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
-        """Allocates a static KV cache per layer; forward(tokens, input_pos) then writes and reads it."""
+        """Allocates a static KV cache per layer; forward(tokens, input_pos) then writes and reads
+        it."""
         weight = self.embed_tokens.weight
         for block in self.layers:
             block.self_attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len,
@@ -516,9 +539,9 @@ class Transformer(nn.Module):
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, eos_id: int | None = None,
                  generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
-        """prompt: (B, T) -> (B, T + n), n <= max_new_tokens; greedy when temperature == 0. Stops early
-        once every row has produced eos_id (rows that finished first are padded with it). on_step(i)
-        is called after the i-th new token (progress)."""
+        """prompt: (B, T) -> (B, T + n), n <= max_new_tokens; greedy when temperature == 0. Stops
+        early once every row has produced eos_id (rows that finished first are padded with it).
+        on_step(i) is called after the i-th new token (progress)."""
         B, T = prompt.shape
         device = prompt.device
         self.setup_caches(B, T + max_new_tokens)
@@ -568,17 +591,19 @@ def tensor_locations(path: str) -> dict[str, str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            where = {name: os.path.join(path, shard) for name, shard in json.load(f)["weight_map"].items()}
+            weight_map = json.load(f)["weight_map"]
+        where = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
         for shard in sorted(set(where.values())):
             if not os.path.isfile(shard):
                 names = [n for n, s in where.items() if s == shard]
-                raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors to it "
-                                        f"(e.g. {names[0]!r})")
+                raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors to "
+                                        f"it (e.g. {names[0]!r})")
         return where
     if os.path.isfile(single):
         with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor "
+                            f"model.safetensors.index.json")
 
 
 def open_safetensors(file: str, device="cpu"):
@@ -608,8 +633,8 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
             for name in names:
                 want, got = tuple(expected[name].shape), tuple(f.get_slice(name).get_shape())
                 if got != want:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json implies "
-                                     f"{want}")
+                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json "
+                                     f"implies {want}")
                 tensor = f.get_tensor(name)
                 if name.endswith(".neuron_index") and not torch.equal(
                         tensor.sort().values, torch.arange(tensor.numel(), device=tensor.device)):
@@ -634,7 +659,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
         expected.pop("lm_head.weight")
     where = tensor_locations(path)
     for name, file in where.items():
-        ignored = name.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and name == "lm_head.weight")
+        tied = cfg.tie_embeddings and name == "lm_head.weight"
+        ignored = name.endswith(IGNORED_SUFFIXES) or tied
         if name not in expected and not ignored:
             raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
                              f"model with this config.json")
@@ -650,7 +676,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
 
 def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = torch.float32,
                device="cpu", where: dict[str, str] | None = None) -> Block:
-    """One transformer block read from the checkpoint, for converters that hold a layer at a time."""
+    """One transformer block read from the checkpoint, for converters that hold a layer at once."""
     with torch.device("meta"):
         block = Block(cfg, layer)
     prefix = f"model.layers.{layer}."
@@ -698,7 +724,8 @@ class CheckpointWriter:
         if self.pending:
             file = os.path.join(self.directory, f"shard-{len(self.shards)}.tmp")
             save_file(self.pending, file, metadata={"format": "pt"})
-            os.chmod(file, 0o644)  # safetensors creates it private; a checkpoint is read by others too
+            # safetensors creates it private; a checkpoint is read by others too
+            os.chmod(file, 0o644)
             self.shards.append(list(self.pending))
             self.pending, self.pending_bytes = {}, 0
 
@@ -728,9 +755,9 @@ class CheckpointWriter:
                   {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
 
-def save_checkpoint(model: Transformer, hf_config: dict, directory: str, copy_from: str | None = None,
-                    extra: dict[str, dict] | None = None, max_shard_bytes: int = 2 << 30,
-                    state: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
+                    copy_from: str | None = None, extra: dict[str, dict] | None = None,
+                    max_shard_bytes: int = 2 << 30, state: dict[str, torch.Tensor] | None = None):
     """The model (config.json with its moe section, safetensors shards), the tokenizer files of
     `copy_from` and any `extra` JSON files, written into `directory`. `state` replaces the model's
     state_dict (train.py passes one with its adapters merged)."""
@@ -740,7 +767,8 @@ def save_checkpoint(model: Transformer, hf_config: dict, directory: str, copy_fr
         if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
             writer.add(hf_name(name), tensor)
     writer.finish()
-    for name, content in {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}.items():
+    files = {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}
+    for name, content in files.items():
         writer.json(name, content)
     writer.copy_tokenizer(copy_from)
 
@@ -755,7 +783,8 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
     ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = model.cfg.eos_token_id if isinstance(model.cfg.eos_token_id, int) else None
-    return tokenizer.decode(model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)[0].tolist())
+    out = model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)
+    return tokenizer.decode(out[0].tolist())
 
 
 if __name__ == "__main__":
@@ -763,7 +792,8 @@ if __name__ == "__main__":
     import sys
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
+                   "tokenizer.json)")
     p.add_argument("--prompt", default="The capital of France is", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -773,7 +803,7 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
     try:
-        print(main(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed, a.dtype,
-                   a.device))
+        print(main(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed,
+                   a.dtype, a.device))
     except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file or tensor
         sys.exit(f"model.py: error: {e}")

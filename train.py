@@ -1,19 +1,20 @@
 """
-train.py: continue training a dense or converted MoE checkpoint. Light healing: LoRA adapters and the
-router learn, as CMoE and DIVE do after converting. Downcycling: every parameter learns, with softmax
-routing and a balance loss, as ExpertWeaver does. One process, or many with torchrun (DDP).
+train.py: continue training a dense or converted MoE checkpoint. Light healing: LoRA adapters and
+the router learn, as CMoE and DIVE do after converting. Downcycling: every parameter learns, with
+softmax routing and a balance loss, as ExpertWeaver does. One process, or many with torchrun (DDP).
 
     python train.py out/smollm2-135m-expertweaver-75 --data ../shared/data/wikitext2-valid.txt \\
-        --data ../shared/data/tinyshakespeare.txt --train lora,router --routing scaled --out out/healed
+        --data ../shared/data/tinyshakespeare.txt --train lora,router --routing scaled \\
+        --out out/healed
     torchrun --nproc_per_node 2 train.py CHECKPOINT --data FILE --out DIR     # data-parallel
 
 Imports model.py (the model, saving) and convert.py (reading text, output directories, perplexity).
-Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing trained),
-train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume continues.
-How each routing trains the router (model.py, ROUTINGS): `sum` gives it no gradient, only
+Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing
+trained), train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume
+continues. How each routing trains the router (model.py, ROUTINGS): `sum` gives it no gradient, only
 --bias-balance moves its selection; `scaled` starts exactly at `sum` and trains it once gamma moves;
-`softmax` trains it from the first step. Read top to bottom: the spec, data, LoRA, what learns, routing,
-checkpoints, the loop, CLI.
+`softmax` trains it from the first step. Read top to bottom: the spec, data, LoRA, what learns,
+routing, checkpoints, the loop, CLI.
 """
 import contextlib
 import functools
@@ -29,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from convert import (check_out, exit_on_sigterm, output_dir, parse_calib_spec, perplexity, read_text, resolve,
-                     split_heldout)
+from convert import (check_out, exit_on_sigterm, output_dir, parse_calib_spec, perplexity,
+                     read_text, resolve, split_heldout)
 from model import (MLP, ROUTINGS, Experts, MoEMLP, RMSNorm, load_config, load_model, load_tokenizer,
                    save_checkpoint)
 
@@ -48,7 +49,7 @@ class TrainSpec:
     train: tuple = ("lora", "router")  # what learns: TRAINABLE
     lora_rank: int = 8
     lora_alpha: float = 32.0
-    routing: str | None = None        # an MoE's routing while training (ROUTINGS); None keeps its own
+    routing: str | None = None        # an MoE's routing while training (ROUTINGS); None: its own
     norm_topk: bool = False           # softmax: renormalise the top-k weights
     keep_function: bool = False       # sum -> softmax: start at (almost) the sum model's function
     balance: float = 0.0              # Switch balance loss coefficient, averaged over MoE layers
@@ -75,8 +76,8 @@ class TrainSpec:
         if not self.train:
             raise ValueError("--train names nothing to learn")
         if "lora" in self.train and ("all" in self.train or "experts" in self.train):
-            raise ValueError("--train lora with experts or all: those already train the weights the adapters "
-                             "would adapt")
+            raise ValueError("--train lora with experts or all: those already train the weights "
+                             "the adapters would adapt")
         if self.routing is not None and self.routing not in ROUTINGS:
             raise ValueError(f"--routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.keep_function and self.routing != "softmax":
@@ -87,9 +88,11 @@ class TrainSpec:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be at least 1")
         if not 0 < self.holdout < 1:
-            raise ValueError(f"--holdout {self.holdout} must be in (0, 1): the tail is the validation text")
+            raise ValueError(f"--holdout {self.holdout} must be in (0, 1): the tail is the "
+                             f"validation text")
         if self.lr <= 0 or self.balance < 0 or self.bias_balance < 0 or self.warmup < 0:
-            raise ValueError("--lr must be positive; --balance, --bias-balance and --warmup non-negative")
+            raise ValueError("--lr must be positive; --balance, --bias-balance and --warmup "
+                             "non-negative")
         self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
 
 
@@ -110,16 +113,17 @@ def check_model(spec: TrainSpec, cfg) -> None:
     if spec.balance and routing == "sum":
         raise ValueError("--balance needs router probabilities: --routing scaled or softmax")
     if "router" in spec.train and routing == "sum":
-        raise ValueError("--train router with sum routing: the router gets no gradient; use --routing scaled "
-                         "or softmax (or move its selection with --bias-balance)")
-    if ("router" in spec.train or spec.keep_function) and cfg.moe["router"] not in ("centroid", "lsq", "cmoe"):
+        raise ValueError("--train router with sum routing: the router gets no gradient; use "
+                         "--routing scaled or softmax (or move its selection with --bias-balance)")
+    trainable_router = cfg.moe["router"] in ("centroid", "lsq", "cmoe")
+    if ("router" in spec.train or spec.keep_function) and not trainable_router:
         raise ValueError(f"the {cfg.moe['router']!r} router has no parameters to train or rescale")
 
 # -----------------------------------------------------------------------------
 # data: each file's tokens, its tail held out for validation, the rest cut into windows
 
 
-def load_data(tokenizer, spec: TrainSpec, val_seqlen: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def load_data(tokenizer, spec: TrainSpec, val_seqlen: int) -> tuple[torch.Tensor, dict]:
     """-> training windows (W, seqlen) int64 of every file, and each task's held-out tokens."""
     windows, heldout = [], {}
     for data_spec in spec.data:
@@ -127,29 +131,32 @@ def load_data(tokenizer, spec: TrainSpec, val_seqlen: int) -> tuple[torch.Tensor
         ids = tokenizer.encode(read_text(file, spec.field)).ids
         head, tail = split_heldout(ids, spec.holdout)
         if len(head) < spec.seqlen:
-            raise ValueError(f"{file}: {len(head)} tokens (before the held-out {spec.holdout:.0%}) make no "
-                             f"window of --seqlen {spec.seqlen}")
+            raise ValueError(f"{file}: {len(head)} tokens (before the held-out {spec.holdout:.0%}) "
+                             f"make no window of --seqlen {spec.seqlen}")
         n = len(head) // spec.seqlen
-        windows.append(torch.tensor(head[: n * spec.seqlen], dtype=torch.int64).view(n, spec.seqlen))
-        heldout[task] = torch.cat([heldout.get(task, torch.empty(0, dtype=torch.int64)), torch.tensor(tail)])
+        windows.append(torch.tensor(head[: n * spec.seqlen]).view(n, spec.seqlen))
+        heldout.setdefault(task, []).extend(tail)
+    heldout = {task: torch.tensor(ids, dtype=torch.int64) for task, ids in heldout.items()}
     for task, tokens in heldout.items():
         if len(tokens) < val_seqlen:
-            raise ValueError(f"task {task!r}: its held-out tail has {len(tokens)} tokens, fewer than one "
-                             f"window of --val-seqlen {val_seqlen}")
+            raise ValueError(f"task {task!r}: its held-out tail has {len(tokens)} tokens, fewer "
+                             f"than one window of --val-seqlen {val_seqlen}")
     return torch.cat(windows), heldout
 
 
-def batch_windows(n_windows: int, step: int, micro: int, batch: int, accum: int, rank: int, world: int,
-                  seed: int) -> torch.Tensor:
-    """Window ids of one micro-batch of one process. The windows are read in a seeded permutation per
-    epoch; an optimizer step takes the next batch * accum * world of them, micro-batch after micro-batch,
-    each split between the processes, so one process with a world-times larger batch sees the same."""
+def batch_windows(n_windows: int, step: int, micro: int, batch: int, accum: int, rank: int,
+                  world: int, seed: int) -> torch.Tensor:
+    """Window ids of one micro-batch of one process. The windows are read in a seeded permutation
+    per epoch; an optimizer step takes the next batch * accum * world of them, micro-batch after
+    micro-batch, each split between the processes, so one process with a world-times larger batch
+    sees the same."""
     per_step = batch * accum * world
     first = step * per_step + micro * batch * world + rank * batch
     ids = []
     for position in range(first, first + batch):
         epoch, i = divmod(position, n_windows)
-        order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n_windows, generator=generator)
         ids.append(order[i])
     return torch.stack(ids)
 
@@ -158,9 +165,10 @@ def batch_windows(n_windows: int, step: int, micro: int, batch: int, accum: int,
 
 
 class LoRA(nn.Module):
-    """W + (alpha / r) B @ A for a weight W (..., m, n), the leading dims batching it (stacked experts get
-    an adapter each): A (..., r, n) random, B (..., m, r) zero, so training starts at W exactly. The
-    merged weight is what every forward uses (torch parametrize), so a saved model is the trained one."""
+    """W + (alpha / r) B @ A for a weight W (..., m, n), the leading dims batching it (stacked
+    experts get an adapter each): A (..., r, n) random, B (..., m, r) zero, so training starts at W
+    exactly. The merged weight is what every forward uses (torch parametrize), so a saved model is
+    the trained one."""
 
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -191,11 +199,13 @@ def lora_targets(model) -> list[tuple[nn.Module, str]]:
 def add_lora(model, rank: int, alpha: float, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for module, name in lora_targets(model):
-        parametrize.register_parametrization(module, name, LoRA(getattr(module, name), rank, alpha, generator))
+        adapter = LoRA(getattr(module, name), rank, alpha, generator)
+        parametrize.register_parametrization(module, name, adapter)
 
 
 def merged_state(model) -> dict[str, torch.Tensor]:
-    """The model's state_dict with every adapter merged into its weight, under the weight's own name."""
+    """The model's state_dict with every adapter merged into its weight, under the weight's own
+    name."""
     state = {}
     for name, tensor in model.state_dict().items():
         if ".parametrizations." not in name:
@@ -210,12 +220,13 @@ def merged_state(model) -> dict[str, torch.Tensor]:
 
 
 def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
-    """Freezes everything but the named sets (TRAINABLE; `experts` = every FFN weight, dense, shared or
-    routed) and the adapters; returns the trainable parameters by name."""
+    """Freezes everything but the named sets (TRAINABLE; `experts` = every FFN weight, dense, shared
+    or routed) and the adapters; returns the trainable parameters by name."""
     model.requires_grad_("all" in names)
     for module in model.modules():
-        if ("experts" in names and isinstance(module, (MLP, Experts))) or isinstance(module, LoRA) or \
-                ("norms" in names and isinstance(module, RMSNorm)):
+        ffn = "experts" in names and isinstance(module, (MLP, Experts))
+        norm = "norms" in names and isinstance(module, RMSNorm)
+        if ffn or norm or isinstance(module, LoRA):
             module.requires_grad_(True)
         if "router" in names and isinstance(module, MoEMLP) and module.router is not None:
             module.router.requires_grad_(True)
@@ -228,10 +239,11 @@ def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
 @torch.no_grad()
 def set_routing(model, routing: str, norm_topk: bool = False, keep_function: bool = False,
                 eps: float = 1e-3) -> None:
-    """Switches every MoE layer's routing (model.py, ROUTINGS). `scaled` gets gamma = 0, so the function
-    stays the sum model's. keep_function (sum -> softmax): the router scores are scaled by c = eps /
-    (a bound on their spread) and each routed expert's output by E (or top_k with norm_topk), so every
-    weight E * p_e lies within exp(+-eps) of 1 for any input and the top-k order is unchanged."""
+    """Switches every MoE layer's routing (model.py, ROUTINGS). `scaled` gets gamma = 0, so the
+    function stays the sum model's. keep_function (sum -> softmax): the router scores are scaled by
+    c = eps / (a bound on their spread) and each routed expert's output by E (or top_k with
+    norm_topk), so every weight E * p_e lies within exp(+-eps) of 1 for any input and the top-k
+    order is unchanged."""
     for block in model.layers:
         mlp = block.mlp
         if not isinstance(mlp, MoEMLP) or mlp.router is None:
@@ -243,7 +255,8 @@ def set_routing(model, routing: str, norm_topk: bool = False, keep_function: boo
         if routing != "scaled" and hasattr(router, "gamma"):
             del router.gamma
         if keep_function:
-            c = eps / max(router.score_bound(block.post_attention_layernorm.max_output_norm()), 1e-30)
+            bound = router.score_bound(block.post_attention_layernorm.max_output_norm())
+            c = eps / max(bound, 1e-30)
             router.get_parameter("up" if router.kind == "cmoe" else "weight").mul_(c)
             if router.bias is not None:
                 router.bias.mul_(c)
@@ -256,7 +269,8 @@ def add_select_bias(model) -> None:
     for block in model.layers:
         mlp = block.mlp
         if isinstance(mlp, MoEMLP) and mlp.router is not None and mlp.router.select_bias is None:
-            mlp.router.select_bias = torch.zeros(mlp.experts.down_proj.shape[0], device=mlp.experts.down_proj.device)
+            weight = mlp.router.weight
+            mlp.router.select_bias = torch.zeros(len(weight), device=weight.device)
     model.cfg.moe = {**model.cfg.moe, "select_bias": True}
 
 
@@ -267,8 +281,8 @@ def moe_layers(model) -> list[MoEMLP]:
 # checkpoints: the merged model to use, and the training state to resume from (safetensors + JSON)
 
 
-def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: dict, step: int, steps: int,
-         spec: TrainSpec, world: int, log_rows: list[dict]) -> None:
+def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: dict, step: int,
+         steps: int, spec: TrainSpec, world: int, log_rows: list[dict]) -> None:
     from safetensors.torch import save_file
     with output_dir(out) as tmp:
         save_checkpoint(model, hf_config, tmp, copy_from=source, state=merged_state(model))
@@ -281,8 +295,8 @@ def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: di
                     tensors[f"optimizer.{ids[id(p)]}.{key}"] = value
         save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
                   os.path.join(tmp, "train_state.safetensors"))
-        state = {"step": step, "steps": steps, "source": source, "world": world, "spec": asdict(spec),
-                 "lr": [g["lr"] for g in optimizer.param_groups]}
+        state = {"step": step, "steps": steps, "source": source, "world": world,
+                 "spec": asdict(spec), "lr": [g["lr"] for g in optimizer.param_groups]}
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
@@ -291,21 +305,23 @@ def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: di
 
 def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, source: str,
                world: int) -> tuple[int, list[dict]]:
-    """Restores what save() wrote, after checking it belongs to the same training: -> (step, log rows)."""
+    """Restores what save() wrote, after checking it belongs to the same training: -> (step, log
+    rows)."""
     from safetensors.torch import load_file
     file = os.path.join(out, "train_state.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"--resume: {file} not found (no earlier run of train.py saved into --out)")
+        raise FileNotFoundError(f"--resume: {file} not found (no earlier run of train.py saved "
+                                f"into --out)")
     with open(file) as f:
         state = json.load(f)
     mine = json.loads(json.dumps(asdict(spec)))  # tuples as lists, like the saved JSON
     for key in sorted(set(mine) | set(state["spec"])):
         if mine.get(key) != state["spec"].get(key):
-            raise ValueError(f"--resume: {out} was trained with {key} = {state['spec'].get(key)!r}, this run "
-                             f"asks for {mine.get(key)!r}")
+            raise ValueError(f"--resume: {out} was trained with {key} = "
+                             f"{state['spec'].get(key)!r}, this run asks for {mine.get(key)!r}")
     if (state["source"], state["world"]) != (source, world):
-        raise ValueError(f"--resume: {out} continued {state['source']} on {state['world']} processes, this run "
-                         f"{source} on {world}")
+        raise ValueError(f"--resume: {out} continued {state['source']} on {state['world']} "
+                         f"processes, this run {source} on {world}")
     tensors = load_file(os.path.join(out, "train_state.safetensors"))
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -333,7 +349,8 @@ def lr_at(step: int, spec: TrainSpec, steps: int) -> float:
     if step < spec.warmup:
         return spec.lr * (step + 1) / spec.warmup
     progress = (step - spec.warmup) / max(1, steps - 1 - spec.warmup)
-    return spec.min_lr + 0.5 * (spec.lr - spec.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return spec.min_lr + (spec.lr - spec.min_lr) * cosine
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -378,7 +395,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
     per_step = spec.batch * spec.accum * world
     steps = spec.steps or max(1, spec.tokens // (per_step * spec.seqlen))
     say(f"data: {len(windows)} windows x {spec.seqlen} tokens to train on, held-out tasks "
-        f"{', '.join(heldout)}; {steps} steps of {per_step} windows ({steps * per_step * spec.seqlen} tokens)")
+        f"{', '.join(heldout)}; {steps} steps of {per_step} windows "
+        f"({steps * per_step * spec.seqlen} tokens)")
 
     torch.manual_seed(spec.seed)
     model = load_model(path, getattr(torch, dtype), device)
@@ -398,37 +416,48 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": spec.weight_decay},
                                    {"params": others, "weight_decay": 0.0}], lr=spec.lr,
                                   betas=(0.9, spec.beta2), fused=False)
-    step, rows = (load_state(out, model, optimizer, trainable, spec, path, world) if resume else (0, []))
+    step, rows = 0, []
+    if resume:
+        step, rows = load_state(out, model, optimizer, trainable, spec, path, world)
     n_trainable = sum(p.numel() for p in trainable.values())
-    say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on {world} "
-        f"process(es), {device}" + (f", resuming at step {step}" if resume else ""))
+    say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
+        f"{world} process(es), {device}" + (f", resuming at step {step}" if resume else ""))
     ddp = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, find_unused_parameters=cfg.moe is not None)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") and dtype == "float32" \
-        else contextlib.nullcontext()
+    autocast = contextlib.nullcontext()
+    if device.startswith("cuda") and dtype == "float32":
+        autocast = torch.autocast("cuda", torch.bfloat16)
     layers = moe_layers(model)
+
+    def validated(at: int) -> dict:
+        row = {"step": at, "val_ppl": validate(model, heldout, val_seqlen, val_windows)}
+        ppl = "  ".join(f"{t} {p:.3f}" for t, p in row["val_ppl"].items())
+        say(f"step {at:>5}  val ppl {ppl}")
+        return row
     model.train()
     if step == 0 and rank == 0:
-        rows.append({"step": 0, "val_ppl": validate(model, heldout, val_seqlen, val_windows)})
-        say(f"step {0:>5}  val ppl " + "  ".join(f"{t} {p:.3f}" for t, p in rows[-1]["val_ppl"].items()))
+        rows.append(validated(0))
     while step < steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, spec, steps)
         loss_sum, balance_sum, load = 0.0, 0.0, [0] * len(layers)
         for micro in range(spec.accum):
-            ids = batch_windows(len(windows), step, micro, spec.batch, spec.accum, rank, world, spec.seed)
-            tokens = windows[ids].to(device)
+            ids = batch_windows(len(windows), step, micro, spec.batch, spec.accum, rank, world,
+                                spec.seed)
+            tokens = windows[ids].to(device)  # (batch, seqlen)
             last = micro == spec.accum - 1
             with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast:
                 logits = ddp(tokens)[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-                balance = torch.stack([m.balance_loss for m in layers]).mean() if spec.balance else 0.0
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                balance = torch.zeros(())
+                if spec.balance:
+                    balance = torch.stack([m.balance_loss for m in layers]).mean()
                 ((loss + spec.balance * balance) / spec.accum).backward()
             loss_sum += loss.item() / spec.accum
-            balance_sum += float(balance.detach() if torch.is_tensor(balance) else balance) / spec.accum
+            balance_sum += balance.item() / spec.accum
             load = [counts + m.load.double() for counts, m in zip(load, layers)]
         if world > 1 and layers:
             import torch.distributed as dist
@@ -440,22 +469,23 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         optimizer.zero_grad(set_to_none=True)
         if spec.bias_balance:  # each expert's selection bias moves towards the mean load
             for counts, m in zip(load, layers):
-                m.router.select_bias += spec.bias_balance * torch.sign(counts.mean() - counts).float()
+                step_ = spec.bias_balance * torch.sign(counts.mean() - counts)
+                m.router.select_bias += step_.float()
         step += 1
         seconds = time.perf_counter() - t0
         ratio = [(c.max() / c.mean()).item() for c in load if c.sum() > 0]
-        row = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "tok_s": per_step * spec.seqlen / seconds, "balance": balance_sum,
+        row = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+               "grad_norm": grad_norm, "tok_s": per_step * spec.seqlen / seconds,
+               "balance": balance_sum,
                "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
         rows.append(row)
         if step % log_every == 0 or step == 1 or step == steps:
             load_text = f"  load max/mean {row['load_max_over_mean']:.2f}" if ratio else ""
             balance_text = f"  balance {balance_sum:.4f}" if spec.balance else ""
-            say(f"step {step:>5}/{steps}  loss {loss_sum:.4f}  lr {row['lr']:.2e}  {row['tok_s']:.0f} tok/s"
-                f"{balance_text}{load_text}")
+            say(f"step {step:>5}/{steps}  loss {loss_sum:.4f}  lr {row['lr']:.2e}  "
+                f"{row['tok_s']:.0f} tok/s{balance_text}{load_text}")
         if rank == 0 and (step % val_every == 0 or step == steps):
-            rows.append({"step": step, "val_ppl": validate(model, heldout, val_seqlen, val_windows)})
-            say(f"step {step:>5}  val ppl " + "  ".join(f"{t} {p:.3f}" for t, p in rows[-1]["val_ppl"].items()))
+            rows.append(validated(step))
         if rank == 0 and ((save_every and step % save_every == 0) or step == steps):
             save(out, model, hf_config, path, optimizer, trainable, step, steps, spec, world, rows)
     say(f"wrote {out}")
@@ -467,67 +497,83 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Continue training a dense or MoE checkpoint: healing (LoRA + "
-                                "router) or downcycling (all parameters, softmax routing + balance loss).",
+    p = argparse.ArgumentParser(description="Continue training a dense or MoE checkpoint: healing "
+                                "(LoRA + router) or downcycling (all parameters, softmax routing "
+                                "+ balance loss).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (dense or converted), or 'demo'")
-    p.add_argument("--out", required=True, help="output directory: the trained checkpoint and its training state")
+    p.add_argument("--out", required=True, help="output directory: the trained checkpoint and its "
+                   "training state")
     p.add_argument("--data", action="append", default=[], metavar="FILE[:TASK]",
-                   help="training text (.txt, or .jsonl with --field), repeatable; the last --holdout of each "
-                   "file is held out and is the validation text, one task per file (or per TASK name)")
+                   help="training text (.txt, or .jsonl with --field), repeatable; the last "
+                   "--holdout of each file is held out as validation text, one task per file (or "
+                   "per TASK name)")
     p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of each file held out for validation")
-    p.add_argument("--train", default="lora,router", help=f"what learns, comma-separated: {', '.join(TRAINABLE)} "
-                   "(experts: every FFN weight; all: every parameter; lora: adapters on attention and every "
-                   "FFN projection, stacked experts included)")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of each file held out")
+    p.add_argument("--train", default="lora,router", help=f"what learns, comma-separated: "
+                   f"{', '.join(TRAINABLE)} (experts: every FFN weight; all: every parameter; "
+                   f"lora: adapters on attention and every FFN projection, stacked experts "
+                   f"included)")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale alpha (the update is alpha/r BA)")
-    p.add_argument("--routing", default=None, choices=ROUTINGS, help="MoE: the routing to train with (default: "
-                   "the checkpoint's; convert.py writes sum). scaled: 1 + gamma p, gamma = 0 at the start; "
-                   "softmax: p")
-    p.add_argument("--norm-topk", action="store_true", help="softmax: renormalise the weights over the top-k")
-    p.add_argument("--keep-function", action="store_true", help="softmax from a sum-routed MoE: scale the "
-                   "router and the experts so that step 0 computes the sum model's function")
-    p.add_argument("--balance", type=float, default=0.0, help="Switch balance loss coefficient (the paper: 0.01)")
-    p.add_argument("--bias-balance", type=float, default=0.0, help="per-expert selection bias step per optimizer "
-                   "step, towards the mean load (CMoE: 0.001)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale (the update is "
+                   "alpha / r B A)")
+    p.add_argument("--routing", default=None, choices=ROUTINGS, help="MoE: the routing to train "
+                   "with (default: the checkpoint's; convert.py writes sum). scaled: 1 + gamma p, "
+                   "gamma = 0 at the start; softmax: p")
+    p.add_argument("--norm-topk", action="store_true", help="softmax: renormalise over the top-k")
+    p.add_argument("--keep-function", action="store_true", help="softmax from a sum-routed MoE: "
+                   "scale the router and the experts so that step 0 computes the sum model's "
+                   "function")
+    p.add_argument("--balance", type=float, default=0.0, help="Switch balance loss coefficient "
+                   "(the paper: 0.01)")
+    p.add_argument("--bias-balance", type=float, default=0.0, help="per-expert selection bias step "
+                   "per optimizer step, towards the mean load (CMoE: 0.001)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
     p.add_argument("--batch", type=int, default=8, help="windows per micro-batch, per process")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--tokens", type=int, default=65536, help="training tokens, all processes together")
+    p.add_argument("--tokens", type=int, default=65536, help="training tokens, all processes "
+                                                             "together")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine (default "
-                   "lr/10)")
+    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the "
+                   "cosine (default lr / 10)")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on matrices only")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on "
+                                                                   "matrices")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: recompute each "
-                   "block in the backward pass (less memory, more time)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: "
+                   "recompute each block in the backward pass (less memory, more time)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and the adapters")
     p.add_argument("--val-seqlen", type=int, default=512, help="tokens per validation window")
     p.add_argument("--val-windows", type=int, default=8, help="validation windows per task at most")
-    p.add_argument("--val-every", type=int, default=50, help="validate every this many steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="print a progress line every this many steps")
-    p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (0: at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (float32 "
-                   "trains with bf16 autocast on a GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
+    p.add_argument("--val-every", type=int, default=50, help="validate every this many steps (and "
+                   "at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="a progress line every this many "
+                                                             "steps")
+    p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (0: "
+                   "only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same "
+                   "settings)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight "
+                   "dtype (float32 trains with bf16 autocast on a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, ...")
     a = p.parse_args()
     exit_on_sigterm()
     try:
         spec = TrainSpec(
-            data=a.data, field=a.field, holdout=a.holdout, train=tuple(filter(None, a.train.split(","))),
-            lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, routing=a.routing, norm_topk=a.norm_topk,
-            keep_function=a.keep_function, balance=a.balance, bias_balance=a.bias_balance, seqlen=a.seqlen,
-            batch=a.batch, accum=a.accum, tokens=a.tokens, steps=a.steps, lr=a.lr, min_lr=a.min_lr,
-            warmup=a.warmup, weight_decay=a.weight_decay, beta2=a.beta2, grad_clip=a.grad_clip,
-            checkpointing=a.checkpointing, seed=a.seed)
+            data=a.data, field=a.field, holdout=a.holdout,
+            train=tuple(filter(None, a.train.split(","))), lora_rank=a.lora_rank,
+            lora_alpha=a.lora_alpha, routing=a.routing, norm_topk=a.norm_topk,
+            keep_function=a.keep_function, balance=a.balance, bias_balance=a.bias_balance,
+            seqlen=a.seqlen, batch=a.batch, accum=a.accum, tokens=a.tokens, steps=a.steps, lr=a.lr,
+            min_lr=a.min_lr, warmup=a.warmup, weight_decay=a.weight_decay, beta2=a.beta2,
+            grad_clip=a.grad_clip, checkpointing=a.checkpointing, seed=a.seed)
         if a.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {a.device}: this torch ({torch.__version__}) sees no CUDA GPU")
-        train(a.checkpoint, a.out, spec, a.val_seqlen, a.val_windows, a.val_every, a.log_every, a.save_every,
-              a.resume, a.dtype, a.device)
+            raise ValueError(f"--device {a.device}: this torch ({torch.__version__}) sees no CUDA "
+                             f"GPU")
+        train(a.checkpoint, a.out, spec, a.val_seqlen, a.val_windows, a.val_every, a.log_every,
+              a.save_every, a.resume, a.dtype, a.device)
     except (ValueError, OSError) as e:  # bad input: the message names the file, flag or value
         sys.exit(f"train.py: error: {e}")

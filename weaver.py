@@ -1,21 +1,22 @@
 """
-weaver.py: dense GLU FFNs -> MoE FFNs with no training. The method is ExpertWeaver (arXiv 2602.15521);
-CMoE (arXiv 2502.04416), static pruning and a random partition stand beside it.
+weaver.py: dense GLU FFNs -> MoE FFNs with no training. The method is ExpertWeaver (arXiv
+2602.15521); CMoE (arXiv 2502.04416), static pruning and a random partition stand beside it.
 
     python convert.py            # the CLI over this file; python convert.py --help
 
-Imports MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj / down_proj
-Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its calibration inputs.
+Imports MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj /
+down_proj Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its
+calibration inputs.
 One layer at a time:
   1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
   2. allocate  per neuron CV = std / mean of its task-averaged activation; r = share of neurons with
                CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
-  3. shared    the alpha * N_e * d_e most important neurons, one dense GLU. The paper ranks neurons by
-               mean |silu(x W_gate)|; by default here by mean |silu(x W_gate) * (x W_up)| (shared_by)
+  3. shared    the alpha * N_e * d_e most important neurons, one dense GLU. The paper ranks neurons
+               by mean |silu(x W_gate)|; by default here by mean |silu(x W_gate) * (x W_up)|
   4. partition the rest into equal experts of d_e neurons by balanced k-means on their profiles
-  5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid"); by
-               default here a linear router fitted in closed form to each expert's output norm ("lsq").
-               Top-k per token, outputs summed unweighted.
+  5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
+               by default here a linear router fitted in closed form to each expert's output norm
+               ("lsq"). Top-k per token, outputs summed unweighted.
 Read top to bottom: the spec, profiling, allocation, partition, routers, per-method plans, building
 an MoE layer, the per-layer loop.
 """
@@ -49,7 +50,7 @@ class ConvertSpec:
     n_experts: int = 64               # N_e: experts per layer, shared ones included
     active: float = 0.75              # fraction of the experts (= of FFN neurons) each token uses
     router: str | None = None         # None: the method's own (DEFAULT_ROUTER)
-    router_bias: bool = True          # lsq: a per-expert bias (Qwen2-MoE's gate has none: export needs False)
+    router_bias: bool = True          # lsq: a per-expert bias (none for a Qwen2-MoE export)
     tau: float = 0.6                  # CV above which a neuron counts as specialised
     alpha_min: float = 0.2
     alpha_max: float = 0.7
@@ -68,16 +69,17 @@ class ConvertSpec:
         if self.n_experts < 1:
             raise ValueError(f"experts {self.n_experts} must be at least 1")
         if not 0 < self.active <= 1:
-            raise ValueError(f"active {self.active} must be in (0, 1]: the fraction of FFN neurons a "
-                             f"token uses")
+            raise ValueError(f"active {self.active} must be in (0, 1]: the fraction of FFN neurons "
+                             f"a token uses")
         if self.shared_by not in SHARED_BY:
             raise ValueError(f"shared_by {self.shared_by!r} is not one of {SHARED_BY}")
         if not 0 <= self.alpha_min <= self.alpha_max <= 1:
-            raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} <= 1")
+            raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} "
+                             f"<= 1")
         self.router = self.router or DEFAULT_ROUTER[self.method]
         if (self.method == "static") != (self.router == "none"):
-            raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: static "
-                             f"pruning has no router, every other method needs one")
+            raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
+                             f"static pruning has no router, every other method needs one")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
@@ -96,8 +98,9 @@ def check_layers(spec: ConvertSpec, ffn_dim: int, n_layers: int) -> None:
         divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
         near = [d for d in divisors if d < spec.n_experts][-2:] + \
             [d for d in divisors if d > spec.n_experts][:2]
-        raise ValueError(f"intermediate_size {ffn_dim} is not divisible by --experts {spec.n_experts}: "
-                         f"experts must have equal size; valid counts near it: {', '.join(map(str, near))}")
+        raise ValueError(f"intermediate_size {ffn_dim} is not divisible by --experts "
+                         f"{spec.n_experts}: experts must have equal size; valid counts near it: "
+                         f"{', '.join(map(str, near))}")
     wrong = [i for i in spec.dense_layers if not 0 <= i < n_layers]
     if wrong:
         raise ValueError(f"--dense-layers {', '.join(map(str, wrong))}: the model has layers "
@@ -115,12 +118,13 @@ class LayerStats:
 
 
 @torch.no_grad()
-def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None, marker_tokens: torch.Tensor | None = None,
-                  contribution: bool = False, batch_tokens: int = BATCH_TOKENS) -> LayerStats:
+def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
+                  marker_tokens: torch.Tensor | None = None, contribution: bool = False,
+                  batch_tokens: int = BATCH_TOKENS) -> LayerStats:
     """x: (S, T, D) FFN inputs, taken in batches of about batch_tokens tokens, so memory grows with
-    d_ff * batch, not with the calibration set. With k_act, also CMoE's markers of the tokens listed in
-    marker_tokens (flat indices into S * T); with contribution, each neuron's mean contribution (which
-    costs the up projection too)."""
+    d_ff * batch, not with the calibration set. With k_act, also CMoE's markers of the tokens listed
+    in marker_tokens (flat indices into S * T); with contribution, each neuron's mean contribution
+    (which costs the up projection too)."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
     profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
@@ -162,15 +166,16 @@ def specialization(profile: torch.Tensor, task: torch.Tensor, tau: float, eps: f
     neurons with CV > tau (the layer's specialisation ratio)."""
     n_tasks = int(task.max()) + 1
     task = task.to(profile.device)
-    sums = torch.zeros(n_tasks, profile.shape[1], device=profile.device).index_add_(0, task, profile)
+    sums = torch.zeros(n_tasks, profile.shape[1], device=profile.device)
+    sums.index_add_(0, task, profile)
     task_mean = sums / torch.bincount(task, minlength=n_tasks)[:, None]  # (n_tasks, d_ff)
     cv = task_mean.std(dim=0, unbiased=False) / (task_mean.mean(dim=0) + eps)
     return cv, (cv > tau).float().mean().item()
 
 
 def n_shared_experts(alpha: float, n_experts: int, k: int, alpha_max: float) -> int:
-    """round(alpha * N_e), the paper's rule, while even the largest alpha leaves routed experts in the
-    active budget k. Where alpha_max * N_e would reach k (any active below ~0.7 with the default
+    """round(alpha * N_e), the paper's rule, while even the largest alpha leaves routed experts in
+    the active budget k. Where alpha_max * N_e would reach k (any active below ~0.7 with the default
     alphas), that rule makes layers all-shared and routing dies, so alpha is read as a fraction of k
     instead, for every layer alike. At least one active expert stays routed whenever k < N_e."""
     n = round(alpha * n_experts) if alpha_max * n_experts < k else round(alpha * k)
@@ -178,8 +183,8 @@ def n_shared_experts(alpha: float, n_experts: int, k: int, alpha_max: float) -> 
 
 
 def split_shared(score: torch.Tensor, n_shared_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n highest-scoring neurons and the rest, each in ascending ids (the dense order, so a fully
-    shared layer is the dense FFN bit for bit)."""
+    """The n highest-scoring neurons and the rest, each in ascending ids (the dense order, so a
+    fully shared layer is the dense FFN bit for bit)."""
     shared = score.topk(n_shared_neurons).indices.sort().values
     rest = torch.ones_like(score, dtype=torch.bool)
     rest[shared] = False
@@ -190,8 +195,9 @@ def split_shared(score: torch.Tensor, n_shared_neurons: int) -> tuple[torch.Tens
 
 
 def balanced_assign_reference(cost: torch.Tensor, capacity: int) -> torch.Tensor:
-    """The paper's greedy, written plainly: walk all (item, cluster) pairs by ascending cost and take
-    a pair when the item is free and the cluster has room. cost: (n, K), n = K * capacity -> (n,)."""
+    """The paper's greedy, written plainly: walk all (item, cluster) pairs by ascending cost and
+    take a pair when the item is free and the cluster has room. cost: (n, K), n = K * capacity ->
+    (n,)."""
     n, K = cost.shape
     assign = torch.full((n,), -1, dtype=torch.int64)
     size = [0] * K
@@ -215,14 +221,16 @@ def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
     n, K = cost.shape
     assert n == K * capacity, f"{n} items do not fill {K} clusters of {capacity}"
     items = torch.arange(n, device=cost.device)
-    target = torch.full((n,), -1, dtype=torch.int64, device=cost.device)  # each item's cluster, -1 free
-    worst_cost = torch.full((K,), float("inf"), dtype=cost.dtype, device=cost.device)  # inf: not full
+    # each item's cluster (-1: free); each cluster's worst kept cost (inf: not full) and item
+    target = torch.full((n,), -1, dtype=torch.int64, device=cost.device)
+    worst_cost = torch.full((K,), float("inf"), dtype=cost.dtype, device=cost.device)
     worst_item = torch.full((K,), n, dtype=torch.int64, device=cost.device)
     free = items
     while len(free):
         c = cost[free]  # (f, K)
         beats = (c < worst_cost) | ((c == worst_cost) & (free[:, None] < worst_item))
-        target[free] = torch.where(beats, c, float("inf")).argmin(dim=1)  # lowest cluster index first
+        # lowest cluster index first
+        target[free] = torch.where(beats, c, float("inf")).argmin(dim=1)
         # every cluster keeps its `capacity` best of holders and proposers, by (cost, item)
         by_cost = cost[items, target].argsort(stable=True)
         order = by_cost[target[by_cost].argsort(stable=True)]  # by cluster, then cost, then item
@@ -246,7 +254,8 @@ def balanced_kmeans(features: torch.Tensor, n_clusters: int, seed: int,
     n = features.shape[0]
     capacity = n // n_clusters
     generator = torch.Generator().manual_seed(seed)
-    centroids = features[torch.randperm(n, generator=generator)[:n_clusters].to(features.device)].clone()
+    seeds = torch.randperm(n, generator=generator)[:n_clusters].to(features.device)
+    centroids = features[seeds].clone()
     assign = None
     for it in range(1, max_iter + 1):
         new = balanced_assign(torch.cdist(features, centroids).pow(2), capacity)
@@ -288,14 +297,16 @@ def cmoe_router(experts, position: torch.Tensor) -> dict:
 
 
 def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
-    """Share of the oracle's captured contribution that a router's top-k captures: per token, the true
-    contribution of the experts it picks over that of the best top_k (1.0 = the oracle). (N, E) each."""
+    """Share of the oracle's captured contribution that a router's top-k captures: per token, the
+    true contribution of the experts it picks over that of the best top_k (1.0 = the oracle). (N, E)
+    each."""
     picked = truth.gather(1, scores.topk(top_k, dim=-1).indices).sum()
     return (picked / truth.topk(top_k, dim=-1).values.sum()).item()
 
 
 def validation_samples(task: torch.Tensor, every: int = 4) -> torch.Tensor:
-    """(S,) bool: every `every`-th sample of each task (its 4th, 8th, ...), held out to choose a fit."""
+    """(S,) bool: every `every`-th sample of each task (its 4th, 8th, ...), held out to choose a
+    fit."""
     rank = torch.zeros_like(task)
     for t in task.unique():
         where = (task == t).nonzero().squeeze(1)
@@ -328,17 +339,18 @@ class NormalEquations:
     val_y: torch.Tensor  # (n, E) float32: its true contributions
 
 
-def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int, batch_tokens: int,
-               max_val_tokens: int, bias: bool = True) -> NormalEquations:
-    """Streams the calibration inputs x (S, T, D) once; memory stays two (D+1)^2 matrices and at most
-    max_val_tokens held-out tokens (evenly spaced), whatever the number of tokens. Without bias the rows
-    are x alone."""
+def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int,
+               batch_tokens: int, max_val_tokens: int, bias: bool = True) -> NormalEquations:
+    """Streams the calibration inputs x (S, T, D) once; memory stays two (D+1)^2 matrices and at
+    most max_val_tokens held-out tokens (evenly spaced), whatever the number of tokens. Without bias
+    the rows are x alone."""
     S, T, D = x.shape
     held = validation_samples(task)
     width = D + 1 if bias else D
     zeros = lambda cols: torch.zeros(width, cols, dtype=torch.float64, device=x.device)
-    eq = NormalEquations({part: zeros(width) for part in ("fit", "val")},
-                         {part: {name: zeros(n_experts) for name in TARGETS} for part in ("fit", "val")},
+    parts = ("fit", "val")
+    eq = NormalEquations({part: zeros(width) for part in parts},
+                         {part: {name: zeros(n_experts) for name in TARGETS} for part in parts},
                          torch.empty(0), torch.empty(0))
     n_val = int(held.sum()) * T
     keep = torch.zeros(n_val, dtype=torch.bool)
@@ -349,8 +361,9 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
         xb = x[i: i + step].reshape(-1, D)  # (b*T, D)
         y = contributions(xb)  # (b*T, E)
         scale = scale if scale is not None else y.mean().clamp_min(1e-12)  # the log target's unit
-        x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double() if bias \
-            else xb.double()
+        x1 = xb.double()  # (b*T, D), with a column of ones for the bias: (b*T, D+1)
+        if bias:
+            x1 = torch.cat([xb.float(), torch.ones(len(xb), 1, device=x.device)], dim=1).double()
         fit = (~held[i: i + step].to(x.device)).repeat_interleave(T)
         for part, rows in (("fit", fit), ("val", ~fit)):
             eq.gram[part] += x1[rows].T @ x1[rows]
@@ -367,7 +380,8 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float, unit: torch.Tensor,
                 bias: bool = True) -> torch.Tensor:
     """(gram + lam * unit * I') w = cross, I' leaving the bias (the last row) unshrunk. By Cholesky
-    (positive definite for lam > 0): one factorisation serves every column, at half the cost of an LU."""
+    (positive definite for lam > 0): one factorisation serves every column, at half the cost of an
+    LU."""
     penalty = torch.ones(len(gram), dtype=torch.float64, device=gram.device)
     if bias:
         penalty[-1] = 0
@@ -375,21 +389,26 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, lam: float, unit: torch
     return torch.cholesky_solve(cross, factor)
 
 
-def choose_fit(eq: NormalEquations, top_k: int, unit: torch.Tensor, bias: bool) -> tuple[tuple, dict]:
-    """The (target, ridge strength) whose fit on the fitting tokens captures most on the held-out ones."""
+def choose_fit(eq: NormalEquations, top_k: int, unit: torch.Tensor,
+               bias: bool) -> tuple[tuple, dict]:
+    """The (target, ridge strength) whose fit on the fitting tokens captures most on the held-out
+    ones."""
     E = eq.val_y.shape[1]
     scores = {}
     for lam in RIDGE:
-        w = ridge_solve(eq.gram["fit"], torch.cat(list(eq.cross["fit"].values()), dim=1), lam, unit, bias)
+        targets = torch.cat(list(eq.cross["fit"].values()), dim=1)  # every target at once
+        w = ridge_solve(eq.gram["fit"], targets, lam, unit, bias)
         for j, name in enumerate(eq.cross["fit"]):
-            scores[(name, lam)] = captured((eq.val_x @ w[:, j * E:(j + 1) * E]).float(), eq.val_y, top_k)
+            predicted = (eq.val_x @ w[:, j * E:(j + 1) * E]).float()
+            scores[(name, lam)] = captured(predicted, eq.val_y, top_k)
     best = max(scores, key=scores.get)
     return best, {"lsq_target": best[0], "lsq_ridge": best[1], "lsq_val_captured": scores[best]}
 
 
 @torch.no_grad()
 def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: int, top_k: int,
-               batch_tokens: int = BATCH_TOKENS, max_val_tokens: int = 4096, bias: bool = True) -> tuple[dict, dict]:
+               batch_tokens: int = BATCH_TOKENS, max_val_tokens: int = 4096,
+               bias: bool = True) -> tuple[dict, dict]:
     """A linear router [x, 1] -> score per expert (x alone without bias), fitted by ridge regression
     (float64) to the experts' true contributions (contributions: (n, D) -> (n, E)) on the layer's
     calibration inputs x (S, T, D): accumulate the normal equations, choose a target and strength on
@@ -401,8 +420,8 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
         (name, lam), info = choose_fit(eq, top_k, unit, bias)
     else:
         (name, lam), info = UNVALIDATED, {}
-    w = ridge_solve(eq.gram["fit"] + eq.gram["val"], eq.cross["fit"][name] + eq.cross["val"][name], lam,
-                    unit, bias)  # (D+1, E), or (D, E)
+    gram, cross = eq.gram["fit"] + eq.gram["val"], eq.cross["fit"][name] + eq.cross["val"][name]
+    w = ridge_solve(gram, cross, lam, unit, bias)  # (D+1, E), or (D, E)
     return {"weight": w[:D].T.float(), **({"bias": w[D].float()} if bias else {})}, info
 
 # -----------------------------------------------------------------------------
@@ -411,7 +430,8 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
 
 @dataclass
 class LayerPlan:
-    shared: torch.Tensor    # (n_shared * d_e,) neuron ids, ascending (the dense order, for exactness)
+    # (n_shared * d_e,) neuron ids, ascending (the dense order, for exactness)
+    shared: torch.Tensor
     groups: torch.Tensor    # (E, d_e) neuron ids of each routed expert, each row ascending
     top_k: int
     info: dict              # what the report shows
@@ -420,8 +440,8 @@ class LayerPlan:
 
 
 def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
-    """ExpertWeaver's allocation: the layer's specialisation sizes the shared expert, whose neurons are
-    the most important ones. -> (shared neurons, the rest, report info)."""
+    """ExpertWeaver's allocation: the layer's specialisation sizes the shared expert, whose neurons
+    are the most important ones. -> (shared neurons, the rest, report info)."""
     d_e = stats.profile.shape[1] // spec.n_experts
     _, r = specialization(stats.profile, task, spec.tau)
     alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
@@ -431,9 +451,10 @@ def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
     return shared, rest, {"r": r, "alpha": alpha}
 
 
-def plan_expertweaver(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
-    """ExpertWeaver: the allocation above; the other neurons clustered into equal experts by balanced
-    k-means on their per-sample activation profiles."""
+def plan_expertweaver(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec,
+                      seed: int) -> LayerPlan:
+    """ExpertWeaver: the allocation above; the other neurons clustered into equal experts by
+    balanced k-means on their per-sample activation profiles."""
     shared, rest, info = allocate(stats, task, spec)
     d_e = stats.profile.shape[1] // spec.n_experts
     n_routed, iters = len(rest) // d_e, 0
@@ -471,7 +492,8 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: in
     if n_routed:
         columns = markers[:, rest].T.float()  # (n_rest, M) binary
         seeds = columns[rate[rest].topk(n_routed).indices]  # (n_routed, M) binary
-        # L1 between binary vectors: |a| + |b| - 2 a.b, one matmul instead of an (n, K, M) difference
+        # L1 between binary vectors: |a| + |b| - 2 a.b, one matmul instead of an (n, K, M)
+        # difference
         cost = columns.sum(1, keepdim=True) + seeds.sum(1)[None, :] - 2 * columns @ seeds.T
         groups = groups_of(rest, balanced_assign(cost, d_e), n_routed)
     top_k = spec.k - n_se
@@ -481,7 +503,7 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: in
 
 def plan_static(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
     """Structured pruning: the k * d_e most important neurons always on; the others kept in the
-    checkpoint as experts that are never selected (top_k = 0), so the index map covers every neuron."""
+    checkpoint as experts that are never selected (top_k = 0): the index map covers every neuron."""
     d_e = stats.profile.shape[1] // spec.n_experts
     shared, rest = split_shared(importance(stats, spec.shared_by), spec.k * d_e)
     return LayerPlan(shared, rest.view(-1, d_e), 0, {"r": None, "alpha": None, "kmeans_iters": 0})
@@ -491,7 +513,8 @@ PLANS = {"expertweaver": plan_expertweaver, "random": plan_random, "cmoe": plan_
          "static": plan_static}
 
 # -----------------------------------------------------------------------------
-# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; then its router
+# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; then its
+# router
 
 
 def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
@@ -503,12 +526,15 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
                      router_bias=router_bias)
     state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
     if len(plan.shared):
-        state |= {"shared.gate_proj.weight": gate_w[plan.shared], "shared.up_proj.weight": up_w[plan.shared],
+        state |= {"shared.gate_proj.weight": gate_w[plan.shared],
+                  "shared.up_proj.weight": up_w[plan.shared],
                   "shared.down_proj.weight": down_w[:, plan.shared]}
     if n_routed:
-        state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]], dim=1),
-                  "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, 2F, D), (E, F, D)
-    result = moe.load_state_dict({n: t.contiguous() for n, t in state.items()}, strict=False, assign=True)
+        state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
+                                                    dim=1),  # (E, 2F, D)
+                  "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
+    state = {n: t.contiguous() for n, t in state.items()}
+    result = moe.load_state_dict(state, strict=False, assign=True)
     assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
     return moe
 
@@ -529,15 +555,17 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
     else:
         params = {}
     dtype = experts.gate_up_proj.dtype
-    moe.router.load_state_dict({n: t.to(dtype).contiguous() for n, t in params.items()}, strict=True,
-                               assign=True)
+    params = {n: t.to(dtype).contiguous() for n, t in params.items()}
+    moe.router.load_state_dict(params, strict=True, assign=True)
     return info
 
 
 @torch.no_grad()
-def routing_stats(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> tuple[torch.Tensor, float]:
-    """Over the calibration inputs x (S, T, D): tokens routed to each expert (E,) int64, and the largest
-    spread of the router's scores within a token's top-k, which sets the scale of a softmax export."""
+def routing_stats(moe: MoEMLP, x: torch.Tensor,
+                  batch_tokens: int = BATCH_TOKENS) -> tuple[torch.Tensor, float]:
+    """Over the calibration inputs x (S, T, D): tokens routed to each expert (E,) int64, and the
+    largest spread of the router's scores within a token's top-k, which sets the scale of a softmax
+    export."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
     spread = 0.0
@@ -563,11 +591,12 @@ def timed(timings: dict, stage: str):
 def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, seed: int,
                 marker_tokens: torch.Tensor | None = None, timings: dict | None = None):
     """One dense FFN (gate_proj / up_proj / down_proj) and its calibration inputs x (S, T, D), task
-    (S,) -> (its MoE FFN, the report's row). marker_tokens: CMoE's sampled tokens (flat into S * T)."""
+    (S,) -> (its MoE FFN, the report's row). marker_tokens: CMoE's sampled tokens (into S * T)."""
     timings = {} if timings is None else timings
     cmoe = spec.method == "cmoe"
     with timed(timings, "profile"):
-        stats = profile_layer(x, mlp, k_act=spec.k_act if cmoe else None, marker_tokens=marker_tokens,
+        stats = profile_layer(x, mlp, k_act=spec.k_act if cmoe else None,
+                              marker_tokens=marker_tokens,
                               contribution=not cmoe and spec.shared_by == "contribution")
     with timed(timings, "partition"):
         plan = PLANS[spec.method](stats, task, spec, seed)
@@ -578,9 +607,10 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     with timed(timings, "build"):
         load, spread = routing_stats(moe, x) if plan.top_k else (None, None)
     d_e = plan.groups.shape[1]
+    imbalance = None if load is None else (load.max() / load.float().mean()).item()
     return moe, {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
                  "routed_experts": len(plan.groups), "top_k": plan.top_k,
-                 "load_max_over_mean": (load.max() / load.float().mean()).item() if load is not None else None,
+                 "load_max_over_mean": imbalance,
                  "load": load.tolist() if load is not None else None,
                  "topk_spread": spread,
                  "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
@@ -590,21 +620,22 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
 @torch.no_grad()
 def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: ConvertSpec,
                    timings: dict | None = None):
-    """Walks the blocks once, carrying the calibration hidden states forward, and yields (layer, block
-    with its FFN `.mlp` converted in place, report row). blocks: an iterable of modules, read lazily;
-    run(block, h) -> block output, h: (S, T, D) the embedded calibration windows, task: (S,). Each FFN's
-    inputs are captured by a hook while the block runs, so nothing of the block is re-implemented."""
+    """Walks the blocks once, carrying the calibration hidden states forward, and yields (layer,
+    block with its FFN `.mlp` converted in place, report row). blocks: an iterable of modules, read
+    lazily; run(block, h) -> block output, h: (S, T, D) the embedded calibration windows, task:
+    (S,). Each FFN's inputs are captured by a hook while the block runs, so nothing of the block is
+    re-implemented."""
     if spec.method in ("expertweaver", "random") and int(task.max()) < 1 and spec.n_shared is None:
-        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across tasks, "
-                         f"which needs calibration from at least 2 tasks; got 1")
+        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
+                         f"tasks, which needs calibration from at least 2 tasks; got 1")
     timings = {} if timings is None else timings
     S, T, _ = h.shape
     batch = max(1, BATCH_TOKENS // T)  # windows per forward batch
     marker_tokens = None
     if spec.method == "cmoe":
         generator = torch.Generator().manual_seed(spec.seed)
-        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens].sort().values
-        marker_tokens = marker_tokens.to(h.device)
+        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens]
+        marker_tokens = marker_tokens.sort().values.to(h.device)
     blocks = iter(blocks)
     for i in itertools.count():
         t0 = time.perf_counter()
@@ -620,7 +651,8 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
         row = {"layer": i, "dense": True}
         if i not in spec.dense_layers:
             x = torch.cat(inputs)  # (S, T, D)
-            block.mlp, row = convert_ffn(block.mlp, x, task, spec, spec.seed + i, marker_tokens, timings)
+            block.mlp, row = convert_ffn(block.mlp, x, task, spec, spec.seed + i, marker_tokens,
+                                         timings)
             row = {"layer": i, "dense": False, **row}
             del x
         inputs.clear()

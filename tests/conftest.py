@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: the repo root on sys.path, the demo checkpoint (skipped when it cannot be
-built), ../shared/data (skipped when absent), and tiny random models with their calibration."""
+"""Shared fixtures and helpers: the repo root on sys.path, the demo checkpoint (skipped when it
+cannot be built), ../shared/data (skipped when absent), and tiny random models with their
+calibration."""
 import os
 import sys
 
@@ -46,10 +47,18 @@ def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transf
 
 def hf_config_of(model) -> dict:
     c = model.cfg
-    return {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
-            "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "tie_word_embeddings": c.tie_embeddings,
-            "attention_bias": c.qkv_bias and c.model_type != "qwen2"}
+    return {
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.dim,
+        "intermediate_size": c.ffn_dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": c.qkv_bias and c.model_type != "qwen2",
+    }
 
 
 def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> C.Calibration:
@@ -58,7 +67,9 @@ def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> C.Cal
     width = vocab // tasks
     tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g)
                         for t in range(tasks)])
-    return C.Calibration(tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)])
+    return C.Calibration(
+        tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)]
+    )
 
 
 def converted(model, **spec):
@@ -74,10 +85,20 @@ def tiny_checkpoint(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
     path = tmp_path_factory.mktemp("tiny")
     model = tiny_model("llama", n_layers=2)
-    hf_config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32"}
+    hf_config = {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "torch_dtype": "float32",
+    }
     M.save_checkpoint(model, hf_config, str(path))
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(
+        models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(path / "tokenizer.json"))
     for name, offset in (("prose", 0), ("code", 30)):
@@ -94,10 +115,15 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": ROPE_LLAMA3}),
-    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
+    "llama-bias-tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"attention_bias": True, "tie_word_embeddings": True},
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),  # head_dim != hidden / heads
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),  # the window binds at T = 16
+    # the window binds at T = 16
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),
 }
 
 
@@ -107,7 +133,8 @@ def make_hf(arch: str, seed: int = 0, **overrides):
     config = getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides})
     torch.manual_seed(seed)
     hf = getattr(transformers, model_cls)(config).float().eval()
-    with torch.no_grad():  # the default init (std 0.02, unit norms, zero biases) would hide layout bugs
+    # the default init (std 0.02, unit norms, zero biases) would hide layout bugs
+    with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     return hf
@@ -116,3 +143,15 @@ def make_hf(arch: str, seed: int = 0, **overrides):
 def save_hf(hf, path, **kw) -> str:
     hf.save_pretrained(path, **kw)
     return str(path)
+
+
+def tiny_data(checkpoint: str, **kw) -> C.DataSpec:
+    """tiny_checkpoint's two task files, small windows."""
+    calib = (os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt"))
+    return C.DataSpec(**{"calib": calib, "samples": 4, "seqlen": 32, "eval_seqlen": 32, "eval_windows": 2,
+                         **kw})
+
+
+def convert_main(checkpoint: str, out: str, spec=None, data=None, **kw):
+    return C.main(checkpoint, out, spec or W.ConvertSpec(n_experts=8, k_act=4), data or tiny_data(checkpoint),
+                  **{"dtype": "float32", **kw})

@@ -12,7 +12,7 @@ import pytest
 
 import convert as C
 import weaver as W
-from conftest import ROOT
+from conftest import ROOT, convert_main, tiny_data
 
 
 def cli(*args, cwd=ROOT):
@@ -29,22 +29,17 @@ def no_slow_work(monkeypatch):
     monkeypatch.setattr(C, "calibration_from_model", slow)
 
 
-def convert_main(checkpoint, out, spec=None, **kw):
-    calib = [os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")]
-    args = dict(calib=calib, calib_samples=4, calib_seqlen=32, field=None, holdout=0.1, evals=[], eval_seqlen=32,
-                eval_windows=2, dtype="float32", save_dtype=None, device="cpu", max_shard_gb=2.0)
-    return C.main(checkpoint, out, spec or W.ConvertSpec(n_experts=8), **(args | kw))
-
-
 def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_path, no_slow_work):
     cases = [
         (dict(out="/proc/x/moe"), r"--out /proc/x/moe: cannot write in /proc"),
-        (dict(spec=W.ConvertSpec(n_experts=8, dense_layers=(99,))), r"--dense-layers 99: the model has layers 0..1"),
+        (dict(spec=W.ConvertSpec(n_experts=8, dense_layers=(99,))), r"--dense-layers 99: the "
+                                                                     "model has layers 0..1"),
         (dict(device="cuda"), r"--device cuda: this torch .* sees no CUDA GPU"),
         (dict(device="tpu:x"), r"--device 'tpu:x' is not a torch device"),
-        (dict(calib=[os.path.join(tiny_checkpoint, "prose.txt")]), r"give --calib files of at least 2 tasks"),
-        (dict(calib_samples=0), r"--calib-samples 0 must be at least 1"),
-        (dict(evals=["nope.txt"]), r"nope.txt not found"),
+        (dict(data=tiny_data(tiny_checkpoint, calib=[os.path.join(tiny_checkpoint, "prose.txt")])),
+         r"give --calib files of at least 2 tasks"),
+        (dict(data=tiny_data(tiny_checkpoint, evals=["nope.txt"])), r"nope.txt not found"),
+        (dict(max_shard_gb=0), r"--max-shard-gb 0 must be positive"),
         (dict(spec=W.ConvertSpec(n_experts=5)), r"not divisible by --experts 5"),
     ]
     for kw, message in cases:
@@ -54,6 +49,11 @@ def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_pa
     for experts, message in ((0, "experts 0 must be at least 1"), (-4, "experts -4 must be at least 1")):
         with pytest.raises(ValueError, match=message):
             W.ConvertSpec(n_experts=experts)
+    for kw, message in ((dict(samples=0), "--calib-samples 0 must be at least 1"),
+                        (dict(holdout=1.0), r"--holdout 1.0 must be in \[0, 1\)"),
+                        (dict(holdout=0.0, evals=("x.txt",)), "--holdout must be above 0")):
+        with pytest.raises(ValueError, match=message):
+            tiny_data(tiny_checkpoint, **kw)
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "config.json").write_text("{not json")
@@ -66,8 +66,11 @@ def test_binary_calibration_file_is_named(tiny_checkpoint, tmp_path):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ValueError, match=r"weights.bin: not UTF-8 text"):
-        convert_main(tiny_checkpoint, str(tmp_path / "moe"), calib=[str(binary), os.path.join(tiny_checkpoint,
-                                                                                            "code.txt")])
+        convert_main(
+            tiny_checkpoint,
+            str(tmp_path / "moe"),
+            data=tiny_data(tiny_checkpoint, calib=[str(binary), os.path.join(tiny_checkpoint, "code.txt")]),
+        )
 
 
 def test_out_is_replaced_only_when_we_wrote_it(tiny_checkpoint, tmp_path):
@@ -96,14 +99,15 @@ def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, capsys):
     other.mkdir()
     with C.output_dir(str(tmp_path / "out")) as tmp:
         open(os.path.join(tmp, "x"), "w").close()
-    assert sorted(os.listdir(tmp_path)) == [other.name, alive.name, "out"]
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, alive.name, "out"])
     assert "left by an interrupted earlier run" in capsys.readouterr().out
 
 
 def test_sigterm_removes_the_temporary_directory(tmp_path):
-    script = ("import sys, time; sys.path.insert(0, {root!r}); import convert as C; C.exit_on_sigterm()\n"
-              "with C.output_dir({out!r}) as tmp:\n"
-              "    open(tmp + '/big', 'w').write('x' * 1000); print('ready', flush=True); time.sleep(60)\n")
+    script = ("import sys, time; sys.path.insert(0, {root!r}); import convert as C; "
+              "C.exit_on_sigterm()\nwith C.output_dir({out!r}) as tmp:\n"
+              "    open(tmp + '/big', 'w').write('x' * 1000); print('ready', flush=True); "
+              "time.sleep(60)\n")
     child = subprocess.Popen([sys.executable, "-c", script.format(root=ROOT, out=str(tmp_path / "out"))],
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
@@ -119,9 +123,26 @@ def test_the_clis_print_one_line(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, broken)
     os.remove(broken / "model.safetensors")
     code, err = cli("model.py", str(broken), "--max-new-tokens", "2")
-    assert code == 1 and len(err) == 1 and err[0].startswith("model.py: error: ") and "model.safetensors" in err[0]
+    assert (
+        code == 1
+        and len(err) == 1
+        and err[0].startswith("model.py: error: ")
+        and "model.safetensors" in err[0]
+    )
     start = time.time()
-    code, err = cli("convert.py", tiny_checkpoint, "--experts", "8", "--out", "/proc/x", "--calib",
-                    os.path.join(tiny_checkpoint, "prose.txt"), "--calib", os.path.join(tiny_checkpoint, "code.txt"))
-    assert code == 1 and err == ["convert.py: error: --out /proc/x: cannot write in /proc (No such file or directory)"]
+    code, err = cli(
+        "convert.py",
+        tiny_checkpoint,
+        "--experts",
+        "8",
+        "--out",
+        "/proc/x",
+        "--calib",
+        os.path.join(tiny_checkpoint, "prose.txt"),
+        "--calib",
+        os.path.join(tiny_checkpoint, "code.txt"),
+    )
+    assert code == 1 and err == [
+        "convert.py: error: --out /proc/x: cannot write in /proc (No such file or directory)"
+    ]
     assert time.time() - start < 60

@@ -1,6 +1,6 @@
-"""--format qwen2_moe: transformers loads the export as a stock Qwen2MoeForCausalLM (no code of ours) and
-computes our model's function, exactly for softmax routing and within the stated bound for sum routing;
-what cannot be exported is refused in one line before any work."""
+"""--format qwen2_moe: transformers loads the export as a stock Qwen2MoeForCausalLM (no code of
+ours) and computes our model's function, exactly for softmax routing and within the stated bound for
+sum routing; what cannot be exported is refused in one line before any work."""
 import json
 import math
 import os
@@ -12,7 +12,7 @@ import convert as C
 import model as M
 import train as T
 import weaver as W
-from conftest import make_hf, random_calibration, save_hf
+from conftest import convert_main, make_hf, random_calibration, save_hf, tiny_data
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,8 +23,12 @@ def our_moe(hf, tmp_path, routing="sum", **spec):
     """A converted (and, for softmax, re-routed) MoE checkpoint of ours from a transformers model."""
     source = save_hf(hf, tmp_path / "dense")
     model = M.load_model(source)
-    C.convert(model, random_calibration(model.cfg.vocab_size, samples=4), W.ConvertSpec(**{**UNIFORM, **spec}),
-              log=lambda *_: None)
+    C.convert(
+        model,
+        random_calibration(model.cfg.vocab_size, samples=4),
+        W.ConvertSpec(**{**UNIFORM, **spec}),
+        log=lambda *_: None,
+    )
     if routing != "sum":
         T.set_routing(model, routing, norm_topk=True)
         with torch.no_grad():  # sharpen the router, so the softmax weights differ from one another
@@ -46,7 +50,9 @@ def exported_logits(path, tmp_path, tokens):
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope", "llama-tied", "qwen2", "mistral"])
 @pytest.mark.parametrize("routing", ["sum", "softmax"])
 def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
-    overrides = {"llama-tied": {"tie_word_embeddings": True}, "mistral": {"sliding_window": None}}.get(arch, {})
+    overrides = {"llama-tied": {"tie_word_embeddings": True}, "mistral": {"sliding_window": None}}.get(
+        arch, {}
+    )
     hf = make_hf(arch.removesuffix("-tied"), **overrides)
     path, ours = our_moe(hf, tmp_path, routing, dense_layers=(1,))
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -63,9 +69,10 @@ def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
 
 
 def test_sum_weights_stay_within_the_bound_on_random_scores():
-    # the construction alone, on any input of norm <= the bound: every weight within exp(+-eps) of 1,
-    # and the same top-k set except where the k-th and (k+1)-th scores are closer than the float32 softmax
-    # resolves: its logits span at most eps, so exp tells apart about eps / 2^-24 levels of the bound
+    # the construction alone, on any input of norm <= the bound: every weight within exp(+-eps) of
+    # 1, and the same top-k set except where the k-th and (k+1)-th scores are closer than the
+    # float32 softmax resolves: its logits span at most eps, so exp tells apart about eps / 2^-24
+    # levels of the bound
     g = torch.Generator().manual_seed(0)
     router = M.Router("lsq", 16, 12, bias=False)
     router.weight = torch.nn.Parameter(torch.randn(12, 16, generator=g) * 3)
@@ -97,14 +104,14 @@ def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="scaled routing .* no softmax.*; a selection bias"):
         C.export_qwen2_moe(path + "2", str(tmp_path / "never"))
     # a conversion whose result could not be exported is refused before calibrating
-    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
-    for spec, message in [(W.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's per-expert bias|"
-                                                        "add --n-shared N.*add --no-router-bias"),
-                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"), "'gate' router does not score"),
+    for spec, message in [(W.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's "
+                                                        "per-expert bias|add --n-shared N.*add "
+                                                        "--no-router-bias"),
+                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"), "'gate' router "
+                                                                                  "does not score"),
                           (W.ConvertSpec(method="static", n_experts=8), "static pruning routes nothing")]:
         with pytest.raises(ValueError, match=message):
-            C.main(tiny_checkpoint, str(tmp_path / "never"), spec, calib, 4, 32, None, 0.1, [], 32, 2, "float32",
-                   None, "cpu", 2.0, format="qwen2_moe")
+            convert_main(tiny_checkpoint, str(tmp_path / "never"), spec, format="qwen2_moe")
     assert not os.path.exists(tmp_path / "never")
 
 
@@ -131,22 +138,32 @@ def test_demo_export_gives_the_same_greedy_tokens(demo_path, tmp_path):
     logits, layout, exported = exported_logits(str(tmp_path / "ours"), tmp_path, tokens)
     assert layout["experts"] == 19 and layout["top_k"] == 3 and layout["shared"] == 45 * 24
     assert (logits - ours(tokens)).abs().max().item() <= 4 * C.EXPORT_EPS * logits.abs().max().item()
-    assert torch.equal(exported.generate(tokens, max_new_tokens=16, do_sample=False), ours.generate(tokens, 16))
+    assert torch.equal(
+        exported.generate(tokens, max_new_tokens=16, do_sample=False), ours.generate(tokens, 16)
+    )
     assert layout["weight_error_calibration"] == C.EXPORT_EPS / 2
     assert math.isfinite(layout["weight_error_any_input"])
 
 
 def test_the_cli_converts_and_exports_in_one_go_leaving_nothing_beside(tiny_checkpoint, tmp_path):
-    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
     spec = W.ConvertSpec(n_experts=8, active=0.5, n_shared=2, router_bias=False)
-    args = (calib, 4, 32, None, 0.1, [], 32, 2, "float32", "float32", "cpu", 2.0)
-    report = C.main(tiny_checkpoint, str(tmp_path / "q"), spec, *args, format="qwen2_moe")
+    report = convert_main(
+        tiny_checkpoint, str(tmp_path / "q"), spec, save_dtype="float32", format="qwen2_moe"
+    )
     assert sorted(os.listdir(tmp_path)) == ["q"]  # the intermediate checkpoint of ours is gone
     assert json.load(open(tmp_path / "q" / "config.json"))["model_type"] == "qwen2_moe"
     assert report["export"]["experts"] == 6 and os.path.isfile(tmp_path / "q" / "report.json")
-    C.main(tiny_checkpoint, str(tmp_path / "ours"), spec, *args)  # ours, then exported on its own
-    C.main(str(tmp_path / "ours"), str(tmp_path / "q2"), spec, *args, format="qwen2_moe")
-    # experts of 6 neurons: rows of 24 bytes, which transformers' default grouped_mm path cannot take on CPU
+    # ours, then exported
+    convert_main(tiny_checkpoint, str(tmp_path / "ours"), spec, save_dtype="float32")
+    convert_main(
+        str(tmp_path / "ours"),
+        str(tmp_path / "q2"),
+        spec,
+        data=tiny_data(tiny_checkpoint),
+        format="qwen2_moe",
+    )
+    # experts of 6 neurons: rows of 24 bytes, which transformers' default grouped_mm path cannot
+    # take on CPU
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q2"), dtype=torch.float32,
                                                            experts_implementation="eager")
     tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,6 @@
-"""kernels.py: every path equals `reference` (random shapes, top-k and expert loads, empty experts, all
-tokens on one expert), the compiled entry point equals eager with no graph break, and a converted model
-gives the same logits through the kernels. GPU tests skip without CUDA."""
+"""kernels.py: every path equals `reference` (random shapes, top-k and expert loads, empty experts,
+all tokens on one expert), the compiled entry point equals eager with no graph break, and a
+converted model gives the same logits through the kernels. GPU tests skip without CUDA."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,8 +16,15 @@ def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
     x = torch.randn(n, d, generator=g)
     w13 = torch.randn(e, 2 * f, d, generator=g) / d ** 0.5
     w2 = torch.randn(e, f, d, generator=g) / f ** 0.5
-    shared = None if s == 0 else (torch.randn(s, d, generator=g) / d ** 0.5, torch.randn(s, d, generator=g) / d ** 0.5,
-                                  torch.randn(d, s, generator=g) / s ** 0.5)
+    shared = (
+        None
+        if s == 0
+        else (
+            torch.randn(s, d, generator=g) / d**0.5,
+            torch.randn(s, d, generator=g) / d**0.5,
+            torch.randn(d, s, generator=g) / s**0.5,
+        )
+    )
     if load == "random":  # K distinct experts per token, as top-k gives
         idx = torch.rand(n, e, generator=g).argsort(dim=1)[:, :k]
     elif load == "one":  # every token on expert e-1 first; the other slots share the next experts
@@ -44,7 +51,8 @@ def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, seed):
 
 @pytest.mark.parametrize("n", [1, 24])
 def test_paths_have_the_reference_gradients(n):
-    # what training differentiates: the input, both weight stacks, the shared GLU and the routing weights
+    # what training differentiates: the input, both weight stacks, the shared GLU and the routing
+    # weights
     x, idx, w13, w2, shared = problem(n, 6, 2, 16, 8, 8, "random", seed=n)
     weights = torch.rand(n, 2, generator=torch.Generator().manual_seed(1))
     leaves = [x, w13, w2, weights, *shared]
@@ -68,7 +76,8 @@ def test_paths_equal_reference_bf16(n, load):
     for path in ["reference"] + FAST:
         got = K.PATHS[path](x, idx, w13, w2, shared)
         assert got.dtype == torch.bfloat16
-        # bf16 keeps 8 bits of mantissa (0.4%); a handful of roundings stay within 1% of the output's scale
+        # bf16 keeps 8 bits of mantissa (0.4%); a handful of roundings stay within 1% of the
+        # output's scale
         assert (got.float() - truth).abs().max() <= 0.01 * scale, path
 
 
@@ -84,8 +93,8 @@ def test_dispatcher_picks_from_static_facts(capsys):
 
 
 def test_compiled_layer_has_no_graph_break_and_matches_eager():
-    # fullgraph=True raises on any graph break. grouped in bf16 (compiled grouped_mm allows nothing else),
-    # gather in fp32
+    # fullgraph=True raises on any graph break. grouped in bf16 (compiled grouped_mm allows nothing
+    # else), gather in fp32
     torch._dynamo.reset()
     from conftest import converted, tiny_model
     model = converted(tiny_model(dim=32, ffn_dim=64, n_layers=1), n_experts=8, active=0.5)

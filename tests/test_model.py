@@ -1,5 +1,6 @@
-"""model.py against transformers (the reference oracle): tiny random models of every supported family,
-the real demo checkpoint, the KV cache, the perplexity protocol, and the errors on bad checkpoints."""
+"""model.py against transformers (the reference oracle): tiny random models of every supported
+family, the real demo checkpoint, the KV cache, the perplexity protocol, and the errors on bad
+checkpoints."""
 import json
 import math
 import os
@@ -143,10 +144,12 @@ def test_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         M.load_model(str(tmp_path))
     base = make_hf("llama").config.to_dict()
-    for change, pattern in [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-                            ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-                            ({"mlp_bias": True}, "mlp_bias"),
-                            ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported")]:
+    for change, pattern in [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
+    ]:
         with pytest.raises(ValueError, match=pattern):
             M.ModelConfig.from_hf({**base, **change})
 
@@ -172,7 +175,8 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.extra'"):
         M.load_model(variant("extra", {**weights, "model.layers.0.mlp.extra": torch.zeros(3)}))
     wrong = {**weights, "model.layers.0.mlp.gate_proj.weight": torch.zeros(95, 64)}
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(95, 64\), "
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(95, "
+                                          "64\), "
                                          r"config.json implies \(96, 64\)"):
         M.load_model(variant("shape", wrong))
     data = open(os.path.join(good, "model.safetensors"), "rb").read()

@@ -1,5 +1,5 @@
-"""Layer-streaming conversion: the same checkpoint as the in-memory path, tensor for tensor, in shards that
-load back to identical logits."""
+"""Layer-streaming conversion: the same checkpoint as the in-memory path, tensor for tensor, in
+shards that load back to identical logits."""
 import os
 
 import torch
@@ -42,7 +42,8 @@ def test_streamed_tiny_models_equal_in_memory(tmp_path):
         M.save_checkpoint(model, hf_config_of(model), str(source))
         out = streamed_equals_in_memory(str(source), tmp_path / arch, random_calibration(), spec,
                                         torch.float32, torch.bfloat16, shard_bytes=20_000)
-        assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))  # it really was sharded
+        # it really was sharded
+        assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
 
 
 def test_streamed_demo_equals_in_memory(demo_path, tmp_path):

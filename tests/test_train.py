@@ -1,6 +1,7 @@
-"""train.py and the routing modes: scaled at gamma 0 is sum bit for bit, the weighted routings train the
-router, adapters equal their merged weights, a step lowers the loss, resume and torchrun match one
-uninterrupted process, and bad input fails in one line before any work, leaving nothing behind."""
+"""train.py and the routing modes: scaled at gamma 0 is sum bit for bit, the weighted routings
+train the router, adapters equal their merged weights, a step lowers the loss, resume and
+torchrun match one uninterrupted process, and bad input fails in one line before any work,
+leaving nothing behind."""
 import json
 import os
 import socket
@@ -11,11 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import convert as C
 import model as M
 import train as T
 import weaver as W
-from conftest import ROOT, TOKENS, converted, tiny_model
+from conftest import ROOT, TOKENS, convert_main, converted, hf_config_of, tiny_model
 
 # ---- routing modes
 
@@ -29,7 +29,8 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
     model.train()
     model(TOKENS).square().mean().backward()
     layer = T.moe_layers(model)[0]
-    assert layer.router.gamma.grad != 0 and not layer.router.weight.grad.any()  # gamma first, then the router
+    # gamma first, then the router
+    assert layer.router.gamma.grad != 0 and not layer.router.weight.grad.any()
     with torch.no_grad():
         layer.router.gamma.fill_(0.5)
     model.zero_grad()
@@ -38,7 +39,9 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
     T.set_routing(model, "softmax", norm_topk=True)
     model.zero_grad()
     model(TOKENS).square().mean().backward()
-    assert all(m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None for m in T.moe_layers(model))
+    assert all(
+        m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None for m in T.moe_layers(model)
+    )
     _, weights = layer.route(torch.randn(5, 32))
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))
 
@@ -54,7 +57,8 @@ def test_keep_function_starts_at_the_sum_model(norm_topk):
         got, weights = m.route(x)
         assert torch.equal(got, idx)  # the same experts
         scale = m.top_k if norm_topk else m.experts.down_proj.shape[0]
-        assert ((weights * scale).log().abs() <= 1e-3 + 1e-6).all()  # every weight within exp(+-eps) of 1/scale
+        # every weight within exp(+-eps) of 1/scale
+        assert ((weights * scale).log().abs() <= 1e-3 + 1e-6).all()
     torch.testing.assert_close(model(TOKENS), expected, rtol=2e-3, atol=2e-3)
 
 
@@ -66,9 +70,7 @@ def test_routing_is_stored_in_config_and_loaded(tmp_path):
         for m in T.moe_layers(model):
             m.router.gamma.fill_(0.3)
             m.router.select_bias.copy_(torch.linspace(-1, 1, len(m.router.select_bias)))
-    M.save_checkpoint(model, {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
-                      str(tmp_path))
+    M.save_checkpoint(model, hf_config_of(model), str(tmp_path))
     loaded = M.load_model(str(tmp_path))
     assert loaded.cfg.moe["routing"] == "scaled" and loaded.cfg.moe["select_bias"] is True
     assert torch.equal(loaded(TOKENS), model(TOKENS))
@@ -86,10 +88,13 @@ def test_lora_model_equals_the_merged_one():
     wrapped = model(TOKENS)
     merged = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)
     merged.load_state_dict(T.merged_state(model), strict=True)
-    assert not torch.equal(merged(TOKENS), converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)(TOKENS))
+    assert not torch.equal(
+        merged(TOKENS), converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)(TOKENS)
+    )
     torch.testing.assert_close(merged(TOKENS), wrapped, rtol=1e-6, atol=1e-6)
     targets = T.lora_targets(model)
-    assert sum(1 for m, _ in targets if isinstance(m, M.Experts)) == 4  # gate_up and down of both layers
+    # gate_up and down of both layers
+    assert sum(1 for m, _ in targets if isinstance(m, M.Experts)) == 4
 
 # ---- training runs on a tiny checkpoint
 
@@ -97,9 +102,7 @@ def test_lora_model_equals_the_merged_one():
 @pytest.fixture(scope="module")
 def tiny_moe(tiny_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("moe") / "moe")
-    calib = [os.path.join(tiny_checkpoint, "prose.txt"), os.path.join(tiny_checkpoint, "code.txt")]
-    C.main(tiny_checkpoint, out, W.ConvertSpec(n_experts=8, active=0.5), calib, 4, 32, None, 0.1, [], 32, 2,
-           "float32", "float32", "cpu", 2.0, prompt=None)
+    convert_main(tiny_checkpoint, out, W.ConvertSpec(n_experts=8, active=0.5), save_dtype="float32")
     return out
 
 
@@ -108,14 +111,20 @@ def data_of(checkpoint):
 
 
 def tiny_spec(data, **spec):
-    return T.TrainSpec(**{"data": data, "seqlen": 16, "batch": 2, "steps": 4, "lr": 1e-2, "warmup": 1, **spec})
+    return T.TrainSpec(
+        **{"data": data, "seqlen": 16, "batch": 2, "steps": 4, "lr": 1e-2, "warmup": 1, **spec}
+    )
 
 
 def run(checkpoint, out, data, **kwargs):
     spec = {k: v for k, v in kwargs.items() if k in T.TrainSpec.__dataclass_fields__}
     options = {k: v for k, v in kwargs.items() if k not in spec}
-    return T.train(checkpoint, out, tiny_spec(data, **spec), **{"val_seqlen": 16, "val_windows": 2, "val_every": 2,
-                                                                 "log": lambda *_: None, **options})
+    return T.train(
+        checkpoint,
+        out,
+        tiny_spec(data, **spec),
+        **{"val_seqlen": 16, "val_windows": 2, "val_every": 2, "log": lambda *_: None, **options}
+    )
 
 
 def all_tensors(path):
@@ -123,7 +132,9 @@ def all_tensors(path):
 
 
 def test_a_step_lowers_the_loss_on_its_batch(tiny_checkpoint, tmp_path):
-    rows = run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora", "norms"), steps=1)
+    rows = run(
+        tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora", "norms"), steps=1
+    )
     spec = tiny_spec(data_of(tiny_checkpoint), steps=1)
     windows, _ = T.load_data(M.load_tokenizer(tiny_checkpoint), spec, 16)
     batch = windows[T.batch_windows(len(windows), 0, 0, 2, 1, 0, 1, 0)]
@@ -131,19 +142,29 @@ def test_a_step_lowers_the_loss_on_its_batch(tiny_checkpoint, tmp_path):
     def loss(path):
         logits = M.load_model(path)(batch)[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)).item()
-    assert rows[1]["loss"] == pytest.approx(loss(tiny_checkpoint), rel=1e-5)  # the logged loss is that batch's
+    assert rows[1]["loss"] == pytest.approx(
+        loss(tiny_checkpoint), rel=1e-5
+    )  # the logged loss is that batch's
     assert loss(str(tmp_path / "out")) < loss(tiny_checkpoint)
 
 
 def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, tiny_moe, tmp_path):
     out = str(tmp_path / "healed")
-    rows = run(tiny_moe, out, data_of(tiny_checkpoint), train=("lora", "router"), routing="softmax", balance=0.01,
-               bias_balance=1e-3)
+    rows = run(
+        tiny_moe,
+        out,
+        data_of(tiny_checkpoint),
+        train=("lora", "router"),
+        routing="softmax",
+        balance=0.01,
+        bias_balance=1e-3,
+    )
     assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "tokenizer.json",
                                        "train_log.jsonl", "train_state.json", "train_state.safetensors"]
     model = M.load_model(out)
     assert model.cfg.moe["routing"] == "softmax" and model.cfg.moe["select_bias"]
-    assert any(m.router.select_bias.abs().sum() > 0 for m in T.moe_layers(model))  # the balancing moved them
+    # the balancing moved them
+    assert any(m.router.select_bias.abs().sum() > 0 for m in T.moe_layers(model))
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 4 and all(r["balance"] > 0 and r["load_max_over_mean"] >= 1 for r in steps)
     assert [r["step"] for r in rows if "val_ppl" in r] == [0, 2, 4]
@@ -182,17 +203,61 @@ def free_port() -> int:
 
 def test_torchrun_two_gloo_processes_match_one(tiny_checkpoint, tiny_moe, tmp_path):
     data = data_of(tiny_checkpoint)
-    common = ["--train", "lora,router", "--routing", "softmax", "--seqlen", "16", "--steps", "3", "--lr", "1e-2",
-              "--warmup", "1", "--val-seqlen", "16", "--val-windows", "2", "--bias-balance", "1e-3"]
+    common = [
+        "--train",
+        "lora,router",
+        "--routing",
+        "softmax",
+        "--seqlen",
+        "16",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+        "--val-seqlen",
+        "16",
+        "--val-windows",
+        "2",
+        "--bias-balance",
+        "1e-3",
+    ]
     common += [arg for d in data for arg in ("--data", d)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "train.py", tiny_moe, "--out", str(tmp_path / "one"), "--batch", "4",
-                          *common], cwd=ROOT, env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "train.py", tiny_moe, "--out", str(tmp_path / "one"), "--batch", "4", *common],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train.py", tiny_moe,
-                          "--out", str(tmp_path / "two"), "--batch", "2", *common],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "train.py",
+            tiny_moe,
+            "--out",
+            str(tmp_path / "two"),
+            "--batch",
+            "2",
+            *common,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 process(es)" in two.stdout
     a, b = all_tensors(str(tmp_path / "one")), all_tensors(str(tmp_path / "two"))
@@ -209,18 +274,23 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
         (dict(data=()), tiny_checkpoint, "--data: give at least one text file"),
         (dict(data=data, seqlen=5000, train=("lora",)), tiny_checkpoint,
          r"prose.txt: \d+ tokens .* make no window of --seqlen 5000"),
-        (dict(data=data, routing="softmax"), tiny_checkpoint, "--routing applies to an MoE checkpoint; this one is dense"),
-        (dict(data=data, train=("router",)), tiny_checkpoint, "--train router applies to an MoE checkpoint"),
-        (dict(data=data, train=("router",)), tiny_moe, "--train router with sum routing: the router gets no gradient"),
+        (dict(data=data, routing="softmax"), tiny_checkpoint, "--routing applies to an MoE "
+                                                              "checkpoint; this one is dense"),
+        (dict(data=data, train=("router",)), tiny_checkpoint, "--train router applies to an MoE "
+                                                              "checkpoint"),
+        (dict(data=data, train=("router",)), tiny_moe, "--train router with sum routing: the "
+                                                       "router gets no gradient"),
         (dict(data=data, balance=0.01), tiny_moe, "--balance needs router probabilities"),
         (dict(data=(data[0] + ".missing",)), tiny_checkpoint, "prose.txt.missing not found"),
     ]
     for spec, checkpoint, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             T.train(checkpoint, str(tmp_path / "out"), T.TrainSpec(**spec), log=lambda *_: None)
-    for spec, message in [(dict(train=("lora", "wings")), "--train wings: not one of"),
-                          (dict(train=("lora", "all")), "--train lora with experts or all"),
-                          (dict(keep_function=True), "--keep-function rescales a sum-routed MoE for --routing softmax")]:
+    for spec, message in [
+        (dict(train=("lora", "wings")), "--train wings: not one of"),
+        (dict(train=("lora", "all")), "--train lora with experts or all"),
+        (dict(keep_function=True), "--keep-function rescales a sum-routed MoE for --routing softmax"),
+    ]:
         with pytest.raises(ValueError, match=message):
             T.TrainSpec(**spec)
     assert os.listdir(tmp_path) == []

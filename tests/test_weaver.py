@@ -1,5 +1,5 @@
-"""weaver.py and convert.py: partition invariants, exactness of the full-shared and all-experts MoE, the
-checkpoint round trip, every method and router, and the errors on bad input."""
+"""weaver.py and convert.py: partition invariants, exactness of the full-shared and all-experts MoE,
+the checkpoint round trip, every method and router, and the errors on bad input."""
 import json
 import os
 import shutil
@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 import convert as C
 import model as M
 import weaver as W
-from conftest import TOKENS, converted, random_calibration, tiny_model
+from conftest import TOKENS, convert_main, converted, random_calibration, tiny_data, tiny_model
 
 # ---- partitioning
 
 
 @settings(max_examples=60, deadline=None)
-@given(k=st.integers(1, 9), capacity=st.integers(1, 7), levels=st.integers(2, 50), seed=st.integers(0, 10_000))
+@given(
+    k=st.integers(1, 9), capacity=st.integers(1, 7), levels=st.integers(2, 50), seed=st.integers(0, 10_000)
+)
 def test_balanced_assign_equals_the_greedy_reference(k, capacity, levels, seed):
     # few distinct cost levels => many ties, which both must break the same way
     g = torch.Generator().manual_seed(seed)
@@ -37,8 +39,10 @@ def test_balanced_kmeans_partition_invariants(k, capacity, dim, seed):
     assign, iters = W.balanced_kmeans(features, k, seed, max_iter=20)
     groups = W.groups_of(neurons, assign, k)
     assert groups.shape == (k, capacity)
-    assert torch.equal(groups.flatten().sort().values, neurons.sort().values)  # each neuron exactly once
-    assert torch.equal(W.balanced_kmeans(features, k, seed, max_iter=20)[0], assign)  # deterministic
+    # each neuron exactly once
+    assert torch.equal(groups.flatten().sort().values, neurons.sort().values)
+    # deterministic
+    assert torch.equal(W.balanced_kmeans(features, k, seed, max_iter=20)[0], assign)
     assert 1 <= iters <= 20
 
 
@@ -50,8 +54,17 @@ def test_kmeans_finds_planted_clusters():
     assert all(len(set(assign[i * 5:(i + 1) * 5].tolist())) == 1 for i in range(4))
 
 
-@pytest.mark.parametrize("method,router", [("expertweaver", None), ("random", None), ("cmoe", None),
-                                           ("static", None), ("expertweaver", "oracle"), ("expertweaver", "cmoe")])
+@pytest.mark.parametrize(
+    "method,router",
+    [
+        ("expertweaver", None),
+        ("random", None),
+        ("cmoe", None),
+        ("static", None),
+        ("expertweaver", "oracle"),
+        ("expertweaver", "cmoe"),
+    ],
+)
 def test_every_method_regroups_the_dense_weights_exactly(method, router):
     model = tiny_model(ffn_dim=48, n_layers=2)
     dense = [(b.mlp.gate_proj.weight.clone(), b.mlp.up_proj.weight.clone(), b.mlp.down_proj.weight.clone())
@@ -62,14 +75,21 @@ def test_every_method_regroups_the_dense_weights_exactly(method, router):
         assert isinstance(moe, M.MoEMLP)
         idx = moe.neuron_index
         assert torch.equal(idx.sort().values, torch.arange(48))
-        parts = [(moe.shared.gate_proj.weight, moe.shared.up_proj.weight, moe.shared.down_proj.weight)] if moe.shared else []
+        parts = (
+            [(moe.shared.gate_proj.weight, moe.shared.up_proj.weight, moe.shared.down_proj.weight)]
+            if moe.shared
+            else []
+        )
         E, F2, D = moe.experts.gate_up_proj.shape
         g_r, u_r = moe.experts.gate_up_proj.split(F2 // 2, dim=1)
-        parts.append((g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(2, 0, 1).reshape(D, -1)))
+        parts.append(
+            (g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(2, 0, 1).reshape(D, -1))
+        )
         assert torch.equal(torch.cat([p[0] for p in parts]), gate[idx])
         assert torch.equal(torch.cat([p[1] for p in parts]), up[idx])
         assert torch.equal(torch.cat([p[2] for p in parts], dim=1), down[:, idx])
-        assert len(moe.shared.gate_proj.weight) + moe.top_k * F2 // 2 == 24  # half of the neurons active
+        # half of the neurons active
+        assert len(moe.shared.gate_proj.weight) + moe.top_k * F2 // 2 == 24
         assert (moe.top_k == 0) == (method == "static")
 
 # ---- allocation
@@ -79,9 +99,11 @@ def test_routing_stays_alive_at_every_budget():
     for n_experts in (8, 16, 64):
         for active in (0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.9):
             k = round(active * n_experts)
-            sizes = [W.n_shared_experts(a / 20, n_experts, k, 0.7) for a in range(4, 15)]  # alpha 0.2 .. 0.7
+            # alpha 0.2 .. 0.7
+            sizes = [W.n_shared_experts(a / 20, n_experts, k, 0.7) for a in range(4, 15)]
             if k > 1:
-                assert max(sizes) < k, (n_experts, active, sizes)  # at least one routed expert per token
+                # at least one routed expert per token
+                assert max(sizes) < k, (n_experts, active, sizes)
             assert sizes == sorted(sizes), "more specialised layers never get more shared experts"
     assert W.n_shared_experts(0.7, 64, 48, 0.7) == 45  # the paper's rule where it leaves routing alive
     assert W.n_shared_experts(0.7, 64, 32, 0.7) == 22  # a fraction of k = 32 instead of 45 >= k
@@ -92,7 +114,8 @@ def test_routing_stays_alive_at_every_budget():
 def test_shared_neurons_are_the_most_important_by_the_chosen_measure():
     mlp = tiny_model(ffn_dim=48, n_layers=1).layers[0].mlp
     x = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(1))
-    stats = W.profile_layer(x, mlp, batch_tokens=16, contribution=True)  # two batches: 2 samples, then 1
+    # two batches: 2 samples, then 1
+    stats = W.profile_layer(x, mlp, batch_tokens=16, contribution=True)
     gate = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T)  # (3, 8, 48)
     importance = {"contribution": (gate * (x @ mlp.up_proj.weight.T)).abs().mean(dim=(0, 1)),
                   "activation": gate.abs().mean(dim=(0, 1))}
@@ -102,13 +125,15 @@ def test_shared_neurons_are_the_most_important_by_the_chosen_measure():
         spec = W.ConvertSpec(method="static", n_experts=8, active=0.5, shared_by=shared_by)
         kept[shared_by] = W.plan_static(stats, torch.tensor([0, 0, 1]), spec, 0).shared
         assert torch.equal(kept[shared_by], score.topk(24).indices.sort().values)
-    assert not torch.equal(kept["contribution"], kept["activation"])  # the two measures disagree here
+    # the two measures disagree here
+    assert not torch.equal(kept["contribution"], kept["activation"])
     with pytest.raises(ValueError, match="shared_by 'rate' is not one of"):
         W.ConvertSpec(shared_by="rate")
 
 
 def test_specialisation_ratio():
-    profile = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 4.0]])  # neuron 1: task means 1 and 3
+    # neuron 1: task means 1 and 3
+    profile = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 4.0]])
     cv, r = W.specialization(profile, torch.tensor([0, 0, 1, 1]), tau=0.3)
     assert cv[0] == 0 and cv[1] == pytest.approx(0.5, rel=1e-5) and r == 0.5
 
@@ -123,7 +148,10 @@ def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_d
     model = tiny_model(arch, dim, n_experts * expert_dim, n_layers, seed)
     dense = model(TOKENS)
     converted(model, method=method, n_experts=n_experts, active=1.0, n_shared=n_experts, seed=seed, k_act=1)
-    assert all(b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim for b in model.layers)
+    assert all(
+        b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim
+        for b in model.layers
+    )
     assert torch.equal(model(TOKENS), dense)
 
 
@@ -152,12 +180,13 @@ def test_sequential_and_dense_layers():
     a = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,))
     assert isinstance(a.layers[1].mlp, M.MLP) and a.cfg.moe["layers"][1] is None
     b = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,), sequential=True)
-    # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when sequential,
-    # so its profile, partition and router differ
+    # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when
+    # sequential, so its profile, partition and router differ
     first, second = a.layers[0].mlp.state_dict(), b.layers[0].mlp.state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not torch.equal(a.layers[2].mlp.router.weight, b.layers[2].mlp.router.weight)
-    # and what layer 2 of the sequential conversion was fitted on is what the converted model feeds it
+    # and what layer 2 of the sequential conversion was fitted on is what the converted model feeds
+    # it
     calib = random_calibration(64)
     inputs = []
     hook = b.layers[2].mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
@@ -182,8 +211,9 @@ def test_lsq_recovers_a_planted_linear_router():
 
 
 def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeypatch):
-    # noisy contributions, several batches, and fewer validation tokens kept than held out: the scoring sample
-    # is bounded, but the final ridge solution is the one over all the tokens, held-out ones included
+    # noisy contributions, several batches, and fewer validation tokens kept than held out: the
+    # scoring sample is bounded, but the final ridge solution is the one over all the tokens,
+    # held-out ones included
     g = torch.Generator().manual_seed(1)
     D, E, S, T, lam = 6, 3, 16, 10, 1e-2
     A = torch.randn(D, E, generator=g)
@@ -203,7 +233,8 @@ def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeyp
     w = torch.linalg.solve(x1.T @ x1 + lam * ridge * penalty, x1.T @ y)
     torch.testing.assert_close(router["weight"], w[:D].T.float())
     torch.testing.assert_close(router["bias"], w[D].float())
-    assert "lsq_val_captured" in info  # a validation sample existed, bounded to 7 of the 40 held-out tokens
+    # a validation sample existed, bounded to 7 of the 40 held-out tokens
+    assert "lsq_val_captured" in info
 
 
 def test_captured_is_one_for_the_oracle_and_less_otherwise():
@@ -227,7 +258,8 @@ def test_oracle_router_picks_the_largest_contributions():
     moe = model.layers[0].mlp
     x = torch.randn(5, 32)
     gate, up = torch.einsum("nd,efd->nef", x, moe.experts.gate_up_proj).chunk(2, dim=-1)
-    out = torch.einsum("nef,efd->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)  # (5, E, D)
+    # (5, E, D)
+    out = torch.einsum("nef,efd->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)
     truth = out.norm(dim=-1)  # (5, E)
     assert torch.equal(moe.route(x)[0].sort(dim=1).values, truth.topk(moe.top_k).indices.sort(dim=1).values)
 
@@ -276,7 +308,9 @@ def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
     def more_experts(cfg):
         cfg["moe"]["layers"][1]["routed_experts"] += 1
         cfg["moe"]["layers"][1]["shared_neurons"] -= cfg["moe"]["expert_dim"]
-    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.(shared|experts)\.\S+' has shape .*, config.json implies"):
+    with pytest.raises(
+        ValueError, match=r"'model.layers.1.mlp.(shared|experts)\.\S+' has shape .*, config.json implies"
+    ):
         M.load_model(variant("count", more_experts))
     with pytest.raises(ValueError, match=r"moe.layers\[1\]: .* != intermediate_size 48"):
         M.load_model(variant("sizes", lambda c: c["moe"]["layers"][1].update(shared_neurons=6)))
@@ -295,16 +329,27 @@ def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
 
 def test_calibration_from_files(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(
+        models.WordLevel({f"w{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     (tmp_path / "a.txt").write_text(" ".join(f"w{i % 100}" for i in range(1000)))
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"q": f"w{i}", "a": f"w{i + 1}"}) for i in range(90)))
+    (tmp_path / "b.jsonl").write_text(
+        "\n".join(json.dumps({"q": f"w{i}", "a": f"w{i + 1}"}) for i in range(90))
+    )
     specs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl") + ":qa"]
     calib = C.calibration_from_files(tokenizer, specs, samples=3, seqlen=10, seed=0)
-    assert calib.tokens.shape == (6, 10) and calib.names == ["a", "qa"] and calib.task.tolist() == [0] * 3 + [1] * 3
+    assert (
+        calib.tokens.shape == (6, 10)
+        and calib.names == ["a", "qa"]
+        and calib.task.tolist() == [0] * 3 + [1] * 3
+    )
     assert torch.equal(C.calibration_from_files(tokenizer, specs, 3, 10, 0).tokens, calib.tokens)
-    assert calib.tokens[:3].max() < 900 - 1  # never from the held-out last 10% of a.txt (tokens 900..999)
-    with pytest.raises(ValueError, match=r"task 'qa' has 16 windows of 10 tokens, fewer than --calib-samples 20"):
+    # never from the held-out last 10% of a.txt (tokens 900..999)
+    assert calib.tokens[:3].max() < 900 - 1
+    with pytest.raises(
+        ValueError, match=r"task 'qa' has 16 windows of 10 tokens, fewer than --calib-samples 20"
+    ):
         C.calibration_from_files(tokenizer, specs, samples=20, seqlen=10, seed=0)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="calibration file .*empty.txt is empty"):
@@ -320,40 +365,35 @@ def test_spec_and_input_errors():
         W.ConvertSpec(active=0)
     with pytest.raises(ValueError, match="does not go with method 'static'"):
         W.ConvertSpec(method="static", router="centroid")
-    with pytest.raises(ValueError, match="intermediate_size 48 is not divisible by --experts 5: .*valid counts "
-                                         "near it: 3, 4, 6, 8"):
+    with pytest.raises(ValueError, match="intermediate_size 48 is not divisible by --experts 5: "
+                                         ".*valid counts near it: 3, 4, 6, 8"):
         converted(tiny_model(ffn_dim=48), n_experts=5)
-    one_task = C.Calibration(torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"])
+    one_task = C.Calibration(
+        torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"]
+    )
     with pytest.raises(ValueError, match="at least 2 tasks; got 1"):
         C.convert(tiny_model(), one_task, W.ConvertSpec(n_experts=8))
 
 
-def run_convert(checkpoint, out, spec=None, **overrides):
-    args = dict(checkpoint=checkpoint, out=out, spec=spec or W.ConvertSpec(n_experts=8, k_act=4),
-                calib=[os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt")],
-                calib_samples=4, calib_seqlen=32, field=None, holdout=0.1,
-                evals=[os.path.join(checkpoint, "prose.txt")], eval_seqlen=32, eval_windows=2,
-                dtype="float32", save_dtype="bfloat16", device="cpu", max_shard_gb=2.0)
-    return C.main(**(args | overrides))
-
-
 def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "moe")
-    report = run_convert(tiny_checkpoint, out, prompt="w1 w2")
+    prose = os.path.join(tiny_checkpoint, "prose.txt")
+    report = convert_main(tiny_checkpoint, out, data=tiny_data(tiny_checkpoint, evals=(prose,)),
+                          save_dtype="bfloat16", prompt="w1 w2")
     printed = capsys.readouterr().out
-    assert "dense greedy: 'w1 w2 " in printed and "moe greedy:   'w1 w2 " in printed  # dense was loaded for --eval
+    # dense was loaded for --eval
+    assert "dense greedy: 'w1 w2 " in printed and "moe greedy:   'w1 w2 " in printed
     assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "report.json",
                                        "tokenizer.json"]
     moe = M.load_model(out)
     assert next(moe.parameters()).dtype == torch.float32  # bf16 on disk, loaded as asked
     assert report["active_fraction"] == pytest.approx(0.75)
-    result = report["eval"][os.path.join(tiny_checkpoint, "prose.txt")]
+    result = report["eval"][prose]
     assert result["ratio"] == pytest.approx(result["moe_ppl"] / result["dense_ppl"])
     assert json.load(open(os.path.join(out, "report.json")))["layers"][0]["routed_experts"] > 0
     assert moe.generate(torch.tensor([[1, 2, 3]]), 5).shape == (1, 8)
     with pytest.raises(ValueError, match="already an MoE checkpoint"):
-        run_convert(out, str(tmp_path / "again"), calib=[os.path.join(tiny_checkpoint, "prose.txt"),
-                                                         os.path.join(tiny_checkpoint, "code.txt")], evals=[])
+        convert_main(out, str(tmp_path / "again"), data=tiny_data(tiny_checkpoint))
 
 
 @pytest.mark.parametrize("where", ["writing a shard", "converting layer 1"])
@@ -373,7 +413,7 @@ def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, 
             return build(*args)
         monkeypatch.setattr(W, "build_moe", broken)
     with pytest.raises(RuntimeError, match="disk full|interrupted"):
-        run_convert(tiny_checkpoint, str(tmp_path / "moe"))
+        convert_main(tiny_checkpoint, str(tmp_path / "moe"))
     assert os.listdir(tmp_path) == []
 
 
@@ -381,7 +421,7 @@ def test_convert_refuses_a_foreign_out_dir(tiny_checkpoint, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="exists and was not written by expertweaver"):
-        run_convert(tiny_checkpoint, str(tmp_path / "mine"))
+        convert_main(tiny_checkpoint, str(tmp_path / "mine"))
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
@@ -397,5 +437,6 @@ def test_generated_calibration_is_seeded():
     assert a.names == list(C.TASK_PROMPTS)
     prompts = [Tok().encode(p).ids for p in C.TASK_PROMPTS.values()]
     assert len(set(map(len, prompts))) > 1
-    for row, task in zip(a.tokens, a.task):  # every window starts with its prompt, never with padding
+    # every window starts with its prompt, never with padding
+    for row, task in zip(a.tokens, a.task):
         assert row[: len(prompts[task])].tolist() == prompts[task]
