@@ -745,10 +745,9 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     print_table(["step", *(f"`{r['row']}`" for r in results), "dense"], curves)
     if plot:
         title = f"the demo downcycled to {layout['active']:.0%} of its FFN: held-out loss"
-        draw(plot, [(r["row"], *zip(*r["curve"])) for r in results + [{"row": "dense (same "
-                                                                              "training)",
-                                                                        **dense}]],
-             "optimizer step", "held-out loss (mean NLL over 4 tasks)", title)
+        lines = [(r["row"], *zip(*r["curve"])) for r in results]
+        lines.append(("dense (same training)", *zip(*dense["curve"])))
+        draw(plot, lines, "optimizer step", "held-out loss (mean NLL over 4 tasks)", title)
     return [{"row": "dense", **dense}] + results
 
 
@@ -779,8 +778,8 @@ if __name__ == "__main__":
     q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
                    help="conversions, each 'method[:router][:key=value...]' with ConvertSpec keys, "
                    "e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
-    q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5], help="active "
-                                                                                     "fractions")
+    q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
+                   help="active fractions")
     q.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
     q.add_argument("--calib-seqlen", type=int, default=256)
     q.add_argument("--eval-seqlen", type=int, default=512)
@@ -795,16 +794,16 @@ if __name__ == "__main__":
     fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75], help="active "
-                                                                                 "fractions f")
+    fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75],
+                    help="active fractions f")
     fb.add_argument("--tokens", nargs="+", type=int, default=None,
                     help="token counts T (default 1 16 128 2048; on CPU 1 16 128, since T = 2048 "
                     "at 8B shapes takes seconds per call)")
     fb.add_argument("--routing", nargs="+", default=["router", "balanced"],
                     choices=["router", "balanced"])
     fb.add_argument("--experts", type=int, default=64, help="N_e")
-    fb.add_argument("--compile", action="store_true", help="torch.compile the MoE forward "
-                                                           "(fullgraph)")
+    fb.add_argument("--compile", action="store_true",
+                    help="torch.compile the MoE forward (fullgraph)")
     fb.add_argument("--min-time", type=float, default=1.0,
                     help="seconds of timed runs per measurement at least")
     fb.add_argument("--breakdown", action="store_true",

@@ -988,8 +988,8 @@ if __name__ == "__main__":
     p.add_argument("--eval", dest="evals", action="append", default=[], metavar="FILE",
                    help="report dense and MoE perplexity on the held-out part of FILE; repeatable")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
-    p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per file at "
-                                                               "most")
+    p.add_argument("--eval-windows", type=int, default=8,
+                   help="evaluation windows per file at most")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds calibration sampling, k-means and the partition")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

@@ -160,7 +160,8 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
     flat = x.reshape(-1, x.shape[-1])  # (N, D)
     shared = None
     if mlp.shared is not None:
-        shared = (mlp.shared.gate_proj.weight, mlp.shared.up_proj.weight, mlp.shared.down_proj.weight)
+        ffn = mlp.shared
+        shared = (ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
     if not mlp.top_k:
         return shared_glu(flat, shared).view_as(x)
     idx, weights = mlp.route(flat)

@@ -596,8 +596,8 @@ def tensor_locations(path: str) -> dict[str, str]:
         for shard in sorted(set(where.values())):
             if not os.path.isfile(shard):
                 names = [n for n, s in where.items() if s == shard]
-                raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors to "
-                                        f"it (e.g. {names[0]!r})")
+                raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors "
+                                        f"to it (e.g. {names[0]!r})")
         return where
     if os.path.isfile(single):
         with open_safetensors(single) as f:

@@ -531,15 +531,15 @@ if __name__ == "__main__":
     p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
     p.add_argument("--batch", type=int, default=8, help="windows per micro-batch, per process")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--tokens", type=int, default=65536, help="training tokens, all processes "
-                                                             "together")
+    p.add_argument("--tokens", type=int, default=65536,
+                   help="training tokens, all processes together")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the "
                    "cosine (default lr / 10)")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, on "
-                                                                   "matrices")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay, on matrices")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: "
@@ -549,8 +549,8 @@ if __name__ == "__main__":
     p.add_argument("--val-windows", type=int, default=8, help="validation windows per task at most")
     p.add_argument("--val-every", type=int, default=50, help="validate every this many steps (and "
                    "at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="a progress line every this many "
-                                                             "steps")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="a progress line every this many steps")
     p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (0: "
                    "only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same "
