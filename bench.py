@@ -533,7 +533,7 @@ def parse_row(row: str) -> dict:
 
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
             eval_seqlen: int, eval_windows: int, holdout: float, seed: int,
-            plot: str | None = None) -> list[dict]:
+            plot: str | None = None, plot_rows: list[str] | None = None) -> list[dict]:
     files = task_files(data, "quality")
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
@@ -575,7 +575,8 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     print_quality_tables(results, dense)
     if plot:
         lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
-                                    for r in results if r["row"] == row))) for row in rows]
+                                    for r in results if r["row"] == row)))
+                 for row in plot_rows or rows]
         draw(plot, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
              "held-out ppl / dense ppl (geomean of 4 tasks)",
              "the demo model converted: quality against compute")
@@ -789,6 +790,7 @@ if __name__ == "__main__":
     q.add_argument("--plot", default=None,
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
+    q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
     fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=defaults)
     fb.add_argument("--device", default=device)
     fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -901,7 +903,7 @@ if __name__ == "__main__":
         rows = partition_bench(a.model, a.samples, a.tokens, a.repeats)
     elif a.command == "quality":
         rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
-                       a.eval_windows, a.holdout, a.seed, a.plot)
+                       a.eval_windows, a.holdout, a.seed, a.plot, a.plot_rows)
     elif a.command == "heal":
         budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
         rows = heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,

@@ -798,7 +798,7 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
         out = out or os.path.join("out", f"{name}-qwen2_moe")
         check_out(out)
         layout = export_qwen2_moe(path, out, getattr(torch, save_dtype) if save_dtype else None,
-                                  log=lambda line: print(line, end="\r", flush=True))
+                                  log=progress)
         print(f"wrote {out}: Qwen2-MoE, {layout['experts']} experts, top-{layout['top_k']}, shared "
               f"{layout['shared']} neurons, dense layers {layout['dense']} "
               f"({time.time() - t_start:.1f}s)")
@@ -824,7 +824,7 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
         report = convert_and_evaluate(path, cfg, hf_config, target, spec, data, dtype, save_dtype,
                                       device, max_shard_gb, prompt)
         if work:
-            report["export"] = export_qwen2_moe(os.path.join(work, "moe"), out)
+            report["export"] = export_qwen2_moe(os.path.join(work, "moe"), out, log=progress)
             write_report(out, report)
     finally:
         if work:
@@ -832,6 +832,10 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     print(f"wrote {out}" + (" as Qwen2-MoE" if work else "") + f" (active fraction "
           f"{report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
     return report
+
+
+def progress(line: str) -> None:
+    print(line, end="\r", flush=True)  # the next line overwrites it
 
 
 def write_report(out: str, report: dict) -> None:
