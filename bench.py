@@ -837,7 +837,8 @@ if __name__ == "__main__":
     cb.add_argument("--seqlen", type=int, default=256)
     cb.add_argument("--tasks", type=int, default=4)
     cb.add_argument("--device", default=device)
-    cb.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    cb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: float32 on CPU, bfloat16 on CUDA")
     cb.add_argument("--keep", action="store_true", help="keep the converted output")
     pb = sub.add_parser("partition", help="time partition + router for one layer",
                         formatter_class=defaults)
@@ -883,7 +884,7 @@ if __name__ == "__main__":
     exit_on_sigterm()
     if a.command not in ("heal", "downcycle"):
         torch.set_grad_enabled(False)
-    if a.command in ("ffn", "model"):
+    if a.command in ("ffn", "model", "convert"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     if a.command == "ppl":
         rows = [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]

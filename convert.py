@@ -849,7 +849,8 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
                          max_shard_gb: float, prompt: str | None) -> dict:
     """Calibrates, converts the checkpoint at `path` into `out` and evaluates: main's slow part."""
     calib, evals, holdout = list(data.calib), list(data.evals), data.holdout
-    dtype = dtype or source_dtype(hf_config)
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = dtype or ("float32" if on_cpu else source_dtype(hf_config))
     save_dtype = save_dtype or source_dtype(hf_config)
     tokenizer = load_tokenizer(path)
 
@@ -997,8 +998,9 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0,
                    help="seeds calibration sampling, k-means and the partition")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the weights while converting and evaluating (default: the source "
-                   "checkpoint's); statistics are float32 whatever it is")
+                   help="dtype of the weights while converting and evaluating (default: float32 on "
+                   "a CPU, where bf16 arithmetic is often emulated and many times slower; the "
+                   "source checkpoint's on a GPU); statistics are float32 whatever it is")
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (default: the source checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
