@@ -50,7 +50,8 @@ import kernels
 from convert import (Calibration, calibration_from_files, calibration_from_model, convert,
                      convert_checkpoint, demo_checkpoint, exit_on_sigterm, heldout_tokens,
                      output_dir, peak_rss_gib, perplexity, read_text, resolve)
-from model import MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer
+from model import (MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer,
+                   save_checkpoint)
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
@@ -752,6 +753,91 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     return [{"row": "dense", **dense}] + results
 
 
+# -----------------------------------------------------------------------------
+# export: the demo as a stock Qwen2-MoE checkpoint, run by transformers against our model
+
+
+@torch.no_grad()
+def export_bench(data: str, eps_values: list[float], calib_samples: int, calib_seqlen: int,
+                 holdout: float, eval_windows: int, seed: int) -> list[dict]:
+    """The demo converted with one allocation for every layer (45 shared experts, lsq without its
+    bias), exported at each scale eps and loaded by transformers (float32): the largest logit
+    difference, how often a layer selects other experts than ours would on the same input, held-out
+    perplexity and the greedy continuation, against our model; then the same with softmax routing,
+    which maps exactly."""
+    import tempfile
+    import convert as exporter  # its EXPORT_EPS is set per row
+    import transformers
+    from train import set_routing
+    transformers.logging.set_verbosity_error()
+    files = task_files(data, "export")
+    path = demo_checkpoint()
+    tokenizer = load_tokenizer(path)
+    calib = calibration_from_files(tokenizer, [f"{f}:{t}" for t, f in files.items()], calib_samples,
+                                   calib_seqlen, seed, holdout)
+    evals = {t: heldout_tokens(tokenizer, f, holdout)[: eval_windows * 512].view(-1, 512)
+             for t, f in files.items()}
+    prompt = torch.tensor([tokenizer.encode("The capital of France is").ids])
+    print(header("cpu", "float32") + f", transformers {transformers.__version__}")
+    work = tempfile.mkdtemp(prefix="expertweaver-export-")
+    rows, default_eps = [], exporter.EXPORT_EPS
+    try:
+        spec = ConvertSpec(n_shared=45, router_bias=False, seed=seed)
+        ours_path = converted_into(path, os.path.join(work, "ours"), calib, spec)
+        ours = load_model(ours_path)
+        softmax_path = os.path.join(work, "softmax")
+        softmax = load_model(ours_path)
+        set_routing(softmax, "softmax", norm_topk=True)
+        hf_config = json.load(open(os.path.join(ours_path, "config.json")))
+        save_checkpoint(softmax, hf_config, softmax_path, copy_from=ours_path)
+        for routing, eps in [("sum", e) for e in eps_values] + [("softmax", None)]:
+            exporter.EXPORT_EPS = eps or default_eps
+            source, model = (ours_path, ours) if routing == "sum" else (softmax_path, softmax)
+            out = os.path.join(work, "hf")
+            layout = exporter.export_qwen2_moe(source, out, torch.float32, log=lambda *_: None)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+            rows.append(compare_export(model, hf, evals, prompt) | {"routing": routing, "eps": eps,
+                                                                     "layout": layout})
+            r = rows[-1]
+            scale = "-" if eps is None else f"2^{math.log2(eps):.0f}"
+            print(f"{routing:>7} eps {scale}: max |logit diff| {r['max_logit_diff']:.2e}, "
+                  f"selections swapped per layer {r['swapped']:.4%}, held-out ppl ours "
+                  f"{r['ppl_ours']:.3f} export {r['ppl_export']:.3f}, greedy equal "
+                  f"{r['greedy_equal']}, weight error any input "
+                  f"{layout['weight_error_any_input']:.3g}")
+    finally:
+        exporter.EXPORT_EPS = default_eps
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
+    """Our model against transformers' on the same held-out windows: logits, selections, ppl."""
+    picks = {}
+    for i, layer in enumerate(hf.model.layers):  # the export's selections, and its layers' inputs
+        layer.mlp.gate.register_forward_hook(
+            lambda m, args, out, i=i: picks.setdefault(i, []).append((args[0], out[2])))
+    diff, swapped, nll = 0.0, [], {"ours": 0.0, "export": 0.0}
+    for windows in evals.values():
+        for w in windows:
+            a, b = ours(w[None]).float(), hf(w[None]).logits.float()
+            diff = max(diff, (a - b).abs().max().item())
+            for name, logits in (("ours", a), ("export", b)):
+                nll[name] += F.cross_entropy(logits[0, :-1], w[1:]).item()
+    n = sum(len(w) for w in evals.values())
+    for i, calls in picks.items():
+        moe = ours.layers[i].mlp
+        mine = [(moe.route(x.reshape(-1, x.shape[-1]))[0].sort(1).values, idx.sort(1).values)
+                for x, idx in calls]
+        differ = sum((a != b).any(1).sum().item() for a, b in mine)
+        swapped.append(differ / sum(len(a) for a, _ in mine))
+    greedy = torch.equal(ours.generate(prompt, 16), hf.generate(prompt, max_new_tokens=16,
+                                                                do_sample=False))
+    return {"max_logit_diff": diff, "swapped": sum(swapped) / len(swapped),
+            "ppl_ours": math.exp(nll["ours"] / n), "ppl_export": math.exp(nll["export"] / n),
+            "greedy_equal": greedy}
+
+
 if __name__ == "__main__":
     import argparse
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -846,6 +932,16 @@ if __name__ == "__main__":
     pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
     pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
     pb.add_argument("--repeats", type=int, default=3)
+    eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
+                        "against our model", formatter_class=defaults)
+    eb.add_argument("--data", default=DATA, help=f"directory holding {files}")
+    eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],
+                    help="sum routing: the scales to export at")
+    eb.add_argument("--calib-samples", type=int, default=8)
+    eb.add_argument("--calib-seqlen", type=int, default=256)
+    eb.add_argument("--holdout", type=float, default=0.1)
+    eb.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 per task")
+    eb.add_argument("--seed", type=int, default=0)
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
@@ -905,6 +1001,9 @@ if __name__ == "__main__":
     elif a.command == "quality":
         rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
                        a.eval_windows, a.holdout, a.seed, a.plot, a.plot_rows)
+    elif a.command == "export":
+        rows = export_bench(a.data, a.eps, a.calib_samples, a.calib_seqlen, a.holdout,
+                            a.eval_windows, a.seed)
     elif a.command == "heal":
         budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
         rows = heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,
