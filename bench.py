@@ -857,8 +857,9 @@ if __name__ == "__main__":
                     "every string field)")
     pp.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     pp.add_argument("--max-windows", type=int, default=None, help="evaluate at most these windows")
-    pp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pp.add_argument("--device", default=device)
+    pp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights and arithmetic")
+    pp.add_argument("--device", default=device, help="where the model runs")
     q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for conversions x active "
                        "fractions", formatter_class=defaults)
     q.add_argument("--data", default=DATA, help=f"directory holding {files}")
@@ -868,27 +869,30 @@ if __name__ == "__main__":
     q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
                    help="active fractions")
     q.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
-    q.add_argument("--calib-seqlen", type=int, default=256)
-    q.add_argument("--eval-seqlen", type=int, default=512)
+    q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
+    q.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
-    q.add_argument("--holdout", type=float, default=0.1)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--holdout", type=float, default=0.1,
+                   help="the last fraction of each file: evaluated, never calibrated on")
+    q.add_argument("--seed", type=int, default=0, help="calibration windows and k-means")
     q.add_argument("--plot", default=None,
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
     fb = sub.add_parser("ffn", help="one FFN layer, dense vs MoE", formatter_class=defaults)
-    fb.add_argument("--device", default=device)
+    fb.add_argument("--device", default=device, help="where the layers run")
     fb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
-    fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    fb.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                    help="FFN shapes (d, d_ff) of these models")
     fb.add_argument("--active", nargs="+", type=float, default=[0.5, 0.75],
                     help="active fractions f")
     fb.add_argument("--tokens", nargs="+", type=int, default=None,
                     help="token counts T (default 1 16 128 2048; on CPU 1 16 128, since T = 2048 "
                     "at 8B shapes takes seconds per call)")
     fb.add_argument("--routing", nargs="+", default=["router", "balanced"],
-                    choices=["router", "balanced"])
+                    choices=["router", "balanced"],
+                    help="experts chosen by a router (real load), or round-robin (even load)")
     fb.add_argument("--experts", type=int, default=64, help="N_e")
     fb.add_argument("--compile", action="store_true",
                     help="torch.compile the MoE forward (fullgraph)")
@@ -898,57 +902,59 @@ if __name__ == "__main__":
                     help="also time the MoE call's parts alone: router, shared GLU, routed experts "
                     "(and, on the grouped path, its GEMMs without the permutation)")
     mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=defaults)
-    mb.add_argument("--device", default=device)
+    mb.add_argument("--device", default=device, help="where the model runs")
     mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     mb.add_argument("--active", type=float, default=0.5, help="active fraction of the MoE")
     mb.add_argument("--prefill", type=int, default=1024, help="prefill tokens")
     mb.add_argument("--new-tokens", type=int, default=128, help="decode steps")
     mb.add_argument("--modes", nargs="+", default=["eager", "compiled"],
-                    choices=["eager", "compiled"])
+                    choices=["eager", "compiled"],
+                    help="as written, or torch.compile'd with the kernels")
     mb.add_argument("--data", default=DATA,
                     help="calibration files' directory (else the model writes its own)")
-    mb.add_argument("--min-time", type=float, default=2.0)
+    mb.add_argument("--min-time", type=float, default=2.0,
+                    help="seconds of timed runs per measurement at least")
     sb = sub.add_parser("synth", help="write a random-weight checkpoint with a real model's shapes")
-    sb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    sb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the shapes to copy")
     sb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
-    sb.add_argument("--out", required=True)
+    sb.add_argument("--out", required=True, help="directory to write")
     cb = sub.add_parser("convert", help="time a streamed conversion of a synthetic checkpoint",
                         formatter_class=defaults)
-    cb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    cb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the shapes to copy")
     cb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
     cb.add_argument("--dir", default="/tmp/expertweaver-synth",
                     help="where the synthetic checkpoints live")
     cb.add_argument("--samples", type=int, default=2, help="calibration windows per task")
-    cb.add_argument("--seqlen", type=int, default=256)
-    cb.add_argument("--tasks", type=int, default=4)
-    cb.add_argument("--device", default=device)
+    cb.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    cb.add_argument("--tasks", type=int, default=4, help="calibration tasks (random tokens)")
+    cb.add_argument("--device", default=device, help="where the conversion runs")
     cb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
     cb.add_argument("--keep", action="store_true", help="keep the converted output")
     pb = sub.add_parser("partition", help="time partition + router for one layer",
                         formatter_class=defaults)
-    pb.add_argument("model", choices=list(SYNTH_CONFIGS))
+    pb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the layer shape")
     pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
     pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
-    pb.add_argument("--repeats", type=int, default=3)
+    pb.add_argument("--repeats", type=int, default=3, help="timed runs (the median is shown)")
     eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
                         "against our model", formatter_class=defaults)
     eb.add_argument("--data", default=DATA, help=f"directory holding {files}")
     eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],
                     help="sum routing: the scales to export at")
-    eb.add_argument("--calib-samples", type=int, default=8)
-    eb.add_argument("--calib-seqlen", type=int, default=256)
-    eb.add_argument("--holdout", type=float, default=0.1)
+    eb.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
+    eb.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
+    eb.add_argument("--holdout", type=float, default=0.1, help="evaluated tail of each file")
     eb.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 per task")
-    eb.add_argument("--seed", type=int, default=0)
+    eb.add_argument("--seed", type=int, default=0, help="calibration windows and k-means")
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
                     default=["expertweaver", "expertweaver:centroid:shared_by=activation", "cmoe",
                              "static"])
     hb.add_argument("--active", nargs="+", type=float, default=[0.75, 0.5], help="active fractions")
-    hb.add_argument("--lr", type=float, default=5e-4)
+    hb.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, cosine)")
     db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (every "
                         "parameter)", formatter_class=defaults)
     db.add_argument("--rows", nargs="+",
@@ -956,26 +962,28 @@ if __name__ == "__main__":
                              "expertweaver:centroid+keep"],
                     help="initialisations, as quality's rows; +keep: start at the converted "
                     "model's function")
-    db.add_argument("--active", type=float, default=0.25)
-    db.add_argument("--experts", type=int, default=64)
-    db.add_argument("--n-shared", type=int, default=2)
-    db.add_argument("--lr", type=float, default=4e-4)
-    db.add_argument("--min-lr", type=float, default=4e-5)
+    db.add_argument("--active", type=float, default=0.25, help="active fraction of the sparser MoE")
+    db.add_argument("--experts", type=int, default=64, help="experts per layer, shared included")
+    db.add_argument("--n-shared", type=int, default=2, help="shared experts in every layer")
+    db.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (warm-up, cosine)")
+    db.add_argument("--min-lr", type=float, default=4e-5, help="learning rate at the end")
     db.add_argument("--balance", type=float, default=0.01, help="Switch balance loss coefficient")
-    db.add_argument("--val-every", type=int, default=4)
+    db.add_argument("--val-every", type=int, default=4, help="steps between validations")
     db.add_argument("--plot", default=None,
                     help="draw the validation curves into this PNG (needs matplotlib)")
     for s in (hb, db):
         s.add_argument("--data", default=DATA, help=f"directory holding {files}")
         s.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
-        s.add_argument("--seqlen", type=int, default=256)
-        s.add_argument("--batch", type=int, default=8)
-        s.add_argument("--calib-samples", type=int, default=8)
-        s.add_argument("--calib-seqlen", type=int, default=256)
-        s.add_argument("--holdout", type=float, default=0.1)
+        s.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
+        s.add_argument("--batch", type=int, default=8, help="windows per optimizer step")
+        s.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
+        s.add_argument("--calib-seqlen", type=int, default=256,
+                       help="tokens per calibration window")
+        s.add_argument("--holdout", type=float, default=0.1,
+                       help="the last fraction of each file: validation, never trained on")
         s.add_argument("--val-windows", type=int, default=8,
                        help="held-out windows of 512 tokens per task")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0, help="data order, LoRA init, k-means")
     a = p.parse_args()
     exit_on_sigterm()
     if a.command not in ("heal", "downcycle"):

@@ -799,7 +799,8 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and arithmetic")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
     try:
