@@ -838,11 +838,25 @@ def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
             "greedy_equal": greedy}
 
 
+def data_flags(parser, holdout: str, seed: str) -> None:
+    """The text flags every conversion or training command takes: where the tasks' files are, how
+    they are sampled for calibration, and the held-out tail."""
+    files = ", ".join(TASK_FILES.values())
+    parser.add_argument("--data", default=DATA, help=f"directory holding {files}")
+    parser.add_argument("--calib-samples", type=int, default=8,
+                        help="calibration windows per task")
+    parser.add_argument("--calib-seqlen", type=int, default=256,
+                        help="tokens per calibration window")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help=f"the last fraction of each file: {holdout}, never trained or "
+                        "calibrated on")
+    parser.add_argument("--seed", type=int, default=0, help=seed)
+
+
 if __name__ == "__main__":
     import argparse
     defaults = argparse.ArgumentDefaultsHelpFormatter
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    files = ", ".join(TASK_FILES.values())
     p = argparse.ArgumentParser(description="Benchmarks: FFN and model speed, conversion quality "
                                 "and training, each against the dense model in the same run.",
                                 formatter_class=defaults)
@@ -862,19 +876,14 @@ if __name__ == "__main__":
     pp.add_argument("--device", default=device, help="where the model runs")
     q = sub.add_parser("quality", help="held-out ppl ratio MoE / dense for conversions x active "
                        "fractions", formatter_class=defaults)
-    q.add_argument("--data", default=DATA, help=f"directory holding {files}")
     q.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
                    help="conversions, each 'method[:router][:key=value...]' with ConvertSpec keys, "
                    "e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
     q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
                    help="active fractions")
-    q.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
-    q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
     q.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
-    q.add_argument("--holdout", type=float, default=0.1,
-                   help="the last fraction of each file: evaluated, never calibrated on")
-    q.add_argument("--seed", type=int, default=0, help="calibration windows and k-means")
+    data_flags(q, "evaluated", "calibration windows and k-means")
     q.add_argument("--plot", default=None,
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
@@ -940,14 +949,10 @@ if __name__ == "__main__":
     pb.add_argument("--repeats", type=int, default=3, help="timed runs (the median is shown)")
     eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
                         "against our model", formatter_class=defaults)
-    eb.add_argument("--data", default=DATA, help=f"directory holding {files}")
     eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],
                     help="sum routing: the scales to export at")
-    eb.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
-    eb.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration window")
-    eb.add_argument("--holdout", type=float, default=0.1, help="evaluated tail of each file")
     eb.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 per task")
-    eb.add_argument("--seed", type=int, default=0, help="calibration windows and k-means")
+    data_flags(eb, "evaluated", "calibration windows and k-means")
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
@@ -972,18 +977,12 @@ if __name__ == "__main__":
     db.add_argument("--plot", default=None,
                     help="draw the validation curves into this PNG (needs matplotlib)")
     for s in (hb, db):
-        s.add_argument("--data", default=DATA, help=f"directory holding {files}")
         s.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
         s.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
         s.add_argument("--batch", type=int, default=8, help="windows per optimizer step")
-        s.add_argument("--calib-samples", type=int, default=8, help="calibration windows per task")
-        s.add_argument("--calib-seqlen", type=int, default=256,
-                       help="tokens per calibration window")
-        s.add_argument("--holdout", type=float, default=0.1,
-                       help="the last fraction of each file: validation, never trained on")
+        data_flags(s, "validation", "data order, LoRA init, k-means")
         s.add_argument("--val-windows", type=int, default=8,
                        help="held-out windows of 512 tokens per task")
-        s.add_argument("--seed", type=int, default=0, help="data order, LoRA init, k-means")
     a = p.parse_args()
     exit_on_sigterm()
     if a.command not in ("heal", "downcycle"):
