@@ -23,14 +23,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 import weaver
-from model import (MLP, CheckpointWriter, Transformer, load_block, load_config, load_model,
-                   load_tokenizer, read_tensors, tensor_locations)
+from model import (MLP, CheckpointWriter, RMSNorm, Transformer, load_block, load_config,
+                   load_model, load_tokenizer, read_tensors, tensor_locations)
 
 # -----------------------------------------------------------------------------
 # the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file
@@ -417,20 +417,54 @@ def format_layer(row: dict, n_layers: int) -> str:
             f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
 
 
+def mine(h: torch.Tensor, blocks, run, head, calib: Calibration, spec: weaver.ConvertSpec,
+         log=print) -> tuple[weaver.ConvertSpec, dict]:
+    """DIVE's domain mining over every block (weaver.mine_domains), then the grouping; head(h) ->
+    logits after the last block. -> (the spec with its groups, what the report shows)."""
+    weaver.check_dive_assign(spec, int(calib.task.max()) + 1, assigned=False)
+
+    def score(x, rows):  # x: (n, T, D) -> (n,) mean NLL of each window
+        tokens = calib.tokens[rows].to(x.device)
+        logits = torch.cat([head(x[j: j + 1]).float() for j in range(len(x))])  # (n, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                              reduction="none")
+        return nll.view(len(x), -1).mean(dim=1)
+    t0 = time.perf_counter()
+    ppl = weaver.mine_domains(blocks, run, score, h, calib.task, spec)
+    groups = weaver.affinity_groups(ppl, spec.dive_groups)
+    names = calib.names
+    log(f"DIVE mining ({time.perf_counter() - t0:.1f}s): held-out ppl of the FFNs pruned on each "
+        f"domain (rows) on each domain (columns); groups {groups}")
+    width = max(len(n) for n in names)
+    for m, name in enumerate(names):
+        log(f"  {name:>{width}} -> group {groups[m]}: " +
+            "  ".join(f"{t} {ppl[m, j]:.2f}" for j, t in enumerate(names)))
+    return replace(spec, dive_assign=tuple(groups)), \
+        {"domains": names, "cross_ppl": ppl.tolist(), "groups": groups}
+
+
 def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
-                   spec: weaver.ConvertSpec, log=print, keep=None) -> tuple[dict, dict]:
+                   spec: weaver.ConvertSpec, log=print, keep=None,
+                   make_head=None) -> tuple[dict, dict]:
     """weaver.convert_blocks over a model's blocks, h: (S, T, D) the embedded calibration windows;
-    keep(i, block) takes each converted block. Returns (the moe config section, the report)."""
+    blocks() gives them, one pass each; keep(i, block) takes each converted block. DIVE without
+    given groups mines them first, with make_head() -> (h -> logits). Returns (the moe config
+    section, the report)."""
     weaver.check_layers(spec, cfg.ffn_dim, cfg.n_layers)
     cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
-    moe_cfg = {"method": spec.method, "num_experts": spec.n_experts,
-               "expert_dim": cfg.ffn_dim // spec.n_experts, "router": spec.router,
+    run = lambda block, hb: block(hb, cos, sin, mask)
+    dive = spec.method == "dive"
+    mined = None
+    if dive and spec.dive_assign is None:
+        spec, mined = mine(h, blocks(), run, make_head(), calib, spec, log)
+    moe_cfg = {"method": spec.method, "num_experts": spec.dive_groups if dive else spec.n_experts,
+               "expert_dim": weaver.expert_dim(spec, cfg.ffn_dim), "router": spec.router,
                "router_bias": spec.router_bias, "active": spec.active,
+               **({"routing": "softmax", "norm_topk": True, "pruned_experts": True} if dive else {}),
                "layers": [None] * cfg.n_layers,
                "topk_spread": [None] * cfg.n_layers}  # on the calibration tokens: export's scale
     rows, timings = [], {}
-    run = lambda block, hb: block(hb, cos, sin, mask)
-    for i, block, row in weaver.convert_blocks(blocks, run, h, calib.task, spec, timings):
+    for i, block, row in weaver.convert_blocks(blocks(), run, h, calib.task, spec, timings):
         moe_cfg["layers"][i] = row.pop("moe", None)
         moe_cfg["topk_spread"][i] = row["topk_spread"] if not row["dense"] else None
         if keep is not None:
@@ -438,7 +472,7 @@ def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibrati
                 keep(i, block)
         rows.append(row)
         log(format_layer(row, cfg.n_layers))
-    return moe_cfg, {"layers": rows, "timings": timings}
+    return moe_cfg, {"layers": rows, "timings": timings, **({"dive": mined} if mined else {})}
 
 
 @torch.no_grad()
@@ -449,8 +483,9 @@ def convert(model: Transformer, calib: Calibration, spec: weaver.ConvertSpec, lo
     t0 = time.perf_counter()
     h = model.embed_tokens(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
     timings = {"embed": time.perf_counter() - t0}
-    model.cfg.moe, report = convert_layers(model.cfg, h, model.layers, model.window_inputs, calib,
-                                           spec, log)
+    make_head = lambda: (lambda x: model.lm_head(model.norm(x)))
+    model.cfg.moe, report = convert_layers(model.cfg, h, lambda: model.layers, model.window_inputs,
+                                           calib, spec, log, make_head=make_head)
     report["timings"] = timings | report["timings"]
     return report
 
@@ -480,17 +515,26 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         writer.add("model.embed_tokens.weight", cast(embed))
         del embed
         timings = {"embed": time.perf_counter() - t0}
-        blocks = (load_block(path, cfg, i, dtype, device, where) for i in range(cfg.n_layers))
+        blocks = lambda: (load_block(path, cfg, i, dtype, device, where)
+                          for i in range(cfg.n_layers))
+        tail = {"model.norm.weight": skeleton.norm.weight}
+        if not cfg.tie_embeddings:
+            tail["lm_head.weight"] = skeleton.lm_head.weight
 
         def keep(i, block):
             for name, tensor in block.state_dict().items():
                 writer.add(f"model.layers.{i}.{name}", cast(tensor))
+
+        def make_head():  # DIVE's mining only: the final norm and the output projection
+            embed = {"model.embed_tokens.weight": skeleton.embed_tokens.weight}
+            w = read_tensors(path, tail | embed, dtype, device, where)
+            norm = RMSNorm(cfg.dim, cfg.norm_eps).to(device)
+            norm.weight.data = w["model.norm.weight"]
+            out = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+            return lambda x: F.linear(norm(x), out)
         moe_cfg, report = convert_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log,
-                                         keep)
+                                         keep, make_head)
         t0 = time.perf_counter()
-        tail = {"model.norm.weight": skeleton.norm.weight}
-        if not cfg.tie_embeddings:
-            tail["lm_head.weight"] = skeleton.lm_head.weight
         for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
             writer.add(name, cast(tensor))
         writer.finish()
@@ -608,6 +652,8 @@ def export_problems(cfg) -> list[str]:
                         "convert with --no-router-bias")
     if moe.get("routing", "sum") == "scaled":
         problems.append("scaled routing (1 + gamma p) is no softmax: train with --routing softmax")
+    if moe.get("pruned_experts"):
+        problems.append("DIVE's experts carry a bias each, which Qwen2-MoE's experts lack")
     if moe.get("select_bias"):
         problems.append("a selection bias (from --bias-balance) has no place in Qwen2-MoE's router")
     spread = moe.get("topk_spread") or [None] * len(moe["layers"])
@@ -625,6 +671,8 @@ def spec_export_problems(spec: weaver.ConvertSpec) -> list[str]:
     if spec.method == "static":
         problems.append("static pruning routes nothing: the result is a smaller dense model, not "
                         "an MoE")
+    if spec.method == "dive":
+        problems.append("DIVE's experts carry a bias each, which Qwen2-MoE's experts lack")
     if spec.method in ("expertweaver", "random") and spec.n_shared is None:
         problems.append(f"{spec.method} sizes each layer's shared expert from its statistics, so "
                         f"layers route different numbers of experts, and Qwen2-MoE has one per "
@@ -771,6 +819,9 @@ def check_args(spec: weaver.ConvertSpec, data: DataSpec, device: str, max_shard_
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found")
     tasks = {parse_calib_spec(c)[1] for c in data.calib}
+    if spec.method == "dive":
+        weaver.check_dive_assign(spec, len(tasks) if data.calib else len(TASK_PROMPTS),
+                                 assigned=spec.dive_assign is not None)
     sized_by_tasks = spec.method in ("expertweaver", "random") and spec.n_shared is None
     if data.calib and len(tasks) < 2 and sized_by_tasks:
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
@@ -872,9 +923,14 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
+    if spec.method == "dive":
+        layout = (f"{spec.dive_groups} experts of {weaver.expert_dim(spec, cfg.ffn_dim)} neurons, "
+                  f"top-{spec.dive_top_k}")
+    else:
+        layout = (f"{spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k = "
+                  f"{spec.k} active per token")
     print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router "
-          f"{spec.router}, {spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k "
-          f"= {spec.k} active per token ({spec.k / spec.n_experts:.1%} of the neurons)")
+          f"{spec.router}, {layout} ({spec.active:.1%} of the neurons)")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
               "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names,
@@ -944,13 +1000,18 @@ if __name__ == "__main__":
     p.add_argument("--method", default="expertweaver", choices=weaver.METHODS,
                    help="expertweaver: CV-sized shared expert + balanced k-means; cmoe: CMoE (with "
                    "its own router); static: keep the most important neurons, no routing; random: "
-                   "expertweaver with a random partition")
-    p.add_argument("--router", default=None, choices=["centroid", "lsq", "cmoe", "gate", "oracle"],
-                   help="override the method's router (expertweaver and random: lsq; cmoe: cmoe). "
-                   "centroid: mean gate row (the paper's); lsq: ridge fit to the norm of each "
-                   "expert's output, same cost; cmoe: CMoE's representative neurons; gate: full "
-                   "gate projection (costly); oracle: each expert's output norm (a diagnostic "
-                   "upper bound that costs every routed expert)")
+                   "expertweaver with a random partition; dive: DIVE, one FLAP-pruned copy of the "
+                   "FFN per group of related calibration tasks (mined), each --active / "
+                   "--dive-top-k of the neurons")
+    p.add_argument("--router", default=None,
+                   choices=["centroid", "lsq", "cmoe", "gate", "oracle", "linear"],
+                   help="override the method's router (expertweaver, random and dive: lsq; cmoe: "
+                   "cmoe). centroid: mean gate row (the paper's); lsq: ridge fit to the norm of "
+                   "each expert's output (dive: to how close each comes to the dense FFN), same "
+                   "cost; cmoe: CMoE's representative neurons; gate: full gate projection "
+                   "(costly); oracle: each expert's output norm (a diagnostic upper bound that "
+                   "costs every routed expert); linear: dive only, DIVE's random router, for "
+                   "training")
     p.add_argument("--experts", type=int, default=64,
                    help="N_e: experts per layer, shared included; must divide d_ff")
     p.add_argument("--active", type=float, default=0.75,
@@ -972,6 +1033,11 @@ if __name__ == "__main__":
     p.add_argument("--k-act", type=int, default=10, help="cmoe: neurons marked per token (K_a)")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[],
                    help="layer indices to leave dense")
+    p.add_argument("--dive-groups", type=int, default=4,
+                   help="dive: experts per layer, one per group of calibration tasks (at most the "
+                   "number of tasks; give many --calib FILE:TASK domains to mine from)")
+    p.add_argument("--dive-top-k", type=int, default=1,
+                   help="dive: experts per token; weighted by the softmax over the chosen ones")
     p.add_argument("--sequential", action="store_true",
                    help="profile each layer on the outputs of the already-converted layers (CMoE's "
                    "carving) instead of the dense ones")
@@ -1022,7 +1088,7 @@ if __name__ == "__main__":
             alpha_min=a.alpha_min, alpha_max=a.alpha_max, n_shared=a.n_shared,
             shared_by=a.shared_by, kmeans_iters=a.kmeans_iters, k_act=a.k_act,
             dense_layers=tuple(a.dense_layers), sequential=a.sequential, seed=a.seed,
-            router_bias=not a.no_router_bias)
+            router_bias=not a.no_router_bias, dive_groups=a.dive_groups, dive_top_k=a.dive_top_k)
         data = DataSpec(a.calib, a.calib_samples, a.calib_seqlen, a.field, a.holdout, a.evals,
                         a.eval_seqlen, a.eval_windows)
         main(a.checkpoint, a.out, spec, data, a.dtype, a.save_dtype, a.device, a.max_shard_gb,

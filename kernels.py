@@ -8,7 +8,8 @@ Imports model.py (its MoE FFN and the reference loop over experts). Semantics (m
 shared GLU(x) + the sum, over the K experts selected for each token, of that expert's GLU(x),
 unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D:
 w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output
-directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
+directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. DIVE's expert biases
+are added by layer_forward, outside the paths. w2 is (E, F, D), not
 (E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
 than one of F-long rows; grouped_mm takes either. Letters: N tokens, D model dim, E routed experts,
 F neurons per expert, K experts per token, S shared.
@@ -27,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import MoEMLP, glu, routed_reference
+from model import MoEMLP, expert_bias, glu, routed_reference
 
 
 def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
@@ -165,8 +166,10 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
     if not mlp.top_k:
         return shared_glu(flat, shared).view_as(x)
     idx, weights = mlp.route(flat)
-    w13, w2 = mlp.experts.gate_up_proj, mlp.experts.down_proj
-    return moe_ffn(flat, idx, w13, w2, shared, weights, path).view_as(x)
+    w13, w2, bias = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.down_bias
+    y = moe_ffn(flat, idx, w13, w2, shared, weights, path)
+    # DIVE's pruned experts add a bias each: the same few lines on every path
+    return (y if bias is None else y + expert_bias(idx, bias, weights)).view_as(x)
 
 
 @functools.cache

@@ -120,14 +120,18 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                          f"{ROUTER_KINDS}")
     if moe.get("routing", "sum") not in ROUTINGS:
         raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
-    for flag in ("norm_topk", "select_bias", "router_bias"):
+    for flag in ("norm_topk", "select_bias", "router_bias", "pruned_experts"):
         if not isinstance(moe.get(flag, False), bool):
             raise ValueError(f"config.json moe.{flag} must be true or false, found {moe[flag]!r}")
     for i, layer in enumerate(layers):
         if layer is None:
             continue
         shared, routed, top_k = layer["shared_neurons"], layer["routed_experts"], layer["top_k"]
-        if shared + routed * expert_dim != ffn_dim:
+        if moe.get("pruned_experts"):  # DIVE: each expert a pruned copy of the FFN, may overlap
+            if not 0 < expert_dim <= ffn_dim:
+                raise ValueError(f"config.json moe.expert_dim {expert_dim} is not in [1, "
+                                 f"intermediate_size {ffn_dim}]")
+        elif shared + routed * expert_dim != ffn_dim:
             raise ValueError(f"config.json moe.layers[{i}]: {shared} shared neurons + {routed} "
                              f"experts x {expert_dim} neurons != intermediate_size {ffn_dim}")
         if not 0 <= top_k <= routed:
@@ -279,7 +283,7 @@ class MLP(nn.Module):
 # shared (in the original order) the layer *is* the dense FFN. Training switches to a weighted
 # routing. Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
-ROUTER_KINDS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")
+ROUTER_KINDS = ("centroid", "lsq", "linear", "cmoe", "gate", "oracle", "none")
 # how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
 #   sum      1: the training-free conversion. The router gets no gradient (top-k has none)
 #   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to
@@ -293,7 +297,9 @@ ROUTINGS = ("sum", "scaled", "softmax")
 class Router(nn.Module):
     """Scores (N, E) in float32; the MoE layer takes the top_k. How weaver.py builds each:
     centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
-    lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm.
+    lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm (DIVE: to
+              how closely each expert reproduces the dense FFN).
+    linear:   x @ W.T, randomly initialised: DIVE's router as published, useful only once trained.
     cmoe:     |(x @ U.T) * silu(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
               (CMoE).
     gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
@@ -306,7 +312,7 @@ class Router(nn.Module):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
-        if kind in ("centroid", "lsq", "cmoe"):
+        if kind in ("centroid", "lsq", "linear", "cmoe"):
             self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
         self.bias = nn.Parameter(torch.empty(n_experts)) if kind == "lsq" and bias else None  # (E,)
         if kind == "cmoe":
@@ -319,7 +325,7 @@ class Router(nn.Module):
     def forward(self, x, experts: "Experts"):
         # x: (N, D) -> (N, E) float32
         xf = x.float()
-        if self.kind == "centroid":
+        if self.kind in ("centroid", "linear"):
             return xf @ self.weight.float().T
         if self.kind == "lsq":
             scores = xf @ self.weight.float().T
@@ -341,11 +347,20 @@ class Router(nn.Module):
         if self.kind == "cmoe":
             up = self.up.detach().double()
             return (up.norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
-        assert self.kind in ("centroid", "lsq"), f"the {self.kind!r} router's scores have no bound"
+        assert self.kind in ("centroid", "lsq", "linear"), \
+            f"the {self.kind!r} router's scores have no bound"
         spread = torch.cdist(w, w).max().item() * input_norm
         if self.bias is not None:
             spread += (self.bias.max() - self.bias.min()).item()
         return spread
+
+
+def expert_bias(idx, bias, weights=None):
+    # DIVE's experts add a bias: idx (N, K), bias (E, D), weights (N, K) or None -> (N, D)
+    picked = bias[idx]  # (N, K, D)
+    if weights is not None:
+        picked = picked * weights[..., None].to(picked.dtype)
+    return picked.sum(dim=1)
 
 
 def glu(x, w13, w2):
@@ -376,33 +391,42 @@ class Experts(nn.Module):
     column of the dense down_proj). Long rows are what a memory-bound decode step streams fastest
     (kernels.py)."""
 
-    def __init__(self, n_experts: int, dim: int, expert_dim: int):
+    def __init__(self, n_experts: int, dim: int, expert_dim: int, bias: bool = False):
         super().__init__()
         self.expert_dim = expert_dim
         # (E, 2F, D): gate rows, then up rows; (E, F, D): output directions
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, expert_dim, dim))
+        # (E, D) DIVE: what each pruned expert's missing neurons output on average
+        self.down_bias = nn.Parameter(torch.empty(n_experts, dim)) if bias else None
 
     def forward(self, x, idx, weights=None):
         # x: (N, D), idx: (N, K) expert ids, weights: (N, K) or None -> (N, D)
-        return routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights)
+        y = routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights)
+        return y if self.down_bias is None else y + expert_bias(idx, self.down_bias, weights)
+
+    def output(self, x, e: int):
+        # x: (N, D) -> (N, D): expert e alone
+        y = glu(x, self.gate_up_proj[e], self.down_proj[e])
+        return y if self.down_bias is None else y + self.down_bias[e]
 
     def contributions(self, x):
         # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is
         # what leaving it out costs. One expert at a time, so (N, E, D) is never held.
-        w13, w2 = self.gate_up_proj, self.down_proj
-        norms = [glu(x, w13[e], w2[e]).float().norm(dim=-1) for e in range(len(w13))]
+        norms = [self.output(x, e).float().norm(dim=-1) for e in range(len(self.gate_up_proj))]
         return torch.stack(norms, dim=1)
 
 
 class MoEMLP(nn.Module):
     def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int,
                  routed_experts: int, top_k: int, routing: str = "sum", norm_topk: bool = False,
-                 select_bias: bool = False, router_bias: bool = True):
+                 select_bias: bool = False, router_bias: bool = True,
+                 pruned_experts: bool = False):
         super().__init__()
         self.top_k, self.routing, self.norm_topk = top_k, routing, norm_topk
         self.shared = MLP(dim, shared_neurons) if shared_neurons else None
-        self.experts = Experts(routed_experts, dim, expert_dim) if routed_experts else None
+        self.experts = Experts(routed_experts, dim, expert_dim, bias=pruned_experts) \
+            if routed_experts else None
         self.router = Router(router, dim, routed_experts, routing, select_bias, router_bias) \
             if top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
@@ -412,11 +436,18 @@ class MoEMLP(nn.Module):
         self.kernel = None
         # set by each forward in training mode (train.py reads them)
         self.balance_loss = self.load = None
+        # DIVE's router warm-up (train.py --dense-routing T): in training, every expert, weighted
+        # softmax(s / T); evaluation still routes top-k
+        self.dense_temperature = None
 
     def route(self, x):
         # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (unweighted:
         # `sum`)
         scores = self.router(x, self.experts)  # (N, E) float32
+        if self.dense_temperature is not None and self.training:
+            probs = (scores / self.dense_temperature).softmax(dim=-1)
+            self.record(scores.topk(self.top_k, dim=-1).indices, probs)  # the load top-k would get
+            return torch.arange(scores.shape[1], device=x.device).expand(len(x), -1), probs
         bias = self.router.select_bias
         idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
         probs = scores.softmax(dim=-1) if self.routing != "sum" else None
@@ -460,7 +491,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            keys = ("routing", "norm_topk", "select_bias", "router_bias")
+            keys = ("routing", "norm_topk", "select_bias", "router_bias", "pruned_experts")
             options = {k: cfg.moe[k] for k in keys if k in cfg.moe}
             self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer,
                               **options)
@@ -618,7 +649,7 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
                  where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the
     meta device), opening each file once. Float tensors are cast to dtype; integer ones (an MoE
-    checkpoint's index maps) keep theirs and must be permutations."""
+    checkpoint's index maps) keep theirs."""
     where = where if where is not None else tensor_locations(path)
     missing = sorted(n for n in expected if n not in where)
     if missing:
@@ -636,16 +667,27 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
                     raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json "
                                      f"implies {want}")
                 tensor = f.get_tensor(name)
-                if name.endswith(".neuron_index") and not torch.equal(
-                        tensor.sort().values, torch.arange(tensor.numel(), device=tensor.device)):
-                    raise ValueError(f"{file}: {name!r} is not a permutation of the "
-                                     f"{tensor.numel()} FFN neurons")
                 # always a fresh copy: safetensors hands out views into its file mapping at whatever
                 # offset the header leaves (often not 64-byte aligned), and BLAS rounds differently
                 # on unaligned memory, which would make a reloaded model differ in the last bits
                 keep = dtype if tensor.is_floating_point() else tensor.dtype
                 out[name] = tensor.to(dtype=keep, copy=True)
     return out
+
+
+def check_index_maps(cfg: ModelConfig, state: dict, where: dict[str, str]) -> None:
+    """An MoE layer's neuron_index is a permutation of the FFN's neurons, or, for DIVE's pruned
+    experts (which may share neurons), any list of neuron ids."""
+    for name, index in state.items():
+        if not name.endswith(".neuron_index"):
+            continue
+        if cfg.moe.get("pruned_experts"):
+            if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < cfg.ffn_dim:
+                raise ValueError(f"{where[name]}: {name!r} holds ids outside the {cfg.ffn_dim} "
+                                 f"FFN neurons")
+        elif not torch.equal(index.sort().values, torch.arange(cfg.ffn_dim, device=index.device)):
+            raise ValueError(f"{where[name]}: {name!r} is not a permutation of the {cfg.ffn_dim} "
+                             f"FFN neurons")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
@@ -665,6 +707,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
             raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
                              f"model with this config.json")
     state = read_tensors(path, expected, dtype, device, where)
+    check_index_maps(cfg, state, where)
     state = {n.removeprefix("model."): t for n, t in state.items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -681,7 +724,9 @@ def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = tor
         block = Block(cfg, layer)
     prefix = f"model.layers.{layer}."
     expected = {prefix + n: t for n, t in block.state_dict().items()}
+    where = where if where is not None else tensor_locations(path)
     state = read_tensors(path, expected, dtype, device, where)
+    check_index_maps(cfg, state, where)
     block.load_state_dict({n.removeprefix(prefix): t for n, t in state.items()}, strict=True,
                           assign=True)
     return block.eval()

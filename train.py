@@ -8,6 +8,11 @@ softmax routing and a balance loss, as ExpertWeaver does. One process, or many w
         --out out/healed
     torchrun --nproc_per_node 2 train.py CHECKPOINT --data FILE --out DIR     # data-parallel
 
+DIVE's retraining, two runs of this file on a `convert.py --method dive` checkpoint: stage 0 the
+router alone over every expert (--train router --dense-routing 0.5 --out s0), then stage 1 on s0
+(--train lora,router,norms --lora-alpha 16). The router learns
+only in stage 0 (at top-1 DIVE weighs the chosen expert by exactly 1).
+
 Imports model.py (the model, saving) and convert.py (reading text, output directories, perplexity).
 Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing
 trained), train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume
@@ -52,6 +57,7 @@ class TrainSpec:
     routing: str | None = None        # an MoE's routing while training (ROUTINGS); None: its own
     norm_topk: bool = False           # softmax: renormalise the top-k weights
     keep_function: bool = False       # sum -> softmax: start at (almost) the sum model's function
+    dense_routing: float | None = None  # DIVE's stage 0: every expert, softmax(scores / this)
     balance: float = 0.0              # Switch balance loss coefficient, averaged over MoE layers
     bias_balance: float = 0.0         # per-expert selection bias step, without a loss (DeepSeek-V3)
     seqlen: int = 512                 # tokens per training window
@@ -82,6 +88,8 @@ class TrainSpec:
             raise ValueError(f"--routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.keep_function and self.routing != "softmax":
             raise ValueError("--keep-function rescales a sum-routed MoE for --routing softmax")
+        if self.dense_routing is not None and self.dense_routing <= 0:
+            raise ValueError(f"--dense-routing {self.dense_routing} must be a positive temperature")
         for name in ("lora_rank", "seqlen", "batch", "accum", "tokens"):
             if getattr(self, name) < (2 if name == "seqlen" else 1):
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small")
@@ -100,7 +108,7 @@ def check_model(spec: TrainSpec, cfg) -> None:
     """What the spec needs of the checkpoint, before any slow work."""
     moe_only = {"--routing": spec.routing is not None, "--train router": "router" in spec.train,
                 "--balance": spec.balance > 0, "--bias-balance": spec.bias_balance > 0,
-                "--norm-topk": spec.norm_topk}
+                "--norm-topk": spec.norm_topk, "--dense-routing": spec.dense_routing is not None}
     if cfg.moe is None:
         given = [name for name, used in moe_only.items() if used]
         if given:
@@ -115,7 +123,7 @@ def check_model(spec: TrainSpec, cfg) -> None:
     if "router" in spec.train and routing == "sum":
         raise ValueError("--train router with sum routing: the router gets no gradient; use "
                          "--routing scaled or softmax (or move its selection with --bias-balance)")
-    trainable_router = cfg.moe["router"] in ("centroid", "lsq", "cmoe")
+    trainable_router = cfg.moe["router"] in ("centroid", "lsq", "linear", "cmoe")
     if ("router" in spec.train or spec.keep_function) and not trainable_router:
         raise ValueError(f"the {cfg.moe['router']!r} router has no parameters to train or rescale")
 
@@ -404,6 +412,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         set_routing(model, spec.routing, spec.norm_topk, spec.keep_function)
     if spec.bias_balance:
         add_select_bias(model)
+    for mlp in moe_layers(model):
+        mlp.dense_temperature = spec.dense_routing
     if "lora" in spec.train:
         add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed)
     trainable = set_trainable(model, spec.train)
@@ -524,6 +534,9 @@ if __name__ == "__main__":
     p.add_argument("--keep-function", action="store_true", help="softmax from a sum-routed MoE: "
                    "scale the router and the experts so that step 0 computes the sum model's "
                    "function")
+    p.add_argument("--dense-routing", type=float, default=None, metavar="T",
+                   help="DIVE's stage 0: while training, every expert runs, weighted by "
+                   "softmax(scores / T); validation and the saved model still route top-k")
     p.add_argument("--balance", type=float, default=0.0, help="Switch balance loss coefficient "
                    "(the paper: 0.01)")
     p.add_argument("--bias-balance", type=float, default=0.0, help="per-expert selection bias step "
@@ -566,7 +579,8 @@ if __name__ == "__main__":
             data=a.data, field=a.field, holdout=a.holdout,
             train=tuple(filter(None, a.train.split(","))), lora_rank=a.lora_rank,
             lora_alpha=a.lora_alpha, routing=a.routing, norm_topk=a.norm_topk,
-            keep_function=a.keep_function, balance=a.balance, bias_balance=a.bias_balance,
+            keep_function=a.keep_function, dense_routing=a.dense_routing, balance=a.balance,
+            bias_balance=a.bias_balance,
             seqlen=a.seqlen, batch=a.batch, accum=a.accum, tokens=a.tokens, steps=a.steps, lr=a.lr,
             min_lr=a.min_lr, warmup=a.warmup, weight_decay=a.weight_decay, beta2=a.beta2,
             grad_clip=a.grad_clip, checkpointing=a.checkpointing, seed=a.seed)

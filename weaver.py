@@ -4,7 +4,7 @@ weaver.py: dense GLU FFNs -> MoE FFNs with no training. The method is ExpertWeav
 
     python convert.py            # the CLI over this file; python convert.py --help
 
-Imports MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj /
+Imports MLP and MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj /
 down_proj Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its
 calibration inputs.
 One layer at a time:
@@ -28,15 +28,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import MoEMLP
+from model import MLP, MoEMLP
 
 # -----------------------------------------------------------------------------
 # the spec: what to convert into
 
-METHODS = ("expertweaver", "cmoe", "static", "random")
+METHODS = ("expertweaver", "cmoe", "static", "random", "dive")
 # lsq, not the paper's centroid router, by default: at the same cost per token it keeps much more
 # quality (RESULTS.md, "Routers"); --router centroid gives the paper's
-DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none"}
+DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none",
+                  "dive": "lsq"}
 # what makes a neuron important enough to be shared (expertweaver, random, static; CMoE ranks by its
 # own activation rates): the paper's mean |silu(x W_gate)| ("activation"), or mean
 # |silu(x W_gate) * (x W_up)| ("contribution"), which also counts the up projection
@@ -61,6 +62,9 @@ class ConvertSpec:
     marker_tokens: int = 16384        # CMoE: tokens whose markers are kept (CMoE uses 8 x 2048)
     dense_layers: tuple = ()          # layers left dense
     sequential: bool = False          # profile layer l on the outputs of converted layers < l
+    dive_groups: int = 4              # DIVE: experts per layer, one per group of related domains
+    dive_top_k: int = 1               # DIVE: experts per token; each keeps active / top_k of d_ff
+    dive_assign: tuple | None = None  # DIVE: the group of each calibration task (None: mined)
     seed: int = 0
 
     def __post_init__(self):
@@ -82,9 +86,18 @@ class ConvertSpec:
                              f"static pruning has no router, every other method needs one")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
-        for name in ("kmeans_iters", "k_act", "marker_tokens"):
+        for name in ("kmeans_iters", "k_act", "marker_tokens", "dive_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        dive_router = self.router in ("lsq", "linear")
+        if self.method == "dive" and not dive_router or self.method != "dive" and \
+                self.router == "linear":
+            raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
+                             f"DIVE's experts are routed by lsq or its random linear router, "
+                             f"which no other method uses")
+        if self.method == "dive" and not 1 <= self.dive_top_k <= self.dive_groups:
+            raise ValueError(f"dive_top_k {self.dive_top_k} must be in [1, dive_groups "
+                             f"{self.dive_groups}]")
 
     @property
     def k(self) -> int:
@@ -92,9 +105,16 @@ class ConvertSpec:
         return max(1, round(self.active * self.n_experts))
 
 
+def expert_dim(spec: ConvertSpec, ffn_dim: int) -> int:
+    """Neurons per routed expert: equal parts of d_ff, or DIVE's pruned copies of active / top_k."""
+    if spec.method == "dive":
+        return max(1, round(spec.active / spec.dive_top_k * ffn_dim))
+    return ffn_dim // spec.n_experts
+
+
 def check_layers(spec: ConvertSpec, ffn_dim: int, n_layers: int) -> None:
     """What the spec needs of a model, checked before any calibration work."""
-    if ffn_dim % spec.n_experts:
+    if ffn_dim % spec.n_experts and spec.method != "dive":
         divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
         near = [d for d in divisors if d < spec.n_experts][-2:] + \
             [d for d in divisors if d > spec.n_experts][:2]
@@ -115,19 +135,28 @@ class LayerStats:
     profile: torch.Tensor                # (S, d_ff) float32: a[i, j] transposed, a row per sample
     markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M tokens
     contribution: torch.Tensor | None = None  # (d_ff,) float32: mean |silu(x W_gate) * (x W_up)|
+    # DIVE: per sample, the sums over its T tokens of each neuron's output h = silu(x W_gate) *
+    # (x W_up) and of h^2, (S, d_ff) float64 each; and each neuron's squared output norm (d_ff,)
+    h_sum: torch.Tensor | None = None
+    h_sq: torch.Tensor | None = None
+    down_norm2: torch.Tensor | None = None
+    tokens: int = 0                      # T
 
 
 @torch.no_grad()
 def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
                   marker_tokens: torch.Tensor | None = None, contribution: bool = False,
-                  batch_tokens: int = BATCH_TOKENS) -> LayerStats:
+                  moments: bool = False, batch_tokens: int = BATCH_TOKENS) -> LayerStats:
     """x: (S, T, D) FFN inputs, taken in batches of about batch_tokens tokens, so memory grows with
     d_ff * batch, not with the calibration set. With k_act, also CMoE's markers of the tokens listed
     in marker_tokens (flat indices into S * T); with contribution, each neuron's mean contribution
-    (which costs the up projection too)."""
+    (which costs the up projection too); with moments, DIVE's per-sample sums of h and h^2."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
     profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
+    h_sum = torch.zeros(S, gate_w.shape[0], dtype=torch.float64, device=x.device) if moments \
+        else None
+    h_sq = torch.zeros_like(h_sum) if moments else None
     markers, total = [], torch.zeros(gate_w.shape[0], dtype=torch.float32, device=x.device)
     if k_act:  # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
         gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
@@ -136,8 +165,12 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
         xb = x[i: i + step]  # (b, T, D)
         act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
         profile[i: i + step] = act.float().abs().mean(dim=1)
-        if contribution:
-            total += (act * (xb @ up_w.T)).float().abs().sum(dim=(0, 1))
+        if contribution or moments:
+            h = (act * (xb @ up_w.T)).float()  # (b, T, d_ff)
+            total += h.abs().sum(dim=(0, 1))
+        if moments:
+            h_sum[i: i + step] = h.double().sum(dim=1)
+            h_sq[i: i + step] = h.double().pow(2).sum(dim=1)
         if k_act:
             lo, hi = i * T, (i + len(xb)) * T
             keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
@@ -145,8 +178,9 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
             scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
+    down_norm2 = mlp.down_proj.weight.float().pow(2).sum(dim=0) if moments else None
     return LayerStats(profile, torch.cat(markers) if k_act else None,
-                      total / (S * T) if contribution else None)
+                      total / (S * T) if contribution else None, h_sum, h_sq, down_norm2, T)
 
 
 def importance(stats: LayerStats, shared_by: str) -> torch.Tensor:
@@ -296,6 +330,24 @@ def cmoe_router(experts, position: torch.Tensor) -> dict:
     return {"weight": F.normalize(gate, dim=1), "up": F.normalize(up, dim=1)}
 
 
+def random_router(n_experts: int, dim: int, seed: int) -> dict:
+    """DIVE as published: a linear router drawn from N(0, 0.02^2), to be trained."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"weight": torch.randn(n_experts, dim, generator=generator) * 0.02}
+
+
+def closeness(mlp, experts):
+    """DIVE's experts each stand in for the whole FFN, so the lsq router is fitted to how close each
+    comes to the dense output: per token, 1 - its error / the largest error of the token's experts,
+    (n, D) -> (n, E) in [0, 1]."""
+    def score(x):
+        dense = mlp(x).float()
+        err = torch.stack([(dense - experts.output(x, e).float()).norm(dim=-1)
+                           for e in range(len(experts.gate_up_proj))], dim=1)
+        return 1 - err / err.max(dim=1, keepdim=True).values.clamp_min(1e-12)
+    return score
+
+
 def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
     """Share of the oracle's captured contribution that a router's top-k captures: per token, the
     true contribution of the experts it picks over that of the best top_k (1.0 = the oracle). (N, E)
@@ -437,6 +489,9 @@ class LayerPlan:
     info: dict              # what the report shows
     features: torch.Tensor | None = None  # (d_ff, M): the space the partition was made in
     p: float = 2.0          # and its distance, L_p (CMoE's representatives are chosen there)
+    # DIVE: (E, d_ff) each expert's mean neuron outputs on its group's tokens, for the biases that
+    # stand in for its pruned neurons. Experts may then overlap (groups is not a partition)
+    means: torch.Tensor | None = None
 
 
 def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
@@ -509,8 +564,33 @@ def plan_static(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: 
     return LayerPlan(shared, rest.view(-1, d_e), 0, {"r": None, "alpha": None, "kmeans_iters": 0})
 
 
+def flap_keep(stats: LayerStats, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """FLAP's structured pruning on the samples `rows` (S,) bool: keep the `keep` neurons of largest
+    fluctuation, the variance of h over the tokens times the squared norm of the neuron's output
+    column (WIFV). -> (kept ids ascending, (d_ff,) mean h, which the pruned ones are replaced by)."""
+    n = int(rows.sum()) * stats.tokens
+    assert n > 0, "a DIVE group has no calibration tokens"
+    mean = stats.h_sum[rows].sum(dim=0) / n
+    var = (stats.h_sq[rows].sum(dim=0) / n - mean ** 2).clamp_min(0)
+    kept = (var.float() * stats.down_norm2).topk(keep).indices.sort().values
+    return kept, mean.float()
+
+
+def plan_dive(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
+    """DIVE: one expert per group of domains, the FFN pruned by FLAP on that group's calibration
+    samples. No shared expert; the experts overlap; each gets a bias for its pruned neurons."""
+    group_of = torch.tensor(spec.dive_assign, device=task.device)[task]  # (S,)
+    keep = expert_dim(spec, stats.profile.shape[1])
+    kept, means = zip(*(flap_keep(stats, (group_of == g).to(stats.h_sum.device), keep)
+                        for g in range(spec.dive_groups)))
+    shared = torch.empty(0, dtype=torch.int64, device=kept[0].device)
+    return LayerPlan(shared, torch.stack(kept), spec.dive_top_k,
+                     {"r": None, "alpha": None, "kmeans_iters": 0}, means=torch.stack(means))
+
+
 PLANS = {"expertweaver": plan_expertweaver, "random": plan_random, "cmoe": plan_cmoe,
-         "static": plan_static}
+         "static": plan_static, "dive": plan_dive}
 
 # -----------------------------------------------------------------------------
 # building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; then its
@@ -521,9 +601,11 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
     """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
     gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     n_routed, d_e = plan.groups.shape
+    dive = plan.means is not None  # weighted as DIVE does: softmax over the top-k (1 at top-1)
     with torch.device("meta"):
         moe = MoEMLP(gate_w.shape[1], d_e, router, len(plan.shared), n_routed, plan.top_k,
-                     router_bias=router_bias)
+                     router_bias=router_bias, routing="softmax" if dive else "sum",
+                     norm_topk=dive, pruned_experts=dive)
     state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
     if len(plan.shared):
         state |= {"shared.gate_proj.weight": gate_w[plan.shared],
@@ -533,15 +615,20 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
         state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
                                                     dim=1),  # (E, 2F, D)
                   "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
+    if dive:  # bias_e = sum over the neurons expert e lacks of mean h_i * down column i
+        pruned = torch.ones_like(plan.means, dtype=torch.bool).scatter_(1, plan.groups, False)
+        state["experts.down_bias"] = (plan.means * pruned).to(down_w.dtype) @ down_w.T  # (E, D)
     state = {n: t.contiguous() for n, t in state.items()}
     result = moe.load_state_dict(state, strict=False, assign=True)
     assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
-    return moe
+    return moe.train(mlp.training)  # a model in eval mode stays so
 
 
-def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor) -> dict:
-    """Sets the router's parameters, from the experts (centroid, cmoe) or fitted on the layer's
-    calibration inputs x (S, T, D) (lsq); gate and oracle have none. Returns the report's info."""
+def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor, dense=None,
+               seed: int = 0) -> dict:
+    """Sets the router's parameters, from the experts (centroid, cmoe), at random (linear) or fitted
+    on the layer's calibration inputs x (S, T, D) (lsq; for DIVE against the `dense` FFN); gate and
+    oracle have none. Returns the report's info."""
     if moe.router is None:
         return {}
     kind, experts, info = moe.router.kind, moe.experts, {}
@@ -549,8 +636,11 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
         params = centroid_router(experts)
     elif kind == "cmoe":
         params = cmoe_router(experts, representatives(plan.features, plan.groups, plan.p))
+    elif kind == "linear":
+        params = random_router(len(plan.groups), x.shape[-1], seed)
     elif kind == "lsq":
-        params, info = lsq_router(x, task, experts.contributions, len(plan.groups), moe.top_k,
+        target = experts.contributions if plan.means is None else closeness(dense, experts)
+        params, info = lsq_router(x, task, target, len(plan.groups), moe.top_k,
                                   bias=moe.router.bias is not None)
     else:
         params = {}
@@ -593,17 +683,18 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     """One dense FFN (gate_proj / up_proj / down_proj) and its calibration inputs x (S, T, D), task
     (S,) -> (its MoE FFN, the report's row). marker_tokens: CMoE's sampled tokens (into S * T)."""
     timings = {} if timings is None else timings
-    cmoe = spec.method == "cmoe"
+    cmoe, dive = spec.method == "cmoe", spec.method == "dive"
     with timed(timings, "profile"):
         stats = profile_layer(x, mlp, k_act=spec.k_act if cmoe else None,
                               marker_tokens=marker_tokens,
-                              contribution=not cmoe and spec.shared_by == "contribution")
+                              contribution=not cmoe and spec.shared_by == "contribution",
+                              moments=dive)
     with timed(timings, "partition"):
         plan = PLANS[spec.method](stats, task, spec, seed)
     with timed(timings, "build"):
         moe = build_moe(mlp, plan, spec.router, spec.router_bias)
     with timed(timings, "router"):
-        info = fit_router(moe, plan, x, task)
+        info = fit_router(moe, plan, x, task, mlp, seed)
     with timed(timings, "build"):
         load, spread = routing_stats(moe, x) if plan.top_k else (None, None)
     d_e = plan.groups.shape[1]
@@ -628,6 +719,8 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
     if spec.method in ("expertweaver", "random") and int(task.max()) < 1 and spec.n_shared is None:
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
                          f"tasks, which needs calibration from at least 2 tasks; got 1")
+    if spec.method == "dive":
+        check_dive_assign(spec, int(task.max()) + 1)
     timings = {} if timings is None else timings
     S, T, _ = h.shape
     batch = max(1, BATCH_TOKENS // T)  # windows per forward batch
@@ -662,3 +755,89 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
         h = h_dense
         row["seconds"] = time.perf_counter() - t0
         yield i, block, row
+
+# -----------------------------------------------------------------------------
+# DIVE's domain affinity mining, a pass over the whole model before converting: the FFNs pruned with
+# each domain's calibration text alone (FLAP), every pruned model scored on every domain's held-out
+# windows, and the domains whose pruned models behave alike grouped
+
+
+def check_dive_assign(spec: ConvertSpec, n_tasks: int, assigned: bool = True) -> None:
+    """The groups fit the calibration domains (before mining: their number does)."""
+    if spec.dive_groups > n_tasks:
+        raise ValueError(f"dive_groups {spec.dive_groups} is more than the {n_tasks} calibration "
+                         f"domain(s): DIVE builds one expert per group of domains")
+    assign = spec.dive_assign
+    if not assigned:
+        return
+    if assign is None or len(assign) != n_tasks or set(assign) != set(range(spec.dive_groups)):
+        raise ValueError(f"dive_assign {assign} must give each of the {n_tasks} domains a group "
+                         f"in 0..{spec.dive_groups - 1}, every group used (or mine_domains)")
+
+
+def pruned_ffn(mlp, kept: torch.Tensor, mean: torch.Tensor) -> MLP:
+    """The FFN with only the `kept` neurons, plus a down_proj bias for what the others output on
+    average (FLAP's compensation)."""
+    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    with torch.device("meta"):
+        ffn = MLP(gate_w.shape[1], len(kept))
+        ffn.down_proj = torch.nn.Linear(len(kept), gate_w.shape[1], bias=True)
+    pruned = torch.ones_like(mean, dtype=torch.bool).scatter_(0, kept, False)
+    ffn.load_state_dict({"gate_proj.weight": gate_w[kept], "up_proj.weight": up_w[kept],
+                         "down_proj.weight": down_w[:, kept].contiguous(),
+                         "down_proj.bias": down_w @ (mean * pruned).to(down_w.dtype)}, assign=True)
+    return ffn
+
+
+@torch.no_grad()
+def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
+                 spec: ConvertSpec) -> torch.Tensor:
+    """blocks, run, h (S, T, D), task (S,) as for convert_blocks; score(h, rows) -> (n,) mean NLL
+    of the windows rows ((S,) bool) from the last block's output h (n, T, D). Neurons are profiled
+    on the dense model's inputs from 3 of every 4 windows of a domain and the pruned models scored
+    on the 4th. -> (M, M) perplexity: row m the model pruned on domain m, column t domain t."""
+    n_tasks, T = int(task.max()) + 1, h.shape[1]
+    held = validation_samples(task)
+    if not held.any():
+        raise ValueError("DIVE's mining holds out every 4th calibration window of each domain: "
+                         "give at least 4 windows per domain")
+    batch = max(1, BATCH_TOKENS // T)
+    forward = lambda block, x: torch.cat([run(block, x[j: j + batch])
+                                          for j in range(0, len(x), batch)])
+    dense_h, pruned_h, fit_task = h[~held], [h[held]] * n_tasks, task[~held]
+    for i, block in enumerate(blocks):
+        dense, inputs = block.mlp, []
+        hook = dense.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        dense_h = forward(block, dense_h)
+        hook.remove()
+        if i in spec.dense_layers:
+            pruned_h = [forward(block, x) for x in pruned_h]
+            continue
+        stats = profile_layer(torch.cat(inputs), dense, moments=True)
+        keep = expert_dim(spec, dense.gate_proj.weight.shape[0])
+        for m in range(n_tasks):
+            block.mlp = pruned_ffn(dense, *flap_keep(stats, fit_task == m, keep))
+            pruned_h[m] = forward(block, pruned_h[m])
+        block.mlp = dense
+    nll = torch.stack([score(x, held) for x in pruned_h])  # (M, held windows)
+    held_task = task[held].to(nll.device)
+    return torch.stack([nll[:, held_task == t].mean(dim=1) for t in range(n_tasks)], dim=1).exp()
+
+
+def affinity_groups(ppl: torch.Tensor, n_groups: int) -> list[int]:
+    """DIVE's clustering of the cross-perplexity matrix (M, M): each column over its smallest entry
+    (how much worse than the best pruned model on that text), logged; Pearson correlation between
+    the rows; average-linkage merging until n_groups remain. -> each domain's group, numbered in
+    order of the groups' first domain."""
+    rel = (ppl / ppl.min(dim=0, keepdim=True).values).log().double()
+    corr = torch.corrcoef(rel).nan_to_num(0.0) if len(rel) > 1 else torch.ones(1, 1)
+    clusters = [[m] for m in range(len(ppl))]
+    while len(clusters) > n_groups:
+        link = lambda pair: corr[clusters[pair[0]]][:, clusters[pair[1]]].mean().item()
+        a, b = max(itertools.combinations(range(len(clusters)), 2), key=link)
+        clusters[a] += clusters.pop(b)
+    group = [0] * len(ppl)
+    for g, members in enumerate(sorted(clusters, key=min)):
+        for m in members:
+            group[m] = g
+    return group

@@ -1,0 +1,152 @@
+"""DIVE (weaver.py --method dive): domain mining on a planted case, the one-group layer that is the
+dense FFN, overlapping experts with biases through the kernels, save/load and training, bad inputs."""
+import pytest
+import torch
+
+import convert as C
+import kernels as K
+import model as M
+import train as T
+import weaver as W
+from conftest import TOKENS, convert_main, random_calibration, tiny_data, tiny_model
+
+quiet = dict(log=lambda *_: None)
+
+
+def planted_calibration(samples=8, seqlen=16, seed=0) -> C.Calibration:
+    # domains 0 and 2 read one half of the vocabulary, 1 and 3 the other: pruned alike in pairs
+    g = torch.Generator().manual_seed(seed)
+    halves = [(0, 32), (32, 64), (0, 32), (32, 64)]
+    tokens = torch.cat([torch.randint(lo, hi, (samples, seqlen), generator=g) for lo, hi in halves])
+    return C.Calibration(tokens, torch.arange(4).repeat_interleave(samples), ["a", "b", "a2", "b2"])
+
+
+def test_mining_groups_the_domains_that_share_text():
+    model = tiny_model(n_layers=2)
+    report = C.convert(model, planted_calibration(), W.ConvertSpec(method="dive", active=0.5, dive_groups=2),
+                       **quiet)
+    assert report["dive"]["groups"] == [0, 1, 0, 1]
+    ppl = torch.tensor(report["dive"]["cross_ppl"])
+    assert ppl.shape == (4, 4) and (ppl > 1).all()
+    assert model.cfg.moe["layers"][0] == {"shared_neurons": 0, "routed_experts": 2, "top_k": 1}
+
+
+def test_affinity_groups_merge_the_most_correlated_first():
+    ppl = torch.tensor([[1.0, 3.0, 2.0], [1.1, 3.3, 2.0], [2.0, 1.0, 1.5]])
+    assert W.affinity_groups(ppl, 2) == [0, 0, 1]
+    assert W.affinity_groups(ppl, 3) == [0, 1, 2] and W.affinity_groups(ppl, 1) == [0, 0, 0]
+
+
+def test_one_group_keeping_every_neuron_is_the_dense_ffn():
+    model = tiny_model(n_layers=2)
+    expected = model(TOKENS)
+    C.convert(model, random_calibration(samples=4), W.ConvertSpec(method="dive", active=1.0, dive_groups=1),
+              **quiet)
+    mlp = model.layers[0].mlp
+    assert mlp.experts.gate_up_proj.shape[:2] == (1, 2 * 48) and torch.equal(mlp.experts.down_bias,
+                                                                         torch.zeros(1, 32))
+    assert torch.equal(model(TOKENS), expected)
+
+
+def test_bias_stands_in_for_the_pruned_neurons_on_average():
+    # an expert's output + bias has the dense FFN's mean output on its group's tokens
+    model = tiny_model(n_layers=1)
+    calib = random_calibration(samples=4)
+    dense_mlp = model.layers[0].mlp
+    inputs = []
+    hook = dense_mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    model(calib.tokens)
+    hook.remove()
+    x = inputs[0]  # (S, T, D)
+    dense = dense_mlp(x)
+    C.convert(model, calib, W.ConvertSpec(method="dive", active=0.5, dive_groups=2, dive_assign=(0, 1)), **quiet)
+    experts = model.layers[0].mlp.experts
+    for g in range(2):
+        rows = calib.task == g
+        got = experts.output(x[rows].reshape(-1, 32), g).mean(dim=0)
+        torch.testing.assert_close(got, dense[rows].reshape(-1, 32).mean(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def dive_model(top_k=2, groups=3):
+    model = tiny_model(n_layers=2)
+    calib = random_calibration(tasks=4, samples=4)
+    C.convert(model, calib, W.ConvertSpec(method="dive", active=0.5, dive_groups=groups, dive_top_k=top_k), **quiet)
+    return model
+
+
+@pytest.mark.parametrize("path", ["select", "gather", "grouped"])
+def test_kernel_paths_on_overlapping_experts_with_biases(path):
+    model = dive_model()
+    mlp = model.layers[0].mlp
+    assert mlp.experts.down_bias.abs().max() > 0
+    assert len(mlp.neuron_index.unique()) < len(mlp.neuron_index)  # the experts share neurons
+    for n in (1, 40):
+        x = torch.randn(n, 32, generator=torch.Generator().manual_seed(n))
+        if path == "grouped" and not K.grouped_mm_works("cpu", torch.float32):
+            pytest.skip("grouped_mm unavailable on this CPU build")
+        torch.testing.assert_close(K.layer_forward(mlp, x, path), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_streamed_conversion(tiny_checkpoint, tmp_path):
+    spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2)
+    report = convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec, tiny_data(tiny_checkpoint, samples=8))
+    moe = M.load_model(str(tmp_path / "dive"))
+    assert moe.cfg.moe["pruned_experts"] and moe.cfg.moe["routing"] == "softmax" and moe.cfg.moe["norm_topk"]
+    assert report["active_fraction"] == 0.5
+    # the streamed result equals converting the loaded dense model in memory with the same calibration
+    dense = M.load_model(tiny_checkpoint)
+    calib = C.calibration_from_files(M.load_tokenizer(tiny_checkpoint), [f"{tiny_checkpoint}/prose.txt",
+                                     f"{tiny_checkpoint}/code.txt"], 8, 32, 0, 0.1)
+    C.convert(dense, calib, spec, **quiet)
+    assert torch.equal(moe(TOKENS), dense(TOKENS))
+
+
+def test_dense_routing_runs_every_expert_in_training_only():
+    model = dive_model(top_k=1)
+    mlp = model.layers[0].mlp
+    x = torch.randn(5, 32)
+    topk = mlp(x)
+    mlp.dense_temperature = 0.5
+    assert torch.equal(mlp(x), topk)  # evaluation routes top-k
+    mlp.train()
+    probs = (mlp.router(x, mlp.experts) / 0.5).softmax(dim=-1)
+    expected = sum(probs[:, e:e + 1] * mlp.experts.output(x, e) for e in range(3))
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+    assert mlp.load.sum() == 5  # the load logged is what top-1 would pick
+
+
+def test_two_stage_retraining(tiny_checkpoint, tmp_path):
+    spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2, router="linear")
+    convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec, tiny_data(tiny_checkpoint, samples=8))
+    data = (f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt")
+    common = dict(data=data, seqlen=16, batch=4, steps=3, lr=1e-2, warmup=0)
+    before = M.load_model(str(tmp_path / "dive")).layers[0].mlp.router.weight.clone()
+    T.train(str(tmp_path / "dive"), str(tmp_path / "s0"), T.TrainSpec(train=("router",), dense_routing=0.5, **common),
+            val_seqlen=16, val_windows=1, **quiet)
+    router = M.load_model(str(tmp_path / "s0")).layers[0].mlp.router.weight
+    assert not torch.equal(router, before)
+    T.train(str(tmp_path / "s0"), str(tmp_path / "s1"), T.TrainSpec(train=("lora", "router", "norms"), lora_alpha=16,
+            **common), val_seqlen=16, val_windows=1, **quiet)
+    assert M.load_model(str(tmp_path / "s1")).cfg.moe["pruned_experts"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(dive_groups=3), "dive_groups 3 is more than the 2 calibration domain"),
+    (dict(dive_groups=2, dive_top_k=3), "dive_top_k 3 must be in"),
+    (dict(router="centroid"), "router 'centroid' does not go with method 'dive'"),
+])
+def test_bad_inputs_one_line_before_any_work(tiny_checkpoint, tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        convert_main(tiny_checkpoint, str(tmp_path / "out"), W.ConvertSpec(method="dive", **spec),
+                     tiny_data(tiny_checkpoint))
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_router_is_dive_only():
+    with pytest.raises(ValueError, match="router 'linear' does not go with method 'expertweaver'"):
+        W.ConvertSpec(router="linear")
+
+
+def test_dive_is_refused_by_the_qwen2_moe_export():
+    problems = C.spec_export_problems(W.ConvertSpec(method="dive", router_bias=False))
+    assert any("bias each" in p for p in problems)
