@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import kernels
 from convert import (Calibration, calibration_from_files, calibration_from_model, convert,
                      convert_checkpoint, demo_checkpoint, exit_on_sigterm, heldout_tokens,
-                     output_dir, peak_rss_gib, perplexity, read_text, resolve)
+                     output_dir, peak_rss_gib, perplexity, read_text, resolve, split_heldout)
 from model import (MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer,
                    save_checkpoint)
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
@@ -753,6 +753,96 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     return [{"row": "dense", **dense}] + results
 
 
+def domain_parts(tokenizer, files: dict[str, str], parts: int, holdout: float,
+                 work: str) -> list[str]:
+    """DIVE mines among many domains and the demo has four task files: each file's calibration part
+    (never its held-out tail) cut into `parts` contiguous pieces, written as text, one domain each
+    ('prose.1', 'prose.2', ...). -> FILE:TASK specs."""
+    specs = []
+    for task, file in files.items():
+        head, _ = split_heldout(tokenizer.encode(read_text(file)).ids, holdout)
+        size = len(head) // parts
+        for i in range(parts):
+            piece = os.path.join(work, f"{task}.{i + 1}.txt")
+            with open(piece, "w") as f:
+                f.write(tokenizer.decode(head[i * size: (i + 1) * size]))
+            specs.append(f"{piece}:{task}.{i + 1}")
+    return specs
+
+
+def checkpoint_size(path: str) -> tuple[int, int]:
+    """(FFN parameters, routers included; bytes of safetensors) of a checkpoint."""
+    model = load_model(path)
+    ffn = sum(p.numel() for b in model.layers for p in b.mlp.parameters())
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    return ffn, sum(os.path.getsize(os.path.join(path, f)) for f in files)
+
+
+def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, stage0: float,
+         temperature: float, calib_samples: int, calib_seqlen: int, val_windows: int, seed: int,
+         val_seqlen: int = 512) -> list[dict]:
+    """DIVE beside the default and CMoE at the same active FFN share, training-free and after the
+    same budget: DIVE's two stages (a `stage0` share of the tokens for the router alone over every
+    expert at `temperature`, then LoRA + router + norms), the others healed as in `heal`. Ratios
+    to the dense model before, and to the dense model trained with LoRA on the budget after. DIVE
+    mines among the task files cut into `parts` domains each."""
+    import tempfile
+    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
+    spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed,
+                                       warmup=max(1, steps // 10), **budget)
+    work = tempfile.mkdtemp(prefix="expertweaver-dive-")
+    results = []
+    try:
+        tokenizer = load_tokenizer(path)
+        pieces = domain_parts(tokenizer, task_files(data, "dive"), parts, budget["holdout"], work)
+        domains = calibration_from_files(tokenizer, pieces, calib_samples, calib_seqlen, seed,
+                                         holdout=0.0)
+        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
+                        10**9, "dense", val_seqlen)
+        dense |= dict(zip(("ffn_params", "bytes"), checkpoint_size(path)))
+        for row in rows:
+            convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
+            moe, is_dive = os.path.join(work, "moe"), convert_spec.method == "dive"
+            report = convert_checkpoint(path, moe, domains if is_dive else calib, convert_spec,
+                                        torch.float32, "cpu", torch.float32,
+                                        log=lambda line: line.startswith("layer") or print(line))
+            size = dict(zip(("ffn_params", "bytes"), checkpoint_size(moe)))
+            if is_dive:
+                tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
+                first = trained(moe, os.path.join(work, "s0"),
+                                spec(train=("router",), dense_routing=temperature,
+                                     tokens=tokens0), val_windows, 10**9, f"{row} stage 0",
+                                val_seqlen)
+                run = trained(os.path.join(work, "s0"), os.path.join(work, "healed"),
+                              spec(train=("lora", "router", "norms"), lora_alpha=16.0,
+                                   tokens=budget["tokens"] - tokens0), val_windows, 10**9,
+                              f"{row} stage 1", val_seqlen)
+                run |= {"before": first["before"], "stage0": first["after"],
+                        "seconds": first["seconds"] + run["seconds"],
+                        "groups": report["dive"]["groups"]}
+            else:
+                run = trained(moe, os.path.join(work, "healed"),
+                              spec(train=("lora", "router"), routing="scaled"), val_windows,
+                              10**9, row, val_seqlen)
+            results.append({"row": row, **run, **size})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tasks = list(dense["before"])
+    print(f"\nheld-out ppl ratio to the dense model (before) and to the dense model trained with "
+          f"LoRA on the same {budget['tokens']} tokens (after), {active:.0%} of the FFN active per "
+          f"token; FFN parameters and checkpoint size against the dense model's\n")
+    table = [["dense", "1.00", f"{dense['bytes'] / 2**20:.0f} MB", "1.000",
+              *(f"ppl {dense['after'][t]:.2f}" for t in tasks), "1.000",
+              f"{dense['seconds']:.0f}"]]
+    for r in results:
+        table.append([f"`{r['row']}`", f"{r['ffn_params'] / dense['ffn_params']:.2f}",
+                      f"{r['bytes'] / 2**20:.0f} MB", ratio_cells(r["before"], dense["before"])[-1],
+                      *ratio_cells(r["after"], dense["after"]), f"{r['seconds']:.0f}"])
+    print_table(["row", "FFN params (x dense)", "checkpoint", "before geomean",
+                 *(f"after {t}" for t in tasks), "after geomean", "train s"], table)
+    return [{"row": "dense", **dense}] + results
+
+
 # -----------------------------------------------------------------------------
 # export: the demo as a stock Qwen2-MoE checkpoint, run by transformers against our model
 
@@ -976,7 +1066,20 @@ if __name__ == "__main__":
     db.add_argument("--val-every", type=int, default=4, help="steps between validations")
     db.add_argument("--plot", default=None,
                     help="draw the validation curves into this PNG (needs matplotlib)")
-    for s in (hb, db):
+    vb = sub.add_parser("dive", help="DIVE, the default and CMoE at the same active share, before "
+                        "and after the same retraining", formatter_class=defaults)
+    vb.add_argument("--rows", nargs="+", default=["dive", "dive:linear", "expertweaver", "cmoe"],
+                    help="conversions, as in quality (dive: lsq router; dive:linear: DIVE's "
+                    "random one; dive:dive_groups=G)")
+    vb.add_argument("--active", type=float, default=0.5, help="active fraction of the FFN")
+    vb.add_argument("--parts", type=int, default=2,
+                    help="DIVE's domains: each task file's calibration part cut into this many")
+    vb.add_argument("--stage0", type=float, default=0.25,
+                    help="DIVE: share of the tokens for stage 0 (the router alone)")
+    vb.add_argument("--temperature", type=float, default=0.05,
+                    help="DIVE stage 0: softmax temperature over every expert (DIVE's 5e-2)")
+    vb.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, cosine)")
+    for s in (hb, db, vb):
         s.add_argument("--tokens", type=int, default=65536, help="training tokens per run")
         s.add_argument("--seqlen", type=int, default=256, help="tokens per training window")
         s.add_argument("--batch", type=int, default=8, help="windows per optimizer step")
@@ -985,7 +1088,7 @@ if __name__ == "__main__":
                        help="held-out windows of 512 tokens per task")
     a = p.parse_args()
     exit_on_sigterm()
-    if a.command not in ("heal", "downcycle"):
+    if a.command not in ("heal", "downcycle", "dive"):
         torch.set_grad_enabled(False)
     if a.command in ("ffn", "model", "convert"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -1011,6 +1114,10 @@ if __name__ == "__main__":
     elif a.command == "export":
         rows = export_bench(a.data, a.eps, a.calib_samples, a.calib_seqlen, a.holdout,
                             a.eval_windows, a.seed)
+    elif a.command == "dive":
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
+        rows = dive(a.data, a.rows, a.active, a.parts, budget, a.stage0, a.temperature,
+                    a.calib_samples, a.calib_seqlen, a.val_windows, a.seed)
     elif a.command == "heal":
         budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
         rows = heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,

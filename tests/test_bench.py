@@ -109,3 +109,18 @@ def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatc
     assert "| `expertweaver:centroid+keep` |" in printed and "val loss at step 0" in printed
     assert [d for d in os.listdir("/tmp") if d.startswith("expertweaver-heal-") or d.startswith(
         "expertweaver-downcycle-")] == []
+
+
+def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
+    files = {"prose": os.path.join(tiny_checkpoint, "prose.txt"), "code": os.path.join(tiny_checkpoint, "code.txt")}
+    monkeypatch.setattr(bench, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(bench, "task_files", lambda data, command: files)
+    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
+    rows = bench.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"], 0.5, 2, budget, 0.25, 0.05,
+                      4, 16, val_windows=1, seed=0, val_seqlen=16)
+    assert [r["row"] for r in rows] == ["dense", "dive:dive_groups=2", "expertweaver:lsq:n_experts=8"]
+    assert sorted(set(rows[1]["groups"])) == [0, 1] and len(rows[1]["groups"]) == 4  # 2 files x 2 parts
+    # per layer two experts of half the FFN, their biases (2, 32) and the lsq router (2, 32 + 1)
+    assert rows[1]["ffn_params"] == rows[0]["ffn_params"] + 2 * (2 * 32 + 2 * 33)
+    assert "stage0" in rows[1] and "DIVE mining" in capsys.readouterr().out
+    assert not [d for d in os.listdir("/tmp") if d.startswith("expertweaver-dive-")]
