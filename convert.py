@@ -941,7 +941,8 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     t_convert = time.time() - t0
     report |= {"convert_seconds": t_convert,
                "timings": {"calibration": t_calib, **layers["timings"]},
-               "layers": layers["layers"], "peak_rss_gib": peak_rss_gib()}
+               "layers": layers["layers"], "peak_rss_gib": peak_rss_gib(),
+               **({"dive": layers["dive"]} if "dive" in layers else {})}
     print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
           + f"; conversion {t_convert:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB")
 

@@ -1,5 +1,7 @@
 """DIVE (weaver.py --method dive): domain mining on a planted case, the one-group layer that is the
 dense FFN, overlapping experts with biases through the kernels, save/load and training, bad inputs."""
+import json
+
 import pytest
 import torch
 
@@ -93,6 +95,8 @@ def test_checkpoint_round_trip_and_streamed_conversion(tiny_checkpoint, tmp_path
     moe = M.load_model(str(tmp_path / "dive"))
     assert moe.cfg.moe["pruned_experts"] and moe.cfg.moe["routing"] == "softmax" and moe.cfg.moe["norm_topk"]
     assert report["active_fraction"] == 0.5
+    saved = json.load(open(tmp_path / "dive" / "report.json"))
+    assert len(saved["dive"]["groups"]) == 2 and len(saved["dive"]["cross_ppl"]) == 2
     # the streamed result equals converting the loaded dense model in memory with the same calibration
     dense = M.load_model(tiny_checkpoint)
     calib = C.calibration_from_files(M.load_tokenizer(tiny_checkpoint), [f"{tiny_checkpoint}/prose.txt",
