@@ -424,7 +424,7 @@ def mine(h: torch.Tensor, blocks, run, head, calib: Calibration, spec: weaver.Co
     weaver.check_dive_assign(spec, int(calib.task.max()) + 1, assigned=False)
 
     def score(x, rows):  # x: (n, T, D) -> (n,) mean NLL of each window
-        tokens = calib.tokens[rows].to(x.device)
+        tokens = calib.tokens[rows.cpu()].to(x.device)
         logits = torch.cat([head(x[j: j + 1]).float() for j in range(len(x))])  # (n, T, V)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
                               reduction="none")

@@ -1,6 +1,7 @@
 """
 weaver.py: dense GLU FFNs -> MoE FFNs with no training. The method is ExpertWeaver (arXiv
-2602.15521); CMoE (arXiv 2502.04416), static pruning and a random partition stand beside it.
+2602.15521); CMoE (arXiv 2502.04416), DIVE (arXiv 2506.09351), static pruning and a random partition
+stand beside it.
 
     python convert.py            # the CLI over this file; python convert.py --help
 
@@ -17,8 +18,11 @@ One layer at a time:
   5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
                by default here a linear router fitted in closed form to each expert's output norm
                ("lsq"). Top-k per token, outputs summed unweighted.
+DIVE instead mines groups of related calibration tasks over the whole model first (mine_domains,
+affinity_groups); per layer, each group's expert is the FFN pruned by FLAP on that group's text, a
+bias standing in for the pruned neurons; experts overlap, none is shared, softmax over the top-k.
 Read top to bottom: the spec, profiling, allocation, partition, routers, per-method plans, building
-an MoE layer, the per-layer loop.
+an MoE layer, the per-layer loop, DIVE's mining.
 """
 import itertools
 import time
@@ -169,8 +173,8 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
             h = (act * (xb @ up_w.T)).float()  # (b, T, d_ff)
             total += h.abs().sum(dim=(0, 1))
         if moments:
-            h_sum[i: i + step] = h.double().sum(dim=1)
-            h_sq[i: i + step] = h.double().pow(2).sum(dim=1)
+            h_sum[i: i + step] = h.sum(dim=1, dtype=torch.float64)
+            h_sq[i: i + step] = h.pow(2).sum(dim=1, dtype=torch.float64)
         if k_act:
             lo, hi = i * T, (i + len(xb)) * T
             keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
@@ -796,7 +800,7 @@ def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
     of the windows rows ((S,) bool) from the last block's output h (n, T, D). Neurons are profiled
     on the dense model's inputs from 3 of every 4 windows of a domain and the pruned models scored
     on the 4th. -> (M, M) perplexity: row m the model pruned on domain m, column t domain t."""
-    n_tasks, T = int(task.max()) + 1, h.shape[1]
+    n_tasks, T, task = int(task.max()) + 1, h.shape[1], task.to(h.device)
     held = validation_samples(task)
     if not held.any():
         raise ValueError("DIVE's mining holds out every 4th calibration window of each domain: "
@@ -820,7 +824,7 @@ def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
             pruned_h[m] = forward(block, pruned_h[m])
         block.mlp = dense
     nll = torch.stack([score(x, held) for x in pruned_h])  # (M, held windows)
-    held_task = task[held].to(nll.device)
+    held_task = task[held]
     return torch.stack([nll[:, held_task == t].mean(dim=1) for t in range(n_tasks)], dim=1).exp()
 
 
