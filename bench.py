@@ -831,15 +831,17 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     print(f"\nheld-out ppl ratio to the dense model (before) and to the dense model trained with "
           f"LoRA on the same {budget['tokens']} tokens (after), {active:.0%} of the FFN active per "
           f"token; FFN parameters and checkpoint size against the dense model's\n")
-    table = [["dense", "1.00", f"{dense['bytes'] / 2**20:.0f} MB", "1.000",
+    table = [["dense", "1.00", f"{dense['bytes'] / 2**20:.0f} MB", "1.000", "",
               *(f"ppl {dense['after'][t]:.2f}" for t in tasks), "1.000",
               f"{dense['seconds']:.0f}"]]
     for r in results:
+        stage0 = ratio_cells(r["stage0"], dense["before"])[-1] if "stage0" in r else ""
         table.append([f"`{r['row']}`", f"{r['ffn_params'] / dense['ffn_params']:.2f}",
                       f"{r['bytes'] / 2**20:.0f} MB", ratio_cells(r["before"], dense["before"])[-1],
-                      *ratio_cells(r["after"], dense["after"]), f"{r['seconds']:.0f}"])
+                      stage0, *ratio_cells(r["after"], dense["after"]), f"{r['seconds']:.0f}"])
     print_table(["row", "FFN params (x dense)", "checkpoint", "before geomean",
-                 *(f"after {t}" for t in tasks), "after geomean", "train s"], table)
+                 "after stage 0 (router alone)", *(f"after {t}" for t in tasks), "after geomean",
+                 "train s"], table)
     return [{"row": "dense", **dense}] + results
 
 
