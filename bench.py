@@ -771,11 +771,10 @@ def domain_parts(tokenizer, files: dict[str, str], parts: int, holdout: float,
 
 
 def checkpoint_size(path: str) -> tuple[int, int]:
-    """(FFN parameters, routers included; bytes of safetensors) of a checkpoint."""
+    """(FFN parameters, routers included; all parameters) of a checkpoint, whatever its dtype."""
     model = load_model(path)
     ffn = sum(p.numel() for b in model.layers for p in b.mlp.parameters())
-    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
-    return ffn, sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    return ffn, sum(p.numel() for p in model.parameters())
 
 
 def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, stage0: float,
@@ -799,14 +798,14 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
                                          holdout=0.0)
         dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
-        dense |= dict(zip(("ffn_params", "bytes"), checkpoint_size(path)))
+        dense |= dict(zip(("ffn_params", "params"), checkpoint_size(path)))
         for row in rows:
             convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
             moe, is_dive = os.path.join(work, "moe"), convert_spec.method == "dive"
             report = convert_checkpoint(path, moe, domains if is_dive else calib, convert_spec,
                                         torch.float32, "cpu", torch.float32,
                                         log=lambda line: line.startswith("layer") or print(line))
-            size = dict(zip(("ffn_params", "bytes"), checkpoint_size(moe)))
+            size = dict(zip(("ffn_params", "params"), checkpoint_size(moe)))
             if is_dive:
                 tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
                 first = trained(moe, os.path.join(work, "s0"),
@@ -830,16 +829,17 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model (before) and to the dense model trained with "
           f"LoRA on the same {budget['tokens']} tokens (after), {active:.0%} of the FFN active per "
-          f"token; FFN parameters and checkpoint size against the dense model's\n")
-    table = [["dense", "1.00", f"{dense['bytes'] / 2**20:.0f} MB", "1.000", "",
+          f"token; FFN and all parameters against the dense model's\n")
+    table = [["dense", "1.00", f"{dense['params'] / 1e6:.1f}M", "1.000", "",
               *(f"ppl {dense['after'][t]:.2f}" for t in tasks), "1.000",
               f"{dense['seconds']:.0f}"]]
     for r in results:
         stage0 = ratio_cells(r["stage0"], dense["before"])[-1] if "stage0" in r else ""
         table.append([f"`{r['row']}`", f"{r['ffn_params'] / dense['ffn_params']:.2f}",
-                      f"{r['bytes'] / 2**20:.0f} MB", ratio_cells(r["before"], dense["before"])[-1],
+                      f"{r['params'] / 1e6:.1f}M ({r['params'] / dense['params']:.2f})",
+                      ratio_cells(r["before"], dense["before"])[-1],
                       stage0, *ratio_cells(r["after"], dense["after"]), f"{r['seconds']:.0f}"])
-    print_table(["row", "FFN params (x dense)", "checkpoint", "before geomean",
+    print_table(["row", "FFN params (x dense)", "parameters (x dense)", "before geomean",
                  "after stage 0 (router alone)", *(f"after {t}" for t in tasks), "after geomean",
                  "train s"], table)
     return [{"row": "dense", **dense}] + results

@@ -138,6 +138,7 @@ def test_two_stage_retraining(tiny_checkpoint, tmp_path):
     (dict(dive_groups=3), "dive_groups 3 is more than the 2 calibration domain"),
     (dict(dive_groups=2, dive_top_k=3), "dive_top_k 3 must be in"),
     (dict(router="centroid"), "router 'centroid' does not go with method 'dive'"),
+    (dict(active=1.5), r"active 1.5 must be in \(0, 1\]"),  # each expert keeps active / top-k of d_ff
 ])
 def test_bad_inputs_one_line_before_any_work(tiny_checkpoint, tmp_path, spec, message):
     with pytest.raises(ValueError, match=message):
