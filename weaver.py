@@ -771,9 +771,9 @@ def check_dive_assign(spec: ConvertSpec, n_tasks: int, assigned: bool = True) ->
     if spec.dive_groups > n_tasks:
         raise ValueError(f"dive_groups {spec.dive_groups} is more than the {n_tasks} calibration "
                          f"domain(s): DIVE builds one expert per group of domains")
-    assign = spec.dive_assign
     if not assigned:
         return
+    assign = spec.dive_assign
     if assign is None or len(assign) != n_tasks or set(assign) != set(range(spec.dive_groups)):
         raise ValueError(f"dive_assign {assign} must give each of the {n_tasks} domains a group "
                          f"in 0..{spec.dive_groups - 1}, every group used (or mine_domains)")
@@ -802,9 +802,9 @@ def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
     on the 4th. -> (M, M) perplexity: row m the model pruned on domain m, column t domain t."""
     n_tasks, T, task = int(task.max()) + 1, h.shape[1], task.to(h.device)
     held = validation_samples(task)
-    if not held.any():
+    if not all(held[task == t].any() for t in range(n_tasks)):
         raise ValueError("DIVE's mining holds out every 4th calibration window of each domain: "
-                         "give at least 4 windows per domain")
+                         "give at least 4 windows per domain (--calib-samples)")
     batch = max(1, BATCH_TOKENS // T)
     forward = lambda block, x: torch.cat([run(block, x[j: j + batch])
                                           for j in range(0, len(x), batch)])

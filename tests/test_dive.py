@@ -155,3 +155,10 @@ def test_linear_router_is_dive_only():
 def test_dive_is_refused_by_the_qwen2_moe_export():
     problems = C.spec_export_problems(W.ConvertSpec(method="dive", router_bias=False))
     assert any("bias each" in p for p in problems)
+
+
+def test_mining_needs_a_held_out_window_per_domain(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="at least 4 windows per domain"):
+        convert_main(tiny_checkpoint, str(tmp_path / "out"), W.ConvertSpec(method="dive", dive_groups=2),
+                     tiny_data(tiny_checkpoint, samples=3))
+    assert not (tmp_path / "out").exists()
