@@ -460,7 +460,8 @@ def convert_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibrati
     moe_cfg = {"method": spec.method, "num_experts": spec.dive_groups if dive else spec.n_experts,
                "expert_dim": weaver.expert_dim(spec, cfg.ffn_dim), "router": spec.router,
                "router_bias": spec.router_bias, "active": spec.active,
-               **({"routing": "softmax", "norm_topk": True, "pruned_experts": True} if dive else {}),
+               **({"routing": "softmax", "norm_topk": True, "pruned_experts": True}
+                  if dive else {}),
                "layers": [None] * cfg.n_layers,
                "topk_spread": [None] * cfg.n_layers}  # on the calibration tokens: export's scale
     rows, timings = [], {}

@@ -572,7 +572,7 @@ def flap_keep(stats: LayerStats, rows: torch.Tensor, keep: int) -> tuple[torch.T
                                                                          torch.Tensor]:
     """FLAP's structured pruning on the samples `rows` (S,) bool: keep the `keep` neurons of largest
     fluctuation, the variance of h over the tokens times the squared norm of the neuron's output
-    column (WIFV). -> (kept ids ascending, (d_ff,) mean h, which the pruned ones are replaced by)."""
+    column (WIFV). -> (kept ids ascending, (d_ff,) mean h, which stands in for the pruned ones)."""
     n = int(rows.sum()) * stats.tokens
     assert n > 0, "a DIVE group has no calibration tokens"
     mean = stats.h_sum[rows].sum(dim=0) / n
