@@ -641,8 +641,11 @@ def ratio_cells(ppl: dict, dense: dict) -> list[str]:
 
 def training_setup(data: str, command: str, calib_samples: int, calib_seqlen: int, seed: int,
                    **common):
-    """-> (TrainSpec maker with the common settings, the demo's path, its calibration windows)."""
+    """-> (TrainSpec maker with the common settings, the demo's path, its calibration windows).
+    Warm-up: a tenth of the budget's steps."""
     from train import TrainSpec
+    steps = max(1, common["tokens"] // (common["seqlen"] * common["batch"]))
+    common.setdefault("warmup", max(1, steps // 10))
     specs = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
     path = demo_checkpoint()
     calib = calibration_from_files(load_tokenizer(path), list(specs), calib_samples, calib_seqlen,
@@ -651,10 +654,20 @@ def training_setup(data: str, command: str, calib_samples: int, calib_seqlen: in
     return (lambda **kw: TrainSpec(data=specs, seed=seed, **{**common, **kw})), path, calib
 
 
-def converted_into(path: str, out: str, calib: Calibration, spec: ConvertSpec) -> str:
-    convert_checkpoint(path, out, calib, spec, torch.float32, "cpu", torch.float32,
-                       log=lambda *_: None)
-    return out
+def converted_into(path: str, out: str, calib: Calibration, spec: ConvertSpec,
+                   log=lambda *_: None) -> dict:
+    """The demo converted in float32 into `out`; -> the conversion's report."""
+    return convert_checkpoint(path, out, calib, spec, torch.float32, "cpu", torch.float32, log=log)
+
+
+def healed(moe: str, out: str, spec, convert_spec: ConvertSpec, val_windows: int, label: str,
+           val_seqlen: int) -> dict:
+    """A conversion healed with LoRA and its router, `scaled` routing (gamma = 0: training starts
+    at the converted model itself); LoRA alone where nothing routes (static pruning)."""
+    routed = convert_spec.router != "none"
+    heal_spec = spec(train=("lora", "router"), routing="scaled") if routed else \
+        spec(train=("lora",))
+    return trained(moe, out, heal_spec, val_windows, 10**9, label, val_seqlen)
 
 
 def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_samples: int,
@@ -663,9 +676,7 @@ def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_s
     scaled routing (gamma = 0: training starts at the converted model itself); the dense model gets
     the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
     import tempfile
-    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
-    spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed,
-                                       warmup=max(1, steps // 10), **budget)
+    spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed, **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-heal-")
     results = []
     try:
@@ -674,12 +685,10 @@ def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_s
         for active in actives:
             for row in rows:
                 convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
-                moe = converted_into(path, os.path.join(work, "moe"), calib, convert_spec)
-                routed = convert_spec.router != "none"
-                heal_spec = spec(train=("lora", "router"), routing="scaled") if routed else \
-                    spec(train=("lora",))
-                run = trained(moe, os.path.join(work, "healed"), heal_spec, val_windows, 10**9,
-                              f"{row} {active}", val_seqlen)
+                moe = os.path.join(work, "moe")
+                converted_into(path, moe, calib, convert_spec)
+                run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
+                             f"{row} {active}", val_seqlen)
                 results.append({"row": row, "active": active, **run})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -709,9 +718,8 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     loss, every parameter, on the same budget (tokens, seqlen, batch, lr, min_lr, holdout); the
     dense model trained the same way."""
     import tempfile
-    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
     spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
-                                       warmup=max(1, steps // 10), train=("all",), **budget)
+                                       train=("all",), **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-downcycle-")
     results = []
     try:
@@ -720,7 +728,8 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
         for row in rows:
             init, _, start = row.partition("+")
             convert_spec = ConvertSpec(**layout, seed=seed, **parse_row(init))
-            moe = converted_into(path, os.path.join(work, "moe"), calib, convert_spec)
+            moe = os.path.join(work, "moe")
+            converted_into(path, moe, calib, convert_spec)
             train_spec = spec(routing="softmax", balance=balance, keep_function=start == "keep")
             run = trained(moe, os.path.join(work, "trained"), train_spec, val_windows, val_every,
                           row, val_seqlen)
@@ -786,9 +795,7 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     to the dense model before, and to the dense model trained with LoRA on the budget after. DIVE
     mines among the task files cut into `parts` domains each."""
     import tempfile
-    steps = max(1, budget["tokens"] // (budget["seqlen"] * budget["batch"]))
-    spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed,
-                                       warmup=max(1, steps // 10), **budget)
+    spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed, **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-dive-")
     results = []
     try:
@@ -802,9 +809,8 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
         for row in rows:
             convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
             moe, is_dive = os.path.join(work, "moe"), convert_spec.method == "dive"
-            report = convert_checkpoint(path, moe, domains if is_dive else calib, convert_spec,
-                                        torch.float32, "cpu", torch.float32,
-                                        log=lambda line: line.startswith("layer") or print(line))
+            report = converted_into(path, moe, domains if is_dive else calib, convert_spec,
+                                    log=lambda line: line.startswith("layer") or print(line))
             size = dict(zip(("ffn_params", "params"), checkpoint_size(moe)))
             if is_dive:
                 tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
@@ -820,9 +826,8 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
                         "seconds": first["seconds"] + run["seconds"],
                         "groups": report["dive"]["groups"]}
             else:
-                run = trained(moe, os.path.join(work, "healed"),
-                              spec(train=("lora", "router"), routing="scaled"), val_windows,
-                              10**9, row, val_seqlen)
+                run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
+                             row, val_seqlen)
             results.append({"row": row, **run, **size})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -875,7 +880,8 @@ def export_bench(data: str, eps_values: list[float], calib_samples: int, calib_s
     rows, default_eps = [], exporter.EXPORT_EPS
     try:
         spec = ConvertSpec(n_shared=45, router_bias=False, seed=seed)
-        ours_path = converted_into(path, os.path.join(work, "ours"), calib, spec)
+        ours_path = os.path.join(work, "ours")
+        converted_into(path, ours_path, calib, spec)
         ours = load_model(ours_path)
         softmax_path = os.path.join(work, "softmax")
         softmax = load_model(ours_path)

@@ -527,11 +527,12 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
                 writer.add(f"model.layers.{i}.{name}", cast(tensor))
 
         def make_head():  # DIVE's mining only: the final norm and the output projection
-            embed = {"model.embed_tokens.weight": skeleton.embed_tokens.weight}
-            w = read_tensors(path, tail | embed, dtype, device, where)
+            head = tail if not cfg.tie_embeddings else \
+                tail | {"model.embed_tokens.weight": skeleton.embed_tokens.weight}
+            w = read_tensors(path, head, dtype, device, where)
             norm = RMSNorm(cfg.dim, cfg.norm_eps).to(device)
             norm.weight.data = w["model.norm.weight"]
-            out = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+            out = w["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
             return lambda x: F.linear(norm(x), out)
         moe_cfg, report = convert_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log,
                                          keep, make_head)

@@ -8,10 +8,10 @@ Imports model.py (its MoE FFN and the reference loop over experts). Semantics (m
 shared GLU(x) + the sum, over the K experts selected for each token, of that expert's GLU(x),
 unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D:
 w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output
-directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. DIVE's expert biases
-are added by layer_forward, outside the paths. w2 is (E, F, D), not
+directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
 (E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
-than one of F-long rows; grouped_mm takes either. Letters: N tokens, D model dim, E routed experts,
+than one of F-long rows; grouped_mm takes either. DIVE's expert biases are added by layer_forward,
+outside the paths. Letters: N tokens, D model dim, E routed experts,
 F neurons per expert, K experts per token, S shared.
 
 Paths:

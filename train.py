@@ -9,9 +9,9 @@ softmax routing and a balance loss, as ExpertWeaver does. One process, or many w
     torchrun --nproc_per_node 2 train.py CHECKPOINT --data FILE --out DIR     # data-parallel
 
 DIVE's retraining, two runs of this file on a `convert.py --method dive` checkpoint: stage 0 the
-router alone over every expert (--train router --dense-routing 0.5 --out s0), then stage 1 on s0
-(--train lora,router,norms --lora-alpha 16). The router learns
-only in stage 0 (at top-1 DIVE weighs the chosen expert by exactly 1).
+router alone over every expert (--train router --dense-routing 0.05 --out s0), then stage 1 on s0
+(--train lora,router,norms --lora-alpha 16). At top-1 the router learns only in stage 0: DIVE
+weighs the chosen expert by exactly 1.
 
 Imports model.py (the model, saving) and convert.py (reading text, output directories, perplexity).
 Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing

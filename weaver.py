@@ -581,6 +581,13 @@ def flap_keep(stats: LayerStats, rows: torch.Tensor, keep: int) -> tuple[torch.T
     return kept, mean.float()
 
 
+def flap_bias(down_w: torch.Tensor, kept: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """FLAP's compensation: what the neurons an expert lacks output on average, through down_proj.
+    down_w (D, d_ff), kept (E, F) neuron ids, means (E, d_ff) mean h -> (E, D)."""
+    pruned = torch.ones_like(means, dtype=torch.bool).scatter_(1, kept, False)
+    return (means * pruned).to(down_w.dtype) @ down_w.T
+
+
 def plan_dive(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
     """DIVE: one expert per group of domains, the FFN pruned by FLAP on that group's calibration
     samples. No shared expert; the experts overlap; each gets a bias for its pruned neurons."""
@@ -619,9 +626,8 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
         state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
                                                     dim=1),  # (E, 2F, D)
                   "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
-    if dive:  # bias_e = sum over the neurons expert e lacks of mean h_i * down column i
-        pruned = torch.ones_like(plan.means, dtype=torch.bool).scatter_(1, plan.groups, False)
-        state["experts.down_bias"] = (plan.means * pruned).to(down_w.dtype) @ down_w.T  # (E, D)
+    if dive:
+        state["experts.down_bias"] = flap_bias(down_w, plan.groups, plan.means)  # (E, D)
     state = {n: t.contiguous() for n, t in state.items()}
     result = moe.load_state_dict(state, strict=False, assign=True)
     assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
@@ -786,10 +792,10 @@ def pruned_ffn(mlp, kept: torch.Tensor, mean: torch.Tensor) -> MLP:
     with torch.device("meta"):
         ffn = MLP(gate_w.shape[1], len(kept))
         ffn.down_proj = torch.nn.Linear(len(kept), gate_w.shape[1], bias=True)
-    pruned = torch.ones_like(mean, dtype=torch.bool).scatter_(0, kept, False)
     ffn.load_state_dict({"gate_proj.weight": gate_w[kept], "up_proj.weight": up_w[kept],
                          "down_proj.weight": down_w[:, kept].contiguous(),
-                         "down_proj.bias": down_w @ (mean * pruned).to(down_w.dtype)}, assign=True)
+                         "down_proj.bias": flap_bias(down_w, kept[None], mean[None])[0]},
+                        assign=True)
     return ffn
 
 
