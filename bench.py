@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import statistics
 import time
 
@@ -52,7 +53,8 @@ from convert import (Calibration, calibration_from_files, calibration_from_model
                      output_dir, peak_rss_gib, perplexity, read_text, resolve, split_heldout)
 from model import (MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer,
                    save_checkpoint)
-from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
+from weaver import (ConvertSpec, build_moe, check_dive_assign, fit_router, plan_expertweaver,
+                    profile_layer)
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -523,6 +525,8 @@ def parse_row(row: str) -> dict:
     for part in rest:
         if "=" in part:
             key, value = part.split("=", 1)
+            if key not in ConvertSpec.__dataclass_fields__:
+                raise ValueError(f"row {row!r}: {key!r} is not a ConvertSpec field")
             default = getattr(ConvertSpec, key)
             if not isinstance(default, str):
                 value = json.loads(value.lower())  # numbers and true/false
@@ -795,6 +799,16 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     to the dense model before, and to the dense model trained with LoRA on the budget after. DIVE
     mines among the task files cut into `parts` domains each."""
     import tempfile
+    if parts < 1 or not 0 < stage0 < 1 or temperature <= 0:
+        raise ValueError(f"--parts {parts} must be at least 1, --stage0 {stage0} in (0, 1) and "
+                         f"--temperature {temperature} positive")
+    convert_specs = {row: ConvertSpec(active=active, seed=seed, **parse_row(row)) for row in rows}
+    for row, convert_spec in convert_specs.items():  # before any slow work
+        if convert_spec.method == "dive":
+            check_dive_assign(convert_spec, len(task_files(data, "dive")) * parts, assigned=False)
+            if calib_samples < 4:
+                raise ValueError(f"--calib-samples {calib_samples}: DIVE's mining holds out every "
+                                 f"4th window of each domain: give at least 4")
     spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed, **budget)
     work = tempfile.mkdtemp(prefix="expertweaver-dive-")
     results = []
@@ -806,8 +820,7 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
         dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
         dense |= dict(zip(("ffn_params", "params"), checkpoint_size(path)))
-        for row in rows:
-            convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
+        for row, convert_spec in convert_specs.items():
             moe, is_dive = os.path.join(work, "moe"), convert_spec.method == "dive"
             report = converted_into(path, moe, domains if is_dive else calib, convert_spec,
                                     log=lambda line: line.startswith("layer") or print(line))
@@ -949,6 +962,50 @@ def data_flags(parser, holdout: str, seed: str) -> None:
                         help=f"the last fraction of each file: {holdout}, never trained or "
                         "calibrated on")
     parser.add_argument("--seed", type=int, default=0, help=seed)
+
+
+def run_command(a) -> list[dict]:
+    """The subcommand parsed into `a`, run; -> its rows."""
+    if a.command not in ("heal", "downcycle", "dive"):
+        torch.set_grad_enabled(False)
+    if a.command in ("ffn", "model", "convert"):
+        a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    if a.command == "ppl":
+        return [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]
+    elif a.command == "ffn":
+        tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
+        return ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts,
+                         a.compile, a.min_time, a.breakdown)
+    elif a.command == "model":
+        return model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data,
+                           a.min_time)
+    elif a.command == "synth":
+        return [{"out": synth_checkpoint(a.model, a.layers, a.out)}]
+    elif a.command == "convert":
+        return [convert_bench(a.model, a.layers, a.dir, a.samples, a.seqlen, a.tasks, a.device,
+                              a.dtype, a.keep)]
+    elif a.command == "partition":
+        return partition_bench(a.model, a.samples, a.tokens, a.repeats)
+    elif a.command == "quality":
+        return quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
+                       a.eval_windows, a.holdout, a.seed, a.plot, a.plot_rows)
+    elif a.command == "export":
+        return export_bench(a.data, a.eps, a.calib_samples, a.calib_seqlen, a.holdout,
+                            a.eval_windows, a.seed)
+    elif a.command == "dive":
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
+        return dive(a.data, a.rows, a.active, a.parts, budget, a.stage0, a.temperature,
+                    a.calib_samples, a.calib_seqlen, a.val_windows, a.seed)
+    elif a.command == "heal":
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
+        return heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,
+                    a.val_windows, a.seed)
+    else:
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, min_lr=a.min_lr,
+                      holdout=a.holdout)
+        layout = dict(active=a.active, n_experts=a.experts, n_shared=a.n_shared)
+        return downcycle(a.data, a.rows, layout, budget, a.balance, a.calib_samples, a.calib_seqlen,
+                         a.val_windows, a.val_every, a.seed, a.plot)
 
 
 if __name__ == "__main__":
@@ -1096,46 +1153,10 @@ if __name__ == "__main__":
                        help="held-out windows of 512 tokens per task")
     a = p.parse_args()
     exit_on_sigterm()
-    if a.command not in ("heal", "downcycle", "dive"):
-        torch.set_grad_enabled(False)
-    if a.command in ("ffn", "model", "convert"):
-        a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    if a.command == "ppl":
-        rows = [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]
-    elif a.command == "ffn":
-        tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
-        rows = ffn_bench(a.device, a.dtype, a.shapes, a.active, tokens, a.routing, a.experts,
-                         a.compile, a.min_time, a.breakdown)
-    elif a.command == "model":
-        rows = model_bench(a.device, a.dtype, a.active, a.prefill, a.new_tokens, a.modes, a.data,
-                           a.min_time)
-    elif a.command == "synth":
-        rows = [{"out": synth_checkpoint(a.model, a.layers, a.out)}]
-    elif a.command == "convert":
-        rows = [convert_bench(a.model, a.layers, a.dir, a.samples, a.seqlen, a.tasks, a.device,
-                              a.dtype, a.keep)]
-    elif a.command == "partition":
-        rows = partition_bench(a.model, a.samples, a.tokens, a.repeats)
-    elif a.command == "quality":
-        rows = quality(a.data, a.rows, a.active, a.calib_samples, a.calib_seqlen, a.eval_seqlen,
-                       a.eval_windows, a.holdout, a.seed, a.plot, a.plot_rows)
-    elif a.command == "export":
-        rows = export_bench(a.data, a.eps, a.calib_samples, a.calib_seqlen, a.holdout,
-                            a.eval_windows, a.seed)
-    elif a.command == "dive":
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
-        rows = dive(a.data, a.rows, a.active, a.parts, budget, a.stage0, a.temperature,
-                    a.calib_samples, a.calib_seqlen, a.val_windows, a.seed)
-    elif a.command == "heal":
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
-        rows = heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,
-                    a.val_windows, a.seed)
-    else:
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, min_lr=a.min_lr,
-                      holdout=a.holdout)
-        layout = dict(active=a.active, n_experts=a.experts, n_shared=a.n_shared)
-        rows = downcycle(a.data, a.rows, layout, budget, a.balance, a.calib_samples, a.calib_seqlen,
-                         a.val_windows, a.val_every, a.seed, a.plot)
+    try:
+        rows = run_command(a)
+    except (ValueError, OSError) as e:  # bad input: the message names it
+        sys.exit(f"bench.py: error: {e}")
     if a.json:
         where = header(getattr(a, "device", "cpu"), getattr(a, "dtype", "float32"))
         with open(a.json, "w") as f:

@@ -2,6 +2,7 @@
 check that the benchmarks work and report consistent rows, not how fast anything is."""
 import os
 
+import pytest
 import torch
 
 import bench
@@ -124,3 +125,18 @@ def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
     assert rows[1]["ffn_params"] == rows[0]["ffn_params"] + 2 * (2 * 32 + 2 * 33)
     assert "stage0" in rows[1] and "DIVE mining" in capsys.readouterr().out
     assert not [d for d in os.listdir("/tmp") if d.startswith("expertweaver-dive-")]
+
+
+@pytest.mark.parametrize("rows, parts, samples, message", [
+    (["dive"], 0, 4, "--parts 0 must be at least 1"),
+    (["dive:dive_groups=5"], 2, 4, "dive_groups 5 is more than the 4 calibration domain"),
+    (["dive:dive_groups=2"], 2, 3, "--calib-samples 3"),
+    (["dive:bogus=1"], 2, 4, "'bogus' is not a ConvertSpec field"),
+])
+def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, parts, samples, message):
+    files = {"prose": os.path.join(tiny_checkpoint, "prose.txt"), "code": os.path.join(tiny_checkpoint, "code.txt")}
+    monkeypatch.setattr(bench, "task_files", lambda data, command: files)
+    monkeypatch.setattr(bench, "demo_checkpoint", lambda: pytest.fail("slow work started"))
+    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
+    with pytest.raises(ValueError, match=message):
+        bench.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1, seed=0)
