@@ -929,14 +929,9 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
-    if spec.method == "dive":
-        layout = (f"{spec.dive_groups} experts of {weaver.expert_dim(spec, cfg.ffn_dim)} neurons, "
-                  f"top-{spec.dive_top_k}")
-    else:
-        layout = (f"{spec.n_experts} experts of {cfg.ffn_dim // spec.n_experts} neurons, k = "
-                  f"{spec.k} active per token")
     print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router "
-          f"{spec.router}, {layout} ({spec.active:.1%} of the neurons)")
+          f"{spec.router}, {describe_layout(spec, cfg.ffn_dim)} ({spec.active:.1%} of the "
+          f"neurons)")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
               "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names,
@@ -954,24 +949,40 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
 
     moe = load_model(out, getattr(torch, dtype), device)
     report["active_fraction"] = active_fraction(moe.cfg)
-    report["eval"] = {}
-    if evals:
-        moe_ppl = {f: evaluate(moe, f, t, *windows, "moe") for f, t in eval_tokens.items()}
-        print(f"held-out perplexity (last {holdout:.0%} of each file, {data.eval_windows} windows "
-              f"x {data.eval_seqlen}):")
-        for f in evals:
-            ratio = moe_ppl[f][1] / dense_ppl[f][1]
-            report["eval"][f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1],
-                                 "ratio": ratio, "windows": moe_ppl[f][2],
-                                 "seqlen": data.eval_seqlen}
-            print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe "
-                  f"{moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
+    report["eval"] = compare_heldout(moe, eval_tokens, dense_ppl, data)
     write_report(out, report)
     if prompt:
         if dense_text is not None:  # only when the dense model was loaded anyway
             print(f"dense greedy: {dense_text!r}")
         print(f"moe greedy:   {greedy(moe, tokenizer, prompt, device)!r}")
     return report
+
+
+def describe_layout(spec: weaver.ConvertSpec, ffn_dim: int) -> str:
+    if spec.method == "dive":
+        return (f"{spec.dive_groups} experts of {weaver.expert_dim(spec, ffn_dim)} neurons, "
+                f"top-{spec.dive_top_k}")
+    return (f"{spec.n_experts} experts of {ffn_dim // spec.n_experts} neurons, k = {spec.k} "
+            f"active per token")
+
+
+def compare_heldout(moe, eval_tokens: dict, dense_ppl: dict, data: DataSpec) -> dict:
+    """The MoE's held-out perplexity on each file beside the dense model's, printed: the report's
+    eval section."""
+    result = {}
+    if not eval_tokens:
+        return result
+    windows = (data.eval_seqlen, data.eval_windows)
+    moe_ppl = {f: evaluate(moe, f, t, *windows, "moe") for f, t in eval_tokens.items()}
+    print(f"held-out perplexity (last {data.holdout:.0%} of each file, {data.eval_windows} windows "
+          f"x {data.eval_seqlen}):")
+    for f in eval_tokens:
+        ratio = moe_ppl[f][1] / dense_ppl[f][1]
+        result[f] = {"dense_ppl": dense_ppl[f][1], "moe_ppl": moe_ppl[f][1], "ratio": ratio,
+                     "windows": moe_ppl[f][2], "seqlen": data.eval_seqlen}
+        print(f"  {os.path.basename(f):32s} dense {dense_ppl[f][1]:8.3f}  moe "
+              f"{moe_ppl[f][1]:8.3f}  x{ratio:.3f}")
+    return result
 
 
 def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> str:

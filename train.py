@@ -381,6 +381,72 @@ def validate(model, heldout: dict, seqlen: int, windows: int) -> dict:
     return ppl
 
 
+def prepare(model, spec: TrainSpec) -> dict[str, nn.Parameter]:
+    """Puts the loaded model in the spec's training shape (routing, selection bias, DIVE's dense
+    routing, adapters, activation checkpointing); returns the trainable parameters by name."""
+    if model.cfg.moe is not None and spec.routing is not None:
+        set_routing(model, spec.routing, spec.norm_topk, spec.keep_function)
+    if spec.bias_balance:
+        add_select_bias(model)
+    for mlp in moe_layers(model):
+        mlp.dense_temperature = spec.dense_routing
+    if "lora" in spec.train:
+        add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed)
+    trainable = set_trainable(model, spec.train)
+    if spec.checkpointing:
+        from torch.utils.checkpoint import checkpoint
+        for block in model.layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return trainable
+
+
+def adamw(trainable: dict[str, nn.Parameter], spec: TrainSpec) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only."""
+    matrices = [p for p in trainable.values() if p.dim() >= 2]
+    others = [p for p in trainable.values() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": spec.weight_decay},
+                              {"params": others, "weight_decay": 0.0}], lr=spec.lr,
+                             betas=(0.9, spec.beta2), fused=False)
+
+
+def train_step(ddp, windows: torch.Tensor, step: int, spec: TrainSpec, optimizer, trainable: dict,
+               rank: int, world: int, device: str, autocast) -> dict:
+    """One optimizer step: spec.accum micro-batches (DDP averages the gradients on the last), the
+    balance loss, clipping, and the selection biases moved towards the mean load. -> the log row's
+    loss, balance loss, gradient norm and expert load."""
+    layers = moe_layers(ddp.module if world > 1 else ddp)
+    loss_sum, balance_sum, load = 0.0, 0.0, [0] * len(layers)
+    for micro in range(spec.accum):
+        ids = batch_windows(len(windows), step, micro, spec.batch, spec.accum, rank, world,
+                            spec.seed)
+        tokens = windows[ids].to(device)  # (batch, seqlen)
+        last = micro == spec.accum - 1
+        with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast:
+            logits = ddp(tokens)[:, :-1].float()
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            balance = torch.zeros(())
+            if spec.balance:
+                balance = torch.stack([m.balance_loss for m in layers]).mean()
+            ((loss + spec.balance * balance) / spec.accum).backward()
+        loss_sum += loss.item() / spec.accum
+        balance_sum += balance.item() / spec.accum
+        load = [counts + m.load.double() for counts, m in zip(load, layers)]  # (E,) per layer
+    if world > 1 and layers:
+        import torch.distributed as dist
+        flat = torch.cat(load)
+        dist.all_reduce(flat)
+        load = list(flat.split([len(c) for c in load]))
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if spec.bias_balance:  # each expert's selection bias moves towards the mean load
+        for counts, m in zip(load, layers):
+            m.router.select_bias += (spec.bias_balance * torch.sign(counts.mean() - counts)).float()
+    ratio = [(c.max() / c.mean()).item() for c in load if c.sum() > 0]
+    return {"loss": loss_sum, "grad_norm": grad_norm, "balance": balance_sum,
+            "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
+
+
 def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val_windows: int = 8,
           val_every: int = 50, log_every: int = 10, save_every: int = 0, resume: bool = False,
           dtype: str = "float32", device: str = "cpu", log=print) -> list[dict]:
@@ -408,24 +474,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
 
     torch.manual_seed(spec.seed)
     model = load_model(path, getattr(torch, dtype), device)
-    if cfg.moe is not None and spec.routing is not None:
-        set_routing(model, spec.routing, spec.norm_topk, spec.keep_function)
-    if spec.bias_balance:
-        add_select_bias(model)
-    for mlp in moe_layers(model):
-        mlp.dense_temperature = spec.dense_routing
-    if "lora" in spec.train:
-        add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed)
-    trainable = set_trainable(model, spec.train)
-    if spec.checkpointing:
-        from torch.utils.checkpoint import checkpoint
-        for block in model.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    matrices = [p for p in trainable.values() if p.dim() >= 2]
-    others = [p for p in trainable.values() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": spec.weight_decay},
-                                   {"params": others, "weight_decay": 0.0}], lr=spec.lr,
-                                  betas=(0.9, spec.beta2), fused=False)
+    trainable = prepare(model, spec)
+    optimizer = adamw(trainable, spec)
     step, rows = 0, []
     if resume:
         step, rows = load_state(out, model, optimizer, trainable, spec, path, world)
@@ -439,7 +489,6 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
     autocast = contextlib.nullcontext()
     if device.startswith("cuda") and dtype == "float32":
         autocast = torch.autocast("cuda", torch.bfloat16)
-    layers = moe_layers(model)
 
     def validated(at: int) -> dict:
         row = {"step": at, "val_ppl": validate(model, heldout, val_seqlen, val_windows)}
@@ -453,46 +502,19 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, spec, steps)
-        loss_sum, balance_sum, load = 0.0, 0.0, [0] * len(layers)
-        for micro in range(spec.accum):
-            ids = batch_windows(len(windows), step, micro, spec.batch, spec.accum, rank, world,
-                                spec.seed)
-            tokens = windows[ids].to(device)  # (batch, seqlen)
-            last = micro == spec.accum - 1
-            with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast:
-                logits = ddp(tokens)[:, :-1].float()
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-                balance = torch.zeros(())
-                if spec.balance:
-                    balance = torch.stack([m.balance_loss for m in layers]).mean()
-                ((loss + spec.balance * balance) / spec.accum).backward()
-            loss_sum += loss.item() / spec.accum
-            balance_sum += balance.item() / spec.accum
-            load = [counts + m.load.double() for counts, m in zip(load, layers)]
-        if world > 1 and layers:
-            import torch.distributed as dist
-            flat = torch.cat(load)
-            dist.all_reduce(flat)
-            load = list(flat.split([len(c) for c in load]))
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if spec.bias_balance:  # each expert's selection bias moves towards the mean load
-            for counts, m in zip(load, layers):
-                step_ = spec.bias_balance * torch.sign(counts.mean() - counts)
-                m.router.select_bias += step_.float()
+        done = train_step(ddp, windows, step, spec, optimizer, trainable, rank, world, device,
+                          autocast)
         step += 1
-        seconds = time.perf_counter() - t0
-        ratio = [(c.max() / c.mean()).item() for c in load if c.sum() > 0]
-        row = {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
-               "grad_norm": grad_norm, "tok_s": per_step * spec.seqlen / seconds,
-               "balance": balance_sum,
-               "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
+        row = {"step": step, "loss": done["loss"], "lr": optimizer.param_groups[0]["lr"],
+               "grad_norm": done["grad_norm"],
+               "tok_s": per_step * spec.seqlen / (time.perf_counter() - t0),
+               "balance": done["balance"], "load_max_over_mean": done["load_max_over_mean"]}
         rows.append(row)
         if step % log_every == 0 or step == 1 or step == steps:
-            load_text = f"  load max/mean {row['load_max_over_mean']:.2f}" if ratio else ""
-            balance_text = f"  balance {balance_sum:.4f}" if spec.balance else ""
-            say(f"step {step:>5}/{steps}  loss {loss_sum:.4f}  lr {row['lr']:.2e}  "
+            imbalance = row["load_max_over_mean"]
+            load_text = f"  load max/mean {imbalance:.2f}" if imbalance is not None else ""
+            balance_text = f"  balance {row['balance']:.4f}" if spec.balance else ""
+            say(f"step {step:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                 f"{row['tok_s']:.0f} tok/s{balance_text}{load_text}")
         if rank == 0 and (step % val_every == 0 or step == steps):
             rows.append(validated(step))
