@@ -674,16 +674,37 @@ def healed(moe: str, out: str, spec, convert_spec: ConvertSpec, val_windows: int
     return trained(moe, out, heal_spec, val_windows, 10**9, label, val_seqlen)
 
 
+def dive_retrained(moe: str, work: str, spec, budget: dict, stage0: float, temperature: float,
+                   val_windows: int, label: str, val_seqlen: int) -> dict:
+    """DIVE's two stages: a `stage0` share of the tokens for the router alone over every expert at
+    `temperature`, then LoRA + router + norms on the rest."""
+    tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
+    first = trained(moe, os.path.join(work, "s0"),
+                    spec(train=("router",), dense_routing=temperature, tokens=tokens0),
+                    val_windows, 10**9, f"{label} stage 0", val_seqlen)
+    run = trained(os.path.join(work, "s0"), os.path.join(work, "healed"),
+                  spec(train=("lora", "router", "norms"), lora_alpha=16.0,
+                       tokens=budget["tokens"] - tokens0), val_windows, 10**9,
+                  f"{label} stage 1", val_seqlen)
+    return run | {"before": first["before"], "stage0": first["after"],
+                  "seconds": first["seconds"] + run["seconds"]}
+
+
+def scratch(command: str):
+    """A temporary directory for a training command's checkpoints, removed at the end."""
+    import tempfile
+    return tempfile.TemporaryDirectory(prefix=f"expertweaver-{command}-",
+                                       ignore_cleanup_errors=True)
+
+
 def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_samples: int,
          calib_seqlen: int, val_windows: int, seed: int, val_seqlen: int = 512) -> list[dict]:
     """Each conversion healed with LoRA (attention and every FFN projection) and its router, with
     scaled routing (gamma = 0: training starts at the converted model itself); the dense model gets
     the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
-    import tempfile
     spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed, **budget)
-    work = tempfile.mkdtemp(prefix="expertweaver-heal-")
     results = []
-    try:
+    with scratch("heal") as work:
         dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
         for active in actives:
@@ -694,8 +715,6 @@ def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_s
                 run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
                              f"{row} {active}", val_seqlen)
                 results.append({"row": row, "active": active, **run})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed "
           f"the same way after ({budget['tokens']} tokens, LoRA r 8 + router)\n")
@@ -721,12 +740,10 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     '+keep' starts at the converted model's function) trained with softmax routing and the balance
     loss, every parameter, on the same budget (tokens, seqlen, batch, lr, min_lr, holdout); the
     dense model trained the same way."""
-    import tempfile
     spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
                                        train=("all",), **budget)
-    work = tempfile.mkdtemp(prefix="expertweaver-downcycle-")
     results = []
-    try:
+    with scratch("downcycle") as work:
         dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense",
                         val_seqlen)
         for row in rows:
@@ -738,8 +755,6 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
             run = trained(moe, os.path.join(work, "trained"), train_spec, val_windows, val_every,
                           row, val_seqlen)
             results.append({"row": row, **run})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model trained the same way ({budget['tokens']} "
           f"tokens, every parameter), {layout['active']:.0%} of the FFN active, "
@@ -798,7 +813,6 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     expert at `temperature`, then LoRA + router + norms), the others healed as in `heal`. Ratios
     to the dense model before, and to the dense model trained with LoRA on the budget after. DIVE
     mines among the task files cut into `parts` domains each."""
-    import tempfile
     if parts < 1 or not 0 < stage0 < 1 or temperature <= 0:
         raise ValueError(f"--parts {parts} must be at least 1, --stage0 {stage0} in (0, 1) and "
                          f"--temperature {temperature} positive")
@@ -810,9 +824,8 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
                 raise ValueError(f"--calib-samples {calib_samples}: DIVE's mining holds out every "
                                  f"4th window of each domain: give at least 4")
     spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed, **budget)
-    work = tempfile.mkdtemp(prefix="expertweaver-dive-")
     results = []
-    try:
+    with scratch("dive") as work:
         tokenizer = load_tokenizer(path)
         pieces = domain_parts(tokenizer, task_files(data, "dive"), parts, budget["holdout"], work)
         domains = calibration_from_files(tokenizer, pieces, calib_samples, calib_seqlen, seed,
@@ -826,24 +839,13 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
                                     log=lambda line: line.startswith("layer") or print(line))
             size = dict(zip(("ffn_params", "params"), checkpoint_size(moe)))
             if is_dive:
-                tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
-                first = trained(moe, os.path.join(work, "s0"),
-                                spec(train=("router",), dense_routing=temperature,
-                                     tokens=tokens0), val_windows, 10**9, f"{row} stage 0",
-                                val_seqlen)
-                run = trained(os.path.join(work, "s0"), os.path.join(work, "healed"),
-                              spec(train=("lora", "router", "norms"), lora_alpha=16.0,
-                                   tokens=budget["tokens"] - tokens0), val_windows, 10**9,
-                              f"{row} stage 1", val_seqlen)
-                run |= {"before": first["before"], "stage0": first["after"],
-                        "seconds": first["seconds"] + run["seconds"],
-                        "groups": report["dive"]["groups"]}
+                run = dive_retrained(moe, work, spec, budget, stage0, temperature, val_windows,
+                                     row, val_seqlen)
+                run["groups"] = report["dive"]["groups"]
             else:
                 run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
                              row, val_seqlen)
             results.append({"row": row, **run, **size})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model (before) and to the dense model trained with "
           f"LoRA on the same {budget['tokens']} tokens (after), {active:.0%} of the FFN active per "
