@@ -34,9 +34,10 @@ def data_dir():
 
 
 def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transformer:
-    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,
-                        head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
-                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=arch == "qwen2")
+    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4,
+                        n_kv_heads=2, head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
+                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+                        tie_embeddings=arch == "qwen2")
     torch.manual_seed(seed)
     model = M.Transformer(cfg)
     with torch.no_grad():
@@ -73,7 +74,8 @@ def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> C.Cal
 
 
 def converted(model, **spec):
-    C.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec), log=lambda *_: None)
+    C.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec),
+              log=lambda *_: None)
     return model
 
 
@@ -102,14 +104,16 @@ def tiny_checkpoint(tmp_path_factory):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(path / "tokenizer.json"))
     for name, offset in (("prose", 0), ("code", 30)):
-        (path / f"{name}.txt").write_text(" ".join(f"w{offset + (i * 7) % 30}" for i in range(2000)))
+        (path / f"{name}.txt").write_text(" ".join(f"w{offset + (i * 7) % 30}"
+                                                   for i in range(2000)))
     return str(path)
 
 
 # ---- tiny random transformers models (the reference oracle), made on demand
 
-ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+               "rope_theta": 500000.0}
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 ARCHS = {
@@ -148,10 +152,11 @@ def save_hf(hf, path, **kw) -> str:
 def tiny_data(checkpoint: str, **kw) -> C.DataSpec:
     """tiny_checkpoint's two task files, small windows."""
     calib = (os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt"))
-    return C.DataSpec(**{"calib": calib, "samples": 4, "seqlen": 32, "eval_seqlen": 32, "eval_windows": 2,
-                         **kw})
+    return C.DataSpec(**{"calib": calib, "samples": 4, "seqlen": 32, "eval_seqlen": 32,
+                         "eval_windows": 2, **kw})
 
 
 def convert_main(checkpoint: str, out: str, spec=None, data=None, **kw):
-    return C.main(checkpoint, out, spec or W.ConvertSpec(n_experts=8, k_act=4), data or tiny_data(checkpoint),
-                  **{"dtype": "float32", **kw})
+    spec = spec or W.ConvertSpec(n_experts=8, k_act=4)
+    data = data or tiny_data(checkpoint)
+    return C.main(checkpoint, out, spec, data, **{"dtype": "float32", **kw})

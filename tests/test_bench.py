@@ -9,9 +9,8 @@ import bench
 
 
 def test_ffn_bench_rows():
-    rows = bench.ffn_bench(
-        "cpu", "float32", ["demo"], [0.5], [1, 64], ["router", "balanced"], 64, False, 0.01, breakdown=True
-    )
+    rows = bench.ffn_bench("cpu", "float32", ["demo"], [0.5], [1, 64], ["router", "balanced"], 64,
+                           False, 0.01, breakdown=True)
     assert [(r["T"], r["routing"], r["path"]) for r in rows] == [
         (1, "router", "select"),
         (1, "balanced", "select"),
@@ -49,13 +48,14 @@ def test_grouped_gemms_compute_the_routed_output():
 
 
 def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
-    tiny = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False}
+    tiny = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
     monkeypatch.setitem(bench.SYNTH_CONFIGS, "tiny", tiny)
-    bench.synth_checkpoint("tiny", None, str(tmp_path / "tiny-all"))  # here, not in a child that lacks "tiny"
-    row = bench.convert_bench("tiny", None, str(tmp_path), samples=2, seqlen=16, tasks=2, device="cpu",
-                              dtype="float32", keep=True)
+    # here, not in a child process that lacks "tiny"
+    bench.synth_checkpoint("tiny", None, str(tmp_path / "tiny-all"))
+    row = bench.convert_bench("tiny", None, str(tmp_path), samples=2, seqlen=16, tasks=2,
+                              device="cpu", dtype="float32", keep=True)
     assert row["layers"] == 2
     assert {"embed", "load", "forward", "profile", "partition", "router", "build", "write"} <= set(
         row["timings"]
@@ -80,8 +80,8 @@ def test_partition_bench_on_a_tiny_shape(monkeypatch):
 
 def test_router_flops_accounting():
     from conftest import converted, tiny_model
-    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5, router="centroid",
-                      dense_layers=(1,))
+    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5,
+                      router="centroid", dense_layers=(1,))
     layer = model.cfg.moe["layers"][0]
     flops = bench.ffn_flops(model.cfg)
     D = 32
@@ -98,13 +98,15 @@ def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatc
     monkeypatch.setattr(bench, "demo_checkpoint", lambda: tiny_checkpoint)
     monkeypatch.setattr(bench, "task_files", lambda data, command: files)
     budget = dict(tokens=64, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
-    rows = bench.heal("unused", ["expertweaver:lsq:n_experts=8", "static:n_experts=8"], [0.5], budget, 2, 16,
-                      val_windows=1, seed=0, val_seqlen=16)
-    assert [r["row"] for r in rows] == ["dense", "expertweaver:lsq:n_experts=8", "static:n_experts=8"]
+    rows = bench.heal("unused", ["expertweaver:lsq:n_experts=8", "static:n_experts=8"], [0.5],
+                      budget, 2, 16, val_windows=1, seed=0, val_seqlen=16)
+    names = [r["row"] for r in rows]
+    assert names == ["dense", "expertweaver:lsq:n_experts=8", "static:n_experts=8"]
     assert all(r["after"].keys() == {"prose", "code"} and r["tok_s"] > 0 for r in rows)
     rows = bench.downcycle("unused", ["expertweaver:centroid", "expertweaver:centroid+keep"],
-                           dict(active=0.5, n_experts=8, n_shared=1), {**budget, "min_lr": 1e-3}, 0.01, 2, 16,
-                           val_windows=1, val_every=1, seed=0, plot=None, val_seqlen=16)
+                           dict(active=0.5, n_experts=8, n_shared=1), {**budget, "min_lr": 1e-3},
+                           0.01, 2, 16, val_windows=1, val_every=1, seed=0, plot=None,
+                           val_seqlen=16)
     assert [len(r["curve"]) for r in rows] == [3, 3, 3]  # step 0 and both steps
     printed = capsys.readouterr().out
     assert "| `expertweaver:centroid+keep` |" in printed and "val loss at step 0" in printed
@@ -113,14 +115,16 @@ def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatc
 
 
 def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
-    files = {"prose": os.path.join(tiny_checkpoint, "prose.txt"), "code": os.path.join(tiny_checkpoint, "code.txt")}
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
     monkeypatch.setattr(bench, "demo_checkpoint", lambda: tiny_checkpoint)
     monkeypatch.setattr(bench, "task_files", lambda data, command: files)
     budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
-    rows = bench.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"], 0.5, 2, budget, 0.25, 0.05,
-                      4, 16, val_windows=1, seed=0, val_seqlen=16)
-    assert [r["row"] for r in rows] == ["dense", "dive:dive_groups=2", "expertweaver:lsq:n_experts=8"]
-    assert sorted(set(rows[1]["groups"])) == [0, 1] and len(rows[1]["groups"]) == 4  # 2 files x 2 parts
+    rows = bench.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"], 0.5, 2,
+                      budget, 0.25, 0.05, 4, 16, val_windows=1, seed=0, val_seqlen=16)
+    names = [r["row"] for r in rows]
+    assert names == ["dense", "dive:dive_groups=2", "expertweaver:lsq:n_experts=8"]
+    groups = rows[1]["groups"]
+    assert sorted(set(groups)) == [0, 1] and len(groups) == 4  # 2 files x 2 parts
     # per layer two experts of half the FFN, their biases (2, 32) and the lsq router (2, 32 + 1)
     assert rows[1]["ffn_params"] == rows[0]["ffn_params"] + 2 * (2 * 32 + 2 * 33)
     assert "stage0" in rows[1] and "DIVE mining" in capsys.readouterr().out
@@ -133,10 +137,12 @@ def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
     (["dive:dive_groups=2"], 2, 3, "--calib-samples 3"),
     (["dive:bogus=1"], 2, 4, "'bogus' is not a ConvertSpec field"),
 ])
-def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, parts, samples, message):
-    files = {"prose": os.path.join(tiny_checkpoint, "prose.txt"), "code": os.path.join(tiny_checkpoint, "code.txt")}
+def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, parts, samples,
+                                         message):
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
     monkeypatch.setattr(bench, "task_files", lambda data, command: files)
     monkeypatch.setattr(bench, "demo_checkpoint", lambda: pytest.fail("slow work started"))
     budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
     with pytest.raises(ValueError, match=message):
-        bench.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1, seed=0)
+        bench.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1,
+                   seed=0)

@@ -16,7 +16,8 @@ from conftest import ROOT, convert_main, tiny_data
 
 
 def cli(*args, cwd=ROOT):
-    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
     return done.returncode, done.stderr.strip().splitlines()
 
 
@@ -46,7 +47,8 @@ def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_pa
         out = kw.pop("out", str(tmp_path / "moe"))
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             convert_main(tiny_checkpoint, out, **kw)
-    for experts, message in ((0, "experts 0 must be at least 1"), (-4, "experts -4 must be at least 1")):
+    for experts, message in ((0, "experts 0 must be at least 1"),
+                             (-4, "experts -4 must be at least 1")):
         with pytest.raises(ValueError, match=message):
             W.ConvertSpec(n_experts=experts)
     for kw, message in ((dict(samples=0), "--calib-samples 0 must be at least 1"),
@@ -69,7 +71,8 @@ def test_binary_calibration_file_is_named(tiny_checkpoint, tmp_path):
         convert_main(
             tiny_checkpoint,
             str(tmp_path / "moe"),
-            data=tiny_data(tiny_checkpoint, calib=[str(binary), os.path.join(tiny_checkpoint, "code.txt")]),
+            data=tiny_data(tiny_checkpoint,
+                           calib=[str(binary), os.path.join(tiny_checkpoint, "code.txt")]),
         )
 
 
@@ -108,8 +111,8 @@ def test_sigterm_removes_the_temporary_directory(tmp_path):
               "C.exit_on_sigterm()\nwith C.output_dir({out!r}) as tmp:\n"
               "    open(tmp + '/big', 'w').write('x' * 1000); print('ready', flush=True); "
               "time.sleep(60)\n")
-    child = subprocess.Popen([sys.executable, "-c", script.format(root=ROOT, out=str(tmp_path / "out"))],
-                             stdout=subprocess.PIPE, text=True)
+    script = script.format(root=ROOT, out=str(tmp_path / "out"))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM

@@ -1,5 +1,6 @@
 """DIVE (weaver.py --method dive): domain mining on a planted case, the one-group layer that is the
-dense FFN, overlapping experts with biases through the kernels, save/load and training, bad inputs."""
+dense FFN, overlapping experts with biases through the kernels, save/load and training, bad
+inputs."""
 import json
 
 import pytest
@@ -25,8 +26,8 @@ def planted_calibration(samples=8, seqlen=16, seed=0) -> C.Calibration:
 
 def test_mining_groups_the_domains_that_share_text():
     model = tiny_model(n_layers=2)
-    report = C.convert(model, planted_calibration(), W.ConvertSpec(method="dive", active=0.5, dive_groups=2),
-                       **quiet)
+    report = C.convert(model, planted_calibration(),
+                       W.ConvertSpec(method="dive", active=0.5, dive_groups=2), **quiet)
     assert report["dive"]["groups"] == [0, 1, 0, 1]
     ppl = torch.tensor(report["dive"]["cross_ppl"])
     assert ppl.shape == (4, 4) and (ppl > 1).all()
@@ -42,8 +43,8 @@ def test_affinity_groups_merge_the_most_correlated_first():
 def test_one_group_keeping_every_neuron_is_the_dense_ffn():
     model = tiny_model(n_layers=2)
     expected = model(TOKENS)
-    C.convert(model, random_calibration(samples=4), W.ConvertSpec(method="dive", active=1.0, dive_groups=1),
-              **quiet)
+    C.convert(model, random_calibration(samples=4),
+              W.ConvertSpec(method="dive", active=1.0, dive_groups=1), **quiet)
     mlp = model.layers[0].mlp
     assert mlp.experts.gate_up_proj.shape[:2] == (1, 2 * 48) and torch.equal(mlp.experts.down_bias,
                                                                          torch.zeros(1, 32))
@@ -61,18 +62,22 @@ def test_bias_stands_in_for_the_pruned_neurons_on_average():
     hook.remove()
     x = inputs[0]  # (S, T, D)
     dense = dense_mlp(x)
-    C.convert(model, calib, W.ConvertSpec(method="dive", active=0.5, dive_groups=2, dive_assign=(0, 1)), **quiet)
+    C.convert(model, calib,
+              W.ConvertSpec(method="dive", active=0.5, dive_groups=2, dive_assign=(0, 1)), **quiet)
     experts = model.layers[0].mlp.experts
     for g in range(2):
         rows = calib.task == g
         got = experts.output(x[rows].reshape(-1, 32), g).mean(dim=0)
-        torch.testing.assert_close(got, dense[rows].reshape(-1, 32).mean(dim=0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, dense[rows].reshape(-1, 32).mean(dim=0), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def dive_model(top_k=2, groups=3):
     model = tiny_model(n_layers=2)
     calib = random_calibration(tasks=4, samples=4)
-    C.convert(model, calib, W.ConvertSpec(method="dive", active=0.5, dive_groups=groups, dive_top_k=top_k), **quiet)
+    C.convert(model, calib,
+              W.ConvertSpec(method="dive", active=0.5, dive_groups=groups, dive_top_k=top_k),
+              **quiet)
     return model
 
 
@@ -91,16 +96,19 @@ def test_kernel_paths_on_overlapping_experts_with_biases(path):
 
 def test_checkpoint_round_trip_and_streamed_conversion(tiny_checkpoint, tmp_path):
     spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2)
-    report = convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec, tiny_data(tiny_checkpoint, samples=8))
+    report = convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec,
+                          tiny_data(tiny_checkpoint, samples=8))
     moe = M.load_model(str(tmp_path / "dive"))
-    assert moe.cfg.moe["pruned_experts"] and moe.cfg.moe["routing"] == "softmax" and moe.cfg.moe["norm_topk"]
+    layout = moe.cfg.moe
+    assert layout["pruned_experts"] and layout["routing"] == "softmax" and layout["norm_topk"]
     assert report["active_fraction"] == 0.5
     saved = json.load(open(tmp_path / "dive" / "report.json"))
     assert len(saved["dive"]["groups"]) == 2 and len(saved["dive"]["cross_ppl"]) == 2
-    # the streamed result equals converting the loaded dense model in memory with the same calibration
+    # the streamed result equals converting the loaded dense model in memory, same calibration
     dense = M.load_model(tiny_checkpoint)
-    calib = C.calibration_from_files(M.load_tokenizer(tiny_checkpoint), [f"{tiny_checkpoint}/prose.txt",
-                                     f"{tiny_checkpoint}/code.txt"], 8, 32, 0, 0.1)
+    calib = C.calibration_from_files(
+        M.load_tokenizer(tiny_checkpoint),
+        [f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt"], 8, 32, 0, 0.1)
     C.convert(dense, calib, spec, **quiet)
     assert torch.equal(moe(TOKENS), dense(TOKENS))
 
@@ -121,16 +129,19 @@ def test_dense_routing_runs_every_expert_in_training_only():
 
 def test_two_stage_retraining(tiny_checkpoint, tmp_path):
     spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2, router="linear")
-    convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec, tiny_data(tiny_checkpoint, samples=8))
+    convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec,
+                 tiny_data(tiny_checkpoint, samples=8))
     data = (f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt")
     common = dict(data=data, seqlen=16, batch=4, steps=3, lr=1e-2, warmup=0)
     before = M.load_model(str(tmp_path / "dive")).layers[0].mlp.router.weight.clone()
-    T.train(str(tmp_path / "dive"), str(tmp_path / "s0"), T.TrainSpec(train=("router",), dense_routing=0.5, **common),
-            val_seqlen=16, val_windows=1, **quiet)
+    T.train(str(tmp_path / "dive"), str(tmp_path / "s0"),
+            T.TrainSpec(train=("router",), dense_routing=0.5, **common), val_seqlen=16,
+            val_windows=1, **quiet)
     router = M.load_model(str(tmp_path / "s0")).layers[0].mlp.router.weight
     assert not torch.equal(router, before)
-    T.train(str(tmp_path / "s0"), str(tmp_path / "s1"), T.TrainSpec(train=("lora", "router", "norms"), lora_alpha=16,
-            **common), val_seqlen=16, val_windows=1, **quiet)
+    T.train(str(tmp_path / "s0"), str(tmp_path / "s1"),
+            T.TrainSpec(train=("lora", "router", "norms"), lora_alpha=16, **common), val_seqlen=16,
+            val_windows=1, **quiet)
     assert M.load_model(str(tmp_path / "s1")).cfg.moe["pruned_experts"]
 
 
@@ -138,7 +149,8 @@ def test_two_stage_retraining(tiny_checkpoint, tmp_path):
     (dict(dive_groups=3), "dive_groups 3 is more than the 2 calibration domain"),
     (dict(dive_groups=2, dive_top_k=3), "dive_top_k 3 must be in"),
     (dict(router="centroid"), "router 'centroid' does not go with method 'dive'"),
-    (dict(active=1.5), r"active 1.5 must be in \(0, 1\]"),  # each expert keeps active / top-k of d_ff
+    # each expert keeps active / top-k of d_ff
+    (dict(active=1.5), r"active 1.5 must be in \(0, 1\]"),
 ])
 def test_bad_inputs_one_line_before_any_work(tiny_checkpoint, tmp_path, spec, message):
     with pytest.raises(ValueError, match=message):
@@ -159,6 +171,7 @@ def test_dive_is_refused_by_the_qwen2_moe_export():
 
 def test_mining_needs_a_held_out_window_per_domain(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="at least 4 windows per domain"):
-        convert_main(tiny_checkpoint, str(tmp_path / "out"), W.ConvertSpec(method="dive", dive_groups=2),
+        convert_main(tiny_checkpoint, str(tmp_path / "out"),
+                     W.ConvertSpec(method="dive", dive_groups=2),
                      tiny_data(tiny_checkpoint, samples=3))
     assert not (tmp_path / "out").exists()

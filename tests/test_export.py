@@ -20,7 +20,8 @@ UNIFORM = dict(n_experts=8, active=0.5, n_shared=2, router="lsq", router_bias=Fa
 
 
 def our_moe(hf, tmp_path, routing="sum", **spec):
-    """A converted (and, for softmax, re-routed) MoE checkpoint of ours from a transformers model."""
+    """A converted (and, for softmax, re-routed) MoE checkpoint of ours from a transformers
+    model."""
     source = save_hf(hf, tmp_path / "dense")
     model = M.load_model(source)
     C.convert(
@@ -50,9 +51,8 @@ def exported_logits(path, tmp_path, tokens):
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope", "llama-tied", "qwen2", "mistral"])
 @pytest.mark.parametrize("routing", ["sum", "softmax"])
 def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
-    overrides = {"llama-tied": {"tie_word_embeddings": True}, "mistral": {"sliding_window": None}}.get(
-        arch, {}
-    )
+    overrides = {"llama-tied": {"tie_word_embeddings": True},
+                 "mistral": {"sliding_window": None}}.get(arch, {})
     hf = make_hf(arch.removesuffix("-tied"), **overrides)
     path, ours = our_moe(hf, tmp_path, routing, dense_layers=(1,))
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -78,7 +78,8 @@ def test_sum_weights_stay_within_the_bound_on_random_scores():
     router.weight = torch.nn.Parameter(torch.randn(12, 16, generator=g) * 3)
     norm = 5.0
     bound = router.score_bound(norm)
-    x = torch.nn.functional.normalize(torch.randn(4000, 16, generator=g), dim=-1) * norm * torch.rand(4000, 1)
+    direction = torch.nn.functional.normalize(torch.randn(4000, 16, generator=g), dim=-1)
+    x = direction * norm * torch.rand(4000, 1)
     scores = (x @ router.weight.T).detach()
     top = scores.topk(5, dim=-1)
     picked = (C.EXPORT_EPS / bound * scores).softmax(dim=-1).topk(4, dim=-1)
@@ -91,7 +92,8 @@ def test_sum_weights_stay_within_the_bound_on_random_scores():
 
 
 def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
-    cases = [(make_hf("qwen3"), {}, "Qwen3's q/k norms"), (make_hf("mistral"), {}, "sliding_window 7"),
+    cases = [(make_hf("qwen3"), {}, "Qwen3's q/k norms"),
+             (make_hf("mistral"), {}, "sliding_window 7"),
              (make_hf("llama-bias-tied"), {}, "o_proj a bias")]
     for i, (hf, spec, message) in enumerate(cases):
         path, _ = our_moe(hf, tmp_path / str(i), **spec)
@@ -107,9 +109,10 @@ def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
     for spec, message in [(W.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's "
                                                         "per-expert bias|add --n-shared N.*add "
                                                         "--no-router-bias"),
-                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"), "'gate' router "
-                                                                                  "does not score"),
-                          (W.ConvertSpec(method="static", n_experts=8), "static pruning routes nothing")]:
+                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"),
+                           "'gate' router does not score"),
+                          (W.ConvertSpec(method="static", n_experts=8),
+                           "static pruning routes nothing")]:
         with pytest.raises(ValueError, match=message):
             convert_main(tiny_checkpoint, str(tmp_path / "never"), spec, format="qwen2_moe")
     assert not os.path.exists(tmp_path / "never")
@@ -131,13 +134,14 @@ def test_demo_export_gives_the_same_greedy_tokens(demo_path, tmp_path):
     model = M.load_model(demo_path)
     calib = random_calibration(vocab=model.cfg.vocab_size, samples=2, seqlen=32)
     spec = W.ConvertSpec(n_experts=64, active=0.75, n_shared=45, router="lsq", router_bias=False)
-    C.convert_checkpoint(demo_path, str(tmp_path / "ours"), calib, spec, torch.float32, "cpu", torch.float32,
-                         log=lambda *_: None)
+    C.convert_checkpoint(demo_path, str(tmp_path / "ours"), calib, spec, torch.float32, "cpu",
+                         torch.float32, log=lambda *_: None)
     ours = M.load_model(str(tmp_path / "ours"))
     tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
     logits, layout, exported = exported_logits(str(tmp_path / "ours"), tmp_path, tokens)
     assert layout["experts"] == 19 and layout["top_k"] == 3 and layout["shared"] == 45 * 24
-    assert (logits - ours(tokens)).abs().max().item() <= 4 * C.EXPORT_EPS * logits.abs().max().item()
+    error = (logits - ours(tokens)).abs().max().item()
+    assert error <= 4 * C.EXPORT_EPS * logits.abs().max().item()
     assert torch.equal(
         exported.generate(tokens, max_new_tokens=16, do_sample=False), ours.generate(tokens, 16)
     )
@@ -164,7 +168,8 @@ def test_the_cli_converts_and_exports_in_one_go_leaving_nothing_beside(tiny_chec
     )
     # experts of 6 neurons: rows of 24 bytes, which transformers' default grouped_mm path cannot
     # take on CPU
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q2"), dtype=torch.float32,
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q2"),
+                                                           dtype=torch.float32,
                                                            experts_implementation="eager")
     tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

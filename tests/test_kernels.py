@@ -32,20 +32,23 @@ def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
     else:  # "skewed": only the first k experts ever used, the rest get no tokens
         idx = torch.stack([torch.randperm(k, generator=g) for _ in range(n)])
     cast = lambda t: t.to(device=device, dtype=dtype)
-    return cast(x), idx.to(device), cast(w13), cast(w2), None if shared is None else tuple(map(cast, shared))
+    shared = None if shared is None else tuple(map(cast, shared))
+    return cast(x), idx.to(device), cast(w13), cast(w2), shared
 
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), e=st.integers(1, 9), data=st.data(), d=st.sampled_from([8, 16, 24]),
-       f=st.integers(1, 12), s=st.sampled_from([0, 8]), load=st.sampled_from(["random", "one", "skewed"]),
-       weighted=st.booleans(), seed=st.integers(0, 1000))
+       f=st.integers(1, 12), s=st.sampled_from([0, 8]),
+       load=st.sampled_from(["random", "one", "skewed"]), weighted=st.booleans(),
+       seed=st.integers(0, 1000))
 def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, seed):
     k = data.draw(st.integers(1, e))
     args = problem(n, e, k, d, f, s, load, seed)
     weights = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) if weighted else None
     expected = K.reference(*args, weights)
     for path in FAST if f % 4 == 0 else ["select", "gather"]:  # grouped_mm wants 16-byte rows
-        torch.testing.assert_close(K.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5, msg=path)
+        torch.testing.assert_close(K.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5,
+                                   msg=path)
     torch.testing.assert_close(K.moe_ffn(*args, weights), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -106,7 +109,8 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
         if dtype == torch.float32:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         else:  # two bf16 computations in different orders: within 1% of the output's scale
-            assert (got.float() - expected.float()).abs().max() <= 0.01 * expected.float().abs().max()
+            error = (got.float() - expected.float()).abs().max()
+            assert error <= 0.01 * expected.float().abs().max()
 
 
 def test_model_through_kernels_matches_reference_model():
@@ -130,13 +134,15 @@ def test_cuda_paths_equal_reference(n):
     args = problem(n, 16, 4, 256, 64, 128, "random", seed=n, dtype=torch.bfloat16, device="cuda")
     expected = K.reference(*args).float()
     for path in ["gather", "grouped"]:
-        torch.testing.assert_close(K.PATHS[path](*args).float(), expected, rtol=2e-2, atol=2e-2, msg=path)
+        torch.testing.assert_close(K.PATHS[path](*args).float(), expected, rtol=2e-2, atol=2e-2,
+                                   msg=path)
 
 
 @cuda
 def test_cuda_graph_decode_matches_eager():
     from conftest import converted, tiny_model
-    model = converted(tiny_model(dim=64, ffn_dim=128, n_layers=1), n_experts=8, active=0.5).cuda().bfloat16()
+    model = converted(tiny_model(dim=64, ffn_dim=128, n_layers=1), n_experts=8, active=0.5)
+    model = model.cuda().bfloat16()
     mlp = model.layers[0].mlp
     x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
     expected = mlp(x)

@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 def test_logits_and_greedy_match_transformers(arch, tmp_path):
     hf = make_hf(arch)
     ours = M.load_model(save_hf(hf, tmp_path), torch.float32)
-    tokens = torch.randint(0, SMALL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 16),
+                           generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
     got = ours(tokens)
@@ -33,7 +34,8 @@ def test_logits_and_greedy_match_transformers(arch, tmp_path):
 
 def test_kv_cache_matches_full_forward(tmp_path):
     ours = M.load_model(save_hf(make_hf("qwen3"), tmp_path))
-    tokens = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 12),
+                           generator=torch.Generator().manual_seed(2))
     full = ours(tokens)
     ours.setup_caches(1, 32)
     prefill = ours(tokens[:, :7], torch.arange(7))
@@ -61,11 +63,12 @@ def test_dtype_and_weights_are_shared_not_copied(tmp_path):
 def test_sampling_is_seeded_and_respects_top_k(tmp_path):
     ours = M.load_model(save_hf(make_hf("llama"), tmp_path))
     prompt = torch.arange(4)[None]
-    runs = [ours.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
-            for _ in range(2)]
+    runs = [ours.generate(prompt, 10, temperature=1.0, top_k=5,
+                          generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     logits = torch.randn(3, 50)
-    picks = torch.stack([M.sample(logits, 1.0, 2, torch.Generator().manual_seed(s)) for s in range(20)])
+    picks = torch.stack([M.sample(logits, 1.0, 2, torch.Generator().manual_seed(s))
+                         for s in range(20)])
     top2 = torch.topk(logits, 2).indices  # (3, 2)
     assert all((picks[:, b:b + 1] == top2[b]).any(-1).all() for b in range(3))
 
@@ -83,7 +86,8 @@ def test_generate_stops_at_eos(tmp_path):
 def test_perplexity_protocol_matches_transformers_loss(tmp_path):
     hf = make_hf("llama")
     ours = M.load_model(save_hf(hf, tmp_path))
-    tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,),
+                           generator=torch.Generator().manual_seed(4))
     nll, ppl, n = C.perplexity(ours, tokens, seqlen=32)
     assert n == 3  # the 5 tokens of remainder are dropped
     with torch.no_grad():
@@ -183,9 +187,11 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
         M.load_model(variant("truncated", raw=data[: len(data) // 2]))
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        M.load_model(variant("garbage", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + data[100:200]))
+        garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + data[100:200]
+        M.load_model(variant("garbage", raw=garbage))
     os.remove(os.path.join(good, "model.safetensors"))
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(FileNotFoundError,
+                       match="neither model.safetensors nor model.safetensors.index.json"):
         M.load_model(good)
 
 

@@ -18,24 +18,27 @@ def all_tensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def streamed_equals_in_memory(source: str, tmp_path, calib, spec_kwargs, dtype, save_dtype, shard_bytes):
+def streamed_equals_in_memory(source: str, tmp_path, calib, spec_kwargs, dtype, save_dtype,
+                              shard_bytes):
     in_memory = M.load_model(source, dtype)
     C.convert(in_memory, calib, W.ConvertSpec(**spec_kwargs), log=lambda *_: None)
     in_memory.to(save_dtype)
     M.save_checkpoint(in_memory, M.load_config(source)[1], str(tmp_path / "memory"))
-    C.convert_checkpoint(source, str(tmp_path / "stream"), calib, W.ConvertSpec(**spec_kwargs), dtype, "cpu",
-                         save_dtype, max_shard_bytes=shard_bytes, log=lambda *_: None)
+    C.convert_checkpoint(source, str(tmp_path / "stream"), calib, W.ConvertSpec(**spec_kwargs),
+                         dtype, "cpu", save_dtype, max_shard_bytes=shard_bytes, log=lambda *_: None)
     a, b = all_tensors(str(tmp_path / "memory")), all_tensors(str(tmp_path / "stream"))
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    assert M.load_config(str(tmp_path / "stream"))[0].moe == M.load_config(str(tmp_path / "memory"))[0].moe
+    layout = lambda name: M.load_config(str(tmp_path / name))[0].moe
+    assert layout("stream") == layout("memory")
     return str(tmp_path / "stream")
 
 
 def test_streamed_tiny_models_equal_in_memory(tmp_path):
     for arch, spec in [("llama", dict(n_experts=8, active=0.5)),
-                       ("qwen2", dict(method="cmoe", n_experts=4, active=0.75, k_act=3, sequential=True)),
+                       ("qwen2",
+                        dict(method="cmoe", n_experts=4, active=0.75, k_act=3, sequential=True)),
                        ("qwen3", dict(n_experts=8, active=0.75, dense_layers=(1,)))]:
         model = tiny_model(arch, ffn_dim=48, n_layers=3)
         source = tmp_path / arch / "dense"
@@ -54,7 +57,8 @@ def test_streamed_demo_equals_in_memory(demo_path, tmp_path):
 
 def test_sharded_round_trip(tmp_path):
     model = tiny_model("llama", n_layers=3)
-    C.convert(model, random_calibration(), W.ConvertSpec(n_experts=8, active=0.5), log=lambda *_: None)
+    C.convert(model, random_calibration(), W.ConvertSpec(n_experts=8, active=0.5),
+              log=lambda *_: None)
     expected = model(TOKENS)
     M.save_checkpoint(model, hf_config_of(model), str(tmp_path / "moe"), max_shard_bytes=10_000)
     files = sorted(os.listdir(tmp_path / "moe"))
@@ -72,5 +76,5 @@ def test_shard_writer_limits(tmp_path):
     writer.add("d", torch.zeros(5))
     writer.finish()
     index = __import__("json").load(open(tmp_path / "model.safetensors.index.json"))["weight_map"]
-    assert index == {"a": "model-00001-of-00003.safetensors", "b": "model-00001-of-00003.safetensors",
-                     "c": "model-00002-of-00003.safetensors", "d": "model-00003-of-00003.safetensors"}
+    shard = lambda k: f"model-0000{k}-of-00003.safetensors"
+    assert index == {"a": shard(1), "b": shard(1), "c": shard(2), "d": shard(3)}

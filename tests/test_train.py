@@ -39,9 +39,8 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
     T.set_routing(model, "softmax", norm_topk=True)
     model.zero_grad()
     model(TOKENS).square().mean().backward()
-    assert all(
-        m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None for m in T.moe_layers(model)
-    )
+    assert all(m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None
+               for m in T.moe_layers(model))
     _, weights = layer.route(torch.randn(5, 32))
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))
 
@@ -128,23 +127,23 @@ def run(checkpoint, out, data, **kwargs):
 
 
 def all_tensors(path):
-    return {n: t for f in sorted(set(M.tensor_locations(path).values())) for n, t in load_file(f).items()}
+    files = sorted(set(M.tensor_locations(path).values()))
+    return {n: t for f in files for n, t in load_file(f).items()}
 
 
 def test_a_step_lowers_the_loss_on_its_batch(tiny_checkpoint, tmp_path):
-    rows = run(
-        tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora", "norms"), steps=1
-    )
+    rows = run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint),
+               train=("lora", "norms"), steps=1)
     spec = tiny_spec(data_of(tiny_checkpoint), steps=1)
     windows, _ = T.load_data(M.load_tokenizer(tiny_checkpoint), spec, 16)
     batch = windows[T.batch_windows(len(windows), 0, 0, 2, 1, 0, 1, 0)]
 
     def loss(path):
         logits = M.load_model(path)(batch)[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)).item()
-    assert rows[1]["loss"] == pytest.approx(
-        loss(tiny_checkpoint), rel=1e-5
-    )  # the logged loss is that batch's
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64),
+                                                 batch[:, 1:].reshape(-1)).item()
+    # the logged loss is that batch's
+    assert rows[1]["loss"] == pytest.approx(loss(tiny_checkpoint), rel=1e-5)
     assert loss(str(tmp_path / "out")) < loss(tiny_checkpoint)
 
 
@@ -159,8 +158,9 @@ def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, ti
         balance=0.01,
         bias_balance=1e-3,
     )
-    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "tokenizer.json",
-                                       "train_log.jsonl", "train_state.json", "train_state.safetensors"]
+    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors",
+                                       "tokenizer.json", "train_log.jsonl", "train_state.json",
+                                       "train_state.safetensors"]
     model = M.load_model(out)
     assert model.cfg.moe["routing"] == "softmax" and model.cfg.moe["select_bias"]
     # the balancing moved them
@@ -171,7 +171,8 @@ def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, ti
     assert len(open(os.path.join(out, "train_log.jsonl")).readlines()) == len(rows)
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_moe, tmp_path, monkeypatch):
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_moe, tmp_path,
+                                                          monkeypatch):
     data, heal = data_of(tiny_checkpoint), dict(train=("lora", "router"), routing="scaled")
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run(tiny_moe, straight, data, **heal)
@@ -226,7 +227,8 @@ def test_torchrun_two_gloo_processes_match_one(tiny_checkpoint, tiny_moe, tmp_pa
     common += [arg for d in data for arg in ("--data", d)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run(
-        [sys.executable, "train.py", tiny_moe, "--out", str(tmp_path / "one"), "--batch", "4", *common],
+        [sys.executable, "train.py", tiny_moe, "--out", str(tmp_path / "one"), "--batch", "4",
+         *common],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -289,13 +291,15 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
     for spec, message in [
         (dict(train=("lora", "wings")), "--train wings: not one of"),
         (dict(train=("lora", "all")), "--train lora with experts or all"),
-        (dict(keep_function=True), "--keep-function rescales a sum-routed MoE for --routing softmax"),
+        (dict(keep_function=True),
+         "--keep-function rescales a sum-routed MoE for --routing softmax"),
     ]:
         with pytest.raises(ValueError, match=message):
             T.TrainSpec(**spec)
     assert os.listdir(tmp_path) == []
-    cli = subprocess.run([sys.executable, "train.py", tiny_checkpoint, "--out", str(tmp_path / "x"), "--data",
-                          data[0], "--train", "lora,wings"], cwd=ROOT, capture_output=True, text=True)
+    cli = subprocess.run([sys.executable, "train.py", tiny_checkpoint, "--out", str(tmp_path / "x"),
+                          "--data", data[0], "--train", "lora,wings"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert cli.returncode == 1 and cli.stderr.strip().splitlines() == [
         "train.py: error: --train wings: not one of router, norms, lora, experts, all"]
 
@@ -305,5 +309,6 @@ def test_an_interrupted_save_leaves_no_partial_checkpoint(tiny_checkpoint, tmp_p
         raise KeyboardInterrupt
     monkeypatch.setattr(M.CheckpointWriter, "finish", broken)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora",), steps=1)
+        run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora",),
+            steps=1)
     assert os.listdir(tmp_path) == []

@@ -18,9 +18,8 @@ from conftest import TOKENS, convert_main, converted, random_calibration, tiny_d
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    k=st.integers(1, 9), capacity=st.integers(1, 7), levels=st.integers(2, 50), seed=st.integers(0, 10_000)
-)
+@given(k=st.integers(1, 9), capacity=st.integers(1, 7), levels=st.integers(2, 50),
+       seed=st.integers(0, 10_000))
 def test_balanced_assign_equals_the_greedy_reference(k, capacity, levels, seed):
     # few distinct cost levels => many ties, which both must break the same way
     g = torch.Generator().manual_seed(seed)
@@ -31,7 +30,8 @@ def test_balanced_assign_equals_the_greedy_reference(k, capacity, levels, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(k=st.integers(1, 10), capacity=st.integers(1, 8), dim=st.integers(1, 6), seed=st.integers(0, 10_000))
+@given(k=st.integers(1, 10), capacity=st.integers(1, 8), dim=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
 def test_balanced_kmeans_partition_invariants(k, capacity, dim, seed):
     g = torch.Generator().manual_seed(seed)
     features = torch.rand(k * capacity, dim, generator=g)
@@ -67,8 +67,8 @@ def test_kmeans_finds_planted_clusters():
 )
 def test_every_method_regroups_the_dense_weights_exactly(method, router):
     model = tiny_model(ffn_dim=48, n_layers=2)
-    dense = [(b.mlp.gate_proj.weight.clone(), b.mlp.up_proj.weight.clone(), b.mlp.down_proj.weight.clone())
-             for b in model.layers]
+    dense = [(b.mlp.gate_proj.weight.clone(), b.mlp.up_proj.weight.clone(),
+              b.mlp.down_proj.weight.clone()) for b in model.layers]
     converted(model, method=method, router=router, n_experts=8, active=0.5, k_act=4)
     for block, (gate, up, down) in zip(model.layers, dense):
         moe = block.mlp
@@ -82,9 +82,8 @@ def test_every_method_regroups_the_dense_weights_exactly(method, router):
         )
         E, F2, D = moe.experts.gate_up_proj.shape
         g_r, u_r = moe.experts.gate_up_proj.split(F2 // 2, dim=1)
-        parts.append(
-            (g_r.reshape(-1, D), u_r.reshape(-1, D), moe.experts.down_proj.permute(2, 0, 1).reshape(D, -1))
-        )
+        d_r = moe.experts.down_proj.permute(2, 0, 1).reshape(D, -1)
+        parts.append((g_r.reshape(-1, D), u_r.reshape(-1, D), d_r))
         assert torch.equal(torch.cat([p[0] for p in parts]), gate[idx])
         assert torch.equal(torch.cat([p[1] for p in parts]), up[idx])
         assert torch.equal(torch.cat([p[2] for p in parts], dim=1), down[:, idx])
@@ -105,7 +104,8 @@ def test_routing_stays_alive_at_every_budget():
                 # at least one routed expert per token
                 assert max(sizes) < k, (n_experts, active, sizes)
             assert sizes == sorted(sizes), "more specialised layers never get more shared experts"
-    assert W.n_shared_experts(0.7, 64, 48, 0.7) == 45  # the paper's rule where it leaves routing alive
+    # the paper's rule where it leaves routing alive
+    assert W.n_shared_experts(0.7, 64, 48, 0.7) == 45
     assert W.n_shared_experts(0.7, 64, 32, 0.7) == 22  # a fraction of k = 32 instead of 45 >= k
     model = converted(tiny_model(ffn_dim=64, n_layers=3), n_experts=16, active=0.5)
     assert all(b.mlp.top_k >= 1 for b in model.layers)
@@ -142,12 +142,16 @@ def test_specialisation_ratio():
 
 @settings(max_examples=12, deadline=None)
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), dim=st.sampled_from([16, 32]),
-       n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6), n_layers=st.integers(1, 3),
-       method=st.sampled_from(["expertweaver", "random", "cmoe", "static"]), seed=st.integers(0, 1000))
-def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers, method, seed):
+       n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6),
+       n_layers=st.integers(1, 3),
+       method=st.sampled_from(["expertweaver", "random", "cmoe", "static"]),
+       seed=st.integers(0, 1000))
+def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_dim, n_layers,
+                                                  method, seed):
     model = tiny_model(arch, dim, n_experts * expert_dim, n_layers, seed)
     dense = model(TOKENS)
-    converted(model, method=method, n_experts=n_experts, active=1.0, n_shared=n_experts, seed=seed, k_act=1)
+    converted(model, method=method, n_experts=n_experts, active=1.0, n_shared=n_experts, seed=seed,
+              k_act=1)
     assert all(
         b.mlp.experts is None and len(b.mlp.shared.gate_proj.weight) == model.cfg.ffn_dim
         for b in model.layers
@@ -158,11 +162,13 @@ def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_d
 @settings(max_examples=16, deadline=None)
 @given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), n_experts=st.sampled_from([4, 8]),
        method=st.sampled_from(["expertweaver", "random", "cmoe"]),
-       router=st.sampled_from([None, "centroid", "lsq", "gate", "oracle"]), seed=st.integers(0, 1000))
+       router=st.sampled_from([None, "centroid", "lsq", "gate", "oracle"]),
+       seed=st.integers(0, 1000))
 def test_all_experts_active_matches_dense(arch, n_experts, method, router, seed):
     model = tiny_model(arch, 32, n_experts * 6, 2, seed)
     dense = model(TOKENS)
-    converted(model, method=method, router=router, n_experts=n_experts, active=1.0, seed=seed, k_act=3)
+    converted(model, method=method, router=router, n_experts=n_experts, active=1.0, seed=seed,
+              k_act=3)
     assert all(b.mlp.top_k == b.mlp.experts.gate_up_proj.shape[0] for b in model.layers)
     torch.testing.assert_close(model(TOKENS), dense, rtol=1e-5, atol=1e-5)
 
@@ -172,14 +178,16 @@ def test_demo_full_shared_is_exact(demo_path):
     tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
     dense = model(tokens)
     calib = random_calibration(vocab=model.cfg.vocab_size, samples=1, seqlen=8)
-    C.convert(model, calib, W.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0), log=lambda *_: None)
+    C.convert(model, calib, W.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0),
+              log=lambda *_: None)
     assert torch.equal(model(tokens), dense)
 
 
 def test_sequential_and_dense_layers():
     a = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,))
     assert isinstance(a.layers[1].mlp, M.MLP) and a.cfg.moe["layers"][1] is None
-    b = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,), sequential=True)
+    b = converted(tiny_model(n_layers=3), n_experts=8, active=0.5, dense_layers=(1,),
+                  sequential=True)
     # layer 0 sees the same inputs either way; layer 2 sees the outputs of an MoE layer 0 when
     # sequential, so its profile, partition and router differ
     first, second = a.layers[0].mlp.state_dict(), b.layers[0].mlp.state_dict()
@@ -219,12 +227,14 @@ def test_lsq_final_fit_uses_every_token_with_a_bounded_validation_sample(monkeyp
     A = torch.randn(D, E, generator=g)
     x = torch.randn(S, T, D, generator=g)
     noise = torch.randn(S * T, E, generator=g)
-    contributions = dict(zip([r.tobytes() for r in x.reshape(-1, D).numpy()], (x.reshape(-1, D) @ A + noise)))
+    rows = x.reshape(-1, D)
+    contributions = dict(zip([r.tobytes() for r in rows.numpy()], rows @ A + noise))
     lookup = lambda xb: torch.stack([contributions[r.tobytes()] for r in xb.numpy()])
     monkeypatch.setattr(W, "TARGETS", {"linear": lambda y, s: y})
     monkeypatch.setattr(W, "RIDGE", (lam,))
     task = torch.arange(2).repeat_interleave(S // 2)
-    router, info = W.lsq_router(x, task, lookup, n_experts=E, top_k=1, batch_tokens=3 * T, max_val_tokens=7)
+    router, info = W.lsq_router(x, task, lookup, n_experts=E, top_k=1, batch_tokens=3 * T,
+                                max_val_tokens=7)
     x1 = torch.cat([x.reshape(-1, D), torch.ones(S * T, 1)], dim=1).double()
     y = (x.reshape(-1, D) @ A + noise).double()
     fit_rows = (~W.validation_samples(task)).repeat_interleave(T)
@@ -261,13 +271,15 @@ def test_oracle_router_picks_the_largest_contributions():
     # (5, E, D)
     out = torch.einsum("nef,efd->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)
     truth = out.norm(dim=-1)  # (5, E)
-    assert torch.equal(moe.route(x)[0].sort(dim=1).values, truth.topk(moe.top_k).indices.sort(dim=1).values)
+    picked = moe.route(x)[0].sort(dim=1).values
+    assert torch.equal(picked, truth.topk(moe.top_k).indices.sort(dim=1).values)
 
 
 def test_cmoe_markers_mark_k_act_neurons_per_token():
     model = tiny_model(ffn_dim=48, n_layers=1)
     x = torch.randn(3, 8, 32)
-    stats = W.profile_layer(x, model.layers[0].mlp, k_act=5, marker_tokens=torch.tensor([0, 3, 9, 23]))
+    stats = W.profile_layer(x, model.layers[0].mlp, k_act=5,
+                            marker_tokens=torch.tensor([0, 3, 9, 23]))
     assert stats.markers.shape == (4, 48) and (stats.markers.sum(1) == 5).all()
     # token 9 is token 1 of sample 1: its markers are the top 5 of CMoE's unit-norm score
     xn = torch.nn.functional.normalize(x[1, 1], dim=0)
@@ -282,9 +294,9 @@ def test_cmoe_markers_mark_k_act_neurons_per_token():
 def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
     model = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.75, dense_layers=(0,))
     expected = model(TOKENS)
-    hf_config = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "tie_word_embeddings": True}
+    hf_config = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32,
+                 "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "tie_word_embeddings": True}
     good = tmp_path / "moe"
     M.save_checkpoint(model, hf_config, str(good))
     loaded = M.load_model(str(good))
@@ -308,9 +320,8 @@ def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
     def more_experts(cfg):
         cfg["moe"]["layers"][1]["routed_experts"] += 1
         cfg["moe"]["layers"][1]["shared_neurons"] -= cfg["moe"]["expert_dim"]
-    with pytest.raises(
-        ValueError, match=r"'model.layers.1.mlp.(shared|experts)\.\S+' has shape .*, config.json implies"
-    ):
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.(shared|experts)\.\S+' has shape "
+                                         r".*, config.json implies"):
         M.load_model(variant("count", more_experts))
     with pytest.raises(ValueError, match=r"moe.layers\[1\]: .* != intermediate_size 48"):
         M.load_model(variant("sizes", lambda c: c["moe"]["layers"][1].update(shared_neurons=6)))
@@ -318,11 +329,14 @@ def test_moe_checkpoint_round_trip_and_corruption(tmp_path):
         M.load_model(variant("topk", lambda c: c["moe"]["layers"][1].update(top_k=99)))
 
     def duplicate(tensors):
-        tensors["model.layers.1.mlp.neuron_index"][0] = tensors["model.layers.1.mlp.neuron_index"][1]
-    with pytest.raises(ValueError, match="model.layers.1.mlp.neuron_index' is not a permutation of the 48"):
+        index = tensors["model.layers.1.mlp.neuron_index"]
+        index[0] = index[1]
+    with pytest.raises(ValueError,
+                       match="model.layers.1.mlp.neuron_index' is not a permutation of the 48"):
         M.load_model(variant("index", tensor_change=duplicate))
     with pytest.raises(ValueError, match="lacks 1 tensor.*model.layers.1.mlp.router.weight"):
-        M.load_model(variant("router", tensor_change=lambda t: t.pop("model.layers.1.mlp.router.weight")))
+        drop_router = lambda t: t.pop("model.layers.1.mlp.router.weight")
+        M.load_model(variant("router", tensor_change=drop_router))
 
 # ---- calibration and the CLI
 
@@ -383,8 +397,8 @@ def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     # dense was loaded for --eval
     assert "dense greedy: 'w1 w2 " in printed and "moe greedy:   'w1 w2 " in printed
-    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors", "report.json",
-                                       "tokenizer.json"]
+    assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors",
+                                       "report.json", "tokenizer.json"]
     moe = M.load_model(out)
     assert next(moe.parameters()).dtype == torch.float32  # bf16 on disk, loaded as asked
     assert report["active_fraction"] == pytest.approx(0.75)
