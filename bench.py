@@ -819,10 +819,8 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     convert_specs = {row: ConvertSpec(active=active, seed=seed, **parse_row(row)) for row in rows}
     for row, convert_spec in convert_specs.items():  # before any slow work
         if convert_spec.method == "dive":
-            check_dive_assign(convert_spec, len(task_files(data, "dive")) * parts, assigned=False)
-            if calib_samples < 4:
-                raise ValueError(f"--calib-samples {calib_samples}: DIVE's mining holds out every "
-                                 f"4th window of each domain: give at least 4")
+            check_dive_assign(convert_spec, len(task_files(data, "dive")) * parts, assigned=False,
+                              windows=calib_samples)
     spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed, **budget)
     results = []
     with scratch("dive") as work:
@@ -972,6 +970,8 @@ def run_command(a) -> list[dict]:
         torch.set_grad_enabled(False)
     if a.command in ("ffn", "model", "convert"):
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    if a.command in ("heal", "downcycle", "dive"):  # the training budget
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
     if a.command == "ppl":
         return [ppl(a.checkpoint, a.file, a.field, a.seqlen, a.max_windows, a.dtype, a.device)]
     elif a.command == "ffn":
@@ -995,19 +995,16 @@ def run_command(a) -> list[dict]:
         return export_bench(a.data, a.eps, a.calib_samples, a.calib_seqlen, a.holdout,
                             a.eval_windows, a.seed)
     elif a.command == "dive":
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
         return dive(a.data, a.rows, a.active, a.parts, budget, a.stage0, a.temperature,
                     a.calib_samples, a.calib_seqlen, a.val_windows, a.seed)
     elif a.command == "heal":
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, holdout=a.holdout)
         return heal(a.data, a.rows, a.active, budget, a.calib_samples, a.calib_seqlen,
                     a.val_windows, a.seed)
     else:
-        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr, min_lr=a.min_lr,
-                      holdout=a.holdout)
         layout = dict(active=a.active, n_experts=a.experts, n_shared=a.n_shared)
-        return downcycle(a.data, a.rows, layout, budget, a.balance, a.calib_samples, a.calib_seqlen,
-                         a.val_windows, a.val_every, a.seed, a.plot)
+        return downcycle(a.data, a.rows, layout, {**budget, "min_lr": a.min_lr}, a.balance,
+                         a.calib_samples, a.calib_seqlen, a.val_windows, a.val_every, a.seed,
+                         a.plot)
 
 
 if __name__ == "__main__":

@@ -823,11 +823,7 @@ def check_args(spec: weaver.ConvertSpec, data: DataSpec, device: str, max_shard_
     tasks = {parse_calib_spec(c)[1] for c in data.calib}
     if spec.method == "dive":
         weaver.check_dive_assign(spec, len(tasks) if data.calib else len(TASK_PROMPTS),
-                                 assigned=spec.dive_assign is not None)
-        if data.samples < 4 and spec.dive_assign is None:
-            raise ValueError(f"--calib-samples {data.samples}: DIVE's mining holds out every 4th "
-                             f"calibration window of each domain: give at least 4 windows per "
-                             f"domain")
+                                 assigned=spec.dive_assign is not None, windows=data.samples)
     sized_by_tasks = spec.method in ("expertweaver", "random") and spec.n_shared is None
     if data.calib and len(tasks) < 2 and sized_by_tasks:
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "

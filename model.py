@@ -284,6 +284,7 @@ class MLP(nn.Module):
 # routing. Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
 ROUTER_KINDS = ("centroid", "lsq", "linear", "cmoe", "gate", "oracle", "none")
+PARAMETRIC_ROUTERS = ("centroid", "lsq", "linear", "cmoe")  # gate and oracle have no parameters
 # how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
 #   sum      1: the training-free conversion. The router gets no gradient (top-k has none)
 #   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to
@@ -312,7 +313,7 @@ class Router(nn.Module):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
         self.kind = kind
-        if kind in ("centroid", "lsq", "linear", "cmoe"):
+        if kind in PARAMETRIC_ROUTERS:
             self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
         self.bias = nn.Parameter(torch.empty(n_experts)) if kind == "lsq" and bias else None  # (E,)
         if kind == "cmoe":

@@ -37,8 +37,8 @@ from torch.nn.utils import parametrize
 
 from convert import (check_out, exit_on_sigterm, output_dir, parse_calib_spec, perplexity,
                      read_text, resolve, split_heldout)
-from model import (MLP, ROUTINGS, Experts, MoEMLP, RMSNorm, load_config, load_model, load_tokenizer,
-                   save_checkpoint)
+from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, load_config,
+                   load_model, load_tokenizer, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -123,8 +123,8 @@ def check_model(spec: TrainSpec, cfg) -> None:
     if "router" in spec.train and routing == "sum":
         raise ValueError("--train router with sum routing: the router gets no gradient; use "
                          "--routing scaled or softmax (or move its selection with --bias-balance)")
-    trainable_router = cfg.moe["router"] in ("centroid", "lsq", "linear", "cmoe")
-    if ("router" in spec.train or spec.keep_function) and not trainable_router:
+    learns_router = "router" in spec.train or spec.keep_function
+    if learns_router and cfg.moe["router"] not in PARAMETRIC_ROUTERS:
         raise ValueError(f"the {cfg.moe['router']!r} router has no parameters to train or rescale")
 
 # -----------------------------------------------------------------------------

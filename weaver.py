@@ -687,6 +687,20 @@ def timed(timings: dict, stage: str):
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
+def run_batched(run, block, h: torch.Tensor, capture: bool = False):
+    """run(block, .) over h (n, T, D) in batches of about BATCH_TOKENS tokens -> the block's output
+    (n, T, D), and with capture also its FFN's inputs (n, T, D), taken by a hook while the block
+    runs, so nothing of the block is re-implemented."""
+    batch = max(1, BATCH_TOKENS // h.shape[1])  # windows per forward batch
+    inputs = []
+    hook = block.mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) \
+        if capture else None
+    out = torch.cat([run(block, h[j: j + batch]) for j in range(0, len(h), batch)])
+    if hook is not None:
+        hook.remove()
+    return (out, torch.cat(inputs)) if capture else out
+
+
 @torch.no_grad()
 def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, seed: int,
                 marker_tokens: torch.Tensor | None = None, timings: dict | None = None):
@@ -724,8 +738,7 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
     """Walks the blocks once, carrying the calibration hidden states forward, and yields (layer,
     block with its FFN `.mlp` converted in place, report row). blocks: an iterable of modules, read
     lazily; run(block, h) -> block output, h: (S, T, D) the embedded calibration windows, task:
-    (S,). Each FFN's inputs are captured by a hook while the block runs, so nothing of the block is
-    re-implemented."""
+    (S,)."""
     if spec.method in ("expertweaver", "random") and int(task.max()) < 1 and spec.n_shared is None:
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
                          f"tasks, which needs calibration from at least 2 tasks; got 1")
@@ -733,7 +746,6 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
         check_dive_assign(spec, int(task.max()) + 1)
     timings = {} if timings is None else timings
     S, T, _ = h.shape
-    batch = max(1, BATCH_TOKENS // T)  # windows per forward batch
     marker_tokens = None
     if spec.method == "cmoe":
         generator = torch.Generator().manual_seed(spec.seed)
@@ -746,22 +758,17 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
             block = next(blocks, None)
         if block is None:
             return
-        inputs = []
-        hook = block.mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
         with timed(timings, "forward"):
-            h_dense = torch.cat([run(block, h[j: j + batch]) for j in range(0, S, batch)])
-        hook.remove()
+            h_dense, x = run_batched(run, block, h, capture=True)  # x: (S, T, D) the FFN's inputs
         row = {"layer": i, "dense": True}
         if i not in spec.dense_layers:
-            x = torch.cat(inputs)  # (S, T, D)
             block.mlp, row = convert_ffn(block.mlp, x, task, spec, spec.seed + i, marker_tokens,
                                          timings)
             row = {"layer": i, "dense": False, **row}
-            del x
-        inputs.clear()
+        del x
         if spec.sequential and not row["dense"]:
             with timed(timings, "forward"):
-                h_dense = torch.cat([run(block, h[j: j + batch]) for j in range(0, S, batch)])
+                h_dense = run_batched(run, block, h)
         h = h_dense
         row["seconds"] = time.perf_counter() - t0
         yield i, block, row
@@ -772,11 +779,16 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
 # windows, and the domains whose pruned models behave alike grouped
 
 
-def check_dive_assign(spec: ConvertSpec, n_tasks: int, assigned: bool = True) -> None:
-    """The groups fit the calibration domains (before mining: their number does)."""
+def check_dive_assign(spec: ConvertSpec, n_tasks: int, assigned: bool = True,
+                      windows: int | None = None) -> None:
+    """The groups fit the calibration domains (before mining: their number does, and mining has a
+    held-out window in each domain's `windows` calibration windows)."""
     if spec.dive_groups > n_tasks:
         raise ValueError(f"dive_groups {spec.dive_groups} is more than the {n_tasks} calibration "
                          f"domain(s): DIVE builds one expert per group of domains")
+    if not assigned and windows is not None and windows < 4:
+        raise ValueError(f"--calib-samples {windows}: DIVE's mining holds out every 4th "
+                         f"calibration window of each domain: give at least 4 windows per domain")
     if not assigned:
         return
     assign = spec.dive_assign
@@ -806,28 +818,23 @@ def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
     of the windows rows ((S,) bool) from the last block's output h (n, T, D). Neurons are profiled
     on the dense model's inputs from 3 of every 4 windows of a domain and the pruned models scored
     on the 4th. -> (M, M) perplexity: row m the model pruned on domain m, column t domain t."""
-    n_tasks, T, task = int(task.max()) + 1, h.shape[1], task.to(h.device)
+    n_tasks, task = int(task.max()) + 1, task.to(h.device)
     held = validation_samples(task)
     if not all(held[task == t].any() for t in range(n_tasks)):
         raise ValueError("DIVE's mining holds out every 4th calibration window of each domain: "
                          "give at least 4 windows per domain (--calib-samples)")
-    batch = max(1, BATCH_TOKENS // T)
-    forward = lambda block, x: torch.cat([run(block, x[j: j + batch])
-                                          for j in range(0, len(x), batch)])
     dense_h, pruned_h, fit_task = h[~held], [h[held]] * n_tasks, task[~held]
     for i, block in enumerate(blocks):
-        dense, inputs = block.mlp, []
-        hook = dense.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-        dense_h = forward(block, dense_h)
-        hook.remove()
+        dense = block.mlp
+        dense_h, x = run_batched(run, block, dense_h, capture=True)
         if i in spec.dense_layers:
-            pruned_h = [forward(block, x) for x in pruned_h]
+            pruned_h = [run_batched(run, block, p) for p in pruned_h]
             continue
-        stats = profile_layer(torch.cat(inputs), dense, moments=True)
+        stats = profile_layer(x, dense, moments=True)
         keep = expert_dim(spec, dense.gate_proj.weight.shape[0])
         for m in range(n_tasks):
             block.mlp = pruned_ffn(dense, *flap_keep(stats, fit_task == m, keep))
-            pruned_h[m] = forward(block, pruned_h[m])
+            pruned_h[m] = run_batched(run, block, pruned_h[m])
         block.mlp = dense
     nll = torch.stack([score(x, held) for x in pruned_h])  # (M, held windows)
     held_task = task[held]
