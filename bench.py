@@ -51,10 +51,10 @@ import kernels
 from convert import (Calibration, calibration_from_files, calibration_from_model, convert,
                      convert_checkpoint, demo_checkpoint, exit_on_sigterm, heldout_tokens,
                      output_dir, peak_rss_gib, perplexity, read_text, resolve, split_heldout)
-from model import (MLP, Block, CheckpointWriter, ModelConfig, load_model, load_tokenizer,
-                   save_checkpoint)
-from weaver import (ConvertSpec, build_moe, check_dive_assign, fit_router, plan_expertweaver,
-                    profile_layer)
+from model import (MLP, Block, CheckpointWriter, ModelConfig, load_config, load_model,
+                   load_tokenizer, save_checkpoint)
+from weaver import (ConvertSpec, build_moe, check_dive_assign, check_layers, fit_router,
+                    plan_expertweaver, profile_layer)
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
@@ -139,8 +139,14 @@ def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str) ->
 
 def ppl(checkpoint: str, file: str, field: str | None, seqlen: int, max_windows: int | None,
         dtype: str, device: str) -> dict:
+    if seqlen < 2:
+        raise ValueError(f"--seqlen {seqlen} must be at least 2")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows {max_windows} must be at least 1")
     path = resolve(checkpoint)
     ids = load_tokenizer(path).encode(read_text(file, field)).ids
+    if len(ids) < seqlen:
+        raise ValueError(f"{file}: {len(ids)} tokens make no window of --seqlen {seqlen}")
     tokens = torch.tensor(ids, dtype=torch.int64)
     t0 = time.time()
     model = load_model(path, getattr(torch, dtype), device)
@@ -536,11 +542,33 @@ def parse_row(row: str) -> dict:
     return spec
 
 
+def row_specs(rows: list[str], actives: list[float], seed: int, cfg=None, **layout) -> dict:
+    """{(row, active): ConvertSpec} for every row ('+keep' and the like cut off) and active
+    fraction, checked (against the model's shapes, given its cfg) before any slow work, so that a
+    bad row or fraction is refused at once."""
+    specs = {}
+    for active in actives:
+        for row in rows:
+            try:
+                spec = ConvertSpec(active=active, seed=seed,
+                                   **{**layout, **parse_row(row.partition("+")[0])})
+                if cfg is not None:
+                    check_layers(spec, cfg.ffn_dim, cfg.n_layers)
+            except ValueError as e:
+                raise ValueError(f"row {row!r} at --active {active}: {e}") from None
+            specs[row, active] = spec
+    return specs
+
+
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
             eval_seqlen: int, eval_windows: int, holdout: float, seed: int,
             plot: str | None = None, plot_rows: list[str] | None = None) -> list[dict]:
     files = task_files(data, "quality")
     path = demo_checkpoint()
+    specs = row_specs(rows, actives, seed, load_config(path)[0])
+    unknown = set(plot_rows or ()) - set(rows)
+    if unknown:
+        raise ValueError(f"--plot-rows {', '.join(sorted(unknown))}: not among --rows")
     tokenizer = load_tokenizer(path)
     specs = [f"{f}:{task}" for task, f in files.items()]
     calib = calibration_from_files(tokenizer, specs, calib_samples, calib_seqlen, seed, holdout)
@@ -558,25 +586,23 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     print("dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items())
           + f" ({time.time() - t0:.0f}s)")
     results = []
-    for active in actives:
-        for row in rows:
-            spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
-            model = load_model(path)
-            t0 = time.time()
-            convert(model, calib, spec, log=lambda *_: None)
-            seconds = time.time() - t0
-            ppl = ppl_per_task(model)
-            flops = ffn_flops(model.cfg)
-            ratios = {t: ppl[t] / dense[t] for t in ppl}
-            used = flops["experts"] + flops["router"]
-            result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,
-                      "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds,
-                      "router_share": flops["router"] / used, "active_flops": used / flops["dense"]}
-            results.append(result)
-            print(f"{row:>55} active {active:.2f}: "
-                  + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
-                  + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of "
-                  f"MoE FLOPs ({seconds:.0f}s)", flush=True)
+    for (row, active), spec in specs.items():
+        model = load_model(path)
+        t0 = time.time()
+        convert(model, calib, spec, log=lambda *_: None)
+        seconds = time.time() - t0
+        ppl = ppl_per_task(model)
+        flops = ffn_flops(model.cfg)
+        ratios = {t: ppl[t] / dense[t] for t in ppl}
+        used = flops["experts"] + flops["router"]
+        result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,
+                  "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds,
+                  "router_share": flops["router"] / used, "active_flops": used / flops["dense"]}
+        results.append(result)
+        print(f"{row:>55} active {active:.2f}: "
+              + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
+              + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of "
+              f"MoE FLOPs ({seconds:.0f}s)", flush=True)
     print_quality_tables(results, dense)
     if plot:
         lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
@@ -702,19 +728,19 @@ def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_s
     """Each conversion healed with LoRA (attention and every FFN projection) and its router, with
     scaled routing (gamma = 0: training starts at the converted model itself); the dense model gets
     the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
+    task_files(data, "heal")
+    convert_specs = row_specs(rows, actives, seed, load_config(demo_checkpoint())[0])
     spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed, **budget)
     results = []
     with scratch("heal") as work:
         dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
-        for active in actives:
-            for row in rows:
-                convert_spec = ConvertSpec(active=active, seed=seed, **parse_row(row))
-                moe = os.path.join(work, "moe")
-                converted_into(path, moe, calib, convert_spec)
-                run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
-                             f"{row} {active}", val_seqlen)
-                results.append({"row": row, "active": active, **run})
+        for (row, active), convert_spec in convert_specs.items():
+            moe = os.path.join(work, "moe")
+            converted_into(path, moe, calib, convert_spec)
+            run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
+                         f"{row} {active}", val_seqlen)
+            results.append({"row": row, "active": active, **run})
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model before healing, and to the dense model healed "
           f"the same way after ({budget['tokens']} tokens, LoRA r 8 + router)\n")
@@ -740,6 +766,10 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     '+keep' starts at the converted model's function) trained with softmax routing and the balance
     loss, every parameter, on the same budget (tokens, seqlen, batch, lr, min_lr, holdout); the
     dense model trained the same way."""
+    task_files(data, "downcycle")
+    shape = {k: v for k, v in layout.items() if k != "active"}  # experts and shared ones
+    convert_specs = row_specs(rows, [layout["active"]], seed, load_config(demo_checkpoint())[0],
+                              **shape)
     spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
                                        train=("all",), **budget)
     results = []
@@ -747,8 +777,8 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
         dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense",
                         val_seqlen)
         for row in rows:
-            init, _, start = row.partition("+")
-            convert_spec = ConvertSpec(**layout, seed=seed, **parse_row(init))
+            start = row.partition("+")[2]
+            convert_spec = convert_specs[row, layout["active"]]
             moe = os.path.join(work, "moe")
             converted_into(path, moe, calib, convert_spec)
             train_spec = spec(routing="softmax", balance=balance, keep_function=start == "keep")
@@ -816,7 +846,7 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
     if parts < 1 or not 0 < stage0 < 1 or temperature <= 0:
         raise ValueError(f"--parts {parts} must be at least 1, --stage0 {stage0} in (0, 1) and "
                          f"--temperature {temperature} positive")
-    convert_specs = {row: ConvertSpec(active=active, seed=seed, **parse_row(row)) for row in rows}
+    convert_specs = {row: s for (row, _), s in row_specs(rows, [active], seed).items()}
     for row, convert_spec in convert_specs.items():  # before any slow work
         if convert_spec.method == "dive":
             check_dive_assign(convert_spec, len(task_files(data, "dive")) * parts, assigned=False,

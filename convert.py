@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import weaver
-from model import (MLP, CheckpointWriter, RMSNorm, Transformer, load_block, load_config,
-                   load_model, load_tokenizer, read_tensors, tensor_locations)
+from model import (MLP, CheckpointWriter, RMSNorm, Transformer, check_checkpoint,
+                   checkpoint_config, load_block, load_config, load_model, load_tokenizer,
+                   read_tensors)
 
 # -----------------------------------------------------------------------------
 # the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file
@@ -173,9 +174,22 @@ def resolve(path: str) -> str:
 MARKER = ".expertweaver"
 
 
-def check_out(out: str) -> None:
-    """Refuses, before any slow work, an output path that is not ours to replace or cannot be
-    written."""
+def within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies inside it, both resolved (links, .., relative)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_out(out: str, reads: tuple = ()) -> None:
+    """Refuses, before any slow work, an output path that is not ours to replace, that is, holds or
+    lies inside a path the run `reads` (its checkpoint, its text, the demo cache), or that cannot
+    be written; removes what killed runs left beside it."""
+    for given in reads:
+        if within(out, given) or within(given, out):
+            relation = "is" if within(given, out) and within(out, given) else \
+                "holds" if within(given, out) else "lies inside"
+            raise ValueError(f"--out {out} {relation} {given}, which this run reads: choose "
+                             f"another output path")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no "
                          f"{MARKER} file): choose another path, or remove it yourself")
@@ -186,6 +200,21 @@ def check_out(out: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
+    if os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        remove_stale_temporaries(os.path.dirname(os.path.abspath(out)))
+
+
+def check_space(out: str, need: int, what: str) -> None:
+    """Refuses, before any slow work, an output that the free space beside `out` cannot hold (the
+    new output is complete before an old one is removed, so the old one does not count)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+    if free < need:
+        raise ValueError(f"--out {out}: {what} needs about {size(need)} and {parent} has "
+                         f"{size(free)} free")
 
 
 def process_alive(pid: int) -> bool:
@@ -198,20 +227,41 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(parent: str, name: str) -> None:
-    # what earlier runs for the same output left when they were killed: their process is gone
+def remove_stale_temporaries(parent: str) -> None:
+    """Removes the temporaries that killed runs of ours left in `parent`, for any output: a
+    directory named as output_dir names them, whose process is gone, holding our marker (itself or
+    in its one entry; an empty one is left by a kill between two steps)."""
     for entry in os.listdir(parent):
-        match = re.fullmatch(rf"\.(tmp|old)-{re.escape(name)}-(\d+)-[a-z0-9_]+", entry)
-        if match and not process_alive(int(match.group(2))):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            print(f"removed {os.path.join(parent, entry)}, left by an interrupted earlier run")
+        match = re.fullmatch(r"\.(tmp|old)-.+-(\d+)-[a-z0-9_]{8}", entry)
+        path = os.path.join(parent, entry)
+        if not match or not os.path.isdir(path) or process_alive(int(match.group(2))):
+            continue
+        inside = os.listdir(path)
+        ours = MARKER in inside or not inside or (
+            len(inside) == 1 and os.path.isfile(os.path.join(path, inside[0], MARKER)))
+        if ours:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an interrupted earlier run (process "
+                  f"{match.group(2)})", flush=True)
+
+
+def ours_temporary(out: str, kind: str = "tmp") -> str:
+    """A new empty directory beside `out`, named so that remove_stale_temporaries recognises it
+    once this process is gone, and marked as ours."""
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(prefix=f".{kind}-{name}-{os.getpid()}-", dir=parent)
+    if kind == "tmp":
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write("written by expertweaver; a later run with the same output path replaces it\n")
+    return tmp
 
 
 @contextmanager
-def output_dir(out: str):
+def output_dir(out: str, previous: str | None = None):
     """Yields a temporary directory beside `out` that becomes `out` (replacing an earlier output of
     ours) when the block finishes, and is removed on any error, Ctrl-C or SIGTERM included (the CLIs
-    turn SIGTERM into SystemExit): `out` is never half-written."""
+    turn SIGTERM into SystemExit): `out` is never half-written. A failed write (a full disk) says
+    what `out` still holds: `previous`, or what it held before the run."""
     check_out(out)
     parent, name = os.path.split(os.path.abspath(out))
     made = []  # the parent directories this call creates, removed again on failure
@@ -221,20 +271,24 @@ def output_dir(out: str):
     for d in reversed(made):
         os.mkdir(d)
     parent = os.path.dirname(os.path.abspath(out))
-    remove_stale_temporaries(parent, name)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=parent)
+    existed = os.path.exists(out)
+    tmp = ours_temporary(out)
     try:
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            f.write("written by expertweaver; a later run with the same output path replaces it\n")
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp made it private
-        if os.path.exists(out):  # move the old one aside, rename, then delete the old one
-            old = tempfile.mkdtemp(prefix=f".old-{name}-{os.getpid()}-", dir=parent)
+        if existed:  # move the old one aside, rename, then delete the old one
+            old = ours_temporary(out, "old")
             os.replace(out, os.path.join(old, name))
             os.replace(tmp, out)
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        kept = f"{out} still holds {previous}" if previous and existed else \
+            f"{out} is as it was before this run" if existed else f"nothing was written to {out}"
+        raise OSError(f"{e}; {kept}") from e
     except BaseException:
         if made:
             shutil.rmtree(made[-1], ignore_errors=True)
@@ -289,8 +343,7 @@ def read_text(file: str, field: str | None = None) -> str:
     """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields
     joined by a newline; by default "text", or else every string field), documents joined by a blank
     line."""
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found")
+    check_file(file)
     try:
         with open(file, encoding="utf-8") as f:
             text = f.read()
@@ -315,6 +368,14 @@ def read_text(file: str, field: str | None = None) -> str:
             raise ValueError(f"{file}:{lineno}: no field {e.args[0]!r} (fields: "
                              f"{', '.join(record)})") from None
     return "\n\n".join(docs)
+
+
+def check_file(file: str) -> None:
+    if os.path.isdir(file):
+        raise IsADirectoryError(f"{file} is a directory: give a text file (.txt or .jsonl); "
+                                f"repeat the flag for several")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found")
 
 
 def split_heldout(ids: list[int], holdout: float) -> tuple[list[int], list[int]]:
@@ -503,7 +564,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     cfg, hf_config = load_config(path)
     if cfg.moe is not None:
         raise ValueError(f"{path} is already an MoE checkpoint: convert the dense checkpoint")
-    where = tensor_locations(path)
+    where = check_checkpoint(path, cfg)
     with torch.device("meta"):
         skeleton = Transformer(cfg)  # no memory: the names, shapes and rope of the real model
     cast = lambda t: t.to(save_dtype) if t.is_floating_point() else t
@@ -540,7 +601,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
             writer.add(name, cast(tensor))
         writer.finish()
-        files = {"config.json": {**hf_config, "moe": moe_cfg}, **(extra or {})}
+        files = {"config.json": checkpoint_config(hf_config, moe_cfg, save_dtype), **(extra or {})}
         for name, content in files.items():
             writer.json(name, content)
         writer.copy_tokenizer(path)
@@ -562,7 +623,9 @@ def perplexity(model: Transformer, tokens: torch.Tensor, seqlen: int = 2048,
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    assert n_windows > 0, f"{tokens.numel()} tokens make no window of {seqlen}"
+    if n_windows < 1:
+        raise ValueError(f"{tokens.numel()} tokens make no window of {seqlen} tokens" +
+                         (f" (at most {max_windows} windows)" if max_windows is not None else ""))
     device = model.embed_tokens.weight.device
     windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
     nll_sum, count = 0.0, 0
@@ -640,12 +703,12 @@ def export_problems(cfg) -> list[str]:
     routed = {i: layer for i, layer in enumerate(moe["layers"]) if layer and layer["top_k"]}
     if not routed:
         problems.append("no layer routes (static pruning): it is a smaller dense model, not an MoE")
-    if len({(layer["routed_experts"], layer["top_k"]) for layer in routed.values()}) > 1:
-        sizes = ", ".join(f"{i}: {layer['top_k']} of {layer['routed_experts']}"
-                          for i, layer in routed.items())
-        problems.append(f"layers route different numbers of experts (layer: top-k of routed = "
-                        f"{sizes}) and Qwen2-MoE has one per model: convert with a uniform "
-                        f"allocation, --n-shared N")
+    sizes = sorted({(layer["top_k"], layer["routed_experts"]) for layer in routed.values()})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{k} of {e}" for k, e in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+        problems.append(f"its {len(routed)} routed layers take {len(sizes)} different top-k of "
+                        f"routed experts ({shown}), and Qwen2-MoE has one per model: convert with "
+                        f"a uniform allocation, --n-shared N")
     if routed and moe["router"] not in EXPORTABLE_ROUTERS:
         problems.append(f"the {moe['router']!r} router does not score linearly: convert with "
                         f"--router centroid or lsq")
@@ -727,7 +790,7 @@ def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None,
               "dense": [i for i, layer in enumerate(moe["layers"])
                         if not (layer and layer["top_k"])],
               "dtype": str(save_dtype).removeprefix("torch.")}
-    where = tensor_locations(path)
+    where = check_checkpoint(path, cfg)
     with torch.device("meta"):
         skeleton = Transformer(cfg)
     worst = []
@@ -818,8 +881,7 @@ def check_args(spec: weaver.ConvertSpec, data: DataSpec, device: str, max_shard_
     if max_shard_gb <= 0:
         raise ValueError(f"--max-shard-gb {max_shard_gb} must be positive")
     for file in [parse_calib_spec(c)[0] for c in data.calib] + list(data.evals):
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} not found")
+        check_file(file)
     tasks = {parse_calib_spec(c)[1] for c in data.calib}
     if spec.method == "dive":
         weaver.check_dive_assign(spec, len(tasks) if data.calib else len(TASK_PROMPTS),
@@ -846,10 +908,15 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     check_args(spec, data, device, max_shard_gb)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
+    check_checkpoint(path, cfg)
     name = os.path.basename(os.path.normpath(path))
+    # what this run reads, which --out must not touch
+    reads = (path, cache_dir(), *(parse_calib_spec(c)[0] for c in data.calib), *data.evals)
+    write_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
     if cfg.moe is not None and format == "qwen2_moe":  # an MoE checkpoint: export it, nothing else
         out = out or os.path.join("out", f"{name}-qwen2_moe")
-        check_out(out)
+        check_out(out, reads)
+        check_space(out, output_bytes(cfg, None, write_dtype), "the export")
         layout = export_qwen2_moe(path, out, getattr(torch, save_dtype) if save_dtype else None,
                                   log=progress)
         print(f"wrote {out}: Qwen2-MoE, {layout['experts']} experts, top-{layout['top_k']}, shared "
@@ -866,12 +933,14 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
         raise ValueError("--format qwen2_moe: " + "; ".join(problems))
     out = out or os.path.join("out", f"{name}-{spec.method}-{round(spec.active * 100)}"
                                      + ("-qwen2_moe" if format == "qwen2_moe" else ""))
-    check_out(out)
+    check_out(out, reads)
     # a Qwen2-MoE export is converted into a temporary checkpoint of ours first, removed at the end
-    parent, base = os.path.split(os.path.abspath(out))
+    copies = 2 if format == "qwen2_moe" else 1
+    check_space(out, copies * output_bytes(cfg, spec, write_dtype), "the conversion")
     work = None
     if format == "qwen2_moe":
-        work = tempfile.mkdtemp(prefix=f".tmp-{base}-{os.getpid()}-", dir=parent)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        work = ours_temporary(out)
     try:
         target = os.path.join(work, "moe") if work else out
         report = convert_and_evaluate(path, cfg, hf_config, target, spec, data, dtype, save_dtype,
@@ -885,6 +954,25 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     print(f"wrote {out}" + (" as Qwen2-MoE" if work else "") + f" (active fraction "
           f"{report['active_fraction']:.3f}) in {time.time() - t_start:.1f}s total")
     return report
+
+
+def output_bytes(cfg, spec: weaver.ConvertSpec | None, dtype: torch.dtype) -> int:
+    """About what a conversion (or, spec None, an export) writes, from the dense model's shapes:
+    every weight in `dtype`, DIVE's overlapping experts growing the FFN, and each layer's router
+    and neuron index, with 5% to spare."""
+    with torch.device("meta"):
+        dense = Transformer(replace(cfg, moe=None))
+    size = torch.empty((), dtype=dtype).element_size()
+    params = sum(p.numel() for p in dense.parameters())  # a tied embedding counts once
+    neurons = cfg.ffn_dim
+    experts = spec.n_experts if spec else max(layer["routed_experts"] if layer else 0
+                                              for layer in cfg.moe["layers"])
+    if spec and spec.method == "dive":
+        neurons = spec.dive_groups * weaver.expert_dim(spec, cfg.ffn_dim)
+        experts = spec.dive_groups
+    per_layer = ((neurons - cfg.ffn_dim) * 3 * cfg.dim + experts * 2 * (cfg.dim + 1)) * size \
+        + neurons * 8  # the int64 neuron index
+    return int(1.05 * (params * size + cfg.n_layers * per_layer))
 
 
 def progress(line: str) -> None:

@@ -24,6 +24,12 @@ from safetensors import safe_open
 # config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# An MoE checkpoint of ours says so in config.json: model_type "expertweaver", the base family in
+# base_model_type. transformers, vLLM and lm-eval then refuse it ("model type `expertweaver` ...
+# does not recognize this architecture") instead of loading the base model with random FFN
+# weights. Stock engines load the --format qwen2_moe export.
+MOE_MODEL_TYPE = "expertweaver"
+MOE_ARCHITECTURE = "ExpertWeaverMoEForCausalLM"
 
 
 @dataclass
@@ -58,6 +64,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         model_type = hf.get("model_type")
+        if model_type == MOE_MODEL_TYPE:
+            if not isinstance(hf.get("moe"), dict):
+                raise ValueError(f"{source}: model_type {MOE_MODEL_TYPE!r} without a 'moe' section")
+            model_type = hf.get("base_model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
                              f"converts decoder-only SiLU-GLU models: "
@@ -575,6 +585,12 @@ class Transformer(nn.Module):
         early once every row has produced eos_id (rows that finished first are padded with it).
         on_step(i) is called after the i-th new token (progress)."""
         B, T = prompt.shape
+        if T < 1 or max_new_tokens < 1:
+            raise ValueError(f"generate needs a prompt token and a new token at least (prompt of "
+                             f"{T}, max_new_tokens {max_new_tokens})")
+        if T + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"{T} prompt tokens + {max_new_tokens} new ones exceed the model's "
+                             f"max_position_embeddings {self.cfg.max_seq_len}")
         device = prompt.device
         self.setup_caches(B, T + max_new_tokens)
         logits = self(prompt, torch.arange(T, device=device))[:, -1]  # (B, V)
@@ -622,8 +638,12 @@ def tensor_locations(path: str) -> dict[str, str]:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a "
+                             f"'weight_map'): {e}") from None
         where = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
         for shard in sorted(set(where.values())):
             if not os.path.isfile(shard):
@@ -632,10 +652,85 @@ def tensor_locations(path: str) -> dict[str, str]:
                                         f"to it (e.g. {names[0]!r})")
         return where
     if os.path.isfile(single):
-        with open_safetensors(single) as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in read_header(single)}
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor "
                             f"model.safetensors.index.json")
+
+
+# bytes per element of each safetensors dtype; the float ones are what a weight may be stored as
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+               "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def read_header(file: str) -> dict[str, dict]:
+    """A safetensors file's header, {name: {"dtype", "shape", "data_offsets"}}, each tensor's byte
+    range checked against the file's size: a truncated or corrupt file is found before any tensor
+    is read (the library itself finds it only when that tensor is read)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{file}: not a safetensors file, or truncated ({size} bytes, header "
+                             f"length {n})")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+            raise ValueError(f"{file}: its safetensors header is not a JSON object: the file is "
+                             f"corrupt") from None
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            length = math.prod(shape) * DTYPE_BYTES[dtype]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{file}: tensor {name!r} has a malformed header entry "
+                             f"{str(entry)[:80]}") from None
+        if not 0 <= start <= end or end - start != length:
+            raise ValueError(f"{file}: tensor {name!r} ({dtype} {shape}) spans bytes {start}-{end} "
+                             f"of the data, not the {length} its shape needs: the file is corrupt")
+        if end > data_bytes:
+            raise ValueError(f"{file}: tensor {name!r} ends {end - data_bytes} bytes past the end "
+                             f"of the file ({size} bytes): the file is truncated, copy it again")
+    return header
+
+
+def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
+    """Every tensor file's header checked before any weight is read or any slow work starts: byte
+    ranges against the file's size, and names, shapes and dtypes against what config.json implies.
+    -> {tensor name: file}, as tensor_locations."""
+    where = tensor_locations(path)
+    headers = {file: read_header(file) for file in sorted(set(where.values()))}
+    with torch.device("meta"):
+        model = Transformer(cfg)  # no memory: the names and shapes of the real model
+    expected = {hf_name(n): t for n, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    for name, file in where.items():
+        entry = headers[file].get(name)
+        if entry is None:
+            raise ValueError(f"{file}: no tensor {name!r}, which the index maps to this file")
+        if name not in expected:
+            tied = cfg.tie_embeddings and name == "lm_head.weight"
+            if name.endswith(IGNORED_SUFFIXES) or tied:
+                continue
+            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
+                             f"model with this config.json")
+        want, shape = expected[name], tuple(entry["shape"])
+        if shape != tuple(want.shape):
+            raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
+                             f"{tuple(want.shape)}")
+        if want.is_floating_point() != (entry["dtype"] in FLOAT_DTYPES) or entry["dtype"] == "BOOL":
+            kind = "a float (F32, BF16, F16)" if want.is_floating_point() else "an integer"
+            raise ValueError(f"{file}: tensor {name!r} is {entry['dtype']} where {kind} tensor "
+                             f"belongs")
+    missing = sorted(n for n in expected if n not in where)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
+                         f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    return where
 
 
 def open_safetensors(file: str, device="cpu"):
@@ -697,16 +792,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     cfg, _ = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
+    where = check_checkpoint(path, cfg)
     expected = {hf_name(n): t for n, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
-    where = tensor_locations(path)
-    for name, file in where.items():
-        tied = cfg.tie_embeddings and name == "lm_head.weight"
-        ignored = name.endswith(IGNORED_SUFFIXES) or tied
-        if name not in expected and not ignored:
-            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
-                             f"model with this config.json")
     state = read_tensors(path, expected, dtype, device, where)
     check_index_maps(cfg, state, where)
     state = {n.removeprefix("model."): t for n, t in state.items()}
@@ -744,6 +833,33 @@ def load_tokenizer(path: str):
 # saving: sharded safetensors and JSON into a directory (convert.output_dir makes it atomic)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], file: str) -> None:
+    """safetensors' save_file, readable by others, with its errors (a full disk among them) raised
+    as one OSError naming the file."""
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, file, metadata={"format": "pt"})
+    except Exception as e:  # SafetensorError is no OSError; its message says what the OS said
+        raise OSError(f"cannot write {file}: {str(e).removeprefix('Error while serializing: ')}") \
+            from e
+    os.chmod(file, 0o644)  # safetensors creates it private; a checkpoint is read by others too
+
+
+def checkpoint_config(hf_config: dict, moe: dict | None, dtype: torch.dtype) -> dict:
+    """The config.json written beside the tensors: the source's entries, its dtype the one the
+    tensors have, and for an MoE our own model_type (MOE_MODEL_TYPE) with the family kept in
+    base_model_type, so no stock loader takes it for the dense model."""
+    config = {k: v for k, v in hf_config.items() if k != "moe"}
+    name = str(dtype).removeprefix("torch.")
+    config |= {key: name for key in [k for k in ("torch_dtype", "dtype") if k in config]
+               or ["torch_dtype"]}
+    if moe is None:
+        return config
+    if config.get("model_type") != MOE_MODEL_TYPE:
+        config["base_model_type"] = config.get("model_type")
+    return config | {"model_type": MOE_MODEL_TYPE, "architectures": [MOE_ARCHITECTURE], "moe": moe}
+
+
 class CheckpointWriter:
     """Fills a checkpoint directory: tensors in shards of at most max_bytes (a bigger tensor gets a
     shard of its own, so the writer never holds more than one shard), JSON files, tokenizer files.
@@ -766,12 +882,9 @@ class CheckpointWriter:
         self.total_bytes += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
         if self.pending:
             file = os.path.join(self.directory, f"shard-{len(self.shards)}.tmp")
-            save_file(self.pending, file, metadata={"format": "pt"})
-            # safetensors creates it private; a checkpoint is read by others too
-            os.chmod(file, 0o644)
+            save_safetensors(self.pending, file)
             self.shards.append(list(self.pending))
             self.pending, self.pending_bytes = {}, 0
 
@@ -803,17 +916,20 @@ class CheckpointWriter:
 
 def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
                     copy_from: str | None = None, extra: dict[str, dict] | None = None,
-                    max_shard_bytes: int = 2 << 30, state: dict[str, torch.Tensor] | None = None):
+                    max_shard_bytes: int = 2 << 30, state: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None):
     """The model (config.json with its moe section, safetensors shards), the tokenizer files of
     `copy_from` and any `extra` JSON files, written into `directory`. `state` replaces the model's
-    state_dict (train.py passes one with its adapters merged)."""
+    state_dict (train.py passes one with its adapters merged); float tensors are written in `dtype`
+    (default: the model's), and config.json says which."""
     os.makedirs(directory, exist_ok=True)
+    dtype = dtype or model.embed_tokens.weight.dtype
     writer = CheckpointWriter(directory, max_shard_bytes)
     for name, tensor in (model.state_dict() if state is None else state).items():
         if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
-            writer.add(hf_name(name), tensor)
+            writer.add(hf_name(name), tensor.to(dtype) if tensor.is_floating_point() else tensor)
     writer.finish()
-    files = {"config.json": {**hf_config, "moe": model.cfg.moe}, **(extra or {})}
+    files = {"config.json": checkpoint_config(hf_config, model.cfg.moe, dtype), **(extra or {})}
     for name, content in files.items():
         writer.json(name, content)
     writer.copy_tokenizer(copy_from)
@@ -824,12 +940,38 @@ def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
 
 def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
          seed: int, dtype: str, device: str) -> str:
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature} must be 0 (greedy) or positive")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k {top_k} must be at least 1 (or left out: every token)")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, "
+                         f"...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if checkpoint == "demo":  # the CLI only: the library part of this file imports nothing of ours
+        from convert import demo_checkpoint
+        checkpoint = demo_checkpoint()
+    cfg, _ = load_config(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
+    ids = tokenizer.encode(prompt).ids
+    if not ids:  # nothing to continue: start from the beginning-of-text token, as HF does
+        if cfg.bos_token_id is None:
+            raise ValueError(f"--prompt {prompt!r} has no tokens and {checkpoint} names no "
+                             f"bos_token_id to start from: give some text")
+        ids = [cfg.bos_token_id]
+    if len(ids) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
+                         f"exceed the model's max_position_embeddings {cfg.max_seq_len}")
     model = load_model(checkpoint, getattr(torch, dtype), device)
-    ids = torch.tensor([tokenizer.encode(prompt).ids], dtype=torch.int64, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    eos = model.cfg.eos_token_id if isinstance(model.cfg.eos_token_id, int) else None
-    out = model.generate(ids, max_new_tokens, temperature, top_k, eos, generator)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None
+    out = model.generate(torch.tensor([ids], dtype=torch.int64, device=device), max_new_tokens,
+                         temperature, top_k, eos, generator)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -839,8 +981,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
-                   "tokenizer.json)")
-    p.add_argument("--prompt", default="The capital of France is", help="the text to continue")
+                   "tokenizer.json), or 'demo' for SmolLM2-135M-Instruct (built on first use)")
+    p.add_argument("--prompt", default="The capital of France is",
+                   help="the text to continue ('' starts from the beginning-of-text token)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -852,5 +995,5 @@ if __name__ == "__main__":
     try:
         print(main(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed,
                    a.dtype, a.device))
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file or tensor
+    except (ValueError, OSError) as e:  # bad input: the message names the file, tensor or flag
         sys.exit(f"model.py: error: {e}")

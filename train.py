@@ -28,17 +28,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from convert import (check_out, exit_on_sigterm, output_dir, parse_calib_spec, perplexity,
-                     read_text, resolve, split_heldout)
-from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, load_config,
-                   load_model, load_tokenizer, save_checkpoint)
+from convert import (cache_dir, check_file, check_out, check_space, exit_on_sigterm, output_dir,
+                     parse_calib_spec, perplexity, read_text, resolve, source_dtype, split_heldout)
+from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
+                   load_config, load_model, load_tokenizer, save_checkpoint, save_safetensors)
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -51,10 +51,11 @@ class TrainSpec:
     data: tuple = ()                  # FILE[:TASK] specs, as convert.py's --calib
     field: str | None = None          # .jsonl field(s)
     holdout: float = 0.1              # each file's tail, never trained on: the validation text
-    train: tuple = ("lora", "router")  # what learns: TRAINABLE
+    train: tuple | None = None        # what learns: TRAINABLE; None: with_defaults chooses
     lora_rank: int = 8
     lora_alpha: float = 32.0
-    routing: str | None = None        # an MoE's routing while training (ROUTINGS); None: its own
+    routing: str | None = None        # an MoE's routing while training (ROUTINGS); None: its own,
+                                      # or scaled where the router learns from sum routing
     norm_topk: bool = False           # softmax: renormalise the top-k weights
     keep_function: bool = False       # sum -> softmax: start at (almost) the sum model's function
     dense_routing: float | None = None  # DIVE's stage 0: every expert, softmax(scores / this)
@@ -75,7 +76,36 @@ class TrainSpec:
     seed: int = 0
 
     def __post_init__(self):
-        self.data, self.train = tuple(self.data), tuple(self.train)
+        self.data = tuple(self.data)
+        self.train = tuple(self.train) if self.train is not None else None
+        for name in ("lr", "balance", "bias_balance", "warmup", "weight_decay", "lora_alpha",
+                     "grad_clip"):
+            value, low = getattr(self, name), "positive" if name == "lr" else "non-negative"
+            if value < 0 or (value == 0 and name == "lr"):
+                raise ValueError(f"--{name.replace('_', '-')} {value} must be {low}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"--beta2 {self.beta2} must be in [0, 1)")
+        self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        if self.routing is not None and self.routing not in ROUTINGS:
+            raise ValueError(f"--routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
+        if self.keep_function and self.routing != "softmax":
+            raise ValueError("--keep-function rescales a sum-routed MoE for --routing softmax")
+        if self.dense_routing is not None and self.dense_routing <= 0:
+            raise ValueError(f"--dense-routing {self.dense_routing} must be a positive temperature")
+        for name in ("lora_rank", "seqlen", "batch", "accum", "tokens"):
+            low = 2 if name == "seqlen" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at "
+                                 f"least {low}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps {self.steps} must be at least 1")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout {self.holdout} must be in (0, 1): the tail is the "
+                             f"validation text")
+        if self.train is None:  # with_defaults chooses, and checks again
+            return
         unknown = [name for name in self.train if name not in TRAINABLE]
         if unknown:
             raise ValueError(f"--train {','.join(unknown)}: not one of {', '.join(TRAINABLE)}")
@@ -84,24 +114,27 @@ class TrainSpec:
         if "lora" in self.train and ("all" in self.train or "experts" in self.train):
             raise ValueError("--train lora with experts or all: those already train the weights "
                              "the adapters would adapt")
-        if self.routing is not None and self.routing not in ROUTINGS:
-            raise ValueError(f"--routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
-        if self.keep_function and self.routing != "softmax":
-            raise ValueError("--keep-function rescales a sum-routed MoE for --routing softmax")
-        if self.dense_routing is not None and self.dense_routing <= 0:
-            raise ValueError(f"--dense-routing {self.dense_routing} must be a positive temperature")
-        for name in ("lora_rank", "seqlen", "batch", "accum", "tokens"):
-            if getattr(self, name) < (2 if name == "seqlen" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is too small")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps {self.steps} must be at least 1")
-        if not 0 < self.holdout < 1:
-            raise ValueError(f"--holdout {self.holdout} must be in (0, 1): the tail is the "
-                             f"validation text")
-        if self.lr <= 0 or self.balance < 0 or self.bias_balance < 0 or self.warmup < 0:
-            raise ValueError("--lr must be positive; --balance, --bias-balance and --warmup "
-                             "non-negative")
-        self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+def with_defaults(spec: TrainSpec, cfg) -> tuple[TrainSpec, str]:
+    """What the flags left open, chosen for the common case of the checkpoint: healing for a
+    converted MoE (LoRA and the router, with CMoE's `scaled` routing where the router would learn
+    from `sum`, which gives it no gradient), LoRA for a dense model. -> (the spec, what was
+    chosen, for the log)."""
+    moe = cfg.moe
+    routes = moe is not None and any(layer and layer["top_k"] for layer in moe["layers"])
+    train, routing, chosen = spec.train, spec.routing, []
+    if train is None:
+        learnable = routes and moe["router"] in PARAMETRIC_ROUTERS
+        train = ("lora", "router") if learnable else ("lora",)
+        chosen.append(f"--train {','.join(train)}")
+    own = moe.get("routing", "sum") if moe is not None else None
+    if routing is None and "router" in train and own == "sum" and not spec.bias_balance:
+        routing = "scaled"
+        chosen.append("--routing scaled")
+    spec = replace(spec, train=train, routing=routing)
+    kind = "dense" if moe is None else "MoE"
+    return spec, f"for a {kind} checkpoint: {' '.join(chosen)}" if chosen else ""
 
 
 def check_model(spec: TrainSpec, cfg) -> None:
@@ -289,11 +322,42 @@ def moe_layers(model) -> list[MoEMLP]:
 # checkpoints: the merged model to use, and the training state to resume from (safetensors + JSON)
 
 
-def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: dict, step: int,
-         steps: int, spec: TrainSpec, world: int, log_rows: list[dict]) -> None:
-    from safetensors.torch import save_file
-    with output_dir(out) as tmp:
-        save_checkpoint(model, hf_config, tmp, copy_from=source, state=merged_state(model))
+def fingerprint(path: str) -> str:
+    """SHA-256 of a checkpoint's config.json and tensor files (about 1 GB/s): a resumed run checks
+    that the base it continues is the base it was trained from, not, say, a merged copy."""
+    import hashlib
+    digest = hashlib.sha256()
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in ["config.json", *files]:
+        digest.update(name.encode())
+        with open(os.path.join(path, name), "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolved_data(spec: TrainSpec) -> TrainSpec:
+    """The spec with every data file as its real path and task, so that a resumed run matches
+    whichever way (relative, absolute, through a link) the files are named."""
+    data = [parse_calib_spec(d) for d in spec.data]
+    return replace(spec, data=tuple(f"{os.path.realpath(file)}:{task}" for file, task in data))
+
+
+def save_bytes(n_weights: int, trainable: dict, dtype: torch.dtype) -> int:
+    """About what save() writes: the model's n_weights in `dtype` (adapters merged), the
+    trainable parameters and AdamW's two moments of each, with 5% to spare."""
+    state = sum(3 * p.numel() * p.element_size() for p in trainable.values())
+    return int(1.05 * (n_weights * dtype.itemsize + state))
+
+
+def save(out: str, model, hf_config: dict, base: dict, optimizer, trainable: dict, step: int,
+         steps: int, spec: TrainSpec, world: int, log_rows: list[dict], dtype: torch.dtype,
+         previous: str | None) -> None:
+    """The merged model in `dtype` and the training state, replacing `out` atomically; a failed
+    write (a full disk) says what `out` still holds."""
+    with output_dir(out, previous) as tmp:
+        save_checkpoint(model, hf_config, tmp, copy_from=base["path"], state=merged_state(model),
+                        dtype=dtype)
         tensors = {f"param.{n}": p.detach() for n, p in trainable.items()}
         tensors |= {f"buffer.{n}": b for n, b in model.named_buffers() if n.endswith("select_bias")}
         ids = {id(p): n for n, p in trainable.items()}
@@ -301,17 +365,19 @@ def save(out: str, model, hf_config: dict, source: str, optimizer, trainable: di
             for p in group["params"]:
                 for key, value in optimizer.state.get(p, {}).items():
                     tensors[f"optimizer.{ids[id(p)]}.{key}"] = value
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
-                  os.path.join(tmp, "train_state.safetensors"))
-        state = {"step": step, "steps": steps, "source": source, "world": world,
-                 "spec": asdict(spec), "lr": [g["lr"] for g in optimizer.param_groups]}
+        save_safetensors({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+                         os.path.join(tmp, "train_state.safetensors"))
+        state = {"step": step, "steps": steps, "source": base["path"],
+                 "source_sha256": base["sha256"], "world": world,
+                 "spec": asdict(resolved_data(spec)),
+                 "lr": [g["lr"] for g in optimizer.param_groups]}
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in log_rows)
 
 
-def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, source: str,
+def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, base: dict,
                world: int) -> tuple[int, list[dict]]:
     """Restores what save() wrote, after checking it belongs to the same training: -> (step, log
     rows)."""
@@ -322,14 +388,18 @@ def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, sou
                                 f"into --out)")
     with open(file) as f:
         state = json.load(f)
-    mine = json.loads(json.dumps(asdict(spec)))  # tuples as lists, like the saved JSON
+    mine = json.loads(json.dumps(asdict(resolved_data(spec))))  # tuples as lists, as saved
     for key in sorted(set(mine) | set(state["spec"])):
         if mine.get(key) != state["spec"].get(key):
             raise ValueError(f"--resume: {out} was trained with {key} = "
                              f"{state['spec'].get(key)!r}, this run asks for {mine.get(key)!r}")
-    if (state["source"], state["world"]) != (source, world):
-        raise ValueError(f"--resume: {out} continued {state['source']} on {state['world']} "
-                         f"processes, this run {source} on {world}")
+    if state["world"] != world:
+        raise ValueError(f"--resume: {out} trained on {state['world']} processes, this run on "
+                         f"{world}")
+    if state.get("source_sha256") != base["sha256"]:
+        raise ValueError(f"--resume: {base['path']} is not the checkpoint {out} was trained from "
+                         f"({state['source']}; its tensors or config.json differ, or the state "
+                         f"predates this check): resume from that one, or start afresh")
     tensors = load_file(os.path.join(out, "train_state.safetensors"))
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -447,23 +517,36 @@ def train_step(ddp, windows: torch.Tensor, step: int, spec: TrainSpec, optimizer
             "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
 
 
-def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val_windows: int = 8,
+def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val_windows: int = 4,
           val_every: int = 50, log_every: int = 10, save_every: int = 0, resume: bool = False,
-          dtype: str = "float32", device: str = "cpu", log=print) -> list[dict]:
-    """Trains the checkpoint as the spec says and writes the result to `out` (at the end, and every
-    save_every steps). Returns the log rows: training steps, and validation ppl per task."""
+          dtype: str = "float32", device: str = "cpu", save_dtype: str | None = None,
+          log=print) -> list[dict]:
+    """Trains the checkpoint as the spec says (with_defaults filling what it leaves open) and
+    writes the result to `out` (at the end, and every save_every steps) with its float weights in
+    save_dtype (default: the checkpoint's). Returns the log rows: training steps, and validation
+    ppl per task."""
+    for flag, value, low in (("--val-seqlen", val_seqlen, 2), ("--val-windows", val_windows, 1),
+                             ("--val-every", val_every, 1), ("--log-every", log_every, 1),
+                             ("--save-every", save_every, 0)):
+        if value < low:
+            raise ValueError(f"{flag} {value} must be at least {low}")
     rank, world, device = setup_distributed(device)
     say = log if rank == 0 else (lambda *_: None)
     for file in (parse_calib_spec(d)[0] for d in spec.data):
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} not found")
+        check_file(file)
     if not spec.data:
         raise ValueError("--data: give at least one text file to train on")
-    if not resume:
-        check_out(out)
+    reads = (checkpoint if checkpoint != "demo" else cache_dir(), cache_dir(),
+             *(parse_calib_spec(d)[0] for d in spec.data))
+    check_out(out, reads)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
+    spec, chosen = with_defaults(spec, cfg)
+    if chosen:
+        say(f"defaults {chosen}")
     check_model(spec, cfg)
+    check_checkpoint(path, cfg)
+    save_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
     tokenizer = load_tokenizer(path)
     windows, heldout = load_data(tokenizer, spec, val_seqlen)
     per_step = spec.batch * spec.accum * world
@@ -474,11 +557,16 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
 
     torch.manual_seed(spec.seed)
     model = load_model(path, getattr(torch, dtype), device)
+    n_weights = sum(p.numel() for p in model.parameters())  # before the adapters
     trainable = prepare(model, spec)
+    check_space(out, save_bytes(n_weights, trainable, save_dtype),
+                "saving the model and its training state")
     optimizer = adamw(trainable, spec)
+    base = {"path": path, "sha256": fingerprint(path)}
     step, rows = 0, []
     if resume:
-        step, rows = load_state(out, model, optimizer, trainable, spec, path, world)
+        step, rows = load_state(out, model, optimizer, trainable, spec, base, world)
+    saved = f"the state saved at step {step}" if resume else None
     n_trainable = sum(p.numel() for p in trainable.values())
     say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
         f"{world} process(es), {device}" + (f", resuming at step {step}" if resume else ""))
@@ -491,9 +579,10 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         autocast = torch.autocast("cuda", torch.bfloat16)
 
     def validated(at: int) -> dict:
+        t0 = time.perf_counter()
         row = {"step": at, "val_ppl": validate(model, heldout, val_seqlen, val_windows)}
         ppl = "  ".join(f"{t} {p:.3f}" for t, p in row["val_ppl"].items())
-        say(f"step {at:>5}  val ppl {ppl}")
+        say(f"step {at:>5}  val ppl {ppl}  ({time.perf_counter() - t0:.0f}s)")
         return row
     model.train()
     if step == 0 and rank == 0:
@@ -519,7 +608,9 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         if rank == 0 and (step % val_every == 0 or step == steps):
             rows.append(validated(step))
         if rank == 0 and ((save_every and step % save_every == 0) or step == steps):
-            save(out, model, hf_config, path, optimizer, trainable, step, steps, spec, world, rows)
+            save(out, model, hf_config, base, optimizer, trainable, step, steps, spec, world, rows,
+                 save_dtype, saved)
+            saved = f"the state saved at step {step}"
     say(f"wrote {out}")
     return rows
 
@@ -542,16 +633,18 @@ if __name__ == "__main__":
                    "per TASK name)")
     p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of each file held out")
-    p.add_argument("--train", default="lora,router", help=f"what learns, comma-separated: "
+    p.add_argument("--train", default=None, help=f"what learns, comma-separated: "
                    f"{', '.join(TRAINABLE)} (experts: every FFN weight; all: every parameter; "
                    f"lora: adapters on attention and every FFN projection, stacked experts "
-                   f"included)")
+                   f"included). Default: lora,router for an MoE (lora where nothing routes), "
+                   f"lora for a dense model")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale (the update is "
                    "alpha / r B A)")
     p.add_argument("--routing", default=None, choices=ROUTINGS, help="MoE: the routing to train "
-                   "with (default: the checkpoint's; convert.py writes sum). scaled: 1 + gamma p, "
-                   "gamma = 0 at the start; softmax: p")
+                   "with (default: the checkpoint's, or scaled where the router learns from sum, "
+                   "which convert.py writes). scaled: 1 + gamma p, gamma = 0 at the start; "
+                   "softmax: p")
     p.add_argument("--norm-topk", action="store_true", help="softmax: renormalise over the top-k")
     p.add_argument("--keep-function", action="store_true", help="softmax from a sum-routed MoE: "
                    "scale the router and the experts so that step 0 computes the sum model's "
@@ -581,7 +674,7 @@ if __name__ == "__main__":
                    "recompute each block in the backward pass (less memory, more time)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and the adapters")
     p.add_argument("--val-seqlen", type=int, default=512, help="tokens per validation window")
-    p.add_argument("--val-windows", type=int, default=8, help="validation windows per task at most")
+    p.add_argument("--val-windows", type=int, default=4, help="validation windows per task at most")
     p.add_argument("--val-every", type=int, default=50, help="validate every this many steps (and "
                    "at the end)")
     p.add_argument("--log-every", type=int, default=10,
@@ -592,6 +685,9 @@ if __name__ == "__main__":
                    "settings)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight "
                    "dtype (float32 trains with bf16 autocast on a GPU)")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the checkpoint's); the training "
+                   "state that --resume reads keeps the trained parameters' own")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, ...")
     a = p.parse_args()
@@ -599,7 +695,8 @@ if __name__ == "__main__":
     try:
         spec = TrainSpec(
             data=a.data, field=a.field, holdout=a.holdout,
-            train=tuple(filter(None, a.train.split(","))), lora_rank=a.lora_rank,
+            train=tuple(filter(None, a.train.split(","))) if a.train is not None else None,
+            lora_rank=a.lora_rank,
             lora_alpha=a.lora_alpha, routing=a.routing, norm_topk=a.norm_topk,
             keep_function=a.keep_function, dense_routing=a.dense_routing, balance=a.balance,
             bias_balance=a.bias_balance,
@@ -610,6 +707,6 @@ if __name__ == "__main__":
             raise ValueError(f"--device {a.device}: this torch ({torch.__version__}) sees no CUDA "
                              f"GPU")
         train(a.checkpoint, a.out, spec, a.val_seqlen, a.val_windows, a.val_every, a.log_every,
-              a.save_every, a.resume, a.dtype, a.device)
+              a.save_every, a.resume, a.dtype, a.device, a.save_dtype)
     except (ValueError, OSError) as e:  # bad input: the message names the file, flag or value
         sys.exit(f"train.py: error: {e}")

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import convert as C
 import weaver as W
@@ -40,12 +41,14 @@ def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_pa
         (dict(data=tiny_data(tiny_checkpoint, calib=[os.path.join(tiny_checkpoint, "prose.txt")])),
          r"give --calib files of at least 2 tasks"),
         (dict(data=tiny_data(tiny_checkpoint, evals=["nope.txt"])), r"nope.txt not found"),
+        (dict(data=tiny_data(tiny_checkpoint, evals=[tiny_checkpoint])),
+         r"tiny0 is a directory: give a text file"),
         (dict(max_shard_gb=0), r"--max-shard-gb 0 must be positive"),
         (dict(spec=W.ConvertSpec(n_experts=5)), r"not divisible by --experts 5"),
     ]
     for kw, message in cases:
         out = kw.pop("out", str(tmp_path / "moe"))
-        with pytest.raises((ValueError, FileNotFoundError), match=message):
+        with pytest.raises((ValueError, OSError), match=message):
             convert_main(tiny_checkpoint, out, **kw)
     for experts, message in ((0, "experts 0 must be at least 1"),
                              (-4, "experts -4 must be at least 1")):
@@ -92,18 +95,89 @@ def test_out_is_replaced_only_when_we_wrote_it(tiny_checkpoint, tmp_path):
     assert os.stat(os.path.join(ours, "model.safetensors")).st_mtime_ns != first
 
 
+def test_out_may_not_be_or_touch_what_the_conversion_reads(tiny_checkpoint, tmp_path,
+                                                            monkeypatch, no_slow_work):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EXPERTWEAVER_CACHE", str(cache))
+    (cache / "smollm2-135m").mkdir(parents=True)  # the demo, built: a directory of ours
+    (cache / "smollm2-135m" / C.MARKER).write_text("ours")
+    prose = os.path.join(tiny_checkpoint, "prose.txt")
+    cases = [(tiny_checkpoint, "is"), (os.path.join(tiny_checkpoint, "moe"), "lies inside"),
+             (os.path.dirname(prose), "is"), (str(cache / "smollm2-135m"), "lies inside"),
+             (str(cache), "is")]
+    for out, relation in cases:
+        with pytest.raises(ValueError, match=f"--out {out} {relation} .*, which this run reads"):
+            convert_main(tiny_checkpoint, out)
+    ours = tmp_path / "ours"  # an earlier output of ours that now holds the calibration text
+    ours.mkdir()
+    (ours / C.MARKER).write_text("ours")
+    shutil.copy(prose, ours / "prose.txt")
+    data = tiny_data(tiny_checkpoint, calib=[str(ours / "prose.txt"),
+                                             os.path.join(tiny_checkpoint, "code.txt")])
+    with pytest.raises(ValueError, match=f"--out {ours} holds .*prose.txt, which this run reads"):
+        convert_main(tiny_checkpoint, str(ours), data=data)
+    assert sorted(os.listdir(ours)) == [C.MARKER, "prose.txt"]
+
+
+def test_a_full_disk_is_refused_before_calibration(tiny_checkpoint, tmp_path, monkeypatch,
+                                                   no_slow_work):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    for kw, what in ((dict(), "the conversion"), (dict(format="qwen2_moe"), "the conversion")):
+        spec = W.ConvertSpec(n_experts=8, n_shared=4, router_bias=False)
+        with pytest.raises(ValueError, match=f"--out .*moe: {what} needs about .* MiB and .* has "
+                                             f"0.0 MiB free"):
+            convert_main(tiny_checkpoint, str(tmp_path / "moe"), spec, **kw)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncate", r"model-00002-of-00002.safetensors: tensor '.*' ends \d+ bytes past the end of "
+                 r"the file"),
+    ("int32", r"model-00002-of-00002.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' is "
+              r"I32 where a float"),
+    ("shape", r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \(47, 32\), config.json "
+              r"implies \(48, 32\)"),
+])
+def test_every_shard_is_checked_before_calibration(tiny_checkpoint, tmp_path, no_slow_work, fault,
+                                                   message):
+    import model as M
+    from safetensors.torch import load_file, save_file
+    sharded = str(tmp_path / "sharded")
+    model = M.load_model(tiny_checkpoint)
+    M.save_checkpoint(model, M.load_config(tiny_checkpoint)[1], sharded, copy_from=tiny_checkpoint,
+                      max_shard_bytes=40_000)
+    last = os.path.join(sharded, "model-00002-of-00002.safetensors")
+    if fault == "truncate":
+        data = open(last, "rb").read()
+        open(last, "wb").write(data[: len(data) - 100])
+    else:
+        tensors = load_file(last)
+        name = "model.layers.1.mlp.up_proj.weight"
+        tensors[name] = tensors[name].to(torch.int32) if fault == "int32" else tensors[name][:47]
+        save_file(tensors, last)
+    with pytest.raises(ValueError, match=message):
+        convert_main(sharded, str(tmp_path / "moe"), data=tiny_data(tiny_checkpoint))
+
+
 def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, capsys):
-    dead = tmp_path / ".tmp-out-99999999-abc_123"  # no such process
-    dead.mkdir()
-    (dead / "model.safetensors").write_bytes(b"half")
-    alive = tmp_path / f".tmp-out-{os.getpid()}-xyz"  # a live process's: kept
-    alive.mkdir()
-    other = tmp_path / ".tmp-out-2-99999999-abc"  # another output's (named out-2): kept
-    other.mkdir()
-    with C.output_dir(str(tmp_path / "out")) as tmp:
-        open(os.path.join(tmp, "x"), "w").close()
-    assert sorted(os.listdir(tmp_path)) == sorted([other.name, alive.name, "out"])
-    assert "left by an interrupted earlier run" in capsys.readouterr().out
+    def temporary(name, marker=True):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+        if marker:
+            (path / C.MARKER).write_text("ours")
+        return path
+    temporary(".tmp-out-99999999-abc_1234")  # no such process: removed
+    temporary(".tmp-run-2-99999999-x1y2z3w4")  # another output's, beside this one: removed too
+    old = tmp_path / ".old-out-99999999-a1b2c3d4"  # a kill while replacing: the old output inside
+    old.mkdir()
+    shutil.copytree(temporary(".keep", marker=True), old / "out")
+    shutil.rmtree(tmp_path / ".keep")
+    alive = temporary(f".tmp-out-{os.getpid()}-xyz12345")  # a live process's: kept
+    foreign = temporary(".tmp-out-99999999-abcdefgh", marker=False)  # not ours: kept
+    C.check_out(str(tmp_path / "out"))  # at the start of a run, before any work
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, foreign.name])
+    assert capsys.readouterr().out.count("left by an interrupted earlier run") == 3
 
 
 def test_sigterm_removes_the_temporary_directory(tmp_path):

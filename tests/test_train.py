@@ -4,6 +4,7 @@ torchrun match one uninterrupted process, and bad input fails in one line before
 leaving nothing behind."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -280,19 +281,24 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
                                                               "checkpoint; this one is dense"),
         (dict(data=data, train=("router",)), tiny_checkpoint, "--train router applies to an MoE "
                                                               "checkpoint"),
-        (dict(data=data, train=("router",)), tiny_moe, "--train router with sum routing: the "
-                                                       "router gets no gradient"),
-        (dict(data=data, balance=0.01), tiny_moe, "--balance needs router probabilities"),
+        (dict(data=data, train=("router",), routing="sum"), tiny_moe,
+         "--train router with sum routing: the router gets no gradient"),
+        (dict(data=data, train=("lora",), balance=0.01), tiny_moe,
+         "--balance needs router probabilities"),
         (dict(data=(data[0] + ".missing",)), tiny_checkpoint, "prose.txt.missing not found"),
+        (dict(data=(tiny_checkpoint,)), tiny_checkpoint, "tiny0 is a directory: give a text file"),
     ]
     for spec, checkpoint, message in cases:
-        with pytest.raises((ValueError, FileNotFoundError), match=message):
+        with pytest.raises((ValueError, OSError), match=message):
             T.train(checkpoint, str(tmp_path / "out"), T.TrainSpec(**spec), log=lambda *_: None)
     for spec, message in [
         (dict(train=("lora", "wings")), "--train wings: not one of"),
         (dict(train=("lora", "all")), "--train lora with experts or all"),
         (dict(keep_function=True),
          "--keep-function rescales a sum-routed MoE for --routing softmax"),
+        (dict(lr=-1), "--lr -1 must be positive"),
+        (dict(warmup=-2), "--warmup -2 must be non-negative"),
+        (dict(min_lr=1.0), r"--min-lr 1.0 must be in \[0, --lr 0.0002\]"),
     ]:
         with pytest.raises(ValueError, match=message):
             T.TrainSpec(**spec)
@@ -312,3 +318,97 @@ def test_an_interrupted_save_leaves_no_partial_checkpoint(tiny_checkpoint, tmp_p
         run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora",),
             steps=1)
     assert os.listdir(tmp_path) == []
+
+
+# ---- defaults, dtypes and what a run may overwrite
+
+
+def test_default_flags_heal_an_moe_and_adapt_a_dense_model(tiny_checkpoint, tiny_moe, tmp_path):
+    data = data_of(tiny_checkpoint)
+    for checkpoint, train, routing in ((tiny_moe, ("lora", "router"), "scaled"),
+                                       (tiny_checkpoint, ("lora",), None)):
+        spec, chosen = T.with_defaults(T.TrainSpec(data=data), M.load_config(checkpoint)[0])
+        assert (spec.train, spec.routing) == (train, routing) and chosen.startswith("for a")
+    lines = []
+    run(tiny_moe, str(tmp_path / "healed"), data, steps=1, log=lines.append)
+    assert "defaults for a MoE checkpoint: --train lora,router --routing scaled" in lines
+    assert M.load_config(str(tmp_path / "healed"))[0].moe["routing"] == "scaled"
+    # given flags are kept: the router of a sum-routed MoE learns only once it is told how
+    spec, chosen = T.with_defaults(T.TrainSpec(data=data, train=("lora",)),
+                                   M.load_config(tiny_moe)[0])
+    assert (spec.train, spec.routing, chosen) == (("lora",), None, "")
+
+
+def test_the_saved_weights_keep_the_checkpoints_dtype_and_config_says_so(tiny_checkpoint,
+                                                                         tmp_path):
+    source = str(tmp_path / "bf16")
+    M.save_checkpoint(M.load_model(tiny_checkpoint), M.load_config(tiny_checkpoint)[1], source,
+                      copy_from=tiny_checkpoint, dtype=torch.bfloat16)
+    for save_dtype, expected in ((None, "bfloat16"), ("float32", "float32")):
+        out = str(tmp_path / f"out-{expected}")
+        run(source, out, data_of(tiny_checkpoint), train=("lora",), steps=1,
+            save_dtype=save_dtype)
+        assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == expected
+        weights = all_tensors(out)
+        assert {t.dtype for t in weights.values()} == {getattr(torch, expected)}
+
+
+def test_out_may_not_be_or_touch_what_the_run_reads(tiny_checkpoint, tiny_moe, tmp_path):
+    data = data_of(tiny_checkpoint)
+    cases = [(tiny_moe, "is"), (os.path.join(tiny_moe, "sub"), "lies inside"),
+             (os.path.dirname(tiny_moe), "holds"), (tiny_checkpoint, "is")]
+    for out, relation in cases:
+        checkpoint = tiny_checkpoint if out == tiny_checkpoint else tiny_moe
+        with pytest.raises(ValueError, match=f"--out .* {relation} .*, which this run reads"):
+            run(checkpoint, out, data, train=("lora",))
+    # through another name for the same directory
+    link = tmp_path / "link"
+    link.symlink_to(tiny_moe)
+    with pytest.raises(ValueError, match="which this run reads"):
+        run(str(link), tiny_moe, data, train=("lora",))
+
+
+def test_resume_refuses_another_base_and_accepts_another_name_for_the_same(tiny_checkpoint,
+                                                                         tiny_moe, tmp_path,
+                                                                         monkeypatch):
+    data = data_of(tiny_checkpoint)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_moe, base)
+    out = str(tmp_path / "out")
+    run(str(base), out, data, train=("lora",), steps=2)
+    monkeypatch.chdir(tmp_path)  # relative names for the base and the data: the same files
+    relative = [os.path.relpath(d.split(":")[0]) + (":code" if d.endswith(":code") else "")
+                for d in data]
+    run("base", out, relative, train=("lora",), steps=2, resume=True)
+    model = M.load_model(str(base))
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.add_(1e-3)  # as if trained and merged in place
+    M.save_checkpoint(model, M.load_config(str(base))[1], str(base))  # its tokenizer stays
+    with pytest.raises(ValueError, match="base is not the checkpoint .*out was trained from"):
+        run(str(base), out, data, train=("lora",), steps=2, resume=True)
+
+
+def test_a_full_disk_is_refused_up_front_or_keeps_the_last_saved_state(tiny_checkpoint, tiny_moe,
+                                                                      tmp_path, monkeypatch):
+    data, out = data_of(tiny_checkpoint), str(tmp_path / "out")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    with pytest.raises(ValueError, match=r"--out .*out: saving the model and its training state "
+                                         r"needs about 0.\d MiB and .* has 0.0 MiB free"):
+        run(tiny_moe, out, data, train=("lora",))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    save, calls = M.save_safetensors, []
+
+    def disk_full_at_the_second_save(tensors, file):
+        calls.append(file)
+        if len(calls) > 2:  # the model, then the training state, then the step-4 model
+            raise OSError(28, "No space left on device")
+        save(tensors, file)
+    monkeypatch.setattr(M, "save_safetensors", disk_full_at_the_second_save)
+    monkeypatch.setattr(T, "save_safetensors", disk_full_at_the_second_save)
+    with pytest.raises(OSError, match=r"No space left on device; .*out still holds the state saved "
+                                      r"at step 2$"):
+        run(tiny_moe, out, data, train=("lora",), steps=4, save_every=2)
+    assert json.load(open(os.path.join(out, "train_state.json")))["step"] == 2
+    assert [f for f in os.listdir(tmp_path) if f != "out"] == []

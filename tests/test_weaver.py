@@ -272,7 +272,12 @@ def test_oracle_router_picks_the_largest_contributions():
     out = torch.einsum("nef,efd->ned", torch.nn.functional.silu(gate) * up, moe.experts.down_proj)
     truth = out.norm(dim=-1)  # (5, E)
     picked = moe.route(x)[0].sort(dim=1).values
-    assert torch.equal(picked, truth.topk(moe.top_k).indices.sort(dim=1).values)
+    # the router sums in another order: rows whose k-th and (k+1)-th experts nearly tie may differ
+    top = truth.topk(moe.top_k + 1).values
+    clear = top[:, -2] - top[:, -1] > 1e-5 * top[:, 0]
+    assert clear.sum() >= 4
+    expected = truth.topk(moe.top_k).indices.sort(dim=1).values
+    assert torch.equal(picked[clear], expected[clear])
 
 
 def test_cmoe_markers_mark_k_act_neurons_per_token():
@@ -426,7 +431,10 @@ def test_convert_failure_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, 
                 raise RuntimeError("interrupted")
             return build(*args)
         monkeypatch.setattr(W, "build_moe", broken)
-    with pytest.raises(RuntimeError, match="disk full|interrupted"):
+    # a failed write names the file and says what became of --out
+    error = (OSError, "shard-0.tmp: disk full; nothing was written to .*moe$") \
+        if where == "writing a shard" else (RuntimeError, "interrupted")
+    with pytest.raises(error[0], match=error[1]):
         convert_main(tiny_checkpoint, str(tmp_path / "moe"))
     assert os.listdir(tmp_path) == []
 
