@@ -182,14 +182,16 @@ def within(path: str, directory: str) -> bool:
 
 def check_out(out: str, reads: tuple = ()) -> None:
     """Refuses, before any slow work, an output path that is not ours to replace, that is, holds or
-    lies inside a path the run `reads` (its checkpoint, its text, the demo cache), or that cannot
-    be written; removes what killed runs left beside it."""
-    for given in reads:
+    lies inside a path the run reads (`reads`: (what, path) pairs: its checkpoint, its text, the
+    demo cache), or that cannot be written; removes what killed runs left beside it."""
+    for what, given in reads:
+        if within(out, given) and within(given, out):
+            raise ValueError(f"--out {out} is the {what} this run reads: choose another output "
+                             f"path")
         if within(out, given) or within(given, out):
-            relation = "is" if within(given, out) and within(out, given) else \
-                "holds" if within(given, out) else "lies inside"
-            raise ValueError(f"--out {out} {relation} {given}, which this run reads: choose "
-                             f"another output path")
+            relation = "holds" if within(given, out) else "lies inside"
+            raise ValueError(f"--out {out} {relation} the {what} {given}, which this run reads: "
+                             f"choose another output path")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no "
                          f"{MARKER} file): choose another path, or remove it yourself")
@@ -908,10 +910,13 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     check_args(spec, data, device, max_shard_gb)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
-    check_checkpoint(path, cfg)
     name = os.path.basename(os.path.normpath(path))
-    # what this run reads, which --out must not touch
-    reads = (path, cache_dir(), *(parse_calib_spec(c)[0] for c in data.calib), *data.evals)
+    reads = (("checkpoint", path), ("demo cache", cache_dir()),
+             *(("--calib file", parse_calib_spec(c)[0]) for c in data.calib),
+             *(("--eval file", f) for f in data.evals))  # what --out must not touch
+    if out is not None:
+        check_out(out, reads)
+    check_checkpoint(path, cfg)
     write_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
     if cfg.moe is not None and format == "qwen2_moe":  # an MoE checkpoint: export it, nothing else
         out = out or os.path.join("out", f"{name}-qwen2_moe")

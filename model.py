@@ -3,11 +3,13 @@ model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or wi
 that convert.py writes, read from and written to HF-style safetensors checkpoints.
 
     python model.py CHECKPOINT --prompt "The capital of France is"     # greedy continuation
+    python model.py demo                                                # the demo model
 
 A checkpoint is a directory: config.json, model.safetensors (or model.safetensors.index.json and its
 shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
-tokenizers inside load_tokenizer. Read top to bottom: config, norm and rotary embedding, attention,
-the dense FFN, the MoE FFN, block and model with generation, loading, saving, CLI.
+tokenizers inside load_tokenizer (and only the CLI, given 'demo', convert.py's demo builder). Read
+top to bottom: config, norm and rotary embedding, attention, the dense FFN, the MoE FFN, block and
+model with generation, loading (every shard's header checked first), saving, CLI.
 """
 import json
 import math

@@ -133,8 +133,8 @@ def with_defaults(spec: TrainSpec, cfg) -> tuple[TrainSpec, str]:
         routing = "scaled"
         chosen.append("--routing scaled")
     spec = replace(spec, train=train, routing=routing)
-    kind = "dense" if moe is None else "MoE"
-    return spec, f"for a {kind} checkpoint: {' '.join(chosen)}" if chosen else ""
+    kind = "a dense" if moe is None else "an MoE"
+    return spec, f"for {kind} checkpoint: {' '.join(chosen)}" if chosen else ""
 
 
 def check_model(spec: TrainSpec, cfg) -> None:
@@ -536,8 +536,9 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         check_file(file)
     if not spec.data:
         raise ValueError("--data: give at least one text file to train on")
-    reads = (checkpoint if checkpoint != "demo" else cache_dir(), cache_dir(),
-             *(parse_calib_spec(d)[0] for d in spec.data))
+    reads = (("checkpoint", checkpoint if checkpoint != "demo" else cache_dir()),
+             ("demo cache", cache_dir()), *(("--data file", parse_calib_spec(d)[0])
+                                           for d in spec.data))
     check_out(out, reads)
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)

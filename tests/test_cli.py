@@ -102,11 +102,12 @@ def test_out_may_not_be_or_touch_what_the_conversion_reads(tiny_checkpoint, tmp_
     (cache / "smollm2-135m").mkdir(parents=True)  # the demo, built: a directory of ours
     (cache / "smollm2-135m" / C.MARKER).write_text("ours")
     prose = os.path.join(tiny_checkpoint, "prose.txt")
-    cases = [(tiny_checkpoint, "is"), (os.path.join(tiny_checkpoint, "moe"), "lies inside"),
-             (os.path.dirname(prose), "is"), (str(cache / "smollm2-135m"), "lies inside"),
-             (str(cache), "is")]
-    for out, relation in cases:
-        with pytest.raises(ValueError, match=f"--out {out} {relation} .*, which this run reads"):
+    cases = [(tiny_checkpoint, "is the checkpoint this run reads"),
+             (os.path.join(tiny_checkpoint, "moe"), "lies inside the checkpoint .*, which"),
+             (str(cache / "smollm2-135m"), "lies inside the demo cache .*, which this run reads"),
+             (str(cache), "is the demo cache this run reads")]
+    for out, message in cases:
+        with pytest.raises(ValueError, match=f"--out {out} {message}"):
             convert_main(tiny_checkpoint, out)
     ours = tmp_path / "ours"  # an earlier output of ours that now holds the calibration text
     ours.mkdir()
@@ -114,7 +115,8 @@ def test_out_may_not_be_or_touch_what_the_conversion_reads(tiny_checkpoint, tmp_
     shutil.copy(prose, ours / "prose.txt")
     data = tiny_data(tiny_checkpoint, calib=[str(ours / "prose.txt"),
                                              os.path.join(tiny_checkpoint, "code.txt")])
-    with pytest.raises(ValueError, match=f"--out {ours} holds .*prose.txt, which this run reads"):
+    with pytest.raises(ValueError, match=f"--out {ours} holds the --calib file .*prose.txt, "
+                                         f"which this run reads"):
         convert_main(tiny_checkpoint, str(ours), data=data)
     assert sorted(os.listdir(ours)) == [C.MARKER, "prose.txt"]
 

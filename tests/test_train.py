@@ -331,7 +331,7 @@ def test_default_flags_heal_an_moe_and_adapt_a_dense_model(tiny_checkpoint, tiny
         assert (spec.train, spec.routing) == (train, routing) and chosen.startswith("for a")
     lines = []
     run(tiny_moe, str(tmp_path / "healed"), data, steps=1, log=lines.append)
-    assert "defaults for a MoE checkpoint: --train lora,router --routing scaled" in lines
+    assert "defaults for an MoE checkpoint: --train lora,router --routing scaled" in lines
     assert M.load_config(str(tmp_path / "healed"))[0].moe["routing"] == "scaled"
     # given flags are kept: the router of a sum-routed MoE learns only once it is told how
     spec, chosen = T.with_defaults(T.TrainSpec(data=data, train=("lora",)),
@@ -355,16 +355,23 @@ def test_the_saved_weights_keep_the_checkpoints_dtype_and_config_says_so(tiny_ch
 
 def test_out_may_not_be_or_touch_what_the_run_reads(tiny_checkpoint, tiny_moe, tmp_path):
     data = data_of(tiny_checkpoint)
-    cases = [(tiny_moe, "is"), (os.path.join(tiny_moe, "sub"), "lies inside"),
-             (os.path.dirname(tiny_moe), "holds"), (tiny_checkpoint, "is")]
-    for out, relation in cases:
-        checkpoint = tiny_checkpoint if out == tiny_checkpoint else tiny_moe
-        with pytest.raises(ValueError, match=f"--out .* {relation} .*, which this run reads"):
+    cases = [(tiny_moe, "is the checkpoint this run reads"),
+             (os.path.join(tiny_moe, "sub"), "lies inside the checkpoint"),
+             (os.path.dirname(tiny_moe), "holds the checkpoint"),
+             (tiny_checkpoint, "is the checkpoint")]
+    for out, message in cases:
+        checkpoint = tiny_moe if out.startswith(tiny_moe) or out == os.path.dirname(tiny_moe) \
+            else tiny_checkpoint
+        with pytest.raises(ValueError, match=f"--out .* {message}"):
             run(checkpoint, out, data, train=("lora",))
+    prose = tmp_path / "prose.txt"
+    shutil.copy(data[0], prose)
+    with pytest.raises(ValueError, match="--out .*prose.txt is the --data file this run reads"):
+        run(tiny_moe, str(prose), (str(prose), data[1]), train=("lora",))
     # through another name for the same directory
     link = tmp_path / "link"
     link.symlink_to(tiny_moe)
-    with pytest.raises(ValueError, match="which this run reads"):
+    with pytest.raises(ValueError, match="is the checkpoint this run reads"):
         run(str(link), tiny_moe, data, train=("lora",))
 
 
