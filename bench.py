@@ -51,8 +51,8 @@ import kernels
 from convert import (Calibration, calibration_from_files, calibration_from_model, convert,
                      convert_checkpoint, demo_checkpoint, exit_on_sigterm, heldout_tokens,
                      output_dir, peak_rss_gib, perplexity, read_text, resolve, split_heldout)
-from model import (MLP, Block, CheckpointWriter, ModelConfig, load_config, load_model,
-                   load_tokenizer, save_checkpoint)
+from model import (MLP, Block, CheckpointWriter, ModelConfig, check_device, load_config,
+                   load_model, load_tokenizer, save_checkpoint)
 from weaver import (ConvertSpec, build_moe, check_dive_assign, check_layers, fit_router,
                     plan_expertweaver, profile_layer)
 
@@ -996,6 +996,8 @@ def data_flags(parser, holdout: str, seed: str) -> None:
 
 def run_command(a) -> list[dict]:
     """The subcommand parsed into `a`, run; -> its rows."""
+    if hasattr(a, "device"):
+        check_device(a.device)
     if a.command not in ("heal", "downcycle", "dive"):
         torch.set_grad_enabled(False)
     if a.command in ("ffn", "model", "convert"):

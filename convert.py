@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 import weaver
 from model import (MLP, CheckpointWriter, RMSNorm, Transformer, check_checkpoint,
-                   checkpoint_config, load_block, load_config, load_model, load_tokenizer,
-                   read_tensors)
+                   check_device, checkpoint_config, load_block, load_config, load_model,
+                   load_tokenizer, read_tensors)
 
 # -----------------------------------------------------------------------------
 # the demo checkpoint: SmolLM2-135M-Instruct (LLaMA architecture), shipped as a Q4_1 GGUF file
@@ -893,13 +893,7 @@ def check_args(spec: weaver.ConvertSpec, data: DataSpec, device: str, max_shard_
         raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
                          f"tasks: give --calib files of at least 2 tasks (FILE:TASK names one), or "
                          f"--n-shared; got {', '.join(sorted(tasks))}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, "
-                         f"...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    check_device(device)
 
 
 def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataSpec,

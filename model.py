@@ -940,6 +940,17 @@ def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
 # CLI: a checkpoint's continuation of a prompt
 
 
+def check_device(device: str) -> None:
+    """--device names a torch device this torch can use, or one line says why not."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, "
+                         f"...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+
+
 def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
          seed: int, dtype: str, device: str) -> str:
     if max_new_tokens < 1:
@@ -948,13 +959,7 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
         raise ValueError(f"--temperature {temperature} must be 0 (greedy) or positive")
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k {top_k} must be at least 1 (or left out: every token)")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, "
-                         f"...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    check_device(device)
     if checkpoint == "demo":  # the CLI only: the library part of this file imports nothing of ours
         from convert import demo_checkpoint
         checkpoint = demo_checkpoint()

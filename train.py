@@ -38,7 +38,8 @@ from torch.nn.utils import parametrize
 from convert import (cache_dir, check_file, check_out, check_space, exit_on_sigterm, output_dir,
                      parse_calib_spec, perplexity, read_text, resolve, source_dtype, split_heldout)
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
-                   load_config, load_model, load_tokenizer, save_checkpoint, save_safetensors)
+                   check_device, load_config, load_model, load_tokenizer, save_checkpoint,
+                   save_safetensors)
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -704,9 +705,7 @@ if __name__ == "__main__":
             seqlen=a.seqlen, batch=a.batch, accum=a.accum, tokens=a.tokens, steps=a.steps, lr=a.lr,
             min_lr=a.min_lr, warmup=a.warmup, weight_decay=a.weight_decay, beta2=a.beta2,
             grad_clip=a.grad_clip, checkpointing=a.checkpointing, seed=a.seed)
-        if a.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {a.device}: this torch ({torch.__version__}) sees no CUDA "
-                             f"GPU")
+        check_device(a.device)
         train(a.checkpoint, a.out, spec, a.val_seqlen, a.val_windows, a.val_every, a.log_every,
               a.save_every, a.resume, a.dtype, a.device, a.save_dtype)
     except (ValueError, OSError) as e:  # bad input: the message names the file, flag or value
