@@ -378,11 +378,9 @@ def save(out: str, model, hf_config: dict, base: dict, optimizer, trainable: dic
             f.writelines(json.dumps(row) + "\n" for row in log_rows)
 
 
-def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, base: dict,
-               world: int) -> tuple[int, list[dict]]:
-    """Restores what save() wrote, after checking it belongs to the same training: -> (step, log
-    rows)."""
-    from safetensors.torch import load_file
+def check_resume(out: str, spec: TrainSpec, base: dict, world: int) -> dict:
+    """The training state save() wrote into `out`, checked to belong to the same training (the
+    spec, the process count, the base's SHA-256) before any slow work."""
     file = os.path.join(out, "train_state.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"--resume: {file} not found (no earlier run of train.py saved "
@@ -401,6 +399,13 @@ def load_state(out: str, model, optimizer, trainable: dict, spec: TrainSpec, bas
         raise ValueError(f"--resume: {base['path']} is not the checkpoint {out} was trained from "
                          f"({state['source']}; its tensors or config.json differ, or the state "
                          f"predates this check): resume from that one, or start afresh")
+    return state
+
+
+def load_state(out: str, state: dict, model, optimizer,
+               trainable: dict) -> tuple[int, list[dict]]:
+    """Restores what save() wrote (checked by check_resume): -> (step, log rows)."""
+    from safetensors.torch import load_file
     tensors = load_file(os.path.join(out, "train_state.safetensors"))
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -548,6 +553,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         say(f"defaults {chosen}")
     check_model(spec, cfg)
     check_checkpoint(path, cfg)
+    base = {"path": path, "sha256": fingerprint(path)}
+    state = check_resume(out, spec, base, world) if resume else None
     save_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
     tokenizer = load_tokenizer(path)
     windows, heldout = load_data(tokenizer, spec, val_seqlen)
@@ -564,10 +571,9 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
     check_space(out, save_bytes(n_weights, trainable, save_dtype),
                 "saving the model and its training state")
     optimizer = adamw(trainable, spec)
-    base = {"path": path, "sha256": fingerprint(path)}
     step, rows = 0, []
     if resume:
-        step, rows = load_state(out, model, optimizer, trainable, spec, base, world)
+        step, rows = load_state(out, state, model, optimizer, trainable)
     saved = f"the state saved at step {step}" if resume else None
     n_trainable = sum(p.numel() for p in trainable.values())
     say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
