@@ -185,33 +185,38 @@ def check_out(out: str, reads: tuple = ()) -> None:
     lies inside a path the run reads (`reads`: (what, path) pairs: its checkpoint, its text, the
     demo cache), or that cannot be written; removes what killed runs left beside it."""
     for what, given in reads:
-        if within(out, given) and within(given, out):
+        inside, holds = within(out, given), within(given, out)
+        if inside and holds:
             raise ValueError(f"--out {out} is the {what} this run reads: choose another output "
                              f"path")
-        if within(out, given) or within(given, out):
-            relation = "holds" if within(given, out) else "lies inside"
+        if inside or holds:
+            relation = "holds" if holds else "lies inside"
             raise ValueError(f"--out {out} {relation} the {what} {given}, which this run reads: "
                              f"choose another output path")
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise ValueError(f"--out {out} exists and was not written by expertweaver (it has no "
                          f"{MARKER} file): choose another path, or remove it yourself")
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent)
+    parent = existing_parent(out)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror})") from None
-    if os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        remove_stale_temporaries(os.path.dirname(os.path.abspath(out)))
+    if parent == os.path.dirname(os.path.abspath(out)):  # where this run's temporaries will go
+        remove_stale_temporaries(parent)
+
+
+def existing_parent(out: str) -> str:
+    """The nearest directory above `out` that exists: where it will be written."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def check_space(out: str, need: int, what: str) -> None:
     """Refuses, before any slow work, an output that the free space beside `out` cannot hold (the
     new output is complete before an old one is removed, so the old one does not count)."""
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent)
+    parent = existing_parent(out)
     free = shutil.disk_usage(parent).free
     size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
     if free < need:
@@ -905,19 +910,19 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     path = resolve(checkpoint)
     cfg, hf_config = load_config(path)
     name = os.path.basename(os.path.normpath(path))
+    export_only = cfg.moe is not None and format == "qwen2_moe"  # an MoE checkpoint of ours
+    out = out or os.path.join("out", f"{name}-qwen2_moe" if export_only else
+                              f"{name}-{spec.method}-{round(spec.active * 100)}"
+                              + ("-qwen2_moe" if format == "qwen2_moe" else ""))
     reads = (("checkpoint", path), ("demo cache", cache_dir()),
              *(("--calib file", parse_calib_spec(c)[0]) for c in data.calib),
              *(("--eval file", f) for f in data.evals))  # what --out must not touch
-    if out is not None:
-        check_out(out, reads)
+    check_out(out, reads)
     check_checkpoint(path, cfg)
     write_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
-    if cfg.moe is not None and format == "qwen2_moe":  # an MoE checkpoint: export it, nothing else
-        out = out or os.path.join("out", f"{name}-qwen2_moe")
-        check_out(out, reads)
+    if export_only:
         check_space(out, output_bytes(cfg, None, write_dtype), "the export")
-        layout = export_qwen2_moe(path, out, getattr(torch, save_dtype) if save_dtype else None,
-                                  log=progress)
+        layout = export_qwen2_moe(path, out, write_dtype, log=progress)
         print(f"wrote {out}: Qwen2-MoE, {layout['experts']} experts, top-{layout['top_k']}, shared "
               f"{layout['shared']} neurons, dense layers {layout['dense']} "
               f"({time.time() - t_start:.1f}s)")
@@ -930,9 +935,6 @@ def main(checkpoint: str, out: str | None, spec: weaver.ConvertSpec, data: DataS
     problems = export_problems(cfg) + spec_export_problems(spec) if format == "qwen2_moe" else []
     if problems:
         raise ValueError("--format qwen2_moe: " + "; ".join(problems))
-    out = out or os.path.join("out", f"{name}-{spec.method}-{round(spec.active * 100)}"
-                                     + ("-qwen2_moe" if format == "qwen2_moe" else ""))
-    check_out(out, reads)
     # a Qwen2-MoE export is converted into a temporary checkpoint of ours first, removed at the end
     copies = 2 if format == "qwen2_moe" else 1
     check_space(out, copies * output_bytes(cfg, spec, write_dtype), "the conversion")
@@ -961,7 +963,7 @@ def output_bytes(cfg, spec: weaver.ConvertSpec | None, dtype: torch.dtype) -> in
     and neuron index, with 5% to spare."""
     with torch.device("meta"):
         dense = Transformer(replace(cfg, moe=None))
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     params = sum(p.numel() for p in dense.parameters())  # a tied embedding counts once
     neurons = cfg.ffn_dim
     experts = spec.n_experts if spec else max(layer["routed_experts"] if layer else 0

@@ -699,6 +699,15 @@ def read_header(file: str) -> dict[str, dict]:
     return header
 
 
+def stored_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """{HF name: tensor} of what a checkpoint of `model` holds (a tied output projection is the
+    embedding, stored once)."""
+    expected = {hf_name(n): t for n, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    return expected
+
+
 def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
     """Every tensor file's header checked before any weight is read or any slow work starts: byte
     ranges against the file's size, and names, shapes and dtypes against what config.json implies.
@@ -706,10 +715,7 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
     where = tensor_locations(path)
     headers = {file: read_header(file) for file in sorted(set(where.values()))}
     with torch.device("meta"):
-        model = Transformer(cfg)  # no memory: the names and shapes of the real model
-    expected = {hf_name(n): t for n, t in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
+        expected = stored_tensors(Transformer(cfg))  # no memory: the names and shapes
     for name, file in where.items():
         entry = headers[file].get(name)
         if entry is None:
@@ -795,10 +801,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     with torch.device("meta"):
         model = Transformer(cfg)
     where = check_checkpoint(path, cfg)
-    expected = {hf_name(n): t for n, t in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-    state = read_tensors(path, expected, dtype, device, where)
+    state = read_tensors(path, stored_tensors(model), dtype, device, where)
     check_index_maps(cfg, state, where)
     state = {n.removeprefix("model."): t for n, t in state.items()}
     if cfg.tie_embeddings:
