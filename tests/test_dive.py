@@ -7,28 +7,31 @@ import json
 import pytest
 import torch
 
-import convert as C
-import kernels as K
-import model as M
-import train as T
-import weaver as W
+import convert
+import kernels
+import model as modeling
+import train
+import weaver
+from data import Calibration, calibration_from_files
+from dive import DiveSpec, affinity_groups
+from export import export_problems
 from conftest import TOKENS, convert_main, random_calibration, tiny_data, tiny_model
 
 quiet = dict(log=lambda *_: None)
 
 
-def planted_calibration(samples=8, seqlen=16, seed=0) -> C.Calibration:
+def planted_calibration(samples=8, seqlen=16, seed=0) -> Calibration:
     # domains 0 and 2 read one half of the vocabulary, 1 and 3 the other: pruned alike in pairs
     g = torch.Generator().manual_seed(seed)
     halves = [(0, 32), (32, 64), (0, 32), (32, 64)]
     tokens = torch.cat([torch.randint(lo, hi, (samples, seqlen), generator=g) for lo, hi in halves])
-    return C.Calibration(tokens, torch.arange(4).repeat_interleave(samples), ["a", "b", "a2", "b2"])
+    return Calibration(tokens, torch.arange(4).repeat_interleave(samples), ["a", "b", "a2", "b2"])
 
 
 def test_mining_groups_the_domains_that_share_text():
     model = tiny_model(n_layers=2)
-    report = C.convert(model, planted_calibration(),
-                       W.ConvertSpec(method="dive", active=0.5, dive_groups=2), **quiet)
+    report = convert.convert_model(model, planted_calibration(),
+                       DiveSpec(active=0.5, dive_groups=2), **quiet)
     assert report["dive"]["groups"] == [0, 1, 0, 1]
     ppl = torch.tensor(report["dive"]["cross_ppl"])
     assert ppl.shape == (4, 4) and (ppl > 1).all()
@@ -37,8 +40,8 @@ def test_mining_groups_the_domains_that_share_text():
 
 def test_affinity_groups_merge_the_most_correlated_first():
     ppl = torch.tensor([[1.0, 3.0, 2.0], [1.1, 3.3, 2.0], [2.0, 1.0, 1.5]])
-    assert W.affinity_groups(ppl, 2) == [0, 0, 1]
-    assert W.affinity_groups(ppl, 3) == [0, 1, 2] and W.affinity_groups(ppl, 1) == [0, 0, 0]
+    assert affinity_groups(ppl, 2) == [0, 0, 1]
+    assert affinity_groups(ppl, 3) == [0, 1, 2] and affinity_groups(ppl, 1) == [0, 0, 0]
 
 
 def glu_rounding_bound(x, w_gate, w_up, w_down):
@@ -70,8 +73,8 @@ def test_one_group_keeping_every_neuron_is_the_dense_ffn():
     model(TOKENS)
     for hook in hooks:
         hook.remove()
-    C.convert(model, random_calibration(samples=4),
-              W.ConvertSpec(method="dive", active=1.0, dive_groups=1), **quiet)
+    convert.convert_model(model, random_calibration(samples=4),
+              DiveSpec(active=1.0, dive_groups=1), **quiet)
     for block, mlp, x in zip(model.layers, dense, inputs):
         experts = block.mlp.experts
         assert experts.gate_up_proj.shape[:2] == (1, 2 * 48)
@@ -97,8 +100,8 @@ def test_bias_stands_in_for_the_pruned_neurons_on_average():
     hook.remove()
     x = inputs[0]  # (S, T, D)
     dense = dense_mlp(x)
-    C.convert(model, calib,
-              W.ConvertSpec(method="dive", active=0.5, dive_groups=2, dive_assign=(0, 1)), **quiet)
+    convert.convert_model(model, calib,
+              DiveSpec(active=0.5, dive_groups=2, dive_assign=(0, 1)), **quiet)
     experts = model.layers[0].mlp.experts
     for g in range(2):
         rows = calib.task == g
@@ -110,8 +113,8 @@ def test_bias_stands_in_for_the_pruned_neurons_on_average():
 def dive_model(top_k=2, groups=3):
     model = tiny_model(n_layers=2)
     calib = random_calibration(tasks=4, samples=4)
-    C.convert(model, calib,
-              W.ConvertSpec(method="dive", active=0.5, dive_groups=groups, dive_top_k=top_k),
+    convert.convert_model(model, calib,
+              DiveSpec(active=0.5, dive_groups=groups, dive_top_k=top_k),
               **quiet)
     return model
 
@@ -124,27 +127,29 @@ def test_kernel_paths_on_overlapping_experts_with_biases(path):
     assert len(mlp.neuron_index.unique()) < len(mlp.neuron_index)  # the experts share neurons
     for n in (1, 40):
         x = torch.randn(n, 32, generator=torch.Generator().manual_seed(n))
-        if path == "grouped" and not K.grouped_mm_works("cpu", torch.float32):
+        if path == "grouped" and not kernels.grouped_mm_works("cpu", torch.float32):
             pytest.skip("grouped_mm unavailable on this CPU build")
-        torch.testing.assert_close(K.layer_forward(mlp, x, path), mlp(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kernels.layer_forward(mlp, x, path), mlp(x), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_checkpoint_round_trip_and_streamed_conversion(tiny_checkpoint, tmp_path):
-    spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2)
+    spec = DiveSpec(active=0.5, dive_groups=2)
     report = convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec,
                           tiny_data(tiny_checkpoint, samples=8))
-    moe = M.load_model(str(tmp_path / "dive"))
+    moe = modeling.load_model(str(tmp_path / "dive"))
     layout = moe.cfg.moe
     assert layout["pruned_experts"] and layout["routing"] == "softmax" and layout["norm_topk"]
     assert report["active_fraction"] == 0.5
     saved = json.load(open(tmp_path / "dive" / "report.json"))
     assert len(saved["dive"]["groups"]) == 2 and len(saved["dive"]["cross_ppl"]) == 2
     # the streamed result equals converting the loaded dense model in memory, same calibration
-    dense = M.load_model(tiny_checkpoint)
-    calib = C.calibration_from_files(
-        M.load_tokenizer(tiny_checkpoint),
+    dense = modeling.load_model(tiny_checkpoint)
+    calib = calibration_from_files(
+        modeling.load_tokenizer(tiny_checkpoint),
         [f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt"], 8, 32, 0, 0.1)
-    C.convert(dense, calib, spec, **quiet)
+    convert.convert_model(dense, calib, spec, **quiet)
     assert torch.equal(moe(TOKENS), dense(TOKENS))
 
 
@@ -153,7 +158,7 @@ def test_dense_routing_runs_every_expert_in_training_only():
     mlp = model.layers[0].mlp
     x = torch.randn(5, 32)
     topk = mlp(x)
-    mlp.dense_temperature = 0.5
+    train.install_recording(model, temperature=0.5)
     assert torch.equal(mlp(x), topk)  # evaluation routes top-k
     mlp.train()
     probs = (mlp.router(x, mlp.experts) / 0.5).softmax(dim=-1)
@@ -163,21 +168,21 @@ def test_dense_routing_runs_every_expert_in_training_only():
 
 
 def test_two_stage_retraining(tiny_checkpoint, tmp_path):
-    spec = W.ConvertSpec(method="dive", active=0.5, dive_groups=2, router="linear")
+    spec = DiveSpec(active=0.5, dive_groups=2, router="linear")
     convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec,
                  tiny_data(tiny_checkpoint, samples=8))
     data = (f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt")
     common = dict(data=data, seqlen=16, batch=4, steps=3, lr=1e-2, warmup=0)
-    before = M.load_model(str(tmp_path / "dive")).layers[0].mlp.router.weight.clone()
-    T.train(str(tmp_path / "dive"), str(tmp_path / "s0"),
-            T.TrainSpec(train=("router",), dense_routing=0.5, **common), val_seqlen=16,
-            val_windows=1, **quiet)
-    router = M.load_model(str(tmp_path / "s0")).layers[0].mlp.router.weight
+    before = modeling.load_model(str(tmp_path / "dive")).layers[0].mlp.router.weight.clone()
+    train.train(str(tmp_path / "dive"), str(tmp_path / "s0"),
+            train.TrainSpec(train=("router",), dense_routing=0.5, **common),
+            train.RunSpec(val_seqlen=16, val_windows=1, device="cpu"), **quiet)
+    router = modeling.load_model(str(tmp_path / "s0")).layers[0].mlp.router.weight
     assert not torch.equal(router, before)
-    T.train(str(tmp_path / "s0"), str(tmp_path / "s1"),
-            T.TrainSpec(train=("lora", "router", "norms"), lora_alpha=16, **common), val_seqlen=16,
-            val_windows=1, **quiet)
-    assert M.load_model(str(tmp_path / "s1")).cfg.moe["pruned_experts"]
+    train.train(str(tmp_path / "s0"), str(tmp_path / "s1"),
+            train.TrainSpec(train=("lora", "router", "norms"), lora_alpha=16, **common),
+            train.RunSpec(val_seqlen=16, val_windows=1, device="cpu"), **quiet)
+    assert modeling.load_model(str(tmp_path / "s1")).cfg.moe["pruned_experts"]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -189,24 +194,24 @@ def test_two_stage_retraining(tiny_checkpoint, tmp_path):
 ])
 def test_bad_inputs_one_line_before_any_work(tiny_checkpoint, tmp_path, spec, message):
     with pytest.raises(ValueError, match=message):
-        convert_main(tiny_checkpoint, str(tmp_path / "out"), W.ConvertSpec(method="dive", **spec),
+        convert_main(tiny_checkpoint, str(tmp_path / "out"), DiveSpec(**spec),
                      tiny_data(tiny_checkpoint))
     assert not (tmp_path / "out").exists()
 
 
 def test_linear_router_is_dive_only():
     with pytest.raises(ValueError, match="router 'linear' does not go with method 'expertweaver'"):
-        W.ConvertSpec(router="linear")
+        weaver.ConvertSpec(router="linear")
 
 
 def test_dive_is_refused_by_the_qwen2_moe_export():
-    problems = C.spec_export_problems(W.ConvertSpec(method="dive", router_bias=False))
+    problems = export_problems(tiny_model().cfg, DiveSpec(router_bias=False))
     assert any("bias each" in p for p in problems)
 
 
 def test_mining_needs_a_held_out_window_per_domain(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="at least 4 windows per domain"):
         convert_main(tiny_checkpoint, str(tmp_path / "out"),
-                     W.ConvertSpec(method="dive", dive_groups=2),
+                     DiveSpec(dive_groups=2),
                      tiny_data(tiny_checkpoint, samples=3))
     assert not (tmp_path / "out").exists()

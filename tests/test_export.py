@@ -8,10 +8,12 @@ import os
 import pytest
 import torch
 
-import convert as C
-import model as M
-import train as T
-import weaver as W
+import convert
+import model as modeling
+import train
+import weaver
+from checkpoint import save_checkpoint
+from export import EXPORT_EPS, export_problems, export_qwen2_moe, score_bound
 from conftest import (assert_same_greedy, convert_main, make_hf, random_calibration, save_hf,
                       tiny_data)
 
@@ -24,25 +26,25 @@ def our_moe(hf, tmp_path, routing="sum", **spec):
     """A converted (and, for softmax, re-routed) MoE checkpoint of ours from a transformers
     model."""
     source = save_hf(hf, tmp_path / "dense")
-    model = M.load_model(source)
-    C.convert(
+    model = modeling.load_model(source)
+    convert.convert_model(
         model,
         random_calibration(model.cfg.vocab_size, samples=4),
-        W.ConvertSpec(**{**UNIFORM, **spec}),
+        weaver.ConvertSpec(**{**UNIFORM, **spec}),
         log=lambda *_: None,
     )
     if routing != "sum":
-        T.set_routing(model, routing, norm_topk=True)
+        train.set_routing(model, routing, norm_topk=True)
         with torch.no_grad():  # sharpen the router, so the softmax weights differ from one another
-            for m in T.moe_layers(model):
+            for m in train.moe_layers(model):
                 m.router.weight.mul_(20)
-    M.save_checkpoint(model, M.load_config(source)[1], str(tmp_path / "ours"))
+    save_checkpoint(model, modeling.load_config(source)[1], str(tmp_path / "ours"))
     return str(tmp_path / "ours"), model
 
 
 def exported_logits(path, tmp_path, tokens):
     out = str(tmp_path / "qwen2_moe")
-    layout = C.export_qwen2_moe(path, out, torch.float32, log=lambda *_: None)
+    layout = export_qwen2_moe(path, out, torch.float32, log=lambda *_: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     with torch.no_grad():
@@ -64,8 +66,8 @@ def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     else:  # each routed weight within exp(+-2^-12) of 1
         error = (logits - expected).abs().max().item()
-        assert error <= 4 * C.EXPORT_EPS * expected.abs().max().item(), error
-    tol = 1e-4 if routing == "softmax" else 4 * C.EXPORT_EPS * expected.abs().max().item()
+        assert error <= 4 * EXPORT_EPS * expected.abs().max().item(), error
+    tol = 1e-4 if routing == "softmax" else 4 * EXPORT_EPS * expected.abs().max().item()
     assert_same_greedy(exported.generate(tokens[:1, :4], max_new_tokens=8, do_sample=False),
                        ours.generate(tokens[:1, :4], 8), lambda prefix: ours(prefix)[:, -1], tol)
 
@@ -76,21 +78,38 @@ def test_sum_weights_stay_within_the_bound_on_random_scores():
     # float32 softmax resolves: its logits span at most eps, so exp tells apart about eps / 2^-24
     # levels of the bound
     g = torch.Generator().manual_seed(0)
-    router = M.Router("lsq", 16, 12, bias=False)
+    router = modeling.Router("lsq", 16, 12, bias=False)
     router.weight = torch.nn.Parameter(torch.randn(12, 16, generator=g) * 3)
     norm = 5.0
-    bound = router.score_bound(norm)
+    bound = score_bound(router, norm)
     direction = torch.nn.functional.normalize(torch.randn(4000, 16, generator=g), dim=-1)
     x = direction * norm * torch.rand(4000, 1)
     scores = (x @ router.weight.T).detach()
     top = scores.topk(5, dim=-1)
-    picked = (C.EXPORT_EPS / bound * scores).softmax(dim=-1).topk(4, dim=-1)
+    picked = (EXPORT_EPS / bound * scores).softmax(dim=-1).topk(4, dim=-1)
     weights = 4 * picked.values / picked.values.sum(dim=-1, keepdim=True)
-    assert (weights.log().abs() <= C.EXPORT_EPS + 1e-6).all()
-    assert weights.sub(1).abs().max() > C.EXPORT_EPS / 100  # the bound is not vacuous here
+    assert (weights.log().abs() <= EXPORT_EPS + 1e-6).all()
+    assert weights.sub(1).abs().max() > EXPORT_EPS / 100  # the bound is not vacuous here
     same = (picked.indices.sort(dim=1).values == top.indices[:, :4].sort(dim=1).values).all(dim=1)
-    resolved = top.values[:, 3] - top.values[:, 4] > 16 * 2.0 ** -24 / C.EXPORT_EPS * bound
+    resolved = top.values[:, 3] - top.values[:, 4] > 16 * 2.0 ** -24 / EXPORT_EPS * bound
     assert same[resolved].all() and same.float().mean() > 0.95
+
+
+def test_cmoe_score_bound_holds_and_is_nearly_reached():
+    # CMoE scores |(x.u) silu(x.w)| lie in [0, ||u|| ||w|| ||x||^2]: with u = w, an input along
+    # one expert's w scores close to that end, another expert's close to 0
+    g = torch.Generator().manual_seed(0)
+    router = modeling.Router("cmoe", 16, 6)
+    w = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:6] * torch.arange(1.0, 7.0)[:, None]
+    router.weight, router.up = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    norm = 4.0
+    bound = score_bound(router, norm)
+    aligned = torch.nn.functional.normalize(w, dim=-1) * norm  # (6, D): along each expert
+    x = torch.cat([aligned, torch.nn.functional.normalize(torch.randn(500, 16, generator=g),
+                                                          dim=-1) * norm])
+    scores = router(x, None).detach()
+    spread = (scores.max(dim=1).values - scores.min(dim=1).values).max().item()
+    assert spread <= bound and spread > 0.9 * bound
 
 
 def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
@@ -100,20 +119,20 @@ def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
     for i, (hf, spec, message) in enumerate(cases):
         path, _ = our_moe(hf, tmp_path / str(i), **spec)
         with pytest.raises(ValueError, match=message):
-            C.export_qwen2_moe(path, str(tmp_path / "never"))
+            export_qwen2_moe(path, str(tmp_path / "never"))
     path, model = our_moe(make_hf("llama"), tmp_path / "scaled")
-    T.set_routing(model, "scaled")
-    T.add_select_bias(model)
-    M.save_checkpoint(model, M.load_config(path)[1], path + "2")
+    train.set_routing(model, "scaled")
+    train.add_select_bias(model)
+    save_checkpoint(model, modeling.load_config(path)[1], path + "2")
     with pytest.raises(ValueError, match="scaled routing .* no softmax.*; a selection bias"):
-        C.export_qwen2_moe(path + "2", str(tmp_path / "never"))
+        export_qwen2_moe(path + "2", str(tmp_path / "never"))
     # a conversion whose result could not be exported is refused before calibrating
-    for spec, message in [(W.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's "
+    for spec, message in [(weaver.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's "
                                                         "per-expert bias|add --n-shared N.*add "
                                                         "--no-router-bias"),
-                          (W.ConvertSpec(n_experts=8, n_shared=2, router="gate"),
+                          (weaver.ConvertSpec(n_experts=8, n_shared=2, router="gate"),
                            "'gate' router does not score"),
-                          (W.ConvertSpec(method="static", n_experts=8),
+                          (weaver.ConvertSpec(method="static", n_experts=8),
                            "static pruning routes nothing")]:
         with pytest.raises(ValueError, match=message):
             convert_main(tiny_checkpoint, str(tmp_path / "never"), spec, format="qwen2_moe")
@@ -127,33 +146,37 @@ def test_layer_adaptive_allocations_are_refused_in_one_short_line(tmp_path):
     layer = config["moe"]["layers"][1]  # one more shared expert in layer 1, as the alpha rule gives
     layer.update(shared_neurons=layer["shared_neurons"] + config["moe"]["expert_dim"],
                  routed_experts=layer["routed_experts"] - 1, top_k=layer["top_k"] - 1)
-    problems = C.export_problems(M.ModelConfig.from_hf(config))
+    problems = export_problems(modeling.ModelConfig.from_hf(config))
     expected = "2 routed layers take 2 different top-k of routed experts (1 of 5, 2 of 6)"
     assert len(problems) == 1 and expected in problems[0]
     assert problems[0].endswith("--n-shared N")
 
 
 def test_demo_export_gives_the_same_greedy_tokens(demo_path, tmp_path):
-    model = M.load_model(demo_path)
+    model = modeling.load_model(demo_path)
     calib = random_calibration(vocab=model.cfg.vocab_size, samples=2, seqlen=32)
-    spec = W.ConvertSpec(n_experts=64, active=0.75, n_shared=45, router="lsq", router_bias=False)
-    C.convert_checkpoint(demo_path, str(tmp_path / "ours"), calib, spec, torch.float32, "cpu",
+    spec = weaver.ConvertSpec(
+        n_experts=64, active=0.75, n_shared=45, router="lsq", router_bias=False
+    )
+    convert.convert_checkpoint(demo_path, str(tmp_path / "ours"), calib, spec, torch.float32, "cpu",
                          torch.float32, log=lambda *_: None)
-    ours = M.load_model(str(tmp_path / "ours"))
-    tokens = torch.tensor([M.load_tokenizer(demo_path).encode("The capital of France is").ids])
+    ours = modeling.load_model(str(tmp_path / "ours"))
+    tokens = torch.tensor(
+        [modeling.load_tokenizer(demo_path).encode("The capital of France is").ids]
+    )
     logits, layout, exported = exported_logits(str(tmp_path / "ours"), tmp_path, tokens)
     assert layout["experts"] == 19 and layout["top_k"] == 3 and layout["shared"] == 45 * 24
     error = (logits - ours(tokens)).abs().max().item()
-    tol = 4 * C.EXPORT_EPS * logits.abs().max().item()
+    tol = 4 * EXPORT_EPS * logits.abs().max().item()
     assert error <= tol
     assert_same_greedy(exported.generate(tokens, max_new_tokens=16, do_sample=False),
                        ours.generate(tokens, 16), lambda prefix: ours(prefix)[:, -1], tol)
-    assert layout["weight_error_calibration"] == C.EXPORT_EPS / 2
+    assert layout["weight_error_calibration"] == EXPORT_EPS / 2
     assert math.isfinite(layout["weight_error_any_input"])
 
 
 def test_the_cli_converts_and_exports_in_one_go_leaving_nothing_beside(tiny_checkpoint, tmp_path):
-    spec = W.ConvertSpec(n_experts=8, active=0.5, n_shared=2, router_bias=False)
+    spec = weaver.ConvertSpec(n_experts=8, active=0.5, n_shared=2, router_bias=False)
     report = convert_main(
         tiny_checkpoint, str(tmp_path / "q"), spec, save_dtype="float32", format="qwen2_moe"
     )
@@ -177,8 +200,8 @@ def test_the_cli_converts_and_exports_in_one_go_leaving_nothing_beside(tiny_chec
     tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = hf(tokens).logits
-    expected = M.load_model(str(tmp_path / "ours"))(tokens)
-    assert (got - expected).abs().max() <= 4 * C.EXPORT_EPS * expected.abs().max()
+    expected = modeling.load_model(str(tmp_path / "ours"))(tokens)
+    assert (got - expected).abs().max() <= 4 * EXPORT_EPS * expected.abs().max()
 
 
 def test_stock_loaders_refuse_our_own_checkpoint_instead_of_misreading_it(tmp_path):
@@ -192,7 +215,7 @@ def test_stock_loaders_refuse_our_own_checkpoint_instead_of_misreading_it(tmp_pa
             loader.from_pretrained(path)
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = model(tokens)
-    assert torch.equal(M.load_model(path)(tokens), expected)
+    assert torch.equal(modeling.load_model(path)(tokens), expected)
     legacy = {k: v for k, v in config.items() if k != "base_model_type"} | {"model_type": "llama"}
     json.dump(legacy, open(os.path.join(path, "config.json"), "w"))
-    assert torch.equal(M.load_model(path)(tokens), expected)
+    assert torch.equal(modeling.load_model(path)(tokens), expected)

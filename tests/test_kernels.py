@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels as K
+import kernels
 
 FAST = ["select", "gather", "grouped"]
 
@@ -45,24 +45,26 @@ def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, seed):
     k = data.draw(st.integers(1, e))
     args = problem(n, e, k, d, f, s, load, seed)
     weights = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) if weighted else None
-    expected = K.reference(*args, weights)
+    expected = kernels.reference(*args, weights)
     for path in FAST if f % 4 == 0 else ["select", "gather"]:  # grouped_mm wants 16-byte rows
-        torch.testing.assert_close(K.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5,
-                                   msg=path)
-    torch.testing.assert_close(K.moe_ffn(*args, weights), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kernels.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5, msg=path
+        )
+    torch.testing.assert_close(kernels.moe_ffn(*args, weights), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 24])
 def test_paths_have_the_reference_gradients(n):
-    # what training differentiates: the input, both weight stacks, the shared GLU and the routing
-    # weights
+    # what training differentiates: the input, both weight stacks, the shared GLU, routing weights
     x, idx, w13, w2, shared = problem(n, 6, 2, 16, 8, 8, "random", seed=n)
     weights = torch.rand(n, 2, generator=torch.Generator().manual_seed(1))
     leaves = [x, w13, w2, weights, *shared]
 
     def grads(path):
         inputs = [t.clone().requires_grad_(True) for t in leaves]
-        out = K.PATHS[path](inputs[0], idx, inputs[1], inputs[2], tuple(inputs[4:]), inputs[3])
+        out = kernels.PATHS[path](
+            inputs[0], idx, inputs[1], inputs[2], tuple(inputs[4:]), inputs[3]
+        )
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         return [t.grad for t in inputs]
     expected = grads("reference")
@@ -74,10 +76,12 @@ def test_paths_have_the_reference_gradients(n):
 @pytest.mark.parametrize("n,load", [(1, "random"), (7, "skewed"), (64, "one"), (200, "random")])
 def test_paths_equal_reference_bf16(n, load):
     x, idx, w13, w2, shared = problem(n, 8, 3, 64, 16, 32, load, seed=n, dtype=torch.bfloat16)
-    truth = K.reference(x.float(), idx, w13.float(), w2.float(), tuple(t.float() for t in shared))
+    truth = kernels.reference(
+        x.float(), idx, w13.float(), w2.float(), tuple(t.float() for t in shared)
+    )
     scale = truth.abs().max()
     for path in ["reference"] + FAST:
-        got = K.PATHS[path](x, idx, w13, w2, shared)
+        got = kernels.PATHS[path](x, idx, w13, w2, shared)
         assert got.dtype == torch.bfloat16
         # bf16 keeps 8 bits of mantissa (0.4%); a handful of roundings stay within 1% of the
         # output's scale
@@ -85,14 +89,19 @@ def test_paths_equal_reference_bf16(n, load):
 
 
 def test_dispatcher_picks_from_static_facts(capsys):
-    assert K.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224) == "select"
-    assert K.choose_path("cuda", torch.bfloat16, 1, 4, 48, 4096, 224) == "gather"
-    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224) == "grouped"
-    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 3) == "gather"
+    assert kernels.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224) == "select"
+    assert kernels.choose_path("cuda", torch.bfloat16, 1, 4, 48, 4096, 224) == "gather"
+    assert kernels.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224) == "grouped"
+    assert kernels.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 3) == "gather"
     assert "not 16-byte aligned; prefill uses the slower gather path" in capsys.readouterr().out
-    assert K.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224, compiled=True) == "gather"
-    assert K.choose_path("cpu", torch.bfloat16, 2048, 4, 48, 4096, 224, compiled=True) == "grouped"
-    assert K.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224, compiled=True) == "gather"
+    assert kernels.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224, compiled=True) == "gather"
+    assert (
+        kernels.choose_path("cpu", torch.bfloat16, 2048, 4, 48, 4096, 224, compiled=True)
+        == "grouped"
+    )
+    assert (
+        kernels.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224, compiled=True) == "gather"
+    )
 
 
 def test_compiled_layer_has_no_graph_break_and_matches_eager():
@@ -105,7 +114,7 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
         mlp = model.layers[0].mlp.to(dtype)
         x = torch.randn(3, 10, 32).to(dtype)
         expected = mlp(x)
-        got = torch.compile(K.layer_forward, fullgraph=True, dynamic=False)(mlp, x, path)
+        got = torch.compile(kernels.layer_forward, fullgraph=True, dynamic=False)(mlp, x, path)
         if dtype == torch.float32:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         else:  # two bf16 computations in different orders: within 1% of the output's scale
@@ -117,11 +126,11 @@ def test_model_through_kernels_matches_reference_model():
     from conftest import TOKENS, assert_same_greedy, converted, tiny_model
     model = converted(tiny_model("qwen3", ffn_dim=48, n_layers=2), n_experts=8, active=0.5)
     expected = model(TOKENS)
-    K.use_kernels(model, compile=False)
+    kernels.use_kernels(model, compile=False)
     assert all(b.mlp.kernel is not None for b in model.layers)
     torch.testing.assert_close(model(TOKENS), expected, rtol=1e-5, atol=1e-5)
     greedy = model.generate(TOKENS[:1, :4], 6)  # decode goes through the select path
-    K.use_kernels(model, None)
+    kernels.use_kernels(model, None)
     assert_same_greedy(greedy, model.generate(TOKENS[:1, :4], 6),
                        lambda prefix: model(prefix)[:, -1], tol=1e-5)
 
@@ -133,10 +142,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("n", [1, 16, 512])
 def test_cuda_paths_equal_reference(n):
     args = problem(n, 16, 4, 256, 64, 128, "random", seed=n, dtype=torch.bfloat16, device="cuda")
-    expected = K.reference(*args).float()
+    expected = kernels.reference(*args).float()
     for path in ["gather", "grouped"]:
-        torch.testing.assert_close(K.PATHS[path](*args).float(), expected, rtol=2e-2, atol=2e-2,
-                                   msg=path)
+        torch.testing.assert_close(
+            kernels.PATHS[path](*args).float(), expected, rtol=2e-2, atol=2e-2, msg=path
+        )
 
 
 @cuda
@@ -147,7 +157,7 @@ def test_cuda_graph_decode_matches_eager():
     mlp = model.layers[0].mlp
     x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
     expected = mlp(x)
-    step = K.compiled_layer_forward("cuda", True)
+    step = kernels.compiled_layer_forward("cuda", True)
     for _ in range(3):  # warm-up runs record the graph, later ones replay it
         got = step(mlp, x, "gather")
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
-import convert as C
-import model as M
+import generate
+import model as modeling
+from data import perplexity, read_text
 from conftest import ARCHS, SMALL, assert_same_greedy, make_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
@@ -18,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_logits_and_greedy_match_transformers(arch, tmp_path):
     hf = make_hf(arch)
-    ours = M.load_model(save_hf(hf, tmp_path), torch.float32)
+    ours = modeling.load_model(save_hf(hf, tmp_path), torch.float32)
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 16),
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -34,7 +35,7 @@ def test_logits_and_greedy_match_transformers(arch, tmp_path):
 
 
 def test_kv_cache_matches_full_forward(tmp_path):
-    ours = M.load_model(save_hf(make_hf("qwen3"), tmp_path))
+    ours = modeling.load_model(save_hf(make_hf("qwen3"), tmp_path))
     tokens = torch.randint(0, SMALL["vocab_size"], (1, 12),
                            generator=torch.Generator().manual_seed(2))
     full = ours(tokens)
@@ -46,36 +47,36 @@ def test_kv_cache_matches_full_forward(tmp_path):
 
 def test_sharded_checkpoint_loads(tmp_path):
     hf = make_hf("llama")
-    single = M.load_model(save_hf(hf, tmp_path / "single"))
+    single = modeling.load_model(save_hf(hf, tmp_path / "single"))
     sharded_path = save_hf(hf, tmp_path / "sharded", max_shard_size="50KB")
     assert os.path.isfile(os.path.join(sharded_path, "model.safetensors.index.json"))
-    sharded = M.load_model(sharded_path)
+    sharded = modeling.load_model(sharded_path)
     tokens = torch.arange(10)[None]
     assert torch.equal(single(tokens), sharded(tokens))
 
 
 def test_dtype_and_weights_are_shared_not_copied(tmp_path):
-    ours = M.load_model(save_hf(make_hf("llama-bias-tied"), tmp_path), torch.bfloat16)
+    ours = modeling.load_model(save_hf(make_hf("llama-bias-tied"), tmp_path), torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     assert ours.lm_head.weight is ours.embed_tokens.weight
     assert ours(torch.arange(6)[None]).dtype == torch.bfloat16
 
 
 def test_sampling_is_seeded_and_respects_top_k(tmp_path):
-    ours = M.load_model(save_hf(make_hf("llama"), tmp_path))
+    ours = modeling.load_model(save_hf(make_hf("llama"), tmp_path))
     prompt = torch.arange(4)[None]
     runs = [ours.generate(prompt, 10, temperature=1.0, top_k=5,
                           generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     logits = torch.randn(3, 50)
-    picks = torch.stack([M.sample(logits, 1.0, 2, torch.Generator().manual_seed(s))
+    picks = torch.stack([modeling.sample(logits, 1.0, 2, torch.Generator().manual_seed(s))
                          for s in range(20)])
     top2 = torch.topk(logits, 2).indices  # (3, 2)
     assert all((picks[:, b:b + 1] == top2[b]).any(-1).all() for b in range(3))
 
 
 def test_generate_stops_at_eos(tmp_path):
-    ours = M.load_model(save_hf(make_hf("llama"), tmp_path))
+    ours = modeling.load_model(save_hf(make_hf("llama"), tmp_path))
     prompt = torch.arange(4)[None]
     free = ours.generate(prompt, 8)
     eos = int(free[0, 6])  # pretend the third generated token is the end of sequence
@@ -86,34 +87,34 @@ def test_generate_stops_at_eos(tmp_path):
 
 def test_perplexity_protocol_matches_transformers_loss(tmp_path):
     hf = make_hf("llama")
-    ours = M.load_model(save_hf(hf, tmp_path))
+    ours = modeling.load_model(save_hf(hf, tmp_path))
     tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,),
                            generator=torch.Generator().manual_seed(4))
-    nll, ppl, n = C.perplexity(ours, tokens, seqlen=32)
+    nll, ppl, n = perplexity(ours, tokens, seqlen=32)
     assert n == 3  # the 5 tokens of remainder are dropped
     with torch.no_grad():
         losses = [hf(w[None], labels=w[None]).loss for w in tokens[:96].view(3, 32)]
     assert nll == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
     assert ppl == pytest.approx(math.exp(nll))
-    assert C.perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
-    assert C.perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
+    assert perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
+    assert perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
 
 
 def test_read_text_jsonl_fields(tmp_path):
     file = tmp_path / "d.jsonl"
     file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
-    assert C.read_text(str(file), "q,a") == "a\nb\n\nc\nd"
-    assert C.read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
+    assert read_text(str(file), "q,a") == "a\nb\n\nc\nd"
+    assert read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
     with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
-        C.read_text(str(file), "text")
+        read_text(str(file), "text")
 
 # ---- the demo checkpoint
 
 
 def test_demo_matches_transformers(demo_path):
     hf = transformers.LlamaForCausalLM.from_pretrained(demo_path, dtype=torch.float32).eval()
-    ours = M.load_model(demo_path, torch.float32)
-    tokenizer = M.load_tokenizer(demo_path)
+    ours = modeling.load_model(demo_path, torch.float32)
+    tokenizer = modeling.load_tokenizer(demo_path)
     prompt = torch.tensor([tokenizer.encode("The capital of France is").ids])
     with torch.no_grad():
         expected = hf(prompt).logits
@@ -126,7 +127,7 @@ def test_demo_matches_transformers(demo_path):
 
 
 def test_demo_tokenizer(demo_path):
-    tokenizer = M.load_tokenizer(demo_path)
+    tokenizer = modeling.load_tokenizer(demo_path)
     assert tokenizer.encode("The capital of France is").ids == [504, 3575, 282, 4649, 314]
     assert tokenizer.encode(" 2024").tokens == ["Ġ", "2", "0", "2", "4"]  # digits one by one
     assert tokenizer.encode("<|im_start|>user<|im_end|>").ids[::2] == [1, 2]
@@ -135,11 +136,11 @@ def test_demo_tokenizer(demo_path):
 
 
 def test_demo_perplexity_on_wikitext(demo_path, data_dir):
-    model = M.load_model(demo_path, torch.float32)
-    tokenizer = M.load_tokenizer(demo_path)
-    text = C.read_text(os.path.join(data_dir, "wikitext2-valid.txt"))
+    model = modeling.load_model(demo_path, torch.float32)
+    tokenizer = modeling.load_tokenizer(demo_path)
+    text = read_text(os.path.join(data_dir, "wikitext2-valid.txt"))
     tokens = torch.tensor(tokenizer.encode(text[:40_000]).ids)
-    _, ppl, n = C.perplexity(model, tokens, seqlen=1024, max_windows=2)
+    _, ppl, n = perplexity(model, tokens, seqlen=1024, max_windows=2)
     assert n == 2 and 10 < ppl < 30, ppl
 
 # ---- bad input: every error names the problem
@@ -147,7 +148,7 @@ def test_demo_perplexity_on_wikitext(demo_path, data_dir):
 
 def test_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        M.load_model(str(tmp_path))
+        modeling.load_model(str(tmp_path))
     base = make_hf("llama").config.to_dict()
     for change, pattern in [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
@@ -156,7 +157,7 @@ def test_config_errors(tmp_path):
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ]:
         with pytest.raises(ValueError, match=pattern):
-            M.ModelConfig.from_hf({**base, **change})
+            modeling.ModelConfig.from_hf({**base, **change})
 
 
 def test_checkpoint_errors(tmp_path):
@@ -176,31 +177,33 @@ def test_checkpoint_errors(tmp_path):
 
     missing = {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"):
-        M.load_model(variant("missing", missing))
+        modeling.load_model(variant("missing", missing))
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.extra'"):
-        M.load_model(variant("extra", {**weights, "model.layers.0.mlp.extra": torch.zeros(3)}))
+        modeling.load_model(
+            variant("extra", {**weights, "model.layers.0.mlp.extra": torch.zeros(3)})
+        )
     wrong = {**weights, "model.layers.0.mlp.gate_proj.weight": torch.zeros(95, 64)}
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
                                          r"\(95, 64\), config.json implies \(96, 64\)"):
-        M.load_model(variant("shape", wrong))
+        modeling.load_model(variant("shape", wrong))
     integer = {**weights,
                "model.layers.1.mlp.up_proj.weight": torch.zeros(96, 64, dtype=torch.int32)}
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' is I32 where a "
                                          r"float \(F32, BF16, F16\) tensor belongs"):
-        M.load_model(variant("int32", integer))
+        modeling.load_model(variant("int32", integer))
     data = open(os.path.join(good, "model.safetensors"), "rb").read()
     with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*' ends \d+ bytes past the "
                                          r"end of the file \(\d+ bytes\): the file is truncated"):
-        M.load_model(variant("truncated", raw=data[: len(data) // 2]))
+        modeling.load_model(variant("truncated", raw=data[: len(data) // 2]))
     with pytest.raises(ValueError, match="model.safetensors: its safetensors header is not a JSON"):
         garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + data[100:200]
-        M.load_model(variant("garbage", raw=garbage))
+        modeling.load_model(variant("garbage", raw=garbage))
     with pytest.raises(ValueError, match=r"not a safetensors file, or truncated \(100 bytes"):
-        M.load_model(variant("short", raw=data[:100]))
+        modeling.load_model(variant("short", raw=data[:100]))
     os.remove(os.path.join(good, "model.safetensors"))
     with pytest.raises(FileNotFoundError,
                        match="neither model.safetensors nor model.safetensors.index.json"):
-        M.load_model(good)
+        modeling.load_model(good)
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -209,7 +212,7 @@ def test_missing_shard_is_named(tmp_path):
         shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
     os.remove(os.path.join(path, shard))
     with pytest.raises(FileNotFoundError, match=f"{shard} not found: .* maps \\d+ tensors to it"):
-        M.load_model(path)
+        modeling.load_model(path)
 
 
 def test_greedy_parity_forgives_near_ties_only():
@@ -237,11 +240,11 @@ def test_cli_refuses_bad_flags_before_loading(tiny_checkpoint):
         if "cuda" in bad.get("device", "") and torch.cuda.is_available():
             continue
         with pytest.raises(ValueError, match=message):
-            M.main(path, **{**ok, **bad})
+            generate.main(path, **{**ok, **bad})
 
 
 def test_cli_continues_an_empty_prompt_from_bos_and_reads_demo(demo_path):
-    empty = M.main("demo", "", 4, 0.0, None, 0, "float32", "cpu")
+    empty = generate.main("demo", "", 4, 0.0, None, 0, "float32", "cpu")
     assert isinstance(empty, str) and empty
     with pytest.raises(ValueError, match="exceed the model's max_position_embeddings 8192"):
-        M.load_model(demo_path).generate(torch.zeros(1, 8190, dtype=torch.int64), 3)
+        modeling.load_model(demo_path).generate(torch.zeros(1, 8190, dtype=torch.int64), 3)

@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
-import train as T
-import weaver as W
+import model as modeling
+import train
+import weaver
+import checkpoint as ckpt
+from checkpoint import CheckpointWriter, save_checkpoint, save_safetensors
 from conftest import ROOT, TOKENS, convert_main, converted, hf_config_of, tiny_model
 
 # ---- routing modes
@@ -24,12 +26,12 @@ from conftest import ROOT, TOKENS, convert_main, converted, hf_config_of, tiny_m
 def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the_router():
     model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5)
     expected = model(TOKENS)
-    T.set_routing(model, "scaled")
-    assert all(m.router.gamma.item() == 0 for m in T.moe_layers(model))
+    train.set_routing(model, "scaled")
+    assert all(m.router.gamma.item() == 0 for m in train.moe_layers(model))
     assert torch.equal(model(TOKENS), expected)
     model.train()
     model(TOKENS).square().mean().backward()
-    layer = T.moe_layers(model)[0]
+    layer = train.moe_layers(model)[0]
     # gamma first, then the router
     assert layer.router.gamma.grad != 0 and not layer.router.weight.grad.any()
     with torch.no_grad():
@@ -37,11 +39,12 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
     model.zero_grad()
     model(TOKENS).square().mean().backward()
     assert layer.router.weight.grad.abs().sum() > 0
-    T.set_routing(model, "softmax", norm_topk=True)
+    train.set_routing(model, "softmax", norm_topk=True)
+    train.install_recording(model)
     model.zero_grad()
     model(TOKENS).square().mean().backward()
     assert all(m.router.weight.grad.abs().sum() > 0 and m.balance_loss is not None
-               for m in T.moe_layers(model))
+               for m in train.moe_layers(model))
     _, weights = layer.route(torch.randn(5, 32))
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))
 
@@ -50,10 +53,10 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
 def test_keep_function_starts_at_the_sum_model(norm_topk):
     model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router="lsq")
     x = torch.randn(50, 32) * 3
-    before = [m.route(x)[0] for m in T.moe_layers(model)]
+    before = [m.route(x)[0] for m in train.moe_layers(model)]
     expected = model(TOKENS)
-    T.set_routing(model, "softmax", norm_topk=norm_topk, keep_function=True, eps=1e-3)
-    for m, idx in zip(T.moe_layers(model), before):
+    train.set_routing(model, "softmax", norm_topk=norm_topk, keep_function=True, eps=1e-3)
+    for m, idx in zip(train.moe_layers(model), before):
         got, weights = m.route(x)
         assert torch.equal(got, idx)  # the same experts
         scale = m.top_k if norm_topk else m.experts.down_proj.shape[0]
@@ -64,14 +67,14 @@ def test_keep_function_starts_at_the_sum_model(norm_topk):
 
 def test_routing_is_stored_in_config_and_loaded(tmp_path):
     model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5)
-    T.set_routing(model, "scaled")
-    T.add_select_bias(model)
+    train.set_routing(model, "scaled")
+    train.add_select_bias(model)
     with torch.no_grad():
-        for m in T.moe_layers(model):
+        for m in train.moe_layers(model):
             m.router.gamma.fill_(0.3)
             m.router.select_bias.copy_(torch.linspace(-1, 1, len(m.router.select_bias)))
-    M.save_checkpoint(model, hf_config_of(model), str(tmp_path))
-    loaded = M.load_model(str(tmp_path))
+    save_checkpoint(model, hf_config_of(model), str(tmp_path))
+    loaded = modeling.load_model(str(tmp_path))
     assert loaded.cfg.moe["routing"] == "scaled" and loaded.cfg.moe["select_bias"] is True
     assert torch.equal(loaded(TOKENS), model(TOKENS))
 
@@ -80,21 +83,21 @@ def test_routing_is_stored_in_config_and_loaded(tmp_path):
 
 def test_lora_model_equals_the_merged_one():
     model = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)
-    T.add_lora(model, rank=3, alpha=6.0, seed=0)
+    train.add_lora(model, rank=3, alpha=6.0, seed=0)
     with torch.no_grad():  # B starts at zero; give every adapter a real update
         for name, p in model.named_parameters():
             if name.endswith(".B"):
                 p.normal_(0, 0.1)
     wrapped = model(TOKENS)
     merged = converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)
-    merged.load_state_dict(T.merged_state(model), strict=True)
+    merged.load_state_dict(train.merged_state(model), strict=True)
     assert not torch.equal(
         merged(TOKENS), converted(tiny_model("qwen2", n_layers=2), n_experts=8, active=0.5)(TOKENS)
     )
     torch.testing.assert_close(merged(TOKENS), wrapped, rtol=1e-6, atol=1e-6)
-    targets = T.lora_targets(model)
+    targets = train.lora_targets(model)
     # gate_up and down of both layers
-    assert sum(1 for m, _ in targets if isinstance(m, M.Experts)) == 4
+    assert sum(1 for m, _ in targets if isinstance(m, modeling.Experts)) == 4
 
 # ---- training runs on a tiny checkpoint
 
@@ -102,7 +105,9 @@ def test_lora_model_equals_the_merged_one():
 @pytest.fixture(scope="module")
 def tiny_moe(tiny_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("moe") / "moe")
-    convert_main(tiny_checkpoint, out, W.ConvertSpec(n_experts=8, active=0.5), save_dtype="float32")
+    convert_main(
+        tiny_checkpoint, out, weaver.ConvertSpec(n_experts=8, active=0.5), save_dtype="float32"
+    )
     return out
 
 
@@ -111,24 +116,22 @@ def data_of(checkpoint):
 
 
 def tiny_spec(data, **spec):
-    return T.TrainSpec(
+    return train.TrainSpec(
         **{"data": data, "seqlen": 16, "batch": 2, "steps": 4, "lr": 1e-2, "warmup": 1, **spec}
     )
 
 
 def run(checkpoint, out, data, **kwargs):
-    spec = {k: v for k, v in kwargs.items() if k in T.TrainSpec.__dataclass_fields__}
+    spec = {k: v for k, v in kwargs.items() if k in train.TrainSpec.__dataclass_fields__}
+    log = kwargs.pop("log", lambda *_: None)
     options = {k: v for k, v in kwargs.items() if k not in spec}
-    return T.train(
-        checkpoint,
-        out,
-        tiny_spec(data, **spec),
-        **{"val_seqlen": 16, "val_windows": 2, "val_every": 2, "log": lambda *_: None, **options}
-    )
+    run = train.RunSpec(**{"val_seqlen": 16, "val_windows": 2, "val_every": 2, "device": "cpu",
+                           **options})
+    return train.train(checkpoint, out, tiny_spec(data, **spec), run, log=log)
 
 
 def all_tensors(path):
-    files = sorted(set(M.tensor_locations(path).values()))
+    files = sorted(set(modeling.tensor_locations(path).values()))
     return {n: t for f in files for n, t in load_file(f).items()}
 
 
@@ -136,11 +139,11 @@ def test_a_step_lowers_the_loss_on_its_batch(tiny_checkpoint, tmp_path):
     rows = run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint),
                train=("lora", "norms"), steps=1)
     spec = tiny_spec(data_of(tiny_checkpoint), steps=1)
-    windows, _ = T.load_data(M.load_tokenizer(tiny_checkpoint), spec, 16)
-    batch = windows[T.batch_windows(len(windows), 0, 0, 2, 1, 0, 1, 0)]
+    windows, _ = train.load_data(modeling.load_tokenizer(tiny_checkpoint), spec, 16)
+    batch = windows[train.batch_windows(len(windows), 0, 0, 2, 1, 0, 1, 0)]
 
     def loss(path):
-        logits = M.load_model(path)(batch)[:, :-1]
+        logits = modeling.load_model(path)(batch)[:, :-1]
         return torch.nn.functional.cross_entropy(logits.reshape(-1, 64),
                                                  batch[:, 1:].reshape(-1)).item()
     # the logged loss is that batch's
@@ -162,10 +165,10 @@ def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, ti
     assert sorted(os.listdir(out)) == [".expertweaver", "config.json", "model.safetensors",
                                        "tokenizer.json", "train_log.jsonl", "train_state.json",
                                        "train_state.safetensors"]
-    model = M.load_model(out)
+    model = modeling.load_model(out)
     assert model.cfg.moe["routing"] == "softmax" and model.cfg.moe["select_bias"]
     # the balancing moved them
-    assert any(m.router.select_bias.abs().sum() > 0 for m in T.moe_layers(model))
+    assert any(m.router.select_bias.abs().sum() > 0 for m in train.moe_layers(model))
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 4 and all(r["balance"] > 0 and r["load_max_over_mean"] >= 1 for r in steps)
     assert [r["step"] for r in rows if "val_ppl" in r] == [0, 2, 4]
@@ -177,15 +180,15 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_
     data, heal = data_of(tiny_checkpoint), dict(train=("lora", "router"), routing="scaled")
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run(tiny_moe, straight, data, **heal)
-    save = T.save
+    save = train.save
 
     def save_then_stop(*args, **kwargs):  # the run is killed right after its step-2 save
         save(*args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(T, "save", save_then_stop)
+    monkeypatch.setattr(train, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_moe, broken, data, save_every=2, **heal)
-    monkeypatch.setattr(T, "save", save)
+    monkeypatch.setattr(train, "save", save)
     assert json.load(open(os.path.join(broken, "train_state.json")))["step"] == 2
     run(tiny_moe, broken, data, resume=True, **heal)
     a, b = all_tensors(straight), all_tensors(broken)
@@ -290,7 +293,9 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
     ]
     for spec, checkpoint, message in cases:
         with pytest.raises((ValueError, OSError), match=message):
-            T.train(checkpoint, str(tmp_path / "out"), T.TrainSpec(**spec), log=lambda *_: None)
+            train.train(
+                checkpoint, str(tmp_path / "out"), train.TrainSpec(**spec), log=lambda *_: None
+            )
     for spec, message in [
         (dict(train=("lora", "wings")), "--train wings: not one of"),
         (dict(train=("lora", "all")), "--train lora with experts or all"),
@@ -301,7 +306,7 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
         (dict(min_lr=1.0), r"--min-lr 1.0 must be in \[0, --lr 0.0002\]"),
     ]:
         with pytest.raises(ValueError, match=message):
-            T.TrainSpec(**spec)
+            train.TrainSpec(**spec)
     assert os.listdir(tmp_path) == []
     cli = subprocess.run([sys.executable, "train.py", tiny_checkpoint, "--out", str(tmp_path / "x"),
                           "--data", data[0], "--train", "lora,wings"], cwd=ROOT,
@@ -313,7 +318,7 @@ def test_bad_input_fails_before_any_work(tiny_checkpoint, tiny_moe, tmp_path):
 def test_an_interrupted_save_leaves_no_partial_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(M.CheckpointWriter, "finish", broken)
+    monkeypatch.setattr(CheckpointWriter, "finish", broken)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_checkpoint, str(tmp_path / "out"), data_of(tiny_checkpoint), train=("lora",),
             steps=1)
@@ -325,25 +330,31 @@ def test_an_interrupted_save_leaves_no_partial_checkpoint(tiny_checkpoint, tmp_p
 
 def test_default_flags_heal_an_moe_and_adapt_a_dense_model(tiny_checkpoint, tiny_moe, tmp_path):
     data = data_of(tiny_checkpoint)
-    for checkpoint, train, routing in ((tiny_moe, ("lora", "router"), "scaled"),
-                                       (tiny_checkpoint, ("lora",), None)):
-        spec, chosen = T.with_defaults(T.TrainSpec(data=data), M.load_config(checkpoint)[0])
-        assert (spec.train, spec.routing) == (train, routing) and chosen.startswith("for a")
+    for checkpoint, trainable, routing in ((tiny_moe, ("lora", "router"), "scaled"),
+                                           (tiny_checkpoint, ("lora",), None)):
+        cfg = modeling.load_config(checkpoint)[0]
+        spec, chosen = train.with_defaults(train.TrainSpec(data=data), cfg)
+        assert (spec.train, spec.routing) == (trainable, routing) and chosen.startswith("for a")
     lines = []
     run(tiny_moe, str(tmp_path / "healed"), data, steps=1, log=lines.append)
     assert "defaults for an MoE checkpoint: --train lora,router --routing scaled" in lines
-    assert M.load_config(str(tmp_path / "healed"))[0].moe["routing"] == "scaled"
+    assert modeling.load_config(str(tmp_path / "healed"))[0].moe["routing"] == "scaled"
     # given flags are kept: the router of a sum-routed MoE learns only once it is told how
-    spec, chosen = T.with_defaults(T.TrainSpec(data=data, train=("lora",)),
-                                   M.load_config(tiny_moe)[0])
+    spec, chosen = train.with_defaults(train.TrainSpec(data=data, train=("lora",)),
+                                   modeling.load_config(tiny_moe)[0])
     assert (spec.train, spec.routing, chosen) == (("lora",), None, "")
 
 
 def test_the_saved_weights_keep_the_checkpoints_dtype_and_config_says_so(tiny_checkpoint,
                                                                          tmp_path):
     source = str(tmp_path / "bf16")
-    M.save_checkpoint(M.load_model(tiny_checkpoint), M.load_config(tiny_checkpoint)[1], source,
-                      copy_from=tiny_checkpoint, dtype=torch.bfloat16)
+    save_checkpoint(
+        modeling.load_model(tiny_checkpoint),
+        modeling.load_config(tiny_checkpoint)[1],
+        source,
+        copy_from=tiny_checkpoint,
+        dtype=torch.bfloat16,
+    )
     for save_dtype, expected in ((None, "bfloat16"), ("float32", "float32")):
         out = str(tmp_path / f"out-{expected}")
         run(source, out, data_of(tiny_checkpoint), train=("lora",), steps=1,
@@ -387,10 +398,10 @@ def test_resume_refuses_another_base_and_accepts_another_name_for_the_same(tiny_
     relative = [os.path.relpath(d.split(":")[0]) + (":code" if d.endswith(":code") else "")
                 for d in data]
     run("base", out, relative, train=("lora",), steps=2, resume=True)
-    model = M.load_model(str(base))
+    model = modeling.load_model(str(base))
     with torch.no_grad():
         model.layers[0].self_attn.q_proj.weight.add_(1e-3)  # as if trained and merged in place
-    M.save_checkpoint(model, M.load_config(str(base))[1], str(base))  # its tokenizer stays
+    save_checkpoint(model, modeling.load_config(str(base))[1], str(base))  # its tokenizer stays
     with pytest.raises(ValueError, match="base is not the checkpoint .*out was trained from"):
         run(str(base), out, data, train=("lora",), steps=2, resume=True)
 
@@ -405,15 +416,15 @@ def test_a_full_disk_is_refused_up_front_or_keeps_the_last_saved_state(tiny_chec
         run(tiny_moe, out, data, train=("lora",))
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
-    save, calls = M.save_safetensors, []
+    save, calls = save_safetensors, []
 
     def disk_full_at_the_second_save(tensors, file):
         calls.append(file)
         if len(calls) > 2:  # the model, then the training state, then the step-4 model
             raise OSError(28, "No space left on device")
         save(tensors, file)
-    monkeypatch.setattr(M, "save_safetensors", disk_full_at_the_second_save)
-    monkeypatch.setattr(T, "save_safetensors", disk_full_at_the_second_save)
+    monkeypatch.setattr(ckpt, "save_safetensors", disk_full_at_the_second_save)
+    monkeypatch.setattr(train, "save_safetensors", disk_full_at_the_second_save)
     with pytest.raises(OSError, match=r"No space left on device; .*out still holds the state saved "
                                       r"at step 2$"):
         run(tiny_moe, out, data, train=("lora",), steps=4, save_every=2)

@@ -1,0 +1,81 @@
+"""experiments.py runs: the FLOP accounting, and the training experiments end to end on a tiny
+checkpoint. These check that the experiments work and report consistent rows, not their figures."""
+import os
+import tempfile
+
+import pytest
+
+import experiments
+
+
+def test_router_flops_accounting():
+    from conftest import converted, tiny_model
+    model = converted(tiny_model(ffn_dim=48, n_layers=2), n_experts=8, active=0.5,
+                      router="centroid", dense_layers=(1,))
+    layer = model.cfg.moe["layers"][0]
+    flops = experiments.ffn_flops(model.cfg)
+    D = 32
+    assert flops["dense"] == 2 * 6 * D * 48
+    assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
+    assert flops["router"] == 2 * D * layer["routed_experts"]
+
+
+def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    files = {
+        "prose": os.path.join(tiny_checkpoint, "prose.txt"),
+        "code": os.path.join(tiny_checkpoint, "code.txt"),
+    }
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    budget = dict(tokens=64, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
+    rows = experiments.heal("unused", ["expertweaver:lsq:n_experts=8", "static:n_experts=8"], [0.5],
+                      budget, 2, 16, val_windows=1, seed=0, val_seqlen=16)
+    names = [r["row"] for r in rows]
+    assert names == ["dense", "expertweaver:lsq:n_experts=8", "static:n_experts=8"]
+    # each run trained on its 64 tokens in less than its whole time, validation included
+    assert all(r["after"].keys() == {"prose", "code"} and 64 / r["tok_s"] < r["seconds"]
+               for r in rows)
+    rows = experiments.downcycle("unused", ["expertweaver:centroid", "expertweaver:centroid+keep"],
+                           dict(active=0.5, n_experts=8, n_shared=1), {**budget, "min_lr": 1e-3},
+                           0.01, 2, 16, val_windows=1, val_every=1, seed=0, plot=None,
+                           val_seqlen=16)
+    assert [len(r["curve"]) for r in rows] == [3, 3, 3]  # step 0 and both steps
+    printed = capsys.readouterr().out
+    assert "| `expertweaver:centroid+keep` |" in printed and "val loss at step 0" in printed
+    assert [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("expertweaver-heal-") or
+            d.startswith("expertweaver-downcycle-")] == []
+
+
+def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
+    rows = experiments.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"],
+                            0.5, 2, budget, 0.25, 0.05, 4, 16, val_windows=1, seed=0,
+                            val_seqlen=16)
+    names = [r["row"] for r in rows]
+    assert names == ["dense", "dive:dive_groups=2", "expertweaver:lsq:n_experts=8"]
+    groups = rows[1]["groups"]
+    assert sorted(set(groups)) == [0, 1] and len(groups) == 4  # 2 files x 2 parts
+    # per layer two experts of half the FFN, their biases (2, 32) and the lsq router (2, 32 + 1)
+    assert rows[1]["ffn_params"] == rows[0]["ffn_params"] + 2 * (2 * 32 + 2 * 33)
+    assert "stage0" in rows[1] and "DIVE mining" in capsys.readouterr().out
+    assert not [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("expertweaver-dive-")]
+
+
+@pytest.mark.parametrize("rows, parts, samples, message", [
+    (["dive"], 0, 4, "--parts 0 must be at least 1"),
+    (["dive:dive_groups=5"], 2, 4, "dive_groups 5 is more than the 4 calibration domain"),
+    (["dive:dive_groups=2"], 2, 3, "--calib-samples 3"),
+    (["dive:bogus=1"], 2, 4, "'bogus' is not a DiveSpec field"),
+])
+def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, parts, samples,
+                                         message):
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: pytest.fail("slow work started"))
+    budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
+    with pytest.raises(ValueError, match=message):
+        experiments.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1,
+                   seed=0)
