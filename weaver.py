@@ -16,9 +16,10 @@ calibration inputs. ExpertWeaver, one layer at a time:
   5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
                by default here a linear router fitted in closed form to each expert's output norm
                ("lsq"). Top-k per token, outputs summed unweighted.
-Read top to bottom: the settings, the five steps of the paper, each method's plan (ExpertWeaver,
-random, CMoE, static), building an MoE layer from a plan, this repository's lsq router, and the
-per-layer loop.
+Read top to bottom: the settings; the paper's steps (profile, allocate and share, partition, the
+centroid router), ExpertWeaver's plan and the MoE layer built from it; this repository's changes
+(the contribution ranking in step 3, the lsq router); the methods beside it (random, CMoE,
+static); the per-layer loop.
 """
 import itertools
 import time
@@ -33,7 +34,8 @@ from flags import setting
 from model import MoEMLP
 
 # -----------------------------------------------------------------------------
-# the spec: what to convert into
+# the settings: what to convert into
+
 
 METHODS = ("expertweaver", "cmoe", "static", "random")
 ROUTERS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")  # model.Router's kinds, as here
@@ -150,9 +152,8 @@ class ConvertSpec:
                              f"tasks: give calibration text of at least 2 tasks (--calib FILE:TASK "
                              f"names one), or --n-shared; got {n_tasks}")
 
-
 # -----------------------------------------------------------------------------
-# profiling: statistics of one FFN on its calibration inputs, never the activations themselves
+# 1. profile: statistics of one FFN on its calibration inputs, never the activations themselves
 
 
 @dataclass
@@ -194,17 +195,8 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
     return LayerStats(profile, torch.cat(markers) if k_act else None,
                       total / (S * T) if contribution else None)
 
-
-def importance(stats: LayerStats, shared_by: str) -> torch.Tensor:
-    """(d_ff,) the score shared neurons are ranked by."""
-    if shared_by == "activation":
-        return stats.profile.mean(dim=0)
-    assert stats.contribution is not None, \
-        "shared_by 'contribution' needs profile_layer(..., contribution=True)"
-    return stats.contribution
-
 # -----------------------------------------------------------------------------
-# allocation: how many experts of a layer are shared, and which neurons
+# 2. allocate and 3. share: how many experts of a layer are shared, and which neurons
 
 
 def specialization(profile: torch.Tensor, task: torch.Tensor, tau: float, eps: float = 1e-6):
@@ -228,6 +220,15 @@ def n_shared_experts(alpha: float, n_experts: int, k: int, alpha_max: float) -> 
     return min(n, k - 1) if k < n_experts else min(n, n_experts)
 
 
+def importance(stats: LayerStats, shared_by: str) -> torch.Tensor:
+    """(d_ff,) the score shared neurons are ranked by."""
+    if shared_by == "activation":
+        return stats.profile.mean(dim=0)
+    assert stats.contribution is not None, \
+        "shared_by 'contribution' needs profile_layer(..., contribution=True)"
+    return stats.contribution
+
+
 def split_shared(score: torch.Tensor, n_shared_neurons: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n highest-scoring neurons and the rest, each in ascending ids (the dense order, so a
     fully shared layer is the dense FFN bit for bit)."""
@@ -237,7 +238,7 @@ def split_shared(score: torch.Tensor, n_shared_neurons: int) -> tuple[torch.Tens
     return shared, rest.nonzero().squeeze(1)
 
 # -----------------------------------------------------------------------------
-# partition: balanced k-means, every cluster exactly `capacity` members
+# 4. partition: balanced k-means, every cluster exactly `capacity` members
 
 
 def balanced_assign_reference(cost: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -318,28 +319,101 @@ def groups_of(neurons: torch.Tensor, assign: torch.Tensor, n_clusters: int) -> t
     return neurons[order].view(n_clusters, -1)
 
 # -----------------------------------------------------------------------------
-# routers, from the built experts' weights (centroid, cmoe) or fitted to the layer's calibration
-# inputs in closed form (lsq). Each returns the Router's parameters and what the report shows.
+# 5. route: the paper's analytical router, from the built experts' weights
 
 
 def centroid_router(experts) -> dict:
     """ExpertWeaver: the mean gate row of each expert's neurons, (E, D)."""
     return {"weight": experts.gate_up_proj[:, : experts.expert_dim].float().mean(dim=1)}
 
-
-def representatives(features: torch.Tensor, groups: torch.Tensor, p: float) -> torch.Tensor:
-    """Position within its expert of the member nearest the expert's centroid, in the space the
-    partition was made in (features (d_ff, M), L_p distance). groups (E, F) -> (E,)."""
-    members = features[groups].float()  # (E, F, M)
-    return torch.cdist(members, members.mean(dim=1, keepdim=True), p=p).squeeze(-1).argmin(dim=1)
+# -----------------------------------------------------------------------------
+# a layer's plan: which neurons are shared, the routed groups and top-k; ExpertWeaver's
 
 
-def cmoe_router(experts, position: torch.Tensor) -> dict:
-    """CMoE: the unit-norm gate and up rows of each expert's representative neuron."""
-    e = torch.arange(len(position), device=position.device)
-    gate = experts.gate_up_proj[e, position].float()  # (E, D)
-    up = experts.gate_up_proj[e, experts.expert_dim + position].float()
-    return {"weight": F.normalize(gate, dim=1), "up": F.normalize(up, dim=1)}
+@dataclass
+class LayerPlan:
+    # (n_shared * d_e,) neuron ids, ascending (the dense order, for exactness)
+    shared: torch.Tensor
+    groups: torch.Tensor    # (E, d_e) neuron ids of each routed expert, each row ascending
+    top_k: int
+    info: dict              # what the report shows
+    features: torch.Tensor | None = None  # (d_ff, M): the space the partition was made in
+    p: float = 2.0          # and its distance, L_p (CMoE's representatives are chosen there)
+    # how the chosen experts' outputs are weighted (model.ROUTINGS); the conversions here sum them
+    routing: str = "sum"
+    norm_topk: bool = False
+    # (E, D) a bias added to each expert's output, or None. DIVE's pruned experts (dive.py) carry
+    # one and may overlap: groups is then not a partition of the neurons
+    bias: torch.Tensor | None = None
+
+
+def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
+    """ExpertWeaver's allocation: the layer's specialisation sizes the shared expert, whose neurons
+    are the most important ones. -> (shared neurons, the rest, report info)."""
+    d_e = stats.profile.shape[1] // spec.n_experts
+    _, r = specialization(stats.profile, task, spec.tau)
+    alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
+    n_se = spec.n_shared if spec.n_shared is not None else \
+        n_shared_experts(alpha, spec.n_experts, spec.k, spec.alpha_max)
+    shared, rest = split_shared(importance(stats, spec.shared_by), n_se * d_e)
+    return shared, rest, {"r": r, "alpha": alpha}
+
+
+def plan_expertweaver(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec,
+                      seed: int) -> LayerPlan:
+    """ExpertWeaver: the allocation above; the other neurons clustered into equal experts by
+    balanced k-means on their per-sample activation profiles."""
+    shared, rest, info = allocate(stats, task, spec)
+    d_e = stats.profile.shape[1] // spec.n_experts
+    n_routed, iters = len(rest) // d_e, 0
+    groups = rest.view(n_routed, d_e)  # no routed experts: (0, d_e)
+    if n_routed:
+        assign, iters = balanced_kmeans(stats.profile[:, rest].T.contiguous(), n_routed, seed,
+                                        spec.kmeans_iters)
+        groups = groups_of(rest, assign, n_routed)
+    top_k = spec.k - len(shared) // d_e
+    return LayerPlan(shared, groups, top_k, info | {"kmeans_iters": iters}, stats.profile.T, 2.0)
+
+# -----------------------------------------------------------------------------
+# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed
+
+
+def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
+    """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
+    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    n_routed, d_e = plan.groups.shape
+    options = {"expert_dim": d_e, "router": router, "router_bias": router_bias,
+               "routing": plan.routing, "norm_topk": plan.norm_topk,
+               "pruned_experts": plan.bias is not None}
+    layer = {"shared_neurons": len(plan.shared), "routed_experts": n_routed, "top_k": plan.top_k}
+    with torch.device("meta"):
+        moe = MoEMLP(gate_w.shape[1], options, layer)
+    state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
+    if len(plan.shared):
+        state |= {"shared.gate_proj.weight": gate_w[plan.shared],
+                  "shared.up_proj.weight": up_w[plan.shared],
+                  "shared.down_proj.weight": down_w[:, plan.shared]}
+    if n_routed:
+        state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
+                                                    dim=1),  # (E, 2F, D)
+                  "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
+    if plan.bias is not None:
+        state["experts.down_bias"] = plan.bias  # (E, D)
+    state = {n: t.contiguous() for n, t in state.items()}
+    result = moe.load_state_dict(state, strict=False, assign=True)
+    assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
+    return moe.train(mlp.training)  # a model in eval mode stays so
+
+
+def set_router(moe: MoEMLP, params: dict[str, torch.Tensor]) -> None:
+    """The router's parameters, in the experts' dtype."""
+    dtype = moe.experts.gate_up_proj.dtype
+    params = {n: t.to(dtype).contiguous() for n, t in params.items()}
+    moe.router.load_state_dict(params, strict=True, assign=True)
+
+# -----------------------------------------------------------------------------
+# this repository's router, lsq: a linear router fitted in closed form to what each expert
+# contributes, on the layer's calibration inputs
 
 
 def captured(scores: torch.Tensor, truth: torch.Tensor, top_k: int) -> float:
@@ -471,52 +545,7 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
     return {"weight": w[:D].T.float(), **({"bias": w[D].float()} if bias else {})}, info
 
 # -----------------------------------------------------------------------------
-# one layer's plan per method: which neurons are shared, the routed groups and top-k
-
-
-@dataclass
-class LayerPlan:
-    # (n_shared * d_e,) neuron ids, ascending (the dense order, for exactness)
-    shared: torch.Tensor
-    groups: torch.Tensor    # (E, d_e) neuron ids of each routed expert, each row ascending
-    top_k: int
-    info: dict              # what the report shows
-    features: torch.Tensor | None = None  # (d_ff, M): the space the partition was made in
-    p: float = 2.0          # and its distance, L_p (CMoE's representatives are chosen there)
-    # how the chosen experts' outputs are weighted (model.ROUTINGS); the conversions here sum them
-    routing: str = "sum"
-    norm_topk: bool = False
-    # (E, D) a bias added to each expert's output, or None. DIVE's pruned experts (dive.py) carry
-    # one and may overlap: groups is then not a partition of the neurons
-    bias: torch.Tensor | None = None
-
-
-def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
-    """ExpertWeaver's allocation: the layer's specialisation sizes the shared expert, whose neurons
-    are the most important ones. -> (shared neurons, the rest, report info)."""
-    d_e = stats.profile.shape[1] // spec.n_experts
-    _, r = specialization(stats.profile, task, spec.tau)
-    alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
-    n_se = spec.n_shared if spec.n_shared is not None else \
-        n_shared_experts(alpha, spec.n_experts, spec.k, spec.alpha_max)
-    shared, rest = split_shared(importance(stats, spec.shared_by), n_se * d_e)
-    return shared, rest, {"r": r, "alpha": alpha}
-
-
-def plan_expertweaver(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec,
-                      seed: int) -> LayerPlan:
-    """ExpertWeaver: the allocation above; the other neurons clustered into equal experts by
-    balanced k-means on their per-sample activation profiles."""
-    shared, rest, info = allocate(stats, task, spec)
-    d_e = stats.profile.shape[1] // spec.n_experts
-    n_routed, iters = len(rest) // d_e, 0
-    groups = rest.view(n_routed, d_e)  # no routed experts: (0, d_e)
-    if n_routed:
-        assign, iters = balanced_kmeans(stats.profile[:, rest].T.contiguous(), n_routed, seed,
-                                        spec.kmeans_iters)
-        groups = groups_of(rest, assign, n_routed)
-    top_k = spec.k - len(shared) // d_e
-    return LayerPlan(shared, groups, top_k, info | {"kmeans_iters": iters}, stats.profile.T, 2.0)
+# the methods beside it: a random partition, CMoE (with its router), static pruning
 
 
 def plan_random(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
@@ -528,6 +557,21 @@ def plan_random(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: 
     top_k = spec.k - len(shared) // d_e
     return LayerPlan(shared, groups.sort(dim=1).values, top_k, info | {"kmeans_iters": 0},
                      stats.profile.T, 2.0)
+
+
+def representatives(features: torch.Tensor, groups: torch.Tensor, p: float) -> torch.Tensor:
+    """Position within its expert of the member nearest the expert's centroid, in the space the
+    partition was made in (features (d_ff, M), L_p distance). groups (E, F) -> (E,)."""
+    members = features[groups].float()  # (E, F, M)
+    return torch.cdist(members, members.mean(dim=1, keepdim=True), p=p).squeeze(-1).argmin(dim=1)
+
+
+def cmoe_router(experts, position: torch.Tensor) -> dict:
+    """CMoE: the unit-norm gate and up rows of each expert's representative neuron."""
+    e = torch.arange(len(position), device=position.device)
+    gate = experts.gate_up_proj[e, position].float()  # (E, D)
+    up = experts.gate_up_proj[e, experts.expert_dim + position].float()
+    return {"weight": F.normalize(gate, dim=1), "up": F.normalize(up, dim=1)}
 
 
 def plan_cmoe(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: int) -> LayerPlan:
@@ -564,34 +608,7 @@ PLANS = {"expertweaver": plan_expertweaver, "random": plan_random, "cmoe": plan_
          "static": plan_static}
 
 # -----------------------------------------------------------------------------
-# building an MoE layer from a plan: the dense weights regrouped, nothing recomputed; its router
-
-
-def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
-    """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
-    gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    n_routed, d_e = plan.groups.shape
-    options = {"expert_dim": d_e, "router": router, "router_bias": router_bias,
-               "routing": plan.routing, "norm_topk": plan.norm_topk,
-               "pruned_experts": plan.bias is not None}
-    layer = {"shared_neurons": len(plan.shared), "routed_experts": n_routed, "top_k": plan.top_k}
-    with torch.device("meta"):
-        moe = MoEMLP(gate_w.shape[1], options, layer)
-    state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
-    if len(plan.shared):
-        state |= {"shared.gate_proj.weight": gate_w[plan.shared],
-                  "shared.up_proj.weight": up_w[plan.shared],
-                  "shared.down_proj.weight": down_w[:, plan.shared]}
-    if n_routed:
-        state |= {"experts.gate_up_proj": torch.cat([gate_w[plan.groups], up_w[plan.groups]],
-                                                    dim=1),  # (E, 2F, D)
-                  "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
-    if plan.bias is not None:
-        state["experts.down_bias"] = plan.bias  # (E, D)
-    state = {n: t.contiguous() for n, t in state.items()}
-    result = moe.load_state_dict(state, strict=False, assign=True)
-    assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
-    return moe.train(mlp.training)  # a model in eval mode stays so
+# the per-layer loop: profile, plan, build and route each FFN on the inputs it really sees
 
 
 def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor) -> dict:
@@ -613,13 +630,6 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
     return info
 
 
-def set_router(moe: MoEMLP, params: dict[str, torch.Tensor]) -> None:
-    """The router's parameters, in the experts' dtype."""
-    dtype = moe.experts.gate_up_proj.dtype
-    params = {n: t.to(dtype).contiguous() for n, t in params.items()}
-    moe.router.load_state_dict(params, strict=True, assign=True)
-
-
 @torch.no_grad()
 def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
     """Tokens routed to each expert (E,) int64 over the calibration inputs x (S, T, D)."""
@@ -629,9 +639,6 @@ def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) 
         idx = moe.router(flat[i: i + batch_tokens], moe.experts).topk(moe.top_k, dim=-1).indices
         counts += torch.bincount(idx.flatten(), minlength=len(counts))
     return counts
-
-# -----------------------------------------------------------------------------
-# the per-layer loop: profile, plan, build and route each FFN on the inputs it really sees
 
 
 @contextmanager
