@@ -453,7 +453,7 @@ if __name__ == "__main__":
                            for s in (weaver.ConvertSpec, dive.DiveSpec)]
     add_flags(p, weaver.ConvertSpec,  # with DIVE's method and router beside weaver's
               method={"choices": weaver.METHODS + ("dive",), "help": "; ".join(helps("method"))},
-              router={"choices": weaver.ROUTERS[:-1] + ("linear",),
+              router={"choices": weaver.ROUTERS[:-1] + ("random",),
                       "help": "; ".join(helps("router"))})
     add_flags(p, dive.DiveSpec, only=("dive_groups", "dive_top_k"))
     add_flags(p, DataSpec)

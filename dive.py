@@ -35,7 +35,8 @@ class DiveSpec(weaver.ConvertSpec):
                           "related calibration tasks (mined), each --active / --dive-top-k of the "
                           "neurons")
     router: str | None = setting("lsq", "dive: lsq, fitted to how close each expert comes to the "
-                                 "dense FFN, or linear, DIVE's random router (for training)")
+                                 "dense FFN, or random, DIVE's randomly initialised router (to be "
+                                 "trained)")
     dive_groups: int = setting(4, "dive: experts per layer, one per group of calibration tasks (at "
                                "most the number of tasks; give many --calib FILE:TASK domains to "
                                "mine from)")
@@ -43,7 +44,7 @@ class DiveSpec(weaver.ConvertSpec):
                               "ones; each keeps active / top_k of d_ff")
     dive_assign: tuple | None = None  # the group of each calibration task (None: mined)
     METHODS: ClassVar[tuple] = ("dive",)
-    ROUTERS: ClassVar[tuple] = ("lsq", "linear")
+    ROUTERS: ClassVar[tuple] = ("lsq", "random")
 
     def __post_init__(self):
         super().__post_init__()
@@ -171,10 +172,10 @@ def closeness(mlp, experts):
 
 def fit_router(moe, plan: weaver.LayerPlan, x: torch.Tensor, task: torch.Tensor, dense,
                seed: int) -> dict:
-    """Sets the router's parameters: at random (linear), or fitted on the layer's calibration inputs
+    """Sets the router's parameters: at random (random), or fitted on the layer's calibration inputs
     x (S, T, D) (lsq). Returns the report's info."""
     info = {}
-    if moe.router.kind == "linear":
+    if moe.router.kind == "random":
         params = random_router(len(plan.groups), x.shape[-1], seed)
     else:
         params, info = weaver.lsq_router(x, task, closeness(dense, moe.experts), len(plan.groups),

@@ -640,8 +640,8 @@ if __name__ == "__main__":
                     help="draw the validation curves into this PNG (needs matplotlib)")
     vb = sub.add_parser("dive", help="DIVE, the default and CMoE at the same active share, before "
                         "and after the same retraining", formatter_class=defaults)
-    vb.add_argument("--rows", nargs="+", default=["dive", "dive:linear", "expertweaver", "cmoe"],
-                    help="conversions, as in quality (dive: lsq router; dive:linear: DIVE's "
+    vb.add_argument("--rows", nargs="+", default=["dive", "dive:random", "expertweaver", "cmoe"],
+                    help="conversions, as in quality (dive: lsq router; dive:random: DIVE's "
                     "random one; dive:dive_groups=G)")
     vb.add_argument("--active", type=float, default=0.5, help="active fraction of the FFN")
     vb.add_argument("--parts", type=int, default=2,

@@ -55,7 +55,7 @@ def score_bound(router: Router, input_norm: float) -> float:
     if router.kind == "cmoe":
         up = router.up.detach().double()
         return (up.norm(dim=1) * w.norm(dim=1)).max().item() * input_norm ** 2
-    assert router.kind in ("centroid", "lsq", "linear"), \
+    assert router.kind in ("centroid", "lsq", "random"), \
         f"the {router.kind!r} router's scores have no bound"
     spread = torch.cdist(w, w).max().item() * input_norm
     if router.bias is not None:

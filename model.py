@@ -66,10 +66,13 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         model_type = hf.get("model_type")
+        moe = hf.get("moe")
         if model_type == MOE_MODEL_TYPE:
-            if not isinstance(hf.get("moe"), dict):
+            if not isinstance(moe, dict):
                 raise ValueError(f"{source}: model_type {MOE_MODEL_TYPE!r} without a 'moe' section")
             model_type = hf.get("base_model_type")
+            if moe.get("router") == "linear":  # DIVE's random router, as checkpoints named it
+                moe = {**moe, "router": "random"}  # before 2026-12
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
                              f"converts decoder-only SiLU-GLU models: "
@@ -116,7 +119,7 @@ class ModelConfig:
                 max_seq_len=hf.get("max_position_embeddings", 2048),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
-                moe=hf.get("moe"),
+                moe=moe,
             )
         except KeyError as e:
             raise ValueError(f"{source}: no {e.args[0]!r} entry") from None
@@ -289,8 +292,8 @@ class MLP(nn.Module):
 # shared (in the original order) the layer *is* the dense FFN. Training switches to a weighted
 # routing. Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
-ROUTER_KINDS = ("centroid", "lsq", "linear", "cmoe", "gate", "oracle", "none")
-PARAMETRIC_ROUTERS = ("centroid", "lsq", "linear", "cmoe")  # gate and oracle have no parameters
+ROUTER_KINDS = ("centroid", "lsq", "random", "cmoe", "gate", "oracle", "none")
+PARAMETRIC_ROUTERS = ("centroid", "lsq", "random", "cmoe")  # gate and oracle have no parameters
 # how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
 #   sum      1: the training-free conversion. The router gets no gradient (top-k has none)
 #   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to
@@ -306,7 +309,7 @@ class Router(nn.Module):
     centroid: x @ W.T, W = each expert's mean gate row (ExpertWeaver's analytical router).
     lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm (DIVE: to
               how closely each expert reproduces the dense FFN).
-    linear:   x @ W.T, randomly initialised: DIVE's router as published, useful only once trained.
+    random:   x @ W.T, randomly initialised: DIVE's router as published, useful only once trained.
     cmoe:     |(x @ U.T) * silu(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
               (CMoE).
     gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
@@ -332,7 +335,7 @@ class Router(nn.Module):
     def forward(self, x, experts: "Experts"):
         # x: (N, D) -> (N, E) float32
         xf = x.float()
-        if self.kind in ("centroid", "linear"):
+        if self.kind in ("centroid", "random"):
             return xf @ self.weight.float().T
         if self.kind == "lsq":
             scores = xf @ self.weight.float().T

@@ -15,7 +15,9 @@ import weaver
 from data import Calibration, calibration_from_files
 from dive import DiveSpec, affinity_groups
 from export import export_problems
-from conftest import TOKENS, convert_main, random_calibration, tiny_data, tiny_model
+from checkpoint import save_checkpoint
+from conftest import (TOKENS, convert_main, hf_config_of, random_calibration, tiny_data,
+                      tiny_model)
 
 quiet = dict(log=lambda *_: None)
 
@@ -113,9 +115,8 @@ def test_bias_stands_in_for_the_pruned_neurons_on_average():
 def dive_model(top_k=2, groups=3):
     model = tiny_model(n_layers=2)
     calib = random_calibration(tasks=4, samples=4)
-    convert.convert_model(model, calib,
-              DiveSpec(active=0.5, dive_groups=groups, dive_top_k=top_k),
-              **quiet)
+    convert.convert_model(model, calib, DiveSpec(active=0.5, dive_groups=groups, dive_top_k=top_k),
+                          **quiet)
     return model
 
 
@@ -168,7 +169,7 @@ def test_dense_routing_runs_every_expert_in_training_only():
 
 
 def test_two_stage_retraining(tiny_checkpoint, tmp_path):
-    spec = DiveSpec(active=0.5, dive_groups=2, router="linear")
+    spec = DiveSpec(active=0.5, dive_groups=2, router="random")
     convert_main(tiny_checkpoint, str(tmp_path / "dive"), spec,
                  tiny_data(tiny_checkpoint, samples=8))
     data = (f"{tiny_checkpoint}/prose.txt", f"{tiny_checkpoint}/code.txt")
@@ -199,9 +200,21 @@ def test_bad_inputs_one_line_before_any_work(tiny_checkpoint, tmp_path, spec, me
     assert not (tmp_path / "out").exists()
 
 
-def test_linear_router_is_dive_only():
-    with pytest.raises(ValueError, match="router 'linear' does not go with method 'expertweaver'"):
-        weaver.ConvertSpec(router="linear")
+def test_random_router_is_dive_only_and_read_under_its_old_name(tmp_path):
+    with pytest.raises(ValueError, match="router 'random' does not go with method 'expertweaver'"):
+        weaver.ConvertSpec(router="random")
+    model = tiny_model(n_layers=2)
+    convert.convert_model(model, random_calibration(tasks=4, samples=4),
+                          DiveSpec(active=0.5, dive_groups=2, router="random"), **quiet)
+    save_checkpoint(model, hf_config_of(model), str(tmp_path / "old"))
+    with open(tmp_path / "old" / "config.json") as f:
+        config = json.load(f)
+    assert config["moe"]["router"] == "random"
+    config["moe"]["router"] = "linear"  # as checkpoints written before 2026-12 name it
+    with open(tmp_path / "old" / "config.json", "w") as f:
+        json.dump(config, f)
+    old = modeling.load_model(str(tmp_path / "old"))
+    assert old.cfg.moe["router"] == "random" and torch.equal(old(TOKENS), model(TOKENS))
 
 
 def test_dive_is_refused_by_the_qwen2_moe_export():
