@@ -172,8 +172,8 @@ def closeness(mlp, experts):
 
 def fit_router(moe, plan: weaver.LayerPlan, x: torch.Tensor, task: torch.Tensor, dense,
                seed: int) -> dict:
-    """Sets the router's parameters: at random (random), or fitted on the layer's calibration inputs
-    x (S, T, D) (lsq). Returns the report's info."""
+    """Sets the router's parameters: drawn at random (kind 'random'), or fitted on the layer's
+    calibration inputs x (S, T, D) (lsq). Returns the report's info."""
     info = {}
     if moe.router.kind == "random":
         params = random_router(len(plan.groups), x.shape[-1], seed)

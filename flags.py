@@ -48,6 +48,9 @@ def add_flags(parser, settings, only: tuple | None = None, **overrides) -> None:
 
 
 def from_flags(args, settings, **given):
-    """The dataclass `settings` built from the parsed flags that are its fields, and `given`."""
+    """The dataclass `settings` built from the parsed flags that are its fields (a list given to a
+    tuple field as a tuple), and `given`."""
     names = {f.name for f in dataclasses.fields(settings)}
-    return settings(**{**{n: v for n, v in vars(args).items() if n in names}, **given})
+    values = {n: tuple(v) if isinstance(v, list) else v for n, v in vars(args).items()
+              if n in names}
+    return settings(**{**values, **given})

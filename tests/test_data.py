@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from data import TASK_PROMPTS, calibration_from_files, calibration_from_model
+from data import TASK_PROMPTS, calibration_from_files, calibration_from_model, read_text
 from conftest import tiny_model
 
 
@@ -55,3 +55,13 @@ def test_generated_calibration_is_seeded():
     # every window starts with its prompt, never with padding
     for row, task in zip(a.tokens, a.task):
         assert row[: len(prompts[task])].tolist() == prompts[task]
+
+
+
+def test_read_text_jsonl_fields(tmp_path):
+    file = tmp_path / "d.jsonl"
+    file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
+    assert read_text(str(file), "q,a") == "a\nb\n\nc\nd"
+    assert read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
+    with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
+        read_text(str(file), "text")

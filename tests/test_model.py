@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-import generate
 import model as modeling
 from data import perplexity, read_text
 from conftest import ARCHS, SMALL, assert_same_greedy, make_hf, save_hf
@@ -99,14 +98,6 @@ def test_perplexity_protocol_matches_transformers_loss(tmp_path):
     assert perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
     assert perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
 
-
-def test_read_text_jsonl_fields(tmp_path):
-    file = tmp_path / "d.jsonl"
-    file.write_text('{"q": "a", "a": "b"}\n\n{"q": "c", "a": "d"}\n')
-    assert read_text(str(file), "q,a") == "a\nb\n\nc\nd"
-    assert read_text(str(file)) == "a\nb\n\nc\nd"  # no "text" field: every string field
-    with pytest.raises(ValueError, match=r"d.jsonl:1: no field 'text' \(fields: q, a\)"):
-        read_text(str(file), "text")
 
 # ---- the demo checkpoint
 
@@ -221,30 +212,3 @@ def test_greedy_parity_forgives_near_ties_only():
     assert_same_greedy(torch.tensor([[0, 1, 0]]), expected, lambda prefix: logits, tol=1e-5)
     with pytest.raises(AssertionError, match="row 0 parts at token 1 .* no near tie"):
         assert_same_greedy(torch.tensor([[0, 3, 3]]), expected, lambda prefix: logits, tol=1e-5)
-
-# ---- the CLI
-
-
-def test_cli_refuses_bad_flags_before_loading(tiny_checkpoint):
-    path = tiny_checkpoint
-    ok = dict(prompt="w1 w2", max_new_tokens=4, temperature=0.0, top_k=None, seed=0,
-              dtype="float32", device="cpu")
-    for bad, message in [(dict(max_new_tokens=-1), "--max-new-tokens -1 must be at least 1"),
-                         (dict(top_k=0), "--top-k 0 must be at least 1"),
-                         (dict(temperature=-1.0), "--temperature -1.0 must be 0 .greedy. or"),
-                         (dict(device="cuda:7"), "--device cuda:7: this torch .* sees no CUDA"),
-                         (dict(device="gpu"), "--device 'gpu' is not a torch device"),
-                         (dict(max_new_tokens=2047),
-                          "2 tokens \\+ --max-new-tokens 2047 exceed the model's "
-                          "max_position_embeddings 2048")]:
-        if "cuda" in bad.get("device", "") and torch.cuda.is_available():
-            continue
-        with pytest.raises(ValueError, match=message):
-            generate.main(path, **{**ok, **bad})
-
-
-def test_cli_continues_an_empty_prompt_from_bos_and_reads_demo(demo_path):
-    empty = generate.main("demo", "", 4, 0.0, None, 0, "float32", "cpu")
-    assert isinstance(empty, str) and empty
-    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings 8192"):
-        modeling.load_model(demo_path).generate(torch.zeros(1, 8190, dtype=torch.int64), 3)

@@ -1,0 +1,39 @@
+"""flags.py: a dataclass's fields as flags, with their types, defaults and help, and back."""
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from flags import add_flags, from_flags, setting
+
+
+@dataclass
+class Settings:
+    n_experts: int = setting(64, "experts", flag="--experts")
+    active: float = setting(0.75, "active share")
+    router: str | None = setting(None, "router", choices=["a", "b"])
+    bias: bool = setting(True, "a bias")
+    sequential: bool = setting(False, "sequential")
+    layers: tuple = setting((), "layers", type=int)
+    files: tuple = setting((), "files", action="append", metavar="FILE")
+    hidden: int = 3  # no help: no flag
+
+
+def parse(*args):
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Settings)
+    return from_flags(parser.parse_args(list(args)), Settings)
+
+
+def test_defaults_types_switches_and_lists():
+    assert parse() == Settings()
+    got = parse("--experts", "8", "--active", "0.5", "--router", "b", "--no-bias", "--sequential",
+                "--layers", "1", "2", "--files", "x", "--files", "y")
+    assert got == Settings(8, 0.5, "b", False, True, (1, 2), ("x", "y"))
+    assert isinstance(got.active, float) and got.layers == (1, 2)
+
+
+def test_bad_values_and_fields_without_help():
+    for args in (["--router", "c"], ["--experts", "x"], ["--hidden", "4"], ["--n-experts", "8"]):
+        with pytest.raises(SystemExit):
+            parse(*args)
