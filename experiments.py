@@ -139,8 +139,8 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     if unknown:
         raise ValueError(f"--plot-rows {', '.join(sorted(unknown))}: not among --rows")
     tokenizer = load_tokenizer(path)
-    specs = [f"{f}:{task}" for task, f in files.items()]
-    calib = calibration_from_files(tokenizer, specs, calib_samples, calib_seqlen, seed, holdout)
+    entries = [f"{f}:{task}" for task, f in files.items()]  # FILE:TASK, as --calib takes them
+    calib = calibration_from_files(tokenizer, entries, calib_samples, calib_seqlen, seed, holdout)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
     print(f"calibration: {len(calib.names)} tasks x {calib_samples} windows x {calib_seqlen} "
           f"tokens; evaluation: held-out last {holdout:.0%} of each file, {eval_windows} windows "
@@ -246,12 +246,12 @@ def training_setup(data: str, command: str, calib_samples: int, calib_seqlen: in
     from train import TrainSpec
     steps = max(1, common["tokens"] // (common["seqlen"] * common["batch"]))
     common.setdefault("warmup", max(1, steps // 10))
-    specs = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
+    entries = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
     path = demo_checkpoint()
-    calib = calibration_from_files(load_tokenizer(path), list(specs), calib_samples, calib_seqlen,
+    calib = calibration_from_files(load_tokenizer(path), list(entries), calib_samples, calib_seqlen,
                                    seed, common["holdout"])
     print(header("cpu", "float32"))
-    return (lambda **kw: TrainSpec(data=specs, seed=seed, **{**common, **kw})), path, calib
+    return (lambda **kw: TrainSpec(data=entries, seed=seed, **{**common, **kw})), path, calib
 
 
 def converted_into(path: str, out: str, calib: Calibration, spec: ConvertSpec,
@@ -260,26 +260,26 @@ def converted_into(path: str, out: str, calib: Calibration, spec: ConvertSpec,
     return convert_checkpoint(path, out, calib, spec, torch.float32, "cpu", torch.float32, log=log)
 
 
-def healed(moe: str, out: str, spec, convert_spec: ConvertSpec, val_windows: int, label: str,
+def healed(moe: str, out: str, train_spec, convert_spec: ConvertSpec, val_windows: int, label: str,
            val_seqlen: int) -> dict:
     """A conversion healed with LoRA and its router, `scaled` routing (gamma = 0: training starts
     at the converted model itself); LoRA alone where nothing routes (static pruning)."""
     routed = convert_spec.router != "none"
-    heal_spec = spec(train=("lora", "router"), routing="scaled") if routed else \
-        spec(train=("lora",))
+    heal_spec = train_spec(train=("lora", "router"), routing="scaled") if routed else \
+        train_spec(train=("lora",))
     return trained(moe, out, heal_spec, val_windows, 10**9, label, val_seqlen)
 
 
-def dive_retrained(moe: str, work: str, spec, budget: dict, stage0: float, temperature: float,
+def dive_retrained(moe: str, work: str, train_spec, budget: dict, stage0: float, temperature: float,
                    val_windows: int, label: str, val_seqlen: int) -> dict:
     """DIVE's two stages: a `stage0` share of the tokens for the router alone over every expert at
     `temperature`, then LoRA + router + norms on the rest."""
     tokens0 = max(budget["seqlen"] * budget["batch"], int(budget["tokens"] * stage0))
     first = trained(moe, os.path.join(work, "s0"),
-                    spec(train=("router",), dense_routing=temperature, tokens=tokens0),
+                    train_spec(train=("router",), dense_routing=temperature, tokens=tokens0),
                     val_windows, 10**9, f"{label} stage 0", val_seqlen)
     run = trained(os.path.join(work, "s0"), os.path.join(work, "healed"),
-                  spec(train=("lora", "router", "norms"), lora_alpha=16.0,
+                  train_spec(train=("lora", "router", "norms"), lora_alpha=16.0,
                        tokens=budget["tokens"] - tokens0), val_windows, 10**9,
                   f"{label} stage 1", val_seqlen)
     return run | {"before": first["before"], "stage0": first["after"],
@@ -300,15 +300,17 @@ def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_s
     the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
     task_files(data, "heal")
     convert_specs = row_specs(rows, actives, seed, load_config(demo_checkpoint())[0])
-    spec, path, calib = training_setup(data, "heal", calib_samples, calib_seqlen, seed, **budget)
+    train_spec, path, calib = training_setup(
+        data, "heal", calib_samples, calib_seqlen, seed, **budget
+    )
     results = []
     with scratch("heal") as work:
-        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
+        dense = trained(path, os.path.join(work, "dense"), train_spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
         for (row, active), convert_spec in convert_specs.items():
             moe = os.path.join(work, "moe")
             converted_into(path, moe, calib, convert_spec)
-            run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
+            run = healed(moe, os.path.join(work, "healed"), train_spec, convert_spec, val_windows,
                          f"{row} {active}", val_seqlen)
             results.append({"row": row, "active": active, **run})
     tasks = list(dense["before"])
@@ -340,20 +342,21 @@ def downcycle(data: str, rows: list[str], layout: dict, budget: dict, balance: f
     shape = {k: v for k, v in layout.items() if k != "active"}  # experts and shared ones
     convert_specs = row_specs(rows, [layout["active"]], seed, load_config(demo_checkpoint())[0],
                               **shape)
-    spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
+    train_spec, path, calib = training_setup(data, "downcycle", calib_samples, calib_seqlen, seed,
                                        train=("all",), **budget)
     results = []
     with scratch("downcycle") as work:
-        dense = trained(path, os.path.join(work, "dense"), spec(), val_windows, val_every, "dense",
-                        val_seqlen)
+        dense = trained(path, os.path.join(work, "dense"), train_spec(), val_windows, val_every,
+                        "dense", val_seqlen)
         for row in rows:
             start = row.partition("+")[2]
             convert_spec = convert_specs[row, layout["active"]]
             moe = os.path.join(work, "moe")
             converted_into(path, moe, calib, convert_spec)
-            train_spec = spec(routing="softmax", balance=balance, keep_function=start == "keep")
-            run = trained(moe, os.path.join(work, "trained"), train_spec, val_windows, val_every,
-                          row, val_seqlen)
+            downcycle_spec = train_spec(routing="softmax", balance=balance,
+                                        keep_function=start == "keep")
+            run = trained(moe, os.path.join(work, "trained"), downcycle_spec, val_windows,
+                          val_every, row, val_seqlen)
             results.append({"row": row, **run})
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model trained the same way ({budget['tokens']} "
@@ -421,14 +424,16 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
         if isinstance(convert_spec, DiveSpec):
             convert_spec.check_tasks(len(task_files(data, "dive")) * parts, mined=True,
                                      windows=calib_samples)
-    spec, path, calib = training_setup(data, "dive", calib_samples, calib_seqlen, seed, **budget)
+    train_spec, path, calib = training_setup(
+        data, "dive", calib_samples, calib_seqlen, seed, **budget
+    )
     results = []
     with scratch("dive") as work:
         tokenizer = load_tokenizer(path)
         pieces = domain_parts(tokenizer, task_files(data, "dive"), parts, budget["holdout"], work)
         domains = calibration_from_files(tokenizer, pieces, calib_samples, calib_seqlen, seed,
                                          holdout=0.0)
-        dense = trained(path, os.path.join(work, "dense"), spec(train=("lora",)), val_windows,
+        dense = trained(path, os.path.join(work, "dense"), train_spec(train=("lora",)), val_windows,
                         10**9, "dense", val_seqlen)
         dense |= dict(zip(("ffn_params", "params"), checkpoint_size(path)))
         for row, convert_spec in convert_specs.items():
@@ -437,12 +442,20 @@ def dive(data: str, rows: list[str], active: float, parts: int, budget: dict, st
                                     log=lambda line: line.startswith("layer") or print(line))
             size = dict(zip(("ffn_params", "params"), checkpoint_size(moe)))
             if is_dive:
-                run = dive_retrained(moe, work, spec, budget, stage0, temperature, val_windows,
-                                     row, val_seqlen)
+                run = dive_retrained(
+                    moe, work, train_spec, budget, stage0, temperature, val_windows, row, val_seqlen
+                )
                 run["groups"] = report["dive"]["groups"]
             else:
-                run = healed(moe, os.path.join(work, "healed"), spec, convert_spec, val_windows,
-                             row, val_seqlen)
+                run = healed(
+                    moe,
+                    os.path.join(work, "healed"),
+                    train_spec,
+                    convert_spec,
+                    val_windows,
+                    row,
+                    val_seqlen,
+                )
             results.append({"row": row, **run, **size})
     tasks = list(dense["before"])
     print(f"\nheld-out ppl ratio to the dense model (before) and to the dense model trained with "

@@ -1,5 +1,6 @@
 """experiments.py runs: the FLOP accounting, and the training experiments end to end on a tiny
 checkpoint. These check that the experiments work and report consistent rows, not their figures."""
+import math
 import os
 import tempfile
 
@@ -18,6 +19,25 @@ def test_router_flops_accounting():
     assert flops["dense"] == 2 * 6 * D * 48
     assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
     assert flops["router"] == 2 * D * layer["routed_experts"]
+
+
+def test_quality_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    rows = ["expertweaver:lsq:n_experts=8", "static:n_experts=8"]
+    out = experiments.quality("unused", rows, [0.5, 1.0], calib_samples=2, calib_seqlen=16,
+                              eval_seqlen=16, eval_windows=2, holdout=0.1, seed=0)
+    assert [(r["row"], r.get("active")) for r in out] == [("dense", None)] + [
+        (row, active) for active in (0.5, 1.0) for row in rows]
+    for r in out[1:]:
+        assert r["geomean"] == pytest.approx(math.sqrt(r["ratio"]["prose"] * r["ratio"]["code"]))
+        assert r["ppl"]["code"] == pytest.approx(r["ratio"]["code"] * out[0]["ppl"]["code"])
+        if r["active"] == 1.0:  # every expert active: the dense model's function
+            assert r["ratio"] == pytest.approx({"prose": 1.0, "code": 1.0}, rel=1e-4)
+        else:
+            assert r["ratio"] != pytest.approx({"prose": 1.0, "code": 1.0}, rel=1e-4)
+    assert "| `static:n_experts=8` | 0.50 |" in capsys.readouterr().out
 
 
 def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
