@@ -29,7 +29,7 @@ import weaver
 from checkpoint import (CheckpointWriter, check_out, check_space, checkpoint_config,
                         exit_on_sigterm, ours_temporary, output_dir, source_dtype)
 from data import (TASK_PROMPTS, Calibration, calibration_from_files, calibration_from_model,
-                  check_file, heldout_tokens, parse_calib_spec, perplexity)
+                  check_file, heldout_tokens, file_and_task, perplexity)
 from demo import cache_dir, resolve
 from export import export_problems, export_qwen2_moe, topk_spread
 from flags import add_flags, from_flags, setting
@@ -119,10 +119,10 @@ def format_layer(row: dict, n_layers: int) -> str:
 
 
 def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
-               spec: weaver.ConvertSpec, log=print, keep=None,
+               spec: weaver.ConvertSpec, log=print, write_block=None,
                make_head=None) -> tuple[dict, dict]:
     """weaver.layer_loop over a model's blocks with the spec's method; h: (S, T, D) the embedded
-    calibration windows; blocks() gives the blocks, one pass each; keep(i, block) takes each
+    calibration windows; blocks() gives the blocks, one pass each; write_block(i, block) takes each
     converted block. DIVE without given groups mines them first, with make_head() -> (h ->
     logits). Returns (the moe config section, the report)."""
     spec.check_layers(cfg.ffn_dim, cfg.n_layers)
@@ -144,9 +144,9 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
                 row["topk_spread"] = topk_spread(block.mlp, x) if block.mlp.top_k else None
         moe_cfg["layers"][i] = row.pop("moe", None)
         moe_cfg["topk_spread"][i] = row.get("topk_spread")
-        if keep is not None:
+        if write_block is not None:
             with weaver.timed(timings, "write"):
-                keep(i, block)
+                write_block(i, block)
         rows.append(row)
         log(format_layer(row, cfg.n_layers))
     return moe_cfg, {"layers": rows, "timings": timings, **({"dive": mined} if mined else {})}
@@ -200,7 +200,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         if not cfg.tie_embeddings:
             tail["lm_head.weight"] = skeleton.lm_head.weight
 
-        def keep(i, block):
+        def write_block(i, block):
             for name, tensor in block.state_dict().items():
                 writer.add(f"model.layers.{i}.{name}", cast(tensor))
 
@@ -213,7 +213,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
             out = w["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
             return lambda x: F.linear(norm(x), out)
         moe_cfg, report = run_layers(cfg, h, blocks, skeleton.window_inputs, calib, spec, log,
-                                     keep, make_head)
+                                     write_block, make_head)
         t0 = time.perf_counter()
         for name, tensor in read_tensors(path, tail, dtype, "cpu", where).items():
             writer.add(name, cast(tensor))
@@ -251,9 +251,9 @@ def peak_rss_gib() -> float:
 
 def check_args(spec: weaver.ConvertSpec, data: DataSpec) -> None:
     """What can be checked without the checkpoint, before any slow work."""
-    for file in [parse_calib_spec(c)[0] for c in data.calib] + list(data.evals):
+    for file in [file_and_task(c)[0] for c in data.calib] + list(data.evals):
         check_file(file)
-    tasks = {parse_calib_spec(c)[1] for c in data.calib}
+    tasks = {file_and_task(c)[1] for c in data.calib}
     n_tasks = len(tasks) if data.calib else len(TASK_PROMPTS)
     if isinstance(spec, dive.DiveSpec):
         spec.check_tasks(n_tasks, mined=spec.dive_assign is None, windows=data.samples)
@@ -273,7 +273,7 @@ def main(checkpoint: str, spec: weaver.ConvertSpec, data: DataSpec, run: RunSpec
                               f"{name}-{spec.method}-{round(spec.active * 100)}"
                               + ("-qwen2_moe" if format == "qwen2_moe" else ""))
     reads = (("checkpoint", path), ("demo cache", cache_dir()),
-             *(("--calib file", parse_calib_spec(c)[0]) for c in data.calib),
+             *(("--calib file", file_and_task(c)[0]) for c in data.calib),
              *(("--eval file", f) for f in data.evals))  # what --out must not touch
     check_out(out, reads)
     check_checkpoint(path, cfg)

@@ -62,11 +62,11 @@ def read_text(file: str, field: str | None = None) -> str:
     return "\n\n".join(docs)
 
 
-def parse_calib_spec(spec: str) -> tuple[str, str]:
+def file_and_task(entry: str) -> tuple[str, str]:
     """FILE[:TASK] -> (file, task); the task defaults to the file name up to its first dot."""
-    file, task = spec, None
-    if not os.path.exists(spec) and ":" in spec:
-        file, task = spec.rsplit(":", 1)
+    file, task = entry, None
+    if not os.path.exists(entry) and ":" in entry:
+        file, task = entry.rsplit(":", 1)
     return file, task or os.path.basename(file).split(".")[0]
 
 
@@ -87,13 +87,13 @@ class Calibration:
     names: list[str]
 
 
-def calibration_from_files(tokenizer, specs: list[str], samples: int, seqlen: int, seed: int,
+def calibration_from_files(tokenizer, entries: list[str], samples: int, seqlen: int, seed: int,
                            holdout: float = 0.1, field: str | None = None) -> Calibration:
     """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part
     of the task's files (several files may share a task)."""
     pools: dict[str, list[torch.Tensor]] = {}
-    for spec in specs:
-        file, task = parse_calib_spec(spec)
+    for entry in entries:  # FILE[:TASK]
+        file, task = file_and_task(entry)
         text = read_text(file, field)
         if not text.strip():
             raise ValueError(f"calibration file {file} is empty")

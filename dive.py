@@ -113,15 +113,15 @@ def moments(x: torch.Tensor, mlp, batch_tokens: int = weaver.BATCH_TOKENS) -> Mo
 
 
 
-def flap_keep(stats: Moments, rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLAP's structured pruning on the samples `rows` (S,) bool: keep the `keep` neurons of largest
+def flap_keep(stats: Moments, rows: torch.Tensor, n_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's structured pruning on the samples `rows` (S,) bool: keep the n_kept neurons of largest
     fluctuation, the variance of h over the tokens times the squared norm of the neuron's output
     column (WIFV). -> (kept ids ascending, (d_ff,) mean h, which stands in for the pruned ones)."""
     n = int(rows.sum()) * stats.tokens
     assert n > 0, "a DIVE group has no calibration tokens"
     mean = stats.h_sum[rows].sum(dim=0) / n
     var = (stats.h_sq[rows].sum(dim=0) / n - mean ** 2).clamp_min(0)
-    kept = (var.float() * stats.down_norm2).topk(keep).indices.sort().values
+    kept = (var.float() * stats.down_norm2).topk(n_kept).indices.sort().values
     return kept, mean.float()
 
 

@@ -138,10 +138,10 @@ def export_problems(cfg, spec=None) -> list[str]:
 
 def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
     moe = cfg.moe
-    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    copied = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
             "bos_token_id", "eos_token_id", "rope_theta", "rope_scaling", "rope_parameters")
-    config = {k: hf_config[k] for k in keep if hf_config.get(k) is not None}
+    config = {k: hf_config[k] for k in copied if hf_config.get(k) is not None}
     # SGLang reads rope_theta, transformers rope_parameters
     config.setdefault("rope_theta", cfg.rope_theta)
     return {**config, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",

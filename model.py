@@ -742,8 +742,8 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
                 # always a fresh copy: safetensors hands out views into its file mapping at whatever
                 # offset the header leaves (often not 64-byte aligned), and BLAS rounds differently
                 # on unaligned memory, which would make a reloaded model differ in the last bits
-                keep = dtype if tensor.is_floating_point() else tensor.dtype
-                out[name] = tensor.to(dtype=keep, copy=True)
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                out[name] = tensor.to(dtype=target, copy=True)
     return out
 
 

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from checkpoint import (check_out, check_space, exit_on_sigterm, output_dir, save_checkpoint,
                         save_safetensors, source_dtype)
-from data import check_file, parse_calib_spec, perplexity, read_text, split_heldout
+from data import check_file, file_and_task, perplexity, read_text, split_heldout
 from demo import cache_dir, resolve
 from export import norm_output_bound, score_bound
 from flags import add_flags, from_flags, setting
@@ -214,8 +214,8 @@ def check_model(spec: TrainSpec, cfg) -> None:
 def load_data(tokenizer, spec: TrainSpec, val_seqlen: int) -> tuple[torch.Tensor, dict]:
     """-> training windows (W, seqlen) int64 of every file, and each task's held-out tokens."""
     windows, heldout = [], {}
-    for data_spec in spec.data:
-        file, task = parse_calib_spec(data_spec)
+    for entry in spec.data:  # FILE[:TASK]
+        file, task = file_and_task(entry)
         ids = tokenizer.encode(read_text(file, spec.field)).ids
         head, tail = split_heldout(ids, spec.holdout)
         if len(head) < spec.seqlen:
@@ -423,7 +423,7 @@ def fingerprint(path: str) -> str:
 def resolved_data(spec: TrainSpec) -> TrainSpec:
     """The spec with every data file as its real path and task, so that a resumed run matches
     whichever way (relative, absolute, through a link) the files are named."""
-    data = [parse_calib_spec(d) for d in spec.data]
+    data = [file_and_task(d) for d in spec.data]
     return replace(spec, data=tuple(f"{os.path.realpath(file)}:{task}" for file, task in data))
 
 
@@ -614,12 +614,12 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     run = run or RunSpec()
     rank, world, device = setup_distributed(run.device)
     say = log if rank == 0 else (lambda *_: None)
-    for file in (parse_calib_spec(d)[0] for d in spec.data):
+    for file in (file_and_task(d)[0] for d in spec.data):
         check_file(file)
     if not spec.data:
         raise ValueError("--data: give at least one text file to train on")
     reads = (("checkpoint", checkpoint if checkpoint != "demo" else cache_dir()),
-             ("demo cache", cache_dir()), *(("--data file", parse_calib_spec(d)[0])
+             ("demo cache", cache_dir()), *(("--data file", file_and_task(d)[0])
                                            for d in spec.data))
     check_out(out, reads)
     path = resolve(checkpoint)

@@ -473,8 +473,8 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
                          {part: {name: zeros(n_experts) for name in TARGETS} for part in parts},
                          torch.empty(0), torch.empty(0))
     n_val = int(held.sum()) * T
-    keep = torch.zeros(n_val, dtype=torch.bool)
-    keep[torch.linspace(0, n_val - 1, min(n_val, max_val_tokens)).long()] = True
+    sampled = torch.zeros(n_val, dtype=torch.bool)  # the held-out tokens scored, evenly spaced
+    sampled[torch.linspace(0, n_val - 1, min(n_val, max_val_tokens)).long()] = True
     val_x, val_y, scale, seen = [], [], None, 0
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
@@ -489,7 +489,7 @@ def accumulate(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
             eq.gram[part] += x1[rows].T @ x1[rows]
             for name, target in TARGETS.items():
                 eq.cross[part][name] += x1[rows].T @ target(y[rows], scale).double()
-        kept = keep[seen: seen + int((~fit).sum())].to(x.device)
+        kept = sampled[seen: seen + int((~fit).sum())].to(x.device)
         seen += len(kept)
         val_x.append(x1[~fit][kept])
         val_y.append(y[~fit][kept])

@@ -19,20 +19,20 @@ def test_calibration_from_files(tmp_path):
     (tmp_path / "b.jsonl").write_text(
         "\n".join(json.dumps({"q": f"w{i}", "a": f"w{i + 1}"}) for i in range(90))
     )
-    specs = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl") + ":qa"]
-    calib = calibration_from_files(tokenizer, specs, samples=3, seqlen=10, seed=0)
+    entries = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl") + ":qa"]
+    calib = calibration_from_files(tokenizer, entries, samples=3, seqlen=10, seed=0)
     assert (
         calib.tokens.shape == (6, 10)
         and calib.names == ["a", "qa"]
         and calib.task.tolist() == [0] * 3 + [1] * 3
     )
-    assert torch.equal(calibration_from_files(tokenizer, specs, 3, 10, 0).tokens, calib.tokens)
+    assert torch.equal(calibration_from_files(tokenizer, entries, 3, 10, 0).tokens, calib.tokens)
     # never from the held-out last 10% of a.txt (tokens 900..999)
     assert calib.tokens[:3].max() < 900 - 1
     with pytest.raises(
         ValueError, match=r"task 'qa' has 16 windows of 10 tokens, fewer than --calib-samples 20"
     ):
-        calibration_from_files(tokenizer, specs, samples=20, seqlen=10, seed=0)
+        calibration_from_files(tokenizer, entries, samples=20, seqlen=10, seed=0)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="calibration file .*empty.txt is empty"):
         calibration_from_files(tokenizer, [str(tmp_path / "empty.txt")], 1, 10, 0)
