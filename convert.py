@@ -39,7 +39,7 @@ from model import (RMSNorm, Transformer, check_checkpoint, check_device, load_bl
 DTYPES = ("float32", "bfloat16", "float16")
 
 # -----------------------------------------------------------------------------
-# the text a conversion reads
+# the settings besides the method's: the text a conversion reads, and where its result goes
 
 
 @dataclass

@@ -40,6 +40,9 @@ from model import (MLP, RMSNorm, Router, Transformer, check_checkpoint, load_blo
 EXPORT_EPS = 2.0 ** -10  # sum routing: weights within exp(+-2^-11) of 1 on calibration-like tokens
 EXPORTABLE_ROUTERS = ("centroid", "lsq")  # linear, bias-free scores: what Qwen2-MoE's gate computes
 
+# -----------------------------------------------------------------------------
+# the bounds that set the router scale of a sum-routed export (and train.py --keep-function's)
+
 
 def norm_output_bound(norm: RMSNorm) -> float:
     """The longest output an RMSNorm can give: ||x / rms(x)|| = sqrt(D), times its largest
@@ -74,6 +77,9 @@ def topk_spread(moe, x: torch.Tensor, batch_tokens: int = 8192) -> float:
         top = moe.router(flat[i: i + batch_tokens], moe.experts).topk(moe.top_k, dim=-1).values
         spread = max(spread, (top[:, 0] - top[:, -1]).max().item())
     return spread
+
+# -----------------------------------------------------------------------------
+# what cannot be exported with the same function, checked before any work
 
 
 def export_problems(cfg, spec=None) -> list[str]:
@@ -135,6 +141,9 @@ def export_problems(cfg, spec=None) -> list[str]:
         problems.append("a selection bias (from --bias-balance) has no place in Qwen2-MoE's router")
     return problems
 
+# -----------------------------------------------------------------------------
+# writing: config.json, then the tensors a layer at a time
+
 
 def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
     moe = cfg.moe
@@ -152,7 +161,6 @@ def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
             "mlp_only_layers": layout["dense"], "decoder_sparse_step": 1, "qkv_bias": True,
             "use_sliding_window": False, "output_router_logits": False,
             "torch_dtype": layout["dtype"]}
-
 
 @torch.no_grad()
 def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None, log=print,

@@ -11,8 +11,8 @@ w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neuron
 directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
 (E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
 than one of F-long rows; grouped_mm takes either. DIVE's expert biases are added by layer_forward,
-outside the paths. Letters: N tokens, D model dim, E routed experts,
-F neurons per expert, K experts per token, S shared.
+outside the paths. Letters: N tokens, D model dim, E routed experts, F neurons per expert, K
+experts per token, S shared.
 
 Paths:
   reference  model.routed_reference: a loop over all experts, the obvious version

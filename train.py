@@ -321,7 +321,7 @@ def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 # -----------------------------------------------------------------------------
-# routing: convert a checkpoint's routing for training
+# routing while training: a checkpoint's routing switched, and a route that records the load
 
 
 @torch.no_grad()
