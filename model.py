@@ -702,11 +702,15 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
             kind = "a float (F32, BF16, F16)" if want.is_floating_point() else "an integer"
             raise ValueError(f"{file}: tensor {name!r} is {entry['dtype']} where {kind} tensor "
                              f"belongs")
+    check_present(path, expected, where)
+    return where
+
+
+def check_present(path: str, expected, where: dict[str, str]) -> None:
     missing = sorted(n for n in expected if n not in where)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
                          f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    return where
 
 
 def open_safetensors(file: str, device="cpu"):
@@ -723,10 +727,7 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
     meta device), opening each file once. Float tensors are cast to dtype; integer ones (an MoE
     checkpoint's index maps) keep theirs."""
     where = where if where is not None else tensor_locations(path)
-    missing = sorted(n for n in expected if n not in where)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): "
-                         f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    check_present(path, expected, where)
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(where[name], []).append(name)
