@@ -192,3 +192,213 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048,
         count += batch[:, 1:].numel()
     mean_nll = nll_sum / count
     return mean_nll, math.exp(mean_nll), n_windows
+
+# -----------------------------------------------------------------------------
+# zero-shot multiple choice, scored as lm-eval 0.4 scores it: each choice is a continuation of the
+# item's context (" " + the choice), scored by the sum of its tokens' log-probabilities; acc is the
+# argmax of that sum, acc_norm the argmax of the sum over the choice's length in characters.
+# WinoGrande is scored partially: each option replaces "_", and only the rest of the sentence is
+# scored, the same text after either option. Files as ../shared/data/eval holds them.
+
+
+@dataclass
+class Item:
+    contexts: list[str]       # one per choice: the same context, but for WinoGrande
+    continuations: list[str]  # what is scored after it
+    lengths: list[int]        # characters of each choice, for acc_norm
+    label: int                # the correct choice
+
+
+def choice_item(context: str, choices: list[str], label: int) -> Item:
+    return Item([context] * len(choices), [" " + c for c in choices], [len(c) for c in choices],
+                label)
+
+
+def read_jsonl(file: str) -> list[dict]:
+    check_file(file)
+    with open(file, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_labels(file: str, n: int) -> list[int]:
+    check_file(file)
+    with open(file) as f:
+        labels = [int(line) for line in f if line.strip()]
+    if len(labels) != n:
+        raise ValueError(f"{file}: {len(labels)} labels for {n} items")
+    return labels
+
+
+def piqa(directory: str) -> list[Item]:
+    docs = read_jsonl(os.path.join(directory, "piqa_valid.jsonl"))
+    labels = read_labels(os.path.join(directory, "piqa_valid-labels.lst"), len(docs))
+    return [choice_item(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], label)
+            for d, label in zip(docs, labels)]
+
+
+def arc_easy(directory: str) -> list[Item]:
+    items = []
+    for d in read_jsonl(os.path.join(directory, "arc_easy_test.jsonl")):
+        choices = d["question"]["choices"]
+        label = [c["label"] for c in choices].index(d["answerKey"])
+        items.append(choice_item(f"Question: {d['question']['stem']}\nAnswer:",
+                                 [c["text"] for c in choices], label))
+    return items
+
+
+def sciq(directory: str) -> list[Item]:
+    file = os.path.join(directory, "sciq_test.json")
+    check_file(file)
+    with open(file, encoding="utf-8") as f:
+        docs = json.load(f)
+    return [choice_item(f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
+                        [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]],
+                        3) for d in docs]
+
+
+def winogrande(directory: str) -> list[Item]:
+    docs = read_jsonl(os.path.join(directory, "winogrande_dev.jsonl"))
+    labels = read_labels(os.path.join(directory, "winogrande_dev-labels.lst"), len(docs))
+    items = []
+    for d, label in zip(docs, labels):
+        blank = d["sentence"].index("_")
+        rest = " " + d["sentence"][blank + 1:].strip()
+        options = [d["option1"], d["option2"]]
+        items.append(Item([d["sentence"][:blank] + o for o in options], [rest, rest],
+                          [len(o) for o in options], label - 1))
+    return items
+
+
+# each task's reader and the metric lm-eval reports as its main one
+TASKS = {"piqa": (piqa, "acc_norm"), "arc_easy": (arc_easy, "acc_norm"), "sciq": (sciq, "acc_norm"),
+         "winogrande": (winogrande, "acc")}
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval encodes a pair: the context's trailing spaces move
+    to the continuation; the continuation is what the whole's encoding has past the context's own
+    token count, and the model reads the context's own ids before it."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = tokenizer.encode(context).ids
+    continuation_ids = tokenizer.encode(context + continuation).ids[len(context_ids):]
+    assert context_ids and continuation_ids, \
+        f"{context[-40:]!r} + {continuation[:40]!r}: an empty context or continuation"
+    return context_ids, continuation_ids
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 4096,
+                    shared_from: int = 64, log=None) -> list[list[float]]:
+    """Each item's summed log-probability of each continuation, in float32. An item whose choices
+    share a context of shared_from tokens or more (SciQ's passages) runs the context once and the
+    continuations as rows of a batch on its KV cache; the other requests run longest first,
+    right-padded, about batch_tokens tokens per forward (short contexts are cheaper batched than
+    shared). The output projection runs only where a continuation token is predicted."""
+    sums = [[0.0] * len(item.contexts) for item in items]
+    separate = []  # (item, choice, context ids, continuation ids)
+    t0, done, shown = time.time(), 0, time.time()
+    for i, item in enumerate(items):
+        pairs = [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
+        if len(set(item.contexts)) == 1 and len(pairs[0][0]) >= shared_from:
+            sums[i] = shared_context_logprobs(model, pairs[0][0], [x for _, x in pairs])
+            done += len(pairs)
+        else:
+            separate += [(i, j, c, x) for j, (c, x) in enumerate(pairs)]
+        if log is not None and time.time() - shown > 10:
+            shown = time.time()
+            log(f"  scored {done} continuations ({time.time() - t0:.0f}s)")
+    separate.sort(key=lambda r: -len(r[2]) - len(r[3]))
+    device = model.embed_tokens.weight.device
+    start = 0
+    while start < len(separate):
+        T = len(separate[start][2]) + len(separate[start][3]) - 1  # every token but the last
+        batch = separate[start: start + max(1, batch_tokens // T)]
+        start += len(batch)
+        inputs = torch.zeros(len(batch), T, dtype=torch.int64)
+        rows, cols, targets = [], [], []
+        for b, (_, _, context, continuation) in enumerate(batch):
+            ids = context + continuation
+            inputs[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+            rows += [b] * len(continuation)
+            cols += range(len(context) - 1, len(ids) - 1)
+            targets += continuation
+        picked = token_logprobs(model, model.hidden(inputs.to(device))[rows, cols], targets)
+        for i, j, _, continuation in batch:
+            sums[i][j], picked = sum(picked[: len(continuation)]), picked[len(continuation):]
+    return sums
+
+
+def token_logprobs(model, h: torch.Tensor, targets: list[int]) -> list[float]:
+    """h (n, D) the final norm's output where each target (n,) is predicted -> their log-probs."""
+    logp = model.lm_head(h).float().log_softmax(dim=-1)  # (n, V)
+    return logp[torch.arange(len(targets)), torch.tensor(targets, device=h.device)].tolist()
+
+
+def shared_context_logprobs(model, context: list[int],
+                            continuations: list[list[int]]) -> list[float]:
+    """The context runs once into a batch-1 KV cache, copied to a row per continuation; each row
+    then reads its continuation (right-padded) at the positions after the context."""
+    device = model.embed_tokens.weight.device
+    C, n, L = len(context), len(continuations), max(map(len, continuations))
+    model.setup_caches(1, C + L)
+    last = model.hidden(torch.tensor([context], device=device), torch.arange(C, device=device))
+    first = token_logprobs(model, last[0, -1:].expand(n, -1), [c[0] for c in continuations])
+    sums = list(first)
+    if L > 1:
+        for block in model.layers:  # the context's keys and values, once per continuation
+            cache = block.self_attn.kv_cache
+            cache.k = cache.k.expand(n, -1, -1, -1).clone()
+            cache.v = cache.v.expand(n, -1, -1, -1).clone()
+        inputs = torch.zeros(n, L - 1, dtype=torch.int64)
+        rows, cols, targets = [], [], []
+        for b, c in enumerate(continuations):
+            inputs[b, : len(c) - 1] = torch.tensor(c[:-1])
+            rows += [b] * (len(c) - 1)
+            cols += range(len(c) - 1)
+            targets += c[1:]
+        h = model.hidden(inputs.to(device), torch.arange(C, C + L - 1, device=device))
+        picked = token_logprobs(model, h[rows, cols], targets)
+        for b, c in enumerate(continuations):
+            sums[b] += sum(picked[: len(c) - 1])
+            picked = picked[len(c) - 1:]
+    for block in model.layers:
+        block.self_attn.kv_cache = None
+    return sums
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error, sample deviation over sqrt(n) (lm-eval's)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def accuracy(items: list[Item], sums: list[list[float]]) -> dict:
+    """acc and acc_norm with their standard errors, and the chance level (1 / choices, averaged)."""
+    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # the first of equal maxima
+    right = [float(argmax(s) == item.label) for item, s in zip(items, sums)]
+    right_norm = [float(argmax([v / length for v, length in zip(s, item.lengths)]) == item.label)
+                  for item, s in zip(items, sums)]
+    (acc, acc_se), (norm, norm_se) = mean_stderr(right), mean_stderr(right_norm)
+    chance = sum(1 / len(item.contexts) for item in items) / len(items)
+    return {"acc": acc, "acc_stderr": acc_se, "acc_norm": norm, "acc_norm_stderr": norm_se,
+            "chance": chance, "items": len(items)}
+
+
+def score_tasks(model, tokenizer, directory: str, tasks=tuple(TASKS), limit: int | None = None,
+                log=print) -> dict[str, dict]:
+    """{task: accuracy(...) | {"main": its main metric's name}} on the task files in directory (the
+    first `limit` items of each, if given)."""
+    results = {}
+    for task in tasks:
+        reader, main = TASKS[task]
+        items = reader(directory)[:limit]
+        t0 = time.time()
+        results[task] = accuracy(items, choice_logprobs(model, tokenizer, items)) | {"main": main}
+        r = results[task]
+        log(f"  {task}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
+            f"+- {r['acc_norm_stderr']:.4f} ({len(items)} items, {time.time() - t0:.0f}s)")
+    return results

@@ -535,6 +535,11 @@ class Transformer(nn.Module):
         """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype. Without input_pos the
         window is attended causally with no cache; with input_pos (T,) the tokens sit at those
         positions of the KV cache (call setup_caches first)."""
+        return self.lm_head(self.hidden(tokens, input_pos))
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """What lm_head reads: the final norm's output (B, T, D), for a scorer that needs the logits
+        at a few positions only."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)  # (B, T, D)
         if input_pos is None:
@@ -545,7 +550,7 @@ class Transformer(nn.Module):
             mask = self.causal_mask[input_pos]  # (T, S)
         for block in self.layers:
             x = block(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
