@@ -19,6 +19,7 @@ settings) x active fraction, and reports held-out perplexity as a ratio to the d
 same windows. Also the FFN FLOPs used per token, router included, and the share of the centroid ->
 oracle gap each router closes.
 """
+import glob
 import json
 import math
 import os
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 from bench import DATA, TASK_FILES, draw, header, print_table
 from checkpoint import exit_on_sigterm, save_checkpoint
 from convert import convert_checkpoint, convert_model
-from data import (Calibration, calibration_from_files, heldout_tokens, perplexity, read_text,
-                  split_heldout)
+from data import (TASKS, Calibration, calibration_from_files, choice_logprobs, heldout_tokens,
+                  perplexity, read_text, score_tasks, split_heldout)
 from demo import demo_checkpoint
 from dive import DiveSpec
 from export import EXPORT_EPS, export_qwen2_moe
@@ -131,8 +132,15 @@ def row_specs(rows: list[str], actives: list[float], seed: int, cfg=None, **layo
 
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
             eval_seqlen: int, eval_windows: int, holdout: float, seed: int,
-            plot: str | None = None, plot_rows: list[str] | None = None) -> list[dict]:
+            plot: str | None = None, plot_rows: list[str] | None = None, tasks: tuple = (),
+            task_limit: int | None = None) -> list[dict]:
+    """Held-out perplexity of every row x active fraction against the dense model's and, with
+    tasks, zero-shot accuracy on them (data.TASKS, the first task_limit items of each)."""
     files = task_files(data, "quality")
+    unknown_tasks = [t for t in tasks if t not in TASKS]
+    if unknown_tasks:
+        raise ValueError(f"--tasks {', '.join(unknown_tasks)}: not among {', '.join(TASKS)}")
+    eval_dir = os.path.join(data, "eval")
     path = demo_checkpoint()
     specs = row_specs(rows, actives, seed, load_config(path)[0])
     unknown = set(plot_rows or ()) - set(rows)
@@ -151,9 +159,12 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
                 for task, tokens in evals.items()}
 
     t0 = time.time()
-    dense = ppl_per_task(load_model(path))
+    dense_model = load_model(path)
+    dense = ppl_per_task(dense_model)
     print("dense ppl: " + ", ".join(f"{t} {p:.3f}" for t, p in dense.items())
           + f" ({time.time() - t0:.0f}s)")
+    dense_acc = score_tasks(dense_model, tokenizer, eval_dir, tasks, task_limit) if tasks else {}
+    del dense_model
     results = []
     for (row, active), spec in specs.items():
         model = load_model(path)
@@ -167,12 +178,16 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
         result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,
                   "geomean": geomean(ratios.values()), "ppl": ppl, "convert_seconds": seconds,
                   "router_share": flops["router"] / used, "active_flops": used / flops["dense"]}
+        if tasks:
+            result["tasks"] = score_tasks(model, tokenizer, eval_dir, tasks, task_limit)
         results.append(result)
         print(f"{row:>55} active {active:.2f}: "
               + "  ".join(f"{t} x{r:.3f}" for t, r in ratios.items())
               + f"  geomean x{result['geomean']:.3f}  router {result['router_share']:.1%} of "
               f"MoE FLOPs ({seconds:.0f}s)", flush=True)
     print_quality_tables(results, dense)
+    if tasks:
+        print_accuracy_table(results, dense_acc)
     if plot:
         lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
                                     for r in results if r["row"] == row)))
@@ -180,7 +195,39 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
         draw(plot, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
              "held-out ppl / dense ppl (geomean of 4 tasks)",
              "the demo model converted: quality against compute")
-    return [{"row": "dense", "ppl": dense}] + results
+    return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
+
+
+def retained(scores: dict, dense: dict) -> tuple[float | None, list[str]]:
+    """The share of the dense model's accuracy above chance that `scores` keep, pooled over the
+    tasks (each on its main metric): sum(acc - chance) / sum(dense acc - chance), leaving out the
+    tasks whose dense accuracy is within two standard errors of chance. -> (share, tasks left
+    out)."""
+    main = lambda r: (r[r["main"]], r[r["main"] + "_stderr"])
+    near = [t for t, r in dense.items() if main(r)[0] - r["chance"] < 2 * main(r)[1]]
+    kept = [t for t in dense if t not in near]
+    above = sum(main(dense[t])[0] - dense[t]["chance"] for t in kept)
+    if not kept or above <= 0:
+        return None, near
+    return sum(main(scores[t])[0] - scores[t]["chance"] for t in kept) / above, near
+
+
+def print_accuracy_table(results: list[dict], dense: dict) -> None:
+    tasks = list(dense)
+    _, near = retained(dense, dense)
+    n = {t: dense[t]["items"] for t in tasks}
+    print("\nzero-shot accuracy, scored as lm-eval scores it (acc_norm where lm-eval reports it, "
+          "else acc; +- standard error); items: " + ", ".join(f"{t} {n[t]}" for t in tasks)
+          + (f"; left out of the retained share, within 2 standard errors of chance when dense: "
+             f"{', '.join(near)}" if near else "") + "\n")
+    cell = lambda r: f"{r[r['main']]:.3f} +- {r[r['main'] + '_stderr']:.3f}"
+    mean = lambda scores: sum(r[r["main"]] for r in scores.values()) / len(scores)
+    table = [["dense", "1.00", *(cell(dense[t]) for t in tasks), f"{mean(dense):.3f}", "100%"]]
+    for r in results:
+        share, _ = retained(r["tasks"], dense)
+        table.append([f"`{r['row']}`", f"{r['active']:.2f}", *(cell(r["tasks"][t]) for t in tasks),
+                      f"{mean(r['tasks']):.3f}", "-" if share is None else f"{share:.1%}"])
+    print_table(["row", "active", *tasks, "mean", "retained above chance"], table)
 
 
 def print_quality_tables(results: list[dict], dense: dict) -> None:
@@ -560,6 +607,92 @@ def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
             "greedy_equal": greedy}
 
 
+# -----------------------------------------------------------------------------
+# lm-eval as a client: the zero-shot tasks as local lm-eval task YAMLs, so `lm_eval --include_path`
+# scores the same items from the same files, with no hub download
+
+
+# name -> (the data file's fields, lm-eval's prompt, target and choices, its metrics)
+LM_EVAL_TASKS = {
+    "piqa": ('doc_to_text: "Question: {{goal}}\\nAnswer:"', "doc_to_target: label",
+             'doc_to_choice: "{{[sol1, sol2]}}"', ("acc", "acc_norm")),
+    "arc_easy": ('doc_to_text: "Question: {{question}}\\nAnswer:"',
+                 'doc_to_target: "{{choices.label.index(answerKey)}}"',
+                 'doc_to_choice: "{{choices.text}}"', ("acc", "acc_norm")),
+    "sciq": ('doc_to_text: "{{support.lstrip()}}\\nQuestion: {{question}}\\nAnswer:"',
+             "doc_to_target: 3",
+             'doc_to_choice: "{{[distractor1, distractor2, distractor3, correct_answer]}}"',
+             ("acc", "acc_norm")),
+    # partial scoring: the gold option's index as the text, each option in place of "_" as the
+    # contexts, the rest of the sentence as the one continuation
+    "winogrande": ('doc_to_text: "{{label}}"',
+                   "doc_to_target: \"{{sentence[sentence.index('_') + 1:].strip()}}\"",
+                   "doc_to_choice: \"{{[sentence[:sentence.index('_')] + option1, "
+                   "sentence[:sentence.index('_')] + option2]}}\"", ("acc",)),
+}
+
+
+def lm_eval_tasks(eval_dir: str, out: str) -> list[str]:
+    """Writes out/ew_TASK.jsonl (the task's items, labels joined in, in lm-eval's field names) and
+    out/ew_TASK.yaml for every task; -> the task names for lm_eval --tasks."""
+    os.makedirs(out, exist_ok=True)
+    read = lambda name: [json.loads(line) for line in open(os.path.join(eval_dir, name))
+                         if line.strip()]
+    labels = lambda name: [int(line) for line in open(os.path.join(eval_dir, name)) if line.strip()]
+    docs = {
+        "piqa": [d | {"label": y} for d, y in zip(read("piqa_valid.jsonl"),
+                                                   labels("piqa_valid-labels.lst"))],
+        "arc_easy": [{"question": d["question"]["stem"], "answerKey": d["answerKey"],
+                      "choices": {"text": [c["text"] for c in d["question"]["choices"]],
+                                  "label": [c["label"] for c in d["question"]["choices"]]}}
+                     for d in read("arc_easy_test.jsonl")],
+        "sciq": json.load(open(os.path.join(eval_dir, "sciq_test.json"))),
+        "winogrande": [d | {"label": y - 1} for d, y in zip(read("winogrande_dev.jsonl"),
+                                                         labels("winogrande_dev-labels.lst"))],
+    }
+    names = []
+    for task, (text, target, choice, metrics) in LM_EVAL_TASKS.items():
+        name = f"ew_{task}"
+        file = os.path.abspath(os.path.join(out, f"{name}.jsonl"))
+        with open(file, "w") as f:
+            f.writelines(json.dumps(d) + "\n" for d in docs[task])
+        with open(os.path.join(out, f"{name}.yaml"), "w") as f:
+            f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {file}\ntest_split: test\noutput_type: multiple_choice\n"
+                    f"{text}\n{target}\n{choice}\nmetric_list:\n"
+                    + "".join(f"  - metric: {m}\n" for m in metrics))
+        names.append(name)
+    return names
+
+
+def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | None) -> list[dict]:
+    """Our scorer against lm-eval's logged samples (lm_eval --log_samples --output_path samples) on
+    the same items: the largest difference of a summed log-probability, and the items whose acc
+    differs."""
+    model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
+    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)
+    rows = []
+    for task, (reader, _) in TASKS.items():
+        files = glob.glob(os.path.join(samples, "**", f"samples_ew_{task}_*.jsonl"), recursive=True)
+        if not files:
+            raise ValueError(f"{samples}: no samples_ew_{task}_*.jsonl (lm_eval --log_samples)")
+        logged = sorted((json.loads(line) for line in open(files[0])), key=lambda s: s["doc_id"])
+        items = reader(eval_dir)[:limit][: len(logged)]
+        ours = choice_logprobs(model, tokenizer, items)
+        theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
+        diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+        differ = sum(float(argmax(x) == it.label) != s["acc"]
+                     for x, it, s in zip(ours, items, logged))
+        rows.append({"task": task, "items": len(items), "max_logprob_diff": diff,
+                     "acc_differs": differ, "correct_ours": sum(argmax(x) == it.label
+                                                                for x, it in zip(ours, items)),
+                     "correct_lm_eval": int(sum(s["acc"] for s in logged))})
+        print(f"{task}: {len(items)} items, largest |summed log-prob difference| {diff:.1e}, acc "
+              f"differs on {differ}; correct: ours {rows[-1]['correct_ours']}, lm-eval "
+              f"{rows[-1]['correct_lm_eval']}")
+    return rows
+
+
 def data_flags(parser, holdout: str, seed: str) -> None:
     """The text flags every conversion or training command takes: where the tasks' files are, how
     they are sampled for calibration, and the held-out tail."""
@@ -575,15 +708,27 @@ def data_flags(parser, holdout: str, seed: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help=seed)
 
 
+def lm_eval_command(a) -> list[dict]:
+    if a.command == "lm-eval-tasks":
+        names = lm_eval_tasks(a.eval_dir, a.out)
+        print(f"wrote {', '.join(names)} into {a.out}: lm_eval --include_path {a.out} --tasks "
+              f"{','.join(names)}")
+        return [{"tasks": names}]
+    torch.set_grad_enabled(False)
+    return compare_lm_eval(a.checkpoint, a.samples, a.eval_dir, a.limit)
+
+
 def run_command(a) -> list[dict]:
     """The subcommand parsed into `a`, run; -> its rows."""
+    if a.command.startswith("lm-eval"):
+        return lm_eval_command(a)
     text = dict(data=a.data, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                 seed=a.seed)
     if a.command == "quality":
         torch.set_grad_enabled(False)
         return quality(**text, rows=a.rows, actives=a.active, eval_seqlen=a.eval_seqlen,
                        eval_windows=a.eval_windows, holdout=a.holdout, plot=a.plot,
-                       plot_rows=a.plot_rows)
+                       plot_rows=a.plot_rows, tasks=tuple(a.tasks), task_limit=a.task_limit)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -622,6 +767,10 @@ if __name__ == "__main__":
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
+    q.add_argument("--tasks", nargs="*", default=[], choices=list(TASKS),
+                   help="also score zero-shot accuracy on these tasks (files in DATA/eval)")
+    q.add_argument("--task-limit", type=int, default=None,
+                   help="score the first this many items of each task (default: all)")
     eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
                         "against our model", formatter_class=defaults)
     eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],
@@ -671,6 +820,17 @@ if __name__ == "__main__":
         data_flags(s, "validation", "data order, LoRA init, k-means")
         s.add_argument("--val-windows", type=int, default=8,
                        help="held-out windows of 512 tokens per task")
+    evals = os.path.join(DATA, "eval")
+    lt = sub.add_parser("lm-eval-tasks", help="the zero-shot tasks as local lm-eval task YAMLs",
+                        formatter_class=defaults)
+    lt.add_argument("--eval-dir", default=evals, help="the task files (../shared/data/eval)")
+    lt.add_argument("--out", required=True, help="directory for the YAMLs and their data")
+    lc = sub.add_parser("lm-eval-compare", help="our scorer against lm-eval's logged samples",
+                        formatter_class=defaults)
+    lc.add_argument("checkpoint", help="the checkpoint lm-eval scored (ours, or an export)")
+    lc.add_argument("samples", help="lm_eval's --output_path, run with --log_samples")
+    lc.add_argument("--eval-dir", default=evals, help="the task files (../shared/data/eval)")
+    lc.add_argument("--limit", type=int, default=None, help="lm_eval's --limit")
     a = p.parse_args()
     exit_on_sigterm()
     try:

@@ -1,5 +1,6 @@
 """experiments.py runs: the FLOP accounting, and the training experiments end to end on a tiny
 checkpoint. These check that the experiments work and report consistent rows, not their figures."""
+import json
 import math
 import os
 import tempfile
@@ -38,6 +39,44 @@ def test_quality_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
         else:
             assert r["ratio"] != pytest.approx({"prose": 1.0, "code": 1.0}, rel=1e-4)
     assert "| `static:n_experts=8` | 0.50 |" in capsys.readouterr().out
+
+
+def test_quality_scores_the_tasks_and_the_retained_share(tiny_checkpoint, tmp_path, monkeypatch,
+                                                          capsys):
+    from test_data import write_tasks
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    (tmp_path / "eval").mkdir()
+    write_tasks(tmp_path / "eval")
+    out = experiments.quality(str(tmp_path), ["static:n_experts=8"], [1.0], calib_samples=2,
+                              calib_seqlen=16, eval_seqlen=16, eval_windows=2, holdout=0.1, seed=0,
+                              tasks=("piqa", "sciq"))
+    assert out[0]["tasks"] == out[1]["tasks"]  # every neuron kept: the dense model's scores
+    assert set(out[1]["tasks"]) == {"piqa", "sciq"} and out[1]["tasks"]["sciq"]["items"] == 1
+    assert "retained above chance" in capsys.readouterr().out
+
+
+def test_retained_share_pools_tasks_above_chance():
+    task = lambda acc, se, chance: {"acc": acc, "acc_stderr": se, "main": "acc", "chance": chance}
+    dense = {"a": task(0.80, 0.01, 0.5), "b": task(0.35, 0.02, 0.25), "c": task(0.52, 0.02, 0.5)}
+    moe = {"a": task(0.70, 0.01, 0.5), "b": task(0.30, 0.02, 0.25), "c": task(0.40, 0.02, 0.5)}
+    share, near = experiments.retained(moe, dense)
+    assert near == ["c"]  # 0.52 is within two standard errors of 0.5: left out
+    assert share == pytest.approx((0.20 + 0.05) / (0.30 + 0.10))
+
+
+def test_lm_eval_tasks_are_written_for_local_files(tmp_path):
+    from test_data import write_tasks
+    (tmp_path / "eval").mkdir()
+    names = experiments.lm_eval_tasks(write_tasks(tmp_path / "eval"), str(tmp_path / "tasks"))
+    assert names == ["ew_piqa", "ew_arc_easy", "ew_sciq", "ew_winogrande"]
+    piqa = (tmp_path / "tasks" / "ew_piqa.yaml").read_text()
+    assert 'doc_to_text: "Question: {{goal}}\\nAnswer:"' in piqa and "dataset_path: json" in piqa
+    docs = [json.loads(line) for line in open(tmp_path / "tasks" / "ew_winogrande.jsonl")]
+    assert docs[0]["label"] == 0  # the .lst file's 1, as an index
+    arc = json.loads(open(tmp_path / "tasks" / "ew_arc_easy.jsonl").readline())
+    assert arc["choices"]["label"].index(arc["answerKey"]) == 0
 
 
 def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
