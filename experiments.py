@@ -19,7 +19,6 @@ settings) x active fraction, and reports held-out perplexity as a ratio to the d
 same windows. Also the FFN FLOPs used per token, router included, and the share of the centroid ->
 oracle gap each router closes.
 """
-import glob
 import json
 import math
 import os
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 from bench import DATA, TASK_FILES, draw, header, print_table
 from checkpoint import exit_on_sigterm, save_checkpoint
 from convert import convert_checkpoint, convert_model
-from data import (TASKS, Calibration, calibration_from_files, choice_logprobs, heldout_tokens,
-                  perplexity, read_text, score_tasks, split_heldout)
+from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, perplexity,
+                  read_text, score_tasks, split_heldout)
 from demo import demo_checkpoint
 from dive import DiveSpec
 from export import EXPORT_EPS, export_qwen2_moe
@@ -607,92 +606,6 @@ def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
             "greedy_equal": greedy}
 
 
-# -----------------------------------------------------------------------------
-# lm-eval as a client: the zero-shot tasks as local lm-eval task YAMLs, so `lm_eval --include_path`
-# scores the same items from the same files, with no hub download
-
-
-# name -> (the data file's fields, lm-eval's prompt, target and choices, its metrics)
-LM_EVAL_TASKS = {
-    "piqa": ('doc_to_text: "Question: {{goal}}\\nAnswer:"', "doc_to_target: label",
-             'doc_to_choice: "{{[sol1, sol2]}}"', ("acc", "acc_norm")),
-    "arc_easy": ('doc_to_text: "Question: {{question}}\\nAnswer:"',
-                 'doc_to_target: "{{choices.label.index(answerKey)}}"',
-                 'doc_to_choice: "{{choices.text}}"', ("acc", "acc_norm")),
-    "sciq": ('doc_to_text: "{{support.lstrip()}}\\nQuestion: {{question}}\\nAnswer:"',
-             "doc_to_target: 3",
-             'doc_to_choice: "{{[distractor1, distractor2, distractor3, correct_answer]}}"',
-             ("acc", "acc_norm")),
-    # partial scoring: the gold option's index as the text, each option in place of "_" as the
-    # contexts, the rest of the sentence as the one continuation
-    "winogrande": ('doc_to_text: "{{label}}"',
-                   "doc_to_target: \"{{sentence[sentence.index('_') + 1:].strip()}}\"",
-                   "doc_to_choice: \"{{[sentence[:sentence.index('_')] + option1, "
-                   "sentence[:sentence.index('_')] + option2]}}\"", ("acc",)),
-}
-
-
-def lm_eval_tasks(eval_dir: str, out: str) -> list[str]:
-    """Writes out/ew_TASK.jsonl (the task's items, labels joined in, in lm-eval's field names) and
-    out/ew_TASK.yaml for every task; -> the task names for lm_eval --tasks."""
-    os.makedirs(out, exist_ok=True)
-    read = lambda name: [json.loads(line) for line in open(os.path.join(eval_dir, name))
-                         if line.strip()]
-    labels = lambda name: [int(line) for line in open(os.path.join(eval_dir, name)) if line.strip()]
-    docs = {
-        "piqa": [d | {"label": y} for d, y in zip(read("piqa_valid.jsonl"),
-                                                   labels("piqa_valid-labels.lst"))],
-        "arc_easy": [{"question": d["question"]["stem"], "answerKey": d["answerKey"],
-                      "choices": {"text": [c["text"] for c in d["question"]["choices"]],
-                                  "label": [c["label"] for c in d["question"]["choices"]]}}
-                     for d in read("arc_easy_test.jsonl")],
-        "sciq": json.load(open(os.path.join(eval_dir, "sciq_test.json"))),
-        "winogrande": [d | {"label": y - 1} for d, y in zip(read("winogrande_dev.jsonl"),
-                                                         labels("winogrande_dev-labels.lst"))],
-    }
-    names = []
-    for task, (text, target, choice, metrics) in LM_EVAL_TASKS.items():
-        name = f"ew_{task}"
-        file = os.path.abspath(os.path.join(out, f"{name}.jsonl"))
-        with open(file, "w") as f:
-            f.writelines(json.dumps(d) + "\n" for d in docs[task])
-        with open(os.path.join(out, f"{name}.yaml"), "w") as f:
-            f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                    f"    test: {file}\ntest_split: test\noutput_type: multiple_choice\n"
-                    f"{text}\n{target}\n{choice}\nmetric_list:\n"
-                    + "".join(f"  - metric: {m}\n" for m in metrics))
-        names.append(name)
-    return names
-
-
-def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | None) -> list[dict]:
-    """Our scorer against lm-eval's logged samples (lm_eval --log_samples --output_path samples) on
-    the same items: the largest difference of a summed log-probability, and the items whose acc
-    differs."""
-    model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
-    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)
-    rows = []
-    for task, (reader, _) in TASKS.items():
-        files = glob.glob(os.path.join(samples, "**", f"samples_ew_{task}_*.jsonl"), recursive=True)
-        if not files:
-            raise ValueError(f"{samples}: no samples_ew_{task}_*.jsonl (lm_eval --log_samples)")
-        logged = sorted((json.loads(line) for line in open(files[0])), key=lambda s: s["doc_id"])
-        items = reader(eval_dir)[:limit][: len(logged)]
-        ours = choice_logprobs(model, tokenizer, items)
-        theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
-        diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
-        differ = sum(float(argmax(x) == it.label) != s["acc"]
-                     for x, it, s in zip(ours, items, logged))
-        rows.append({"task": task, "items": len(items), "max_logprob_diff": diff,
-                     "acc_differs": differ, "correct_ours": sum(argmax(x) == it.label
-                                                                for x, it in zip(ours, items)),
-                     "correct_lm_eval": int(sum(s["acc"] for s in logged))})
-        print(f"{task}: {len(items)} items, largest |summed log-prob difference| {diff:.1e}, acc "
-              f"differs on {differ}; correct: ours {rows[-1]['correct_ours']}, lm-eval "
-              f"{rows[-1]['correct_lm_eval']}")
-    return rows
-
-
 def data_flags(parser, holdout: str, seed: str) -> None:
     """The text flags every conversion or training command takes: where the tasks' files are, how
     they are sampled for calibration, and the held-out tail."""
@@ -708,20 +621,8 @@ def data_flags(parser, holdout: str, seed: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help=seed)
 
 
-def lm_eval_command(a) -> list[dict]:
-    if a.command == "lm-eval-tasks":
-        names = lm_eval_tasks(a.eval_dir, a.out)
-        print(f"wrote {', '.join(names)} into {a.out}: lm_eval --include_path {a.out} --tasks "
-              f"{','.join(names)}")
-        return [{"tasks": names}]
-    torch.set_grad_enabled(False)
-    return compare_lm_eval(a.checkpoint, a.samples, a.eval_dir, a.limit)
-
-
 def run_command(a) -> list[dict]:
     """The subcommand parsed into `a`, run; -> its rows."""
-    if a.command.startswith("lm-eval"):
-        return lm_eval_command(a)
     text = dict(data=a.data, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                 seed=a.seed)
     if a.command == "quality":
@@ -820,17 +721,6 @@ if __name__ == "__main__":
         data_flags(s, "validation", "data order, LoRA init, k-means")
         s.add_argument("--val-windows", type=int, default=8,
                        help="held-out windows of 512 tokens per task")
-    evals = os.path.join(DATA, "eval")
-    lt = sub.add_parser("lm-eval-tasks", help="the zero-shot tasks as local lm-eval task YAMLs",
-                        formatter_class=defaults)
-    lt.add_argument("--eval-dir", default=evals, help="the task files (../shared/data/eval)")
-    lt.add_argument("--out", required=True, help="directory for the YAMLs and their data")
-    lc = sub.add_parser("lm-eval-compare", help="our scorer against lm-eval's logged samples",
-                        formatter_class=defaults)
-    lc.add_argument("checkpoint", help="the checkpoint lm-eval scored (ours, or an export)")
-    lc.add_argument("samples", help="lm_eval's --output_path, run with --log_samples")
-    lc.add_argument("--eval-dir", default=evals, help="the task files (../shared/data/eval)")
-    lc.add_argument("--limit", type=int, default=None, help="lm_eval's --limit")
     a = p.parse_args()
     exit_on_sigterm()
     try:

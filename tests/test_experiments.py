@@ -1,6 +1,5 @@
 """experiments.py runs: the FLOP accounting, and the training experiments end to end on a tiny
 checkpoint. These check that the experiments work and report consistent rows, not their figures."""
-import json
 import math
 import os
 import tempfile
@@ -64,19 +63,6 @@ def test_retained_share_pools_tasks_above_chance():
     share, near = experiments.retained(moe, dense)
     assert near == ["c"]  # 0.52 is within two standard errors of 0.5: left out
     assert share == pytest.approx((0.20 + 0.05) / (0.30 + 0.10))
-
-
-def test_lm_eval_tasks_are_written_for_local_files(tmp_path):
-    from test_data import write_tasks
-    (tmp_path / "eval").mkdir()
-    names = experiments.lm_eval_tasks(write_tasks(tmp_path / "eval"), str(tmp_path / "tasks"))
-    assert names == ["ew_piqa", "ew_arc_easy", "ew_sciq", "ew_winogrande"]
-    piqa = (tmp_path / "tasks" / "ew_piqa.yaml").read_text()
-    assert 'doc_to_text: "Question: {{goal}}\\nAnswer:"' in piqa and "dataset_path: json" in piqa
-    docs = [json.loads(line) for line in open(tmp_path / "tasks" / "ew_winogrande.jsonl")]
-    assert docs[0]["label"] == 0  # the .lst file's 1, as an index
-    arc = json.loads(open(tmp_path / "tasks" / "ew_arc_easy.jsonl").readline())
-    assert arc["choices"]["label"].index(arc["answerKey"]) == 0
 
 
 def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatch, capsys):
