@@ -31,27 +31,37 @@ def check_file(file: str) -> None:
         raise FileNotFoundError(f"{file} not found")
 
 
+def read_utf8(file: str) -> str:
+    check_file(file)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); give a .txt or .jsonl "
+                         f"file") from None
+
+
+def read_jsonl(file: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a .jsonl file."""
+    records = []
+    for lineno, line in enumerate(read_utf8(file).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg})") from None
+    return records
+
+
 def read_text(file: str, field: str | None = None) -> str:
     """A .txt file as is, or from a .jsonl file the `field` of every line (comma-separated fields
     joined by a newline; by default "text", or else every string field), documents joined by a blank
     line."""
-    check_file(file)
-    try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); give a .txt or .jsonl "
-                         f"file") from None
     if not file.endswith(".jsonl"):
-        return text
+        return read_utf8(file)
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg})") from None
+    for lineno, record in read_jsonl(file):
         keys = field.split(",") if field else ["text"] if "text" in record else \
             [k for k, v in record.items() if isinstance(v, str)]
         try:
@@ -163,7 +173,6 @@ def calibration_from_model(model, tokenizer, samples: int, seqlen: int, seed: in
 # every window
 
 
-
 def heldout_tokens(tokenizer, file: str, holdout: float, field: str | None = None) -> torch.Tensor:
     ids = tokenizer.encode(read_text(file, field)).ids
     tail = split_heldout(ids, holdout)[1] if holdout > 0 else ids
@@ -214,23 +223,23 @@ def choice_item(context: str, choices: list[str], label: int) -> Item:
                 label)
 
 
-def read_jsonl(file: str) -> list[dict]:
-    check_file(file)
-    with open(file, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_docs(file: str) -> list[dict]:
+    """The records of a .jsonl file, or of a .json file holding a list of them."""
+    if file.endswith(".jsonl"):
+        return [record for _, record in read_jsonl(file)]
+    return json.loads(read_utf8(file))
 
 
 def read_labels(file: str, n: int) -> list[int]:
-    check_file(file)
-    with open(file) as f:
-        labels = [int(line) for line in f if line.strip()]
+    """The labels of n items, one per line."""
+    labels = [int(line) for line in read_utf8(file).splitlines() if line.strip()]
     if len(labels) != n:
         raise ValueError(f"{file}: {len(labels)} labels for {n} items")
     return labels
 
 
 def piqa(directory: str) -> list[Item]:
-    docs = read_jsonl(os.path.join(directory, "piqa_valid.jsonl"))
+    docs = read_docs(os.path.join(directory, "piqa_valid.jsonl"))
     labels = read_labels(os.path.join(directory, "piqa_valid-labels.lst"), len(docs))
     return [choice_item(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], label)
             for d, label in zip(docs, labels)]
@@ -238,7 +247,7 @@ def piqa(directory: str) -> list[Item]:
 
 def arc_easy(directory: str) -> list[Item]:
     items = []
-    for d in read_jsonl(os.path.join(directory, "arc_easy_test.jsonl")):
+    for d in read_docs(os.path.join(directory, "arc_easy_test.jsonl")):
         choices = d["question"]["choices"]
         label = [c["label"] for c in choices].index(d["answerKey"])
         items.append(choice_item(f"Question: {d['question']['stem']}\nAnswer:",
@@ -247,17 +256,14 @@ def arc_easy(directory: str) -> list[Item]:
 
 
 def sciq(directory: str) -> list[Item]:
-    file = os.path.join(directory, "sciq_test.json")
-    check_file(file)
-    with open(file, encoding="utf-8") as f:
-        docs = json.load(f)
+    docs = read_docs(os.path.join(directory, "sciq_test.json"))
     return [choice_item(f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
                         [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]],
                         3) for d in docs]
 
 
 def winogrande(directory: str) -> list[Item]:
-    docs = read_jsonl(os.path.join(directory, "winogrande_dev.jsonl"))
+    docs = read_docs(os.path.join(directory, "winogrande_dev.jsonl"))
     labels = read_labels(os.path.join(directory, "winogrande_dev-labels.lst"), len(docs))
     items = []
     for d, label in zip(docs, labels):
@@ -316,18 +322,25 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
         T = len(separate[start][2]) + len(separate[start][3]) - 1  # every token but the last
         batch = separate[start: start + max(1, batch_tokens // T)]
         start += len(batch)
-        inputs = torch.zeros(len(batch), T, dtype=torch.int64)
-        rows, cols, targets = [], [], []
-        for b, (_, _, context, continuation) in enumerate(batch):
-            ids = context + continuation
-            inputs[b, : len(ids) - 1] = torch.tensor(ids[:-1])
-            rows += [b] * len(continuation)
-            cols += range(len(context) - 1, len(ids) - 1)
-            targets += continuation
+        inputs, rows, cols, targets = padded([c + x for _, _, c, x in batch],
+                                             [len(c) for _, _, c, _ in batch])
         picked = token_logprobs(model, model.hidden(inputs.to(device))[rows, cols], targets)
         for i, j, _, continuation in batch:
             sums[i][j], picked = sum(picked[: len(continuation)]), picked[len(continuation):]
     return sums
+
+
+def padded(sequences: list[list[int]], first: list[int]):
+    """Each sequence but its last token as a row of a right-padded batch (b, T) int64, and where
+    its tokens from first[b] on are predicted: -> (batch, rows, positions, those tokens)."""
+    inputs = torch.zeros(len(sequences), max(map(len, sequences)) - 1, dtype=torch.int64)
+    rows, cols, targets = [], [], []
+    for b, (ids, f) in enumerate(zip(sequences, first)):
+        inputs[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        rows += [b] * (len(ids) - f)
+        cols += range(f - 1, len(ids) - 1)
+        targets += ids[f:]
+    return inputs, rows, cols, targets
 
 
 def token_logprobs(model, h: torch.Tensor, targets: list[int]) -> list[float]:
@@ -351,13 +364,7 @@ def shared_context_logprobs(model, context: list[int],
             cache = block.self_attn.kv_cache
             cache.k = cache.k.expand(n, -1, -1, -1).clone()
             cache.v = cache.v.expand(n, -1, -1, -1).clone()
-        inputs = torch.zeros(n, L - 1, dtype=torch.int64)
-        rows, cols, targets = [], [], []
-        for b, c in enumerate(continuations):
-            inputs[b, : len(c) - 1] = torch.tensor(c[:-1])
-            rows += [b] * (len(c) - 1)
-            cols += range(len(c) - 1)
-            targets += c[1:]
+        inputs, rows, cols, targets = padded(continuations, [1] * n)
         h = model.hidden(inputs.to(device), torch.arange(C, C + L - 1, device=device))
         picked = token_logprobs(model, h[rows, cols], targets)
         for b, c in enumerate(continuations):
@@ -376,9 +383,12 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima, as numpy
+
+
 def accuracy(items: list[Item], sums: list[list[float]]) -> dict:
     """acc and acc_norm with their standard errors, and the chance level (1 / choices, averaged)."""
-    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # the first of equal maxima
     right = [float(argmax(s) == item.label) for item, s in zip(items, sums)]
     right_norm = [float(argmax([v / length for v, length in zip(s, item.lengths)]) == item.label)
                   for item, s in zip(items, sums)]

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from data import TASKS, choice_logprobs
+from data import TASKS, argmax, choice_logprobs, read_docs, read_labels
 from model import load_model, load_tokenizer
 
 EVAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "eval")
@@ -48,19 +48,20 @@ def lm_eval_tasks(eval_dir: str, out: str) -> list[str]:
     """Writes out/ew_TASK.jsonl (the task's items, labels joined in, in lm-eval's field names) and
     out/ew_TASK.yaml for every task; -> the task names for lm_eval --tasks."""
     os.makedirs(out, exist_ok=True)
-    read = lambda name: [json.loads(line) for line in open(os.path.join(eval_dir, name))
-                         if line.strip()]
-    labels = lambda name: [int(line) for line in open(os.path.join(eval_dir, name)) if line.strip()]
+    read = lambda name: read_docs(os.path.join(eval_dir, name))
+
+    def labelled(name: str, labels: str, shift: int) -> list[dict]:  # the .lst labels, as indices
+        docs = read(name)
+        ys = read_labels(os.path.join(eval_dir, labels), len(docs))
+        return [d | {"label": y - shift} for d, y in zip(docs, ys)]
     docs = {
-        "piqa": [d | {"label": y} for d, y in zip(read("piqa_valid.jsonl"),
-                                                   labels("piqa_valid-labels.lst"))],
+        "piqa": labelled("piqa_valid.jsonl", "piqa_valid-labels.lst", 0),
         "arc_easy": [{"question": d["question"]["stem"], "answerKey": d["answerKey"],
                       "choices": {"text": [c["text"] for c in d["question"]["choices"]],
                                   "label": [c["label"] for c in d["question"]["choices"]]}}
                      for d in read("arc_easy_test.jsonl")],
-        "sciq": json.load(open(os.path.join(eval_dir, "sciq_test.json"))),
-        "winogrande": [d | {"label": y - 1} for d, y in zip(read("winogrande_dev.jsonl"),
-                                                         labels("winogrande_dev-labels.lst"))],
+        "sciq": read("sciq_test.json"),
+        "winogrande": labelled("winogrande_dev.jsonl", "winogrande_dev-labels.lst", 1),
     }
     names = []
     for task, (text, target, choice, metrics) in LM_EVAL_TASKS.items():
@@ -82,7 +83,6 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
     the same items: the largest difference of a summed log-probability, and the items whose acc
     differs."""
     model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
-    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)
     rows = []
     for task, (reader, _) in TASKS.items():
         files = glob.glob(os.path.join(samples, "**", f"samples_ew_{task}_*.jsonl"), recursive=True)
@@ -93,11 +93,10 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
         ours = choice_logprobs(model, tokenizer, items)
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
         diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
-        differ = sum(float(argmax(x) == it.label) != s["acc"]
-                     for x, it, s in zip(ours, items, logged))
+        right = [float(argmax(x) == it.label) for x, it in zip(ours, items)]
+        differ = sum(r != s["acc"] for r, s in zip(right, logged))
         rows.append({"task": task, "items": len(items), "max_logprob_diff": diff,
-                     "acc_differs": differ, "correct_ours": sum(argmax(x) == it.label
-                                                                for x, it in zip(ours, items)),
+                     "acc_differs": differ, "correct_ours": int(sum(right)),
                      "correct_lm_eval": int(sum(s["acc"] for s in logged))})
         print(f"{task}: {len(items)} items, largest |summed log-prob difference| {diff:.1e}, acc "
               f"differs on {differ}; correct: ours {rows[-1]['correct_ours']}, lm-eval "
