@@ -436,23 +436,21 @@ class MoEMLP(nn.Module):
     def route(self, x):
         # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (`sum`:
         # unweighted). train.py installs a route that also records the experts' load
-        scores = self.router(x, self.experts)  # (N, E) float32
-        idx = self.select(scores)
-        return idx, self.weigh(idx, scores.softmax(dim=-1) if self.routing != "sum" else None)
+        idx, weights, _ = self.choose(self.router(x, self.experts))
+        return idx, weights
 
-    def select(self, scores):
-        # (N, E) -> the top-k expert ids (N, K), by score plus the selection bias if any
+    def choose(self, scores):
+        # scores (N, E) float32 -> the top-k expert ids (N, K) by score plus the selection bias if
+        # any, their weights (N, K) or None, and the softmax of the scores (N, E) or None (`sum`)
         bias = self.router.select_bias
-        return (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
-
-    def weigh(self, idx, probs):
-        # idx (N, K), probs (N, E) = the softmax of the scores, or None for `sum` -> (N, K) or None
+        idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
         if self.routing == "sum":
-            return None
+            return idx, None, None
+        probs = scores.softmax(dim=-1)
         picked = probs.gather(1, idx)  # (N, K)
         if self.routing == "scaled":
-            return 1 + self.router.gamma.float() * picked
-        return picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked
+            return idx, 1 + self.router.gamma.float() * picked, probs
+        return idx, picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked, probs
 
     def forward(self, x):
         if self.kernel is not None:

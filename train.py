@@ -378,10 +378,9 @@ def recording_route(mlp: MoEMLP, x: torch.Tensor, temperature: float | None = No
         probs = (scores / temperature).softmax(dim=-1)
         record(mlp, scores.topk(mlp.top_k, dim=-1).indices, probs)
         return torch.arange(scores.shape[1], device=x.device).expand(len(x), -1), probs
-    idx = mlp.select(scores)
-    probs = scores.softmax(dim=-1) if mlp.routing != "sum" else None
+    idx, weights, probs = mlp.choose(scores)
     record(mlp, idx, probs)
-    return idx, mlp.weigh(idx, probs)
+    return idx, weights
 
 
 def record(mlp: MoEMLP, idx: torch.Tensor, probs: torch.Tensor | None) -> None:
