@@ -433,6 +433,9 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
 def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples`
     samples from random inputs: what conversion spends per layer besides the forward passes."""
+    if samples < 4 or samples % 4 or tokens < 1 or repeats < 1:
+        raise ValueError(f"--samples {samples} must be a multiple of the 4 tasks, --tokens {tokens} "
+                         f"and --repeats {repeats} at least 1")
     D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
@@ -466,6 +469,22 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
               f"routed experts, router {router}: allocate + partition {partition:.2f}s "
               f"({iters:.0f} k-means iterations), router {router_s:.3f}s (median of {repeats})")
     return rows
+
+
+def run_cli(parser, run_command, script: str) -> None:
+    """Parses the flags, runs the subcommand, writes its rows to --json with the machine's header;
+    bad input ends the script with one line. experiments.py runs its commands through it too."""
+    a = parser.parse_args()
+    exit_on_sigterm()
+    try:
+        rows = run_command(a)
+    except (ValueError, OSError) as e:  # bad input: the message names it
+        sys.exit(f"{script}: error: {e}")
+    if a.json:
+        where = header(getattr(a, "device", "cpu"), getattr(a, "dtype", "float32"))
+        with open(a.json, "w") as f:
+            json.dump({"command": a.command, "args": vars(a), "header": where, "rows": rows}, f,
+                      indent=2)
 
 
 def run_command(a) -> list[dict]:
@@ -576,14 +595,4 @@ if __name__ == "__main__":
     pb.add_argument("--samples", type=int, default=64, help="calibration samples in the profile")
     pb.add_argument("--tokens", type=int, default=32, help="tokens per sample")
     pb.add_argument("--repeats", type=int, default=3, help="timed runs (the median is shown)")
-    a = p.parse_args()
-    exit_on_sigterm()
-    try:
-        rows = run_command(a)
-    except (ValueError, OSError) as e:  # bad input: the message names it
-        sys.exit(f"bench.py: error: {e}")
-    if a.json:
-        where = header(getattr(a, "device", "cpu"), getattr(a, "dtype", "float32"))
-        with open(a.json, "w") as f:
-            json.dump({"command": a.command, "args": vars(a), "header": where, "rows": rows}, f,
-                      indent=2)
+    run_cli(p, run_command, "bench.py")

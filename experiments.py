@@ -24,14 +24,13 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench import DATA, TASK_FILES, draw, header, print_table
-from checkpoint import exit_on_sigterm, save_checkpoint
+from bench import DATA, TASK_FILES, draw, header, print_table, run_cli
+from checkpoint import save_checkpoint
 from convert import convert_checkpoint, convert_model
 from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, perplexity,
                   read_text, score_tasks, split_heldout)
@@ -721,13 +720,4 @@ if __name__ == "__main__":
         data_flags(s, "validation", "data order, LoRA init, k-means")
         s.add_argument("--val-windows", type=int, default=8,
                        help="held-out windows of 512 tokens per task")
-    a = p.parse_args()
-    exit_on_sigterm()
-    try:
-        rows = run_command(a)
-    except (ValueError, OSError) as e:  # bad input: the message names it
-        sys.exit(f"experiments.py: error: {e}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"command": a.command, "args": vars(a), "header": header("cpu", "float32"),
-                       "rows": rows}, f, indent=2)
+    run_cli(p, run_command, "experiments.py")
