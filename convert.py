@@ -128,14 +128,14 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     spec.check_layers(cfg.ffn_dim, cfg.n_layers)
     cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
     run = lambda block, hb: block(hb, cos, sin, mask)
+    method = dive if isinstance(spec, dive.DiveSpec) else weaver  # the per-layer converter's
     mined = None
-    if isinstance(spec, dive.DiveSpec) and spec.dive_assign is None:
+    if method is dive and spec.dive_assign is None:
         spec, mined = dive.mine(h, blocks(), run, make_head(), calib.tokens, calib.task,
                                 calib.names, spec, log)
     moe_cfg = {**spec.moe_section(cfg.ffn_dim), "layers": [None] * cfg.n_layers,
                "topk_spread": [None] * cfg.n_layers}  # on the calibration tokens: export's scale
     rows, timings = [], {}
-    method = dive if isinstance(spec, dive.DiveSpec) else weaver
     convert_layer = method.layer_converter(spec, calib.task, h, timings)
     for i, block, row, x in weaver.layer_loop(blocks(), run, h, convert_layer, spec.dense_layers,
                                               spec.sequential, timings):
