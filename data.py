@@ -304,17 +304,22 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
     shared). The output projection runs only where a continuation token is predicted."""
     sums = [[0.0] * len(item.contexts) for item in items]
     separate = []  # (item, choice, context ids, continuation ids)
+    total = sum(len(item.contexts) for item in items)
     t0, done, shown = time.time(), 0, time.time()
+
+    def progress(n: int) -> None:  # a line every 10 s
+        nonlocal done, shown
+        done += n
+        if log is not None and time.time() - shown > 10:
+            shown = time.time()
+            log(f"  scored {done}/{total} continuations ({time.time() - t0:.0f}s)")
     for i, item in enumerate(items):
         pairs = [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
         if len(set(item.contexts)) == 1 and len(pairs[0][0]) >= shared_from:
             sums[i] = shared_context_logprobs(model, pairs[0][0], [x for _, x in pairs])
-            done += len(pairs)
+            progress(len(pairs))
         else:
             separate += [(i, j, c, x) for j, (c, x) in enumerate(pairs)]
-        if log is not None and time.time() - shown > 10:
-            shown = time.time()
-            log(f"  scored {done} continuations ({time.time() - t0:.0f}s)")
     separate.sort(key=lambda r: -len(r[2]) - len(r[3]))
     device = model.embed_tokens.weight.device
     start = 0
@@ -327,6 +332,7 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
         picked = token_logprobs(model, model.hidden(inputs.to(device))[rows, cols], targets)
         for i, j, _, continuation in batch:
             sums[i][j], picked = sum(picked[: len(continuation)]), picked[len(continuation):]
+        progress(len(batch))
     return sums
 
 
@@ -407,7 +413,8 @@ def score_tasks(model, tokenizer, directory: str, tasks=tuple(TASKS), limit: int
         reader, main = TASKS[task]
         items = reader(directory)[:limit]
         t0 = time.time()
-        results[task] = accuracy(items, choice_logprobs(model, tokenizer, items)) | {"main": main}
+        sums = choice_logprobs(model, tokenizer, items, log=log)
+        results[task] = accuracy(items, sums) | {"main": main}
         r = results[task]
         log(f"  {task}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
             f"+- {r['acc_norm_stderr']:.4f} ({len(items)} items, {time.time() - t0:.0f}s)")
