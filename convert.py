@@ -118,6 +118,11 @@ def format_layer(row: dict, n_layers: int) -> str:
             f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
 
 
+def spec_class(method: str):
+    """The settings dataclass of a method: DIVE's own, or weaver's for the others."""
+    return dive.DiveSpec if method == "dive" else weaver.ConvertSpec
+
+
 def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
                spec: weaver.ConvertSpec, log=print, write_block=None,
                make_head=None) -> tuple[dict, dict]:
@@ -461,7 +466,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     exit_on_sigterm()
     try:
-        spec = from_flags(a, dive.DiveSpec if a.method == "dive" else weaver.ConvertSpec)
+        spec = from_flags(a, spec_class(a.method))
         main(a.checkpoint, spec, from_flags(a, DataSpec), from_flags(a, RunSpec))
     except (ValueError, OSError) as e:  # bad input or a failed download: the message says which
         sys.exit(f"convert.py: error: {e}")

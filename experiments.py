@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bench import DATA, TASK_FILES, draw, header, print_table, run_cli
 from checkpoint import save_checkpoint
-from convert import convert_checkpoint, convert_model
+from convert import convert_checkpoint, convert_model, spec_class
 from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, perplexity,
                   read_text, score_tasks, split_heldout)
 from demo import demo_checkpoint
@@ -84,10 +84,6 @@ DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:cent
                 "expertweaver:lsq", "expertweaver:gate", "expertweaver:cmoe", "expertweaver:oracle",
                 "cmoe", "cmoe:lsq", "static", "random:centroid",
                 "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
-
-
-def spec_class(method: str):
-    return DiveSpec if method == "dive" else ConvertSpec
 
 
 def parse_row(row: str) -> dict:
