@@ -434,8 +434,8 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     """Partition + router for one layer of `name`'s shape, random weights, profiles of `samples`
     samples from random inputs: what conversion spends per layer besides the forward passes."""
     if samples < 4 or samples % 4 or tokens < 1 or repeats < 1:
-        raise ValueError(f"--samples {samples} must be a multiple of the 4 tasks, --tokens {tokens} "
-                         f"and --repeats {repeats} at least 1")
+        raise ValueError(f"--samples {samples} must be a multiple of the 4 tasks, --tokens "
+                         f"{tokens} and --repeats {repeats} at least 1")
     D, d_ff = SYNTH_CONFIGS[name]["hidden_size"], SYNTH_CONFIGS[name]["intermediate_size"]
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
