@@ -296,12 +296,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 4096,
-                    shared_from: int = 64, log=None) -> list[list[float]]:
+                    shared_from: int | None = 64, log=None) -> list[list[float]]:
     """Each item's summed log-probability of each continuation, in float32. An item whose choices
     share a context of shared_from tokens or more (SciQ's passages) runs the context once and the
     continuations as rows of a batch on its KV cache; the other requests run longest first,
     right-padded, about batch_tokens tokens per forward (short contexts are cheaper batched than
-    shared). The output projection runs only where a continuation token is predicted."""
+    shared; shared_from None: never, for a model without our KV cache). The output projection
+    runs only where a continuation token is predicted."""
     sums = [[0.0] * len(item.contexts) for item in items]
     separate = []  # (item, choice, context ids, continuation ids)
     total = sum(len(item.contexts) for item in items)
@@ -315,7 +316,8 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
             log(f"  scored {done}/{total} continuations ({time.time() - t0:.0f}s)")
     for i, item in enumerate(items):
         pairs = [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
-        if len(set(item.contexts)) == 1 and len(pairs[0][0]) >= shared_from:
+        if shared_from is not None and len(set(item.contexts)) == 1 \
+                and len(pairs[0][0]) >= shared_from:
             sums[i] = shared_context_logprobs(model, pairs[0][0], [x for _, x in pairs])
             progress(len(pairs))
         else:
@@ -405,15 +407,15 @@ def accuracy(items: list[Item], sums: list[list[float]]) -> dict:
 
 
 def score_tasks(model, tokenizer, directory: str, tasks=tuple(TASKS), limit: int | None = None,
-                log=print) -> dict[str, dict]:
+                log=print, shared_from: int | None = 64) -> dict[str, dict]:
     """{task: accuracy(...) | {"main": its main metric's name}} on the task files in directory (the
-    first `limit` items of each, if given)."""
+    first `limit` items of each, if given); shared_from as choice_logprobs takes it."""
     results = {}
     for task in tasks:
         reader, main = TASKS[task]
         items = reader(directory)[:limit]
         t0 = time.time()
-        sums = choice_logprobs(model, tokenizer, items, log=log)
+        sums = choice_logprobs(model, tokenizer, items, shared_from=shared_from, log=log)
         results[task] = accuracy(items, sums) | {"main": main}
         r = results[task]
         log(f"  {task}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "

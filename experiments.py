@@ -8,6 +8,7 @@ dense model trained alike) in the same run.
     python experiments.py downcycle          # initialisations of a sparser MoE trained alike
     python experiments.py dive               # DIVE, the default and CMoE, before and after training
     python experiments.py export             # the Qwen2-MoE export, run by transformers
+    python experiments.py served             # the exportable configuration, chosen and served
 
 Imports model.py, weaver.py, dive.py, data.py, checkpoint.py, demo.py, export.py, convert.py (the
 drivers), train.py and bench.py (the header, tables and plots). The text is ../shared/data (prose,
@@ -25,6 +26,7 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, pe
                   read_text, score_tasks, split_heldout)
 from demo import demo_checkpoint
 from dive import DiveSpec
-from export import EXPORT_EPS, export_qwen2_moe
+from export import EXPORT_EPS, Served, export_qwen2_moe
 from model import load_config, load_model, load_tokenizer
 from weaver import ConvertSpec
 
@@ -574,6 +576,83 @@ def export_bench(data: str, eps_values: list[float], calib_samples: int, calib_s
     return rows
 
 
+def served(data: str, actives: list[float], fractions: list[float], calib_samples: int,
+           calib_seqlen: int, select_samples: int, eval_seqlen: int, eval_windows: int,
+           holdout: float, seed: int, tasks: tuple = (), task_limit: int | None = None,
+           n_experts: int = 64) -> list[dict]:
+    """The configuration a user serves in transformers or vLLM: one allocation for every layer
+    (--n-shared N), lsq without its bias, exported as Qwen2-MoE. At each active fraction N is swept
+    (each fraction of the k active experts) and chosen by perplexity on selection windows from the
+    calibration side of each file (drawn with another seed, none of them profiled); the choice is
+    then measured on the held-out text and the tasks, as our model runs it and as transformers
+    runs its export."""
+    import tempfile
+    files = task_files(data, "served")
+    path = demo_checkpoint()
+    cfg, hf_config = load_config(path)
+    specs = {a: ConvertSpec(n_experts=n_experts, active=a, router_bias=False, seed=seed)
+             for a in actives}
+    for spec in specs.values():
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+    grids = {a: sorted({min(max(round(f * s.k), 0), s.k - 1) for f in fractions})
+             for a, s in specs.items()}
+    tokenizer = load_tokenizer(path)
+    entries = [f"{f}:{task}" for task, f in files.items()]
+    calib = calibration_from_files(tokenizer, entries, calib_samples, calib_seqlen, seed, holdout)
+    select = calibration_from_files(tokenizer, entries, select_samples, calib_seqlen, seed + 1,
+                                    holdout)
+    profiled = {tuple(w.tolist()) for w in calib.tokens}
+    select_tokens = torch.stack([w for w in select.tokens if tuple(w.tolist()) not in profiled])
+    evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
+    print(f"selection: {len(select_tokens)} windows x {calib_seqlen} tokens from the calibration "
+          f"side, none profiled; evaluation: held-out last {holdout:.0%} of each file, "
+          f"{eval_windows} windows x {eval_seqlen} tokens per task")
+    eval_dir = os.path.join(data, "eval")
+    measure = lambda model, shared_from: (
+        {t: perplexity(model, x, eval_seqlen, eval_windows)[1] for t, x in evals.items()},
+        score_tasks(model, tokenizer, eval_dir, tasks, task_limit, shared_from=shared_from)
+        if tasks else {})
+    dense_model = load_model(path)
+    dense, dense_acc = measure(dense_model, 64)
+    del dense_model
+    results, work = [], tempfile.mkdtemp(prefix="expertweaver-served-")
+    try:
+        for active, spec in specs.items():
+            sweep = {}
+            for n in grids[active]:
+                model = load_model(path)
+                convert_model(model, calib, replace(spec, n_shared=n), log=lambda *_: None)
+                sweep[n] = perplexity(model, select_tokens.flatten(), calib_seqlen)[1]
+                print(f"active {active:.2f} --n-shared {n:>2} (routed top-k {spec.k - n:>2}): "
+                      f"selection ppl {sweep[n]:.3f}", flush=True)
+                if sweep[n] == min(sweep.values()):
+                    best = model
+            n = min(sweep, key=sweep.get)
+            ours_path, hf_path = os.path.join(work, "ours"), os.path.join(work, "hf")
+            save_checkpoint(best, hf_config, ours_path, copy_from=path)
+            export_qwen2_moe(ours_path, hf_path, torch.float32, log=lambda *_: None)
+            for name, model, shared_from in (("ours", best, 64), ("export", Served(hf_path), None)):
+                ppl, acc = measure(model, shared_from)
+                ratios = {t: ppl[t] / dense[t] for t in ppl}
+                results.append({"row": f"served:n_shared={n} ({name})", "active": active,
+                                "n_shared": n, "runs": name, "sweep": sweep, "ppl": ppl,
+                                "ratio": ratios, "geomean": geomean(ratios.values()),
+                                **({"tasks": acc} if tasks else {})})
+                print(f"active {active:.2f} --n-shared {n} run by {name}: held-out geomean "
+                      f"x{results[-1]['geomean']:.3f}", flush=True)
+            del best
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\nheld-out ppl ratio to dense, the chosen --n-shared\n")
+    print_table(["row", "active", *evals, "geomean"],
+                [[r["row"], f"{r['active']:.2f}", *(f"{r['ratio'][t]:.3f}" for t in evals),
+                  f"**{r['geomean']:.3f}**"] for r in results])
+    if tasks:
+        print_accuracy_table(results, dense_acc)
+    return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
+
+
 def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
     """Our model against transformers' on the same held-out windows: logits, selections, ppl."""
     picks = {}
@@ -625,6 +704,13 @@ def run_command(a) -> list[dict]:
         return quality(**text, rows=a.rows, actives=a.active, eval_seqlen=a.eval_seqlen,
                        eval_windows=a.eval_windows, holdout=a.holdout, plot=a.plot,
                        plot_rows=a.plot_rows, tasks=tuple(a.tasks), task_limit=a.task_limit)
+    if a.command == "served":
+        torch.set_grad_enabled(False)
+        return served(**text, actives=a.active, fractions=a.shared_fractions,
+                      select_samples=a.select_samples, n_experts=a.experts,
+                      eval_seqlen=a.eval_seqlen,
+                      eval_windows=a.eval_windows, holdout=a.holdout, tasks=tuple(a.tasks),
+                      task_limit=a.task_limit)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -656,17 +742,30 @@ if __name__ == "__main__":
                    "e.g. expertweaver:lsq:tau=0.3; a method alone takes its own router")
     q.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
                    help="active fractions")
-    q.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
-    q.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
-    data_flags(q, "evaluated", "calibration windows and k-means")
     q.add_argument("--plot", default=None,
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
-    q.add_argument("--tasks", nargs="*", default=[], choices=list(TASKS),
-                   help="also score zero-shot accuracy on these tasks (files in DATA/eval)")
-    q.add_argument("--task-limit", type=int, default=None,
-                   help="score the first this many items of each task (default: all)")
+    sv = sub.add_parser("served", help="the exportable configuration (one --n-shared for every "
+                        "layer, lsq without bias): N chosen on the calibration side, then its "
+                        "export run by transformers", formatter_class=defaults)
+    sv.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
+                    help="active fractions")
+    sv.add_argument("--experts", type=int, default=64, help="experts per layer, shared included")
+    sv.add_argument("--shared-fractions", nargs="+", type=float,
+                    default=[0.25, 0.5, 0.625, 0.75, 0.875, 0.95],
+                    help="the --n-shared values tried, as fractions of the k active experts")
+    sv.add_argument("--select-samples", type=int, default=8,
+                    help="selection windows per task, from the calibration side (profiled ones "
+                    "dropped)")
+    for s in (q, sv):
+        s.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+        s.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
+        data_flags(s, "evaluated", "calibration windows and k-means")
+        s.add_argument("--tasks", nargs="*", default=[], choices=list(TASKS),
+                       help="also score zero-shot accuracy on these tasks (files in DATA/eval)")
+        s.add_argument("--task-limit", type=int, default=None,
+                       help="score the first this many items of each task (default: all)")
     eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
                         "against our model", formatter_class=defaults)
     eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],

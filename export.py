@@ -9,7 +9,9 @@ Imports model.py (loading) and checkpoint.py (the atomic output directory and th
 Also here, because only the export and train.py --keep-function need them: bounds on how far a
 router's scores can spread over any input (norm_output_bound, score_bound), and the spread the
 converter sees on its calibration tokens (topk_spread), which sets the export's router scale.
-Read top to bottom: the mapping and its bounds, what cannot be exported, the config, the writer.
+Read top to bottom: the mapping and its bounds, what cannot be exported, the config, the writer,
+and the export read back through transformers (`Served`, for the checks and for experiments.py's
+served rows; transformers is imported only there).
 """
 import math
 
@@ -265,3 +267,28 @@ def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool
         add(f"{prefix}experts.{e}.up_proj.weight", w13[F_:])
         add(f"{prefix}experts.{e}.down_proj.weight", w2.T * scale)
     return c
+
+
+# -----------------------------------------------------------------------------
+# the export as a user serves it: transformers' own model, behind the interface data.py's
+# perplexity and zero-shot scorer use (embed_tokens, hidden, lm_head, and logits when called)
+
+class Served:
+    """A checkpoint loaded by transformers (no code of ours), for data.perplexity and
+    data.score_tasks(..., shared_from=None): it has no KV cache of ours to share a context on."""
+
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+        import transformers
+        transformers.logging.set_verbosity_error()
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.embed_tokens = self.hf.get_input_embeddings()
+        self.lm_head = self.hf.get_output_embeddings()
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 from position 0 -> the final norm's output (B, T, D)."""
+        assert input_pos is None, "Served runs whole sequences from position 0 (no cache)"
+        return self.hf.model(tokens).last_hidden_state
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V)."""
+        return self.hf(tokens).logits

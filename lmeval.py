@@ -8,9 +8,10 @@ and our scorer checked against lm-eval's logged samples, item for item.
         --include_path ew-tasks --tasks ew_piqa,ew_arc_easy,ew_sciq,ew_winogrande \\
         --limit 100 --log_samples --output_path lmeval-out
     python lmeval.py compare CHECKPOINT lmeval-out --limit 100
+    python lmeval.py compare EXPORT lmeval-out --limit 100 --runner transformers
 
-Imports data.py (the task readers and the scorer) and model.py (loading). lm-eval itself lives in a
-venv of its own (README.md).
+Imports data.py (the task readers and the scorer), model.py (loading) and export.py (an export run
+by transformers). lm-eval itself lives in a venv of its own (README.md).
 """
 import glob
 import json
@@ -20,6 +21,7 @@ import sys
 import torch
 
 from data import TASKS, argmax, choice_logprobs, read_docs, read_labels
+from export import Served
 from model import load_model, load_tokenizer
 
 EVAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "eval")
@@ -78,11 +80,15 @@ def lm_eval_tasks(eval_dir: str, out: str) -> list[str]:
     return names
 
 
-def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | None) -> list[dict]:
+def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | None,
+                    runner: str = "ours") -> list[dict]:
     """Our scorer against lm-eval's logged samples (lm_eval --log_samples --output_path samples) on
     the same items: the largest difference of a summed log-probability, and the items whose acc
-    differs."""
-    model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
+    differs. runner: the model our scorer runs, model.py's ("ours") or transformers' (an export
+    such as Qwen2-MoE, which model.py does not read)."""
+    model = load_model(checkpoint) if runner == "ours" else Served(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    shared_from = 64 if runner == "ours" else None  # transformers' model: no KV cache of ours
     rows = []
     for task, (reader, _) in TASKS.items():
         files = glob.glob(os.path.join(samples, "**", f"samples_ew_{task}_*.jsonl"), recursive=True)
@@ -90,7 +96,7 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
             raise ValueError(f"{samples}: no samples_ew_{task}_*.jsonl (lm_eval --log_samples)")
         logged = sorted((json.loads(line) for line in open(files[0])), key=lambda s: s["doc_id"])
         items = reader(eval_dir)[:limit][: len(logged)]
-        ours = choice_logprobs(model, tokenizer, items)
+        ours = choice_logprobs(model, tokenizer, items, shared_from=shared_from)
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
         diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
         right = [float(argmax(x) == it.label) for x, it in zip(ours, items)]
@@ -120,6 +126,9 @@ if __name__ == "__main__":
     c.add_argument("samples", help="lm_eval's --output_path, run with --log_samples")
     c.add_argument("--eval-dir", default=EVAL_DIR, help="the task files (../shared/data/eval)")
     c.add_argument("--limit", type=int, default=None, help="lm_eval's --limit")
+    c.add_argument("--runner", choices=("ours", "transformers"), default="ours",
+                   help="the model our scorer runs: model.py's, or transformers' for an export "
+                   "(--format qwen2_moe)")
     a = p.parse_args()
     try:
         if a.command == "tasks":
@@ -128,6 +137,6 @@ if __name__ == "__main__":
                   f"--tasks {','.join(names)}")
         else:
             torch.set_grad_enabled(False)
-            compare_lm_eval(a.checkpoint, a.samples, a.eval_dir, a.limit)
+            compare_lm_eval(a.checkpoint, a.samples, a.eval_dir, a.limit, a.runner)
     except (ValueError, OSError) as e:  # bad input: the message names it
         sys.exit(f"lmeval.py: error: {e}")

@@ -56,6 +56,29 @@ def test_quality_scores_the_tasks_and_the_retained_share(tiny_checkpoint, tmp_pa
     assert "retained above chance" in capsys.readouterr().out
 
 
+def test_served_chooses_on_the_calibration_side_and_runs_the_export(tiny_checkpoint, tmp_path,
+                                                                     monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    from test_data import write_tasks
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    (tmp_path / "eval").mkdir()
+    write_tasks(tmp_path / "eval")
+    # experts of 12 neurons: transformers' grouped matmul wants rows of a multiple of 16 bytes
+    out = experiments.served(str(tmp_path), [0.75], [0.25, 0.5, 0.95], calib_samples=2,
+                             calib_seqlen=16, select_samples=6, eval_seqlen=16, eval_windows=2,
+                             holdout=0.1, seed=0, tasks=("piqa", "sciq"), n_experts=4)
+    ours, export = out[1:]
+    assert (ours["runs"], export["runs"]) == ("ours", "export")
+    assert list(ours["sweep"]) == [1, 2]  # of k = 3: at least one expert routed
+    assert ours["n_shared"] == min(ours["sweep"], key=ours["sweep"].get) == export["n_shared"]
+    # the export weights each routed expert within exp(+-2^-11) of ours on calibration-like text
+    assert export["ppl"] == pytest.approx(ours["ppl"], rel=1e-2)
+    assert set(export["tasks"]) == {"piqa", "sciq"}
+    assert "retained above chance" in capsys.readouterr().out
+
+
 def test_retained_share_pools_tasks_above_chance():
     task = lambda acc, se, chance: {"acc": acc, "acc_stderr": se, "main": "acc", "chance": chance}
     dense = {"a": task(0.80, 0.01, 0.5), "b": task(0.35, 0.02, 0.25), "c": task(0.52, 0.02, 0.5)}

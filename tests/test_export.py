@@ -4,16 +4,18 @@ sum routing; what cannot be exported is refused in one line before any work."""
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
 
 import convert
+import data
 import model as modeling
 import train
 import weaver
 from checkpoint import save_checkpoint
-from export import EXPORT_EPS, export_problems, export_qwen2_moe, score_bound
+from export import EXPORT_EPS, Served, export_problems, export_qwen2_moe, score_bound
 from conftest import (assert_same_greedy, convert_main, make_hf, random_calibration, save_hf,
                       tiny_data)
 
@@ -70,6 +72,29 @@ def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
     tol = 1e-4 if routing == "softmax" else 4 * EXPORT_EPS * expected.abs().max().item()
     assert_same_greedy(exported.generate(tokens[:1, :4], max_new_tokens=8, do_sample=False),
                        ours.generate(tokens[:1, :4], 8), lambda prefix: ours(prefix)[:, -1], tol)
+
+
+class Chars:
+    """A tokenizer of one id per character, enough for data.py's scorer on a 128-token model."""
+
+    def encode(self, text):
+        return types.SimpleNamespace(ids=[ord(c) % 128 for c in text])
+
+
+def test_served_export_scores_and_measures_as_our_model(tmp_path):
+    path, ours = our_moe(make_hf("llama"), tmp_path, "softmax")  # a function the format has
+    out = str(tmp_path / "qwen2_moe")
+    export_qwen2_moe(path, out, torch.float32, log=lambda *_: None)
+    served = Served(out)
+    items = [data.Item(["Question: where?\nAnswer:"] * 2, [" here", " over there"], [4, 10], 0),
+             data.Item(["The cat sat on the mat", "The dog sat on the mat"], [" today."] * 2,
+                       [6, 6], 1)]
+    expected = data.choice_logprobs(ours, Chars(), items, shared_from=1)  # on our KV cache
+    got = data.choice_logprobs(served, Chars(), items, shared_from=None)
+    assert got == [pytest.approx(e, abs=1e-4) for e in expected]
+    tokens = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
+    assert data.perplexity(served, tokens, 16)[1] == pytest.approx(
+        data.perplexity(ours, tokens, 16)[1], rel=1e-5)
 
 
 def test_sum_weights_stay_within_the_bound_on_random_scores():
