@@ -26,7 +26,8 @@ def test_compare_reads_lm_evals_logged_samples(tiny_checkpoint, tmp_path, runner
     if runner == "transformers":
         pytest.importorskip("transformers")
     eval_dir = write_tasks(tmp_path)
-    model, tokenizer = modeling.load_model(tiny_checkpoint), modeling.load_tokenizer(tiny_checkpoint)
+    model = modeling.load_model(tiny_checkpoint)
+    tokenizer = modeling.load_tokenizer(tiny_checkpoint)
     samples = tmp_path / "out" / "model"
     samples.mkdir(parents=True)
     for task, (reader, _) in data.TASKS.items():  # what lm-eval logs: one line per item
