@@ -96,6 +96,7 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
             raise ValueError(f"{samples}: no samples_ew_{task}_*.jsonl (lm_eval --log_samples)")
         logged = sorted((json.loads(line) for line in open(files[0])), key=lambda s: s["doc_id"])
         items = reader(eval_dir)[:limit][: len(logged)]
+        logged = logged[: len(items)]  # a --limit below lm_eval's compares its first items only
         ours = choice_logprobs(model, tokenizer, items, shared_from=shared_from)
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
         diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))

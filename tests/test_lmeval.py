@@ -40,10 +40,14 @@ def test_compare_reads_lm_evals_logged_samples(tiny_checkpoint, tmp_path, runner
         with open(samples / f"samples_ew_{task}_2026.jsonl", "w") as f:
             f.write(json.dumps({"doc_id": 0, "filtered_resps": [[str(s), "False"] for s in sums],
                                 "acc": right}) + "\n")
+            if task == "piqa":  # lm-eval scored an item past the files' end: not compared
+                f.write(json.dumps({"doc_id": 1, "filtered_resps": [], "acc": 1.0}) + "\n")
     rows = {r["task"]: r for r in lmeval.compare_lm_eval(tiny_checkpoint, str(tmp_path / "out"),
                                                          eval_dir, None, runner)}
     assert rows["sciq"]["max_logprob_diff"] == pytest.approx(100.0, abs=1e-3)
     assert rows["sciq"]["correct_lm_eval"] == 0 and rows["sciq"]["acc_differs"] == \
         rows["sciq"]["correct_ours"]
+    assert rows["piqa"]["items"] == 1 and rows["piqa"]["correct_lm_eval"] == \
+        rows["piqa"]["correct_ours"]
     for task in ("piqa", "arc_easy", "winogrande"):
         assert rows[task]["max_logprob_diff"] < 1e-4 and rows[task]["acc_differs"] == 0
