@@ -301,12 +301,15 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
     share a context of shared_from tokens or more (SciQ's passages) runs the context once and the
     continuations as rows of a batch on its KV cache; the other requests run longest first,
     right-padded, about batch_tokens tokens per forward (short contexts are cheaper batched than
-    shared; shared_from None: never, for a model without our KV cache). The output projection
-    runs only where a continuation token is predicted."""
+    shared). A model without our KV cache (no setup_caches, e.g. export.Served), or shared_from
+    None, runs every request batched. The output projection runs only where a continuation token
+    is predicted."""
     sums = [[0.0] * len(item.contexts) for item in items]
     separate = []  # (item, choice, context ids, continuation ids)
     total = sum(len(item.contexts) for item in items)
     t0, done, shown = time.time(), 0, time.time()
+    if not hasattr(model, "setup_caches"):
+        shared_from = None
 
     def progress(n: int) -> None:  # a line every 10 s
         nonlocal done, shown
@@ -407,15 +410,15 @@ def accuracy(items: list[Item], sums: list[list[float]]) -> dict:
 
 
 def score_tasks(model, tokenizer, directory: str, tasks=tuple(TASKS), limit: int | None = None,
-                log=print, shared_from: int | None = 64) -> dict[str, dict]:
+                log=print) -> dict[str, dict]:
     """{task: accuracy(...) | {"main": its main metric's name}} on the task files in directory (the
-    first `limit` items of each, if given); shared_from as choice_logprobs takes it."""
+    first `limit` items of each, if given)."""
     results = {}
     for task in tasks:
         reader, main = TASKS[task]
         items = reader(directory)[:limit]
         t0 = time.time()
-        sums = choice_logprobs(model, tokenizer, items, shared_from=shared_from, log=log)
+        sums = choice_logprobs(model, tokenizer, items, log=log)
         results[task] = accuracy(items, sums) | {"main": main}
         r = results[task]
         log(f"  {task}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "

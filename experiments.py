@@ -51,10 +51,22 @@ def task_files(data: str, command: str) -> dict[str, str]:
     files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"bench {command} needs the task files in --data (../shared/data "
+        raise FileNotFoundError(f"experiments.py {command} needs the task files in --data (../shared/data "
                                 f"beside the repository, or --data DIR); missing: "
                                 f"{', '.join(missing)}")
     return files
+
+
+def check_tasks(data: str, tasks) -> str:
+    """The zero-shot tasks' files in DATA/eval read once, so that a missing or bad one is refused
+    before any slow work; -> that directory."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {', '.join(unknown)}: not among {', '.join(TASKS)}")
+    eval_dir = os.path.join(data, "eval")
+    for task in tasks:
+        TASKS[task][0](eval_dir)
+    return eval_dir
 
 
 def ffn_flops(cfg) -> dict:
@@ -133,10 +145,7 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     """Held-out perplexity of every row x active fraction against the dense model's and, with
     tasks, zero-shot accuracy on them (data.TASKS, the first task_limit items of each)."""
     files = task_files(data, "quality")
-    unknown_tasks = [t for t in tasks if t not in TASKS]
-    if unknown_tasks:
-        raise ValueError(f"--tasks {', '.join(unknown_tasks)}: not among {', '.join(TASKS)}")
-    eval_dir = os.path.join(data, "eval")
+    eval_dir = check_tasks(data, tasks)
     path = demo_checkpoint()
     specs = row_specs(rows, actives, seed, load_config(path)[0])
     unknown = set(plot_rows or ()) - set(rows)
@@ -588,6 +597,9 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     runs its export."""
     import tempfile
     files = task_files(data, "served")
+    eval_dir = check_tasks(data, tasks)
+    if select_samples < 1:
+        raise ValueError(f"--select-samples {select_samples} must be at least 1")
     path = demo_checkpoint()
     cfg, hf_config = load_config(path)
     specs = {a: ConvertSpec(n_experts=n_experts, active=a, router_bias=False, seed=seed)
@@ -602,37 +614,37 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     select = calibration_from_files(tokenizer, entries, select_samples, calib_seqlen, seed + 1,
                                     holdout)
     profiled = {tuple(w.tolist()) for w in calib.tokens}
-    select_tokens = torch.stack([w for w in select.tokens if tuple(w.tolist()) not in profiled])
+    unprofiled = [w for w in select.tokens if tuple(w.tolist()) not in profiled]
+    if not unprofiled:
+        raise ValueError(f"every one of the --select-samples {select_samples} windows per task was "
+                         f"profiled: give more text or raise --select-samples")
+    select_tokens = torch.stack(unprofiled)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
     print(f"selection: {len(select_tokens)} windows x {calib_seqlen} tokens from the calibration "
           f"side, none profiled; evaluation: held-out last {holdout:.0%} of each file, "
           f"{eval_windows} windows x {eval_seqlen} tokens per task")
-    eval_dir = os.path.join(data, "eval")
-    measure = lambda model, shared_from: (
+    measure = lambda model: (
         {t: perplexity(model, x, eval_seqlen, eval_windows)[1] for t, x in evals.items()},
-        score_tasks(model, tokenizer, eval_dir, tasks, task_limit, shared_from=shared_from)
-        if tasks else {})
-    dense_model = load_model(path)
-    dense, dense_acc = measure(dense_model, 64)
-    del dense_model
+        score_tasks(model, tokenizer, eval_dir, tasks, task_limit) if tasks else {})
+    dense, dense_acc = measure(load_model(path))
     results, work = [], tempfile.mkdtemp(prefix="expertweaver-served-")
     try:
         for active, spec in specs.items():
-            sweep = {}
-            for n in grids[active]:
+            sweep, n, best = {}, None, None
+            for shared in grids[active]:
                 model = load_model(path)
-                convert_model(model, calib, replace(spec, n_shared=n), log=lambda *_: None)
-                sweep[n] = perplexity(model, select_tokens.flatten(), calib_seqlen)[1]
-                print(f"active {active:.2f} --n-shared {n:>2} (routed top-k {spec.k - n:>2}): "
-                      f"selection ppl {sweep[n]:.3f}", flush=True)
-                if sweep[n] == min(sweep.values()):
-                    best = model
-            n = min(sweep, key=sweep.get)
+                convert_model(model, calib, replace(spec, n_shared=shared), log=lambda *_: None)
+                sweep[shared] = perplexity(model, select_tokens.flatten(), calib_seqlen)[1]
+                print(f"active {active:.2f} --n-shared {shared:>2} (routed top-k "
+                      f"{spec.k - shared:>2}): selection ppl {sweep[shared]:.3f}", flush=True)
+                if n is None or sweep[shared] < sweep[n]:
+                    n, best = shared, model
             ours_path, hf_path = os.path.join(work, "ours"), os.path.join(work, "hf")
             save_checkpoint(best, hf_config, ours_path, copy_from=path)
             export_qwen2_moe(ours_path, hf_path, torch.float32, log=lambda *_: None)
-            for name, model, shared_from in (("ours", best, 64), ("export", Served(hf_path), None)):
-                ppl, acc = measure(model, shared_from)
+            for name in ("ours", "export"):
+                model = best if name == "ours" else Served(hf_path)
+                ppl, acc = measure(model)
                 ratios = {t: ppl[t] / dense[t] for t in ppl}
                 results.append({"row": f"served:n_shared={n} ({name})", "active": active,
                                 "n_shared": n, "runs": name, "sweep": sweep, "ppl": ppl,
@@ -640,8 +652,9 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
                                 **({"tasks": acc} if tasks else {})})
                 print(f"active {active:.2f} --n-shared {n} run by {name}: held-out geomean "
                       f"x{results[-1]['geomean']:.3f}", flush=True)
-            del best
-            shutil.rmtree(work, ignore_errors=True)
+            del best, model
+            for checkpoint in (ours_path, hf_path):  # the next fraction's go in their place
+                shutil.rmtree(checkpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\nheld-out ppl ratio to dense, the chosen --n-shared\n")
@@ -708,9 +721,8 @@ def run_command(a) -> list[dict]:
         torch.set_grad_enabled(False)
         return served(**text, actives=a.active, fractions=a.shared_fractions,
                       select_samples=a.select_samples, n_experts=a.experts,
-                      eval_seqlen=a.eval_seqlen,
-                      eval_windows=a.eval_windows, holdout=a.holdout, tasks=tuple(a.tasks),
-                      task_limit=a.task_limit)
+                      eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, holdout=a.holdout,
+                      tasks=tuple(a.tasks), task_limit=a.task_limit)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,

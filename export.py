@@ -275,7 +275,7 @@ def export_ffn(block, prefix: str, ffn_dim: int, layout: dict, sum_routing: bool
 
 class Served:
     """A checkpoint loaded by transformers (no code of ours), for data.perplexity and
-    data.score_tasks(..., shared_from=None): it has no KV cache of ours to share a context on."""
+    data.score_tasks; it has no KV cache of ours, so the scorer batches every request."""
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32):
         import transformers

@@ -88,7 +88,6 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
     such as Qwen2-MoE, which model.py does not read)."""
     model = load_model(checkpoint) if runner == "ours" else Served(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    shared_from = 64 if runner == "ours" else None  # transformers' model: no KV cache of ours
     rows = []
     for task, (reader, _) in TASKS.items():
         files = glob.glob(os.path.join(samples, "**", f"samples_ew_{task}_*.jsonl"), recursive=True)
@@ -97,7 +96,7 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
         logged = sorted((json.loads(line) for line in open(files[0])), key=lambda s: s["doc_id"])
         items = reader(eval_dir)[:limit][: len(logged)]
         logged = logged[: len(items)]  # a --limit below lm_eval's compares its first items only
-        ours = choice_logprobs(model, tokenizer, items, shared_from=shared_from)
+        ours = choice_logprobs(model, tokenizer, items)
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in logged]
         diff = max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
         right = [float(argmax(x) == it.label) for x, it in zip(ours, items)]

@@ -77,6 +77,32 @@ def test_served_chooses_on_the_calibration_side_and_runs_the_export(tiny_checkpo
     assert export["ppl"] == pytest.approx(ours["ppl"], rel=1e-2)
     assert set(export["tasks"]) == {"piqa", "sciq"}
     assert "retained above chance" in capsys.readouterr().out
+    assert [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("expertweaver-served-")] \
+        == []
+
+
+@pytest.mark.parametrize("select, eval_files, message", [
+    (0, True, "--select-samples 0 must be at least 1"),
+    (4, False, "piqa_valid.jsonl not found"),
+])
+def test_served_and_quality_refuse_bad_input_before_any_work(tiny_checkpoint, tmp_path,
+                                                             monkeypatch, select, eval_files,
+                                                             message):
+    from test_data import write_tasks
+    files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
+    monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: pytest.fail("slow work started"))
+    (tmp_path / "eval").mkdir()
+    if eval_files:
+        write_tasks(tmp_path / "eval")
+    common = dict(calib_samples=2, calib_seqlen=16, eval_seqlen=16, eval_windows=2, holdout=0.1,
+                  seed=0, tasks=("piqa",))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        experiments.served(str(tmp_path), [0.75], [0.5], select_samples=select, n_experts=4,
+                           **common)
+    if not eval_files:
+        with pytest.raises(FileNotFoundError, match=message):
+            experiments.quality(str(tmp_path), ["static:n_experts=8"], [0.5], **common)
 
 
 def test_retained_share_pools_tasks_above_chance():

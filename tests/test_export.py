@@ -90,7 +90,7 @@ def test_served_export_scores_and_measures_as_our_model(tmp_path):
              data.Item(["The cat sat on the mat", "The dog sat on the mat"], [" today."] * 2,
                        [6, 6], 1)]
     expected = data.choice_logprobs(ours, Chars(), items, shared_from=1)  # on our KV cache
-    got = data.choice_logprobs(served, Chars(), items, shared_from=None)
+    got = data.choice_logprobs(served, Chars(), items)  # no KV cache of ours: all batched
     assert got == [pytest.approx(e, abs=1e-4) for e in expected]
     tokens = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
     assert data.perplexity(served, tokens, 16)[1] == pytest.approx(
