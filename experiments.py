@@ -51,9 +51,9 @@ def task_files(data: str, command: str) -> dict[str, str]:
     files = {task: os.path.join(data, f) for task, f in TASK_FILES.items()}
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f"experiments.py {command} needs the task files in --data (../shared/data "
-                                f"beside the repository, or --data DIR); missing: "
-                                f"{', '.join(missing)}")
+        raise FileNotFoundError(f"experiments.py {command} needs the task files in --data "
+                                f"(../shared/data beside the repository, or --data DIR); "
+                                f"missing: {', '.join(missing)}")
     return files
 
 
