@@ -305,7 +305,9 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
         calib = calibration_from_files(tokenizer, files, 8, 256, 0)
     else:
         calib = calibration_from_model(moe, tokenizer, 4, 128, 0)
-    convert_model(moe, calib, ConvertSpec(active=active), log=lambda *_: None)
+    # the layout RESULTS.md's speed figures were measured with (the default before issue #26)
+    spec = ConvertSpec(active=active, n_experts=64, allocation="cv", router_bias=True)
+    convert_model(moe, calib, spec, log=lambda *_: None)
     models = {"dense": load_model(path, dt, device),
               f"moe-{active:g}": moe.to(device=device, dtype=dt)}
     g = torch.Generator().manual_seed(0)
@@ -450,7 +452,7 @@ def partition_bench(name: str, samples: int, tokens: int, repeats: int) -> dict:
     # 45 shared experts: the paper's largest shared expert; 8: 56 experts to cluster, the hard case.
     # The paper's router is a mean of rows; lsq solves a (D+1)-dim ridge regression per strength
     for router, n_shared in itertools.product(("centroid", "lsq"), (45, 8)):
-        spec = ConvertSpec(n_shared=n_shared, router=router)
+        spec = ConvertSpec(n_experts=64, n_shared=n_shared, router=router, router_bias=True)
         runs = []
         for r in range(repeats):
             t0 = time.perf_counter()

@@ -94,10 +94,12 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-DEFAULT_ROWS = ["expertweaver:centroid:shared_by=activation", "expertweaver:centroid",
-                "expertweaver:lsq", "expertweaver:gate", "expertweaver:cmoe", "expertweaver:oracle",
-                "cmoe", "cmoe:lsq", "static", "random:centroid",
-                "expertweaver:lsq:alpha_min=0:alpha_max=0.3:n_experts=128"]
+# ExpertWeaver as published: the paper's 64 experts, its allocation rule, router and neuron ranking
+PAPER = "expertweaver:centroid:shared_by=activation:n_experts=64:allocation=cv"
+# the default before issue #26 (RESULTS.md's older sections were measured with it)
+OLD_DEFAULT = "expertweaver:n_experts=64:allocation=cv:router_bias=true"
+DEFAULT_ROWS = [PAPER, "cmoe", "static", OLD_DEFAULT, "expertweaver",
+                "expertweaver:router_bias=true"]
 
 
 def parse_row(row: str) -> dict:
@@ -112,7 +114,12 @@ def parse_row(row: str) -> dict:
                 raise ValueError(f"row {row!r}: {key!r} is not a {settings.__name__} field")
             default = getattr(settings, key)
             if not isinstance(default, str):
-                value = json.loads(value.lower())  # numbers and true/false
+                try:
+                    value = json.loads(value.lower())  # numbers and true/false
+                except json.JSONDecodeError:
+                    if default is not None:  # a field without a default may take a word
+                        raise ValueError(f"row {row!r}: {key}={value} is not a number or "
+                                         f"true/false") from None
             spec[key] = float(value) if isinstance(default, float) else value
         else:
             spec["router"] = part
@@ -246,17 +253,24 @@ def print_quality_tables(results: list[dict], dense: dict) -> None:
                       f"{r['convert_seconds']:.0f}"])
     print_table(["row", "active", *tasks, "geomean", "FFN FLOPs used (router share)", "convert s"],
                 table)
-    # how much of the way from the paper's router to the oracle each row goes, same partition
-    base = {r["active"]: r for r in results if r["row"] == "expertweaver:centroid"}
-    best = {r["active"]: r for r in results if r["row"] == "expertweaver:oracle"}
-    if not (base and best):
+    # how much of the way from the paper's router to the oracle each row goes, same partition: the
+    # rows expertweaver:centroid[:settings] and expertweaver:oracle[:the same settings]
+    ends = {}
+    for r in results:
+        method, _, rest = r["row"].partition(":")
+        router, _, settings = rest.partition(":")
+        if method == "expertweaver" and router in ("centroid", "oracle"):
+            ends.setdefault(settings, {}).setdefault(router, {})[r["active"]] = r
+    both = [e for e in ends.values() if len(e) == 2]
+    if not both:
         return
+    base, best = both[0]["centroid"], both[0]["oracle"]
+    names = {next(iter(e.values()))["row"] for e in both[0].values()}
     print("\nshare of the centroid -> oracle gap closed (ExpertWeaver partition)\n")
     table = []
     for r in results:
         a = r["active"]
-        ends = ("expertweaver:centroid", "expertweaver:oracle")
-        if a in base and a in best and r["row"] not in ends:
+        if a in base and a in best and r["row"] not in names:
             start, end = base[a]["ratio"], best[a]["ratio"]
             gap = [(start[t] - r["ratio"][t]) / (start[t] - end[t]) for t in tasks]
             table.append([f"`{r['row']}`", f"{a:.2f}", *(f"{g:.0%}" for g in gap)])
@@ -556,7 +570,7 @@ def export_bench(data: str, eps_values: list[float], calib_samples: int, calib_s
     work = tempfile.mkdtemp(prefix="expertweaver-export-")
     rows = []
     try:
-        spec = ConvertSpec(n_shared=45, router_bias=False, seed=seed)
+        spec = ConvertSpec(n_experts=64, n_shared=45, router_bias=False, seed=seed)
         ours_path = os.path.join(work, "ours")
         converted_into(path, ours_path, calib, spec)
         ours = load_model(ours_path)
@@ -588,7 +602,7 @@ def export_bench(data: str, eps_values: list[float], calib_samples: int, calib_s
 def served(data: str, actives: list[float], fractions: list[float], calib_samples: int,
            calib_seqlen: int, select_samples: int, eval_seqlen: int, eval_windows: int,
            holdout: float, seed: int, tasks: tuple = (), task_limit: int | None = None,
-           n_experts: int = 64) -> list[dict]:
+           n_experts: int = 128) -> list[dict]:
     """The configuration a user serves in transformers or vLLM: one allocation for every layer
     (--n-shared N), lsq without its bias, exported as Qwen2-MoE. At each active fraction N is swept
     (each fraction of the k active experts) and chosen by perplexity on selection windows from the
@@ -763,7 +777,7 @@ if __name__ == "__main__":
                         "export run by transformers", formatter_class=defaults)
     sv.add_argument("--active", nargs="+", type=float, default=[0.9, 0.75, 0.5],
                     help="active fractions")
-    sv.add_argument("--experts", type=int, default=64, help="experts per layer, shared included")
+    sv.add_argument("--experts", type=int, default=128, help="experts per layer, shared included")
     sv.add_argument("--shared-fractions", nargs="+", type=float,
                     default=[0.25, 0.5, 0.625, 0.75, 0.875, 0.95],
                     help="the --n-shared values tried, as fractions of the k active experts")
@@ -787,8 +801,7 @@ if __name__ == "__main__":
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
-                    default=["expertweaver", "expertweaver:centroid:shared_by=activation", "cmoe",
-                             "static"])
+                    default=["expertweaver", PAPER, "cmoe", "static"])
     hb.add_argument("--active", nargs="+", type=float, default=[0.75, 0.5], help="active fractions")
     hb.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, cosine)")
     db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (every "

@@ -105,10 +105,11 @@ def export_problems(cfg, spec=None) -> list[str]:
         moe = {"router": spec.router, "router_bias": spec.router_bias, "pruned_experts": dive,
                "routing": "softmax" if dive else "sum"}
         routes = spec.method != "static"
-        if spec.method in ("expertweaver", "random") and spec.n_shared is None:
-            problems.append(f"{spec.method} sizes each layer's shared expert from its statistics, "
-                            f"so layers route different numbers of experts, and Qwen2-MoE has one "
-                            f"per model: add --n-shared N")
+        if spec.method in ("expertweaver", "random") and spec.n_shared is None \
+                and spec.allocation == "cv":
+            problems.append("allocation cv sizes each layer's shared expert from its statistics, "
+                            "so layers route different numbers of experts, and Qwen2-MoE has one "
+                            "per model: use --allocation uniform or --n-shared N")
     elif cfg.moe is not None:
         moe = cfg.moe
         routed = {i: layer for i, layer in enumerate(moe["layers"]) if layer and layer["top_k"]}
@@ -119,7 +120,7 @@ def export_problems(cfg, spec=None) -> list[str]:
                 (", ..." if len(sizes) > 3 else "")
             problems.append(f"its {len(routed)} routed layers take {len(sizes)} different top-k of "
                             f"routed experts ({shown}), and Qwen2-MoE has one per model: convert "
-                            f"with a uniform allocation, --n-shared N")
+                            f"with --allocation uniform or --n-shared N")
         spread = moe.get("topk_spread") or [None] * len(moe["layers"])
         if moe.get("routing", "sum") == "sum" and any(spread[i] is None for i in routed):
             problems.append("sum routing needs the converter's per-layer top-k score spread "

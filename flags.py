@@ -7,9 +7,10 @@ it), and the parsed flags build the dataclass back (from_flags).
     python train.py --help          # TrainSpec's
 
 A field `n_experts` becomes --n-experts (metadata "flag" renames it); a bool field is a switch
-(--name when it defaults to False, --no-name when True); a tuple field takes several values
-(metadata "nargs") or repeats (metadata "action": "append"); other metadata ("choices", "type",
-"metavar") goes to argparse as is. A field without help has no flag. Imports nothing of ours.
+(--name when it defaults to False, --no-name when True, both when its default is None); a tuple
+field takes several values (metadata "nargs") or repeats (metadata "action": "append"); other
+metadata ("choices", "type", "metavar") goes to argparse as is. A field without help has no flag.
+Imports nothing of ours.
 """
 import argparse
 import dataclasses
@@ -34,8 +35,12 @@ def add_flags(parser, settings, only: tuple | None = None, **overrides) -> None:
             kind = next(t for t in kind.__args__ if t is not type(None))
         default = list(field.default) if isinstance(field.default, tuple) else field.default
         if kind is bool:  # left out when not given, so that from_flags takes the field's default
-            name = name or ("--no-" if field.default else "--") + field.name.replace("_", "-")
-            options["action"] = "store_false" if field.default else "store_true"
+            if field.default is None:  # unset: the dataclass decides; --name and --no-name
+                name = name or "--" + field.name.replace("_", "-")
+                options["action"] = argparse.BooleanOptionalAction
+            else:
+                name = name or ("--no-" if field.default else "--") + field.name.replace("_", "-")
+                options["action"] = "store_false" if field.default else "store_true"
             default = argparse.SUPPRESS
         else:
             name = name or "--" + field.name.replace("_", "-")

@@ -8,9 +8,11 @@ Imports MLP and MoEMLP from model.py. convert_ffn works on any FFN module with g
 down_proj Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its
 calibration inputs. ExpertWeaver, one layer at a time:
   1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
-  2. allocate  per neuron CV = std / mean of its task-averaged activation; r = share of neurons with
-               CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of the experts are shared
-  3. shared    the alpha * N_e * d_e most important neurons, one dense GLU. The paper ranks neurons
+  2. allocate  the paper ("cv"): per neuron CV = std / mean of its task-averaged activation; r =
+               share of neurons with CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of
+               the experts are shared. By default here ("uniform"): half of the k active experts
+               in every layer, which keeps more and exports as Qwen2-MoE
+  3. shared    the n_shared * d_e most important neurons, one dense GLU. The paper ranks neurons
                by mean |silu(x W_gate)|; by default here by mean |silu(x W_gate) * (x W_up)|
   4. partition the rest into equal experts of d_e neurons by balanced k-means on their profiles
   5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
@@ -18,8 +20,8 @@ calibration inputs. ExpertWeaver, one layer at a time:
                ("lsq"). Top-k per token, outputs summed unweighted.
 Read top to bottom: the settings; the paper's steps (profile, allocate and share, partition, the
 centroid router), ExpertWeaver's plan and the MoE layer built from it; this repository's changes
-(the contribution ranking in step 3, the lsq router); the methods beside it (random, CMoE,
-static); the per-layer loop.
+(the uniform allocation in step 2, the contribution ranking in step 3, the lsq router, 128 experts
+rather than the paper's 64); the methods beside it (random, CMoE, static); the per-layer loop.
 """
 import itertools
 import time
@@ -46,6 +48,16 @@ DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "stati
 # own activation rates): the paper's mean |silu(x W_gate)| ("activation"), or mean
 # |silu(x W_gate) * (x W_up)| ("contribution"), which also counts the up projection
 SHARED_BY = ("contribution", "activation")
+# how many experts each layer shares (expertweaver, random): the same share of the k active experts
+# in every layer ("uniform"), or the paper's rule, alpha from the layer's specialisation ("cv")
+ALLOCATIONS = ("uniform", "cv")
+# the settings a method takes unless told. expertweaver's are this repository's frontier
+# (RESULTS.md, "Quality without training": 128 experts, half of the active ones shared, lsq without
+# its bias), which also exports as Qwen2-MoE; the other methods keep the paper's 64 experts and the
+# settings they were measured with
+METHOD_DEFAULTS = {
+    "expertweaver": {"n_experts": 128, "allocation": "uniform", "router_bias": False},
+    None: {"n_experts": 64, "allocation": "cv", "router_bias": True}}
 BATCH_TOKENS = 8192  # tokens per batch wherever calibration inputs are streamed through a layer
 
 
@@ -55,8 +67,9 @@ class ConvertSpec:
                           "k-means; cmoe: CMoE, with its own router; static: keep the most "
                           "important neurons, no routing; random: expertweaver with a random "
                           "partition", choices=METHODS)
-    n_experts: int = setting(64, "N_e: experts per layer, shared ones included; must divide d_ff",
-                             flag="--experts")
+    n_experts: int | None = setting(None, "N_e: experts per layer, shared ones included; must "
+                                    "divide d_ff (default: 128 for expertweaver, 64 for the other "
+                                    "methods)", flag="--experts")
     active: float = setting(0.75, "fraction of the experts (= FFN neurons) each token uses")
     router: str | None = setting(None, "override the method's router (expertweaver, random: lsq; "
                                  "cmoe: cmoe). centroid: the mean gate row (the paper's); lsq: a "
@@ -64,11 +77,22 @@ class ConvertSpec:
                                  "CMoE's representative neurons; gate: the full gate projection "
                                  "(costly); oracle: each expert's output norm (a diagnostic upper "
                                  "bound that costs every routed expert)", choices=ROUTERS[:-1])
-    router_bias: bool = setting(True, "lsq: fit without the per-expert bias (Qwen2-MoE's gate has "
-                                "none; --format qwen2_moe needs it)")
-    tau: float = setting(0.6, "CV threshold above which a neuron is specialised")
-    alpha_min: float = setting(0.2, "shared fraction of the most specialised layer")
-    alpha_max: float = setting(0.7, "shared fraction of the least specialised layer")
+    router_bias: bool | None = setting(None, "lsq: fit a per-expert bias too. Qwen2-MoE's gate has "
+                                       "none, so --format qwen2_moe needs --no-router-bias "
+                                       "(default: without for expertweaver, with for the other "
+                                       "methods)")
+    allocation: str | None = setting(None, "expertweaver, random: how many experts each layer "
+                                     "shares. uniform: --shared-fraction of the k active ones in "
+                                     "every layer (exportable as Qwen2-MoE); cv: the paper's rule, "
+                                     "alpha from the layer's specialisation (--tau, --alpha-min, "
+                                     "--alpha-max) (default: uniform for expertweaver, cv for "
+                                     "random)", choices=ALLOCATIONS)
+    shared_fraction: float = setting(0.5, "allocation uniform: the share of the k active experts "
+                                     "that is shared, rounded")
+    tau: float = setting(0.6, "allocation cv: CV threshold above which a neuron is specialised")
+    alpha_min: float = setting(0.2, "allocation cv: shared fraction of the most specialised layer")
+    alpha_max: float = setting(0.7, "allocation cv: shared fraction of the least specialised "
+                               "layer")
     n_shared: int | None = setting(None, "shared experts in every layer, overriding the method's "
                                    "rule (cmoe default: half of k)")
     shared_by: str = setting("contribution", "expertweaver, random, static: which neurons are "
@@ -90,6 +114,15 @@ class ConvertSpec:
         self.dense_layers = tuple(self.dense_layers)
         if self.method not in self.METHODS:
             raise ValueError(f"method {self.method!r} is not one of {self.METHODS}")
+        defaults = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS[None])
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation {self.allocation!r} is not one of {ALLOCATIONS}")
+        if not 0 <= self.shared_fraction <= 1:
+            raise ValueError(f"shared_fraction {self.shared_fraction} must be in [0, 1]: the share "
+                             f"of the active experts that is shared")
         if self.n_experts < 1:
             raise ValueError(f"experts {self.n_experts} must be at least 1")
         if not 0 < self.active <= 1:
@@ -147,10 +180,11 @@ class ConvertSpec:
 
     def check_tasks(self, n_tasks: int) -> None:
         """What the spec needs of the calibration text."""
-        if self.method in ("expertweaver", "random") and n_tasks < 2 and self.n_shared is None:
-            raise ValueError(f"{self.method} sizes the shared expert from how neurons vary across "
+        if self.method in ("expertweaver", "random") and n_tasks < 2 and self.n_shared is None \
+                and self.allocation == "cv":
+            raise ValueError(f"allocation cv sizes the shared expert from how neurons vary across "
                              f"tasks: give calibration text of at least 2 tasks (--calib FILE:TASK "
-                             f"names one), or --n-shared; got {n_tasks}")
+                             f"names one), --allocation uniform or --n-shared; got {n_tasks}")
 
 # -----------------------------------------------------------------------------
 # 1. profile: statistics of one FFN on its calibration inputs, never the activations themselves
@@ -348,13 +382,19 @@ class LayerPlan:
 
 
 def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
-    """ExpertWeaver's allocation: the layer's specialisation sizes the shared expert, whose neurons
-    are the most important ones. -> (shared neurons, the rest, report info)."""
+    """How many experts the layer shares: --n-shared, a fixed share of the active ones (uniform),
+    or ExpertWeaver's rule, the layer's specialisation (cv); the shared neurons are the most
+    important ones. -> (shared neurons, the rest, report info)."""
     d_e = stats.profile.shape[1] // spec.n_experts
-    _, r = specialization(stats.profile, task, spec.tau)
-    alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
-    n_se = spec.n_shared if spec.n_shared is not None else \
-        n_shared_experts(alpha, spec.n_experts, spec.k, spec.alpha_max)
+    r = alpha = None
+    if spec.n_shared is not None:
+        n_se = spec.n_shared
+    elif spec.allocation == "uniform":
+        n_se = min(spec.k, round(spec.shared_fraction * spec.k))
+    else:
+        _, r = specialization(stats.profile, task, spec.tau)
+        alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
+        n_se = n_shared_experts(alpha, spec.n_experts, spec.k, spec.alpha_max)
     shared, rest = split_shared(importance(stats, spec.shared_by), n_se * d_e)
     return shared, rest, {"r": r, "alpha": alpha}
 

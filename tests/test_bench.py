@@ -62,7 +62,7 @@ def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
     out = os.path.join(str(tmp_path), "tiny-all-moe")
     import model as modeling
     moe = modeling.load_model(out)
-    assert moe.cfg.moe["num_experts"] == 64 and moe(torch.arange(8)[None]).shape == (1, 8, 256)
+    assert moe.cfg.moe["num_experts"] == 128 and moe(torch.arange(8)[None]).shape == (1, 8, 256)
 
 
 def test_partition_bench_on_a_tiny_shape(monkeypatch):

@@ -26,13 +26,12 @@ def test_demo_full_shared_is_exact(demo_path):
     )
     dense = model(tokens)
     calib = random_calibration(vocab=model.cfg.vocab_size, samples=1, seqlen=8)
-    convert.convert_model(
-        model,
-        calib,
-        weaver.ConvertSpec(active=1.0, alpha_min=1.0, alpha_max=1.0),
-        log=lambda *_: None,
-    )
-    assert torch.equal(model(tokens), dense)
+    # every expert shared, by the default rule and by the paper's
+    for spec in (weaver.ConvertSpec(active=1.0, shared_fraction=1.0),
+                 weaver.ConvertSpec(active=1.0, allocation="cv", alpha_min=1.0, alpha_max=1.0)):
+        moe = modeling.load_model(demo_path)
+        convert.convert_model(moe, calib, spec, log=lambda *_: None)
+        assert torch.equal(moe(tokens), dense)
 
 
 def test_sequential_and_dense_layers():
@@ -51,8 +50,10 @@ def test_sequential_and_dense_layers():
     hook = b.layers[2].mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     b(calib.tokens)
     hook.remove()
-    refit, _ = weaver.lsq_router(inputs[0], calib.task, b.layers[2].mlp.experts.contributions,
-                            b.layers[2].mlp.experts.gate_up_proj.shape[0], b.layers[2].mlp.top_k)
+    moe = b.layers[2].mlp
+    refit, _ = weaver.lsq_router(inputs[0], calib.task, moe.experts.contributions,
+                                 moe.experts.gate_up_proj.shape[0], moe.top_k,
+                                 bias=moe.router.bias is not None)
     torch.testing.assert_close(refit["weight"], b.layers[2].mlp.router.weight, rtol=1e-4, atol=1e-5)
 
 
@@ -121,8 +122,14 @@ def test_spec_and_input_errors():
     one_task = Calibration(
         torch.zeros(2, 8, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), ["only"]
     )
-    with pytest.raises(ValueError, match="at least 2 tasks .*or --n-shared; got 1"):
-        convert.convert_model(tiny_model(), one_task, weaver.ConvertSpec(n_experts=8))
+    with pytest.raises(ValueError, match="at least 2 tasks .*--allocation uniform or --n-shared; "
+                                         "got 1"):
+        convert.convert_model(tiny_model(), one_task,
+                              weaver.ConvertSpec(n_experts=8, allocation="cv"))
+    for bad, message in ((dict(allocation="alpha"), "allocation 'alpha' is not one of"),
+                         (dict(shared_fraction=1.5), r"shared_fraction 1.5 must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            weaver.ConvertSpec(**bad)
 
 
 def test_convert_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):

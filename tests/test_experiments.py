@@ -173,3 +173,17 @@ def test_dive_bad_inputs_before_any_work(tiny_checkpoint, monkeypatch, rows, par
     with pytest.raises(ValueError, match=message):
         experiments.dive("unused", rows, 0.5, parts, budget, 0.25, 0.05, samples, 16, val_windows=1,
                    seed=0)
+
+
+def test_gap_table_finds_its_two_ends_under_any_settings(capsys):
+    dense = {"prose": 10.0}
+    fake = lambda row, ratio: {"row": row, "active": 0.5, "ratio": {"prose": ratio},
+                               "geomean": ratio, "active_flops": 0.5, "router_share": 0.0,
+                               "convert_seconds": 1.0}
+    results = [fake("expertweaver:centroid:n_experts=64", 3.0),
+               fake("expertweaver:oracle:n_experts=64", 2.0), fake("static", 2.5)]
+    experiments.print_quality_tables(results, dense)
+    gap = capsys.readouterr().out.split("gap closed")[1]
+    assert "| `static` | 0.50 | 50% |" in gap and "oracle:n_experts=64` |" not in gap
+    experiments.print_quality_tables(results[1:], dense)  # no centroid row: no gap table
+    assert "gap closed" not in capsys.readouterr().out

@@ -152,9 +152,11 @@ def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
     with pytest.raises(ValueError, match="scaled routing .* no softmax.*; a selection bias"):
         export_qwen2_moe(path + "2", str(tmp_path / "never"))
     # a conversion whose result could not be exported is refused before calibrating
-    for spec, message in [(weaver.ConvertSpec(n_experts=8), "add --n-shared N; the 'lsq' router's "
-                                                        "per-expert bias|add --n-shared N.*add "
-                                                        "--no-router-bias"),
+    for spec, message in [(weaver.ConvertSpec(n_experts=8, allocation="cv", router_bias=True),
+                           "use --allocation uniform or --n-shared N; the 'lsq' router's "
+                           "per-expert bias|--n-shared N.*add --no-router-bias"),
+                          (weaver.ConvertSpec(n_experts=8, router_bias=True),
+                           "^[^;]*add --no-router-bias$"),
                           (weaver.ConvertSpec(n_experts=8, n_shared=2, router="gate"),
                            "'gate' router does not score"),
                           (weaver.ConvertSpec(method="static", n_experts=8),

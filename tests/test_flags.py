@@ -17,6 +17,7 @@ class Settings:
     layers: tuple = setting((), "layers", type=int)
     files: tuple = setting((), "files", action="append", metavar="FILE")
     hidden: int = 3  # no help: no flag
+    norm: bool | None = setting(None, "unset: the dataclass decides")
 
 
 def parse(*args):
@@ -31,6 +32,8 @@ def test_defaults_types_switches_and_lists():
                 "--layers", "1", "2", "--files", "x", "--files", "y")
     assert got == Settings(8, 0.5, "b", False, True, (1, 2), ("x", "y"))
     assert isinstance(got.active, float) and got.layers == (1, 2)
+    # a bool that defaults to None takes both switches, and stays None without either
+    assert [parse(*a).norm for a in ((), ("--norm",), ("--no-norm",))] == [None, True, False]
 
 
 def test_bad_values_and_fields_without_help():
