@@ -255,22 +255,22 @@ def print_quality_tables(results: list[dict], dense: dict) -> None:
                 table)
     # how much of the way from the paper's router to the oracle each row goes, same partition: the
     # rows expertweaver:centroid[:settings] and expertweaver:oracle[:the same settings]
-    ends = {}
+    ends, names = {}, {}  # settings -> router -> active -> result; settings -> the two row names
     for r in results:
         method, _, rest = r["row"].partition(":")
         router, _, settings = rest.partition(":")
         if method == "expertweaver" and router in ("centroid", "oracle"):
             ends.setdefault(settings, {}).setdefault(router, {})[r["active"]] = r
-    both = [e for e in ends.values() if len(e) == 2]
-    if not both:
+            names.setdefault(settings, set()).add(r["row"])
+    settings = next((s for s, e in ends.items() if len(e) == 2), None)
+    if settings is None:
         return
-    base, best = both[0]["centroid"], both[0]["oracle"]
-    names = {next(iter(e.values()))["row"] for e in both[0].values()}
+    base, best = ends[settings]["centroid"], ends[settings]["oracle"]
     print("\nshare of the centroid -> oracle gap closed (ExpertWeaver partition)\n")
     table = []
     for r in results:
         a = r["active"]
-        if a in base and a in best and r["row"] not in names:
+        if a in base and a in best and r["row"] not in names[settings]:
             start, end = base[a]["ratio"], best[a]["ratio"]
             gap = [(start[t] - r["ratio"][t]) / (start[t] - end[t]) for t in tasks]
             table.append([f"`{r['row']}`", f"{a:.2f}", *(f"{g:.0%}" for g in gap)])

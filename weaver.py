@@ -41,9 +41,6 @@ from model import MoEMLP
 
 METHODS = ("expertweaver", "cmoe", "static", "random")
 ROUTERS = ("centroid", "lsq", "cmoe", "gate", "oracle", "none")  # model.Router's kinds, as here
-# lsq, not the paper's centroid router, by default: at the same cost per token it keeps much more
-# quality (RESULTS.md, "Routers"); --router centroid gives the paper's
-DEFAULT_ROUTER = {"expertweaver": "lsq", "random": "lsq", "cmoe": "cmoe", "static": "none"}
 # what makes a neuron important enough to be shared (expertweaver, random, static; CMoE ranks by its
 # own activation rates): the paper's mean |silu(x W_gate)| ("activation"), or mean
 # |silu(x W_gate) * (x W_up)| ("contribution"), which also counts the up projection
@@ -51,13 +48,17 @@ SHARED_BY = ("contribution", "activation")
 # how many experts each layer shares (expertweaver, random): the same share of the k active experts
 # in every layer ("uniform"), or the paper's rule, alpha from the layer's specialisation ("cv")
 ALLOCATIONS = ("uniform", "cv")
-# the settings a method takes unless told. expertweaver's are this repository's frontier
-# (RESULTS.md, "Quality without training": 128 experts, half of the active ones shared, lsq without
-# its bias), which also exports as Qwen2-MoE; the other methods keep the paper's 64 experts and the
-# settings they were measured with
+# the settings a method takes unless told: the paper's 64 experts, its cv rule and lsq with its
+# bias, which every method but expertweaver was measured with; then each method's router, and
+# expertweaver's own. lsq, not the paper's centroid router: at the same cost per token it keeps much
+# more quality (RESULTS.md, "Routers"). 128 experts, half of the active ones shared and no bias:
+# this repository's frontier (RESULTS.md, "Quality without training"), which also exports as
+# Qwen2-MoE. --router centroid, --experts 64 --allocation cv give the paper's
+PAPER_SETTINGS = {"n_experts": 64, "allocation": "cv", "router_bias": True}
 METHOD_DEFAULTS = {
-    "expertweaver": {"n_experts": 128, "allocation": "uniform", "router_bias": False},
-    None: {"n_experts": 64, "allocation": "cv", "router_bias": True}}
+    "expertweaver": {"router": "lsq", "n_experts": 128, "allocation": "uniform",
+                     "router_bias": False},
+    "random": {"router": "lsq"}, "cmoe": {"router": "cmoe"}, "static": {"router": "none"}}
 BATCH_TOKENS = 8192  # tokens per batch wherever calibration inputs are streamed through a layer
 
 
@@ -114,8 +115,7 @@ class ConvertSpec:
         self.dense_layers = tuple(self.dense_layers)
         if self.method not in self.METHODS:
             raise ValueError(f"method {self.method!r} is not one of {self.METHODS}")
-        defaults = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS[None])
-        for name, value in defaults.items():
+        for name, value in (PAPER_SETTINGS | METHOD_DEFAULTS.get(self.method, {})).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.allocation not in ALLOCATIONS:
@@ -133,7 +133,7 @@ class ConvertSpec:
         if not 0 <= self.alpha_min <= self.alpha_max <= 1:
             raise ValueError(f"need 0 <= alpha_min {self.alpha_min} <= alpha_max {self.alpha_max} "
                              f"<= 1")
-        self.router = self.router or DEFAULT_ROUTER.get(self.method, self.ROUTERS[0])
+        self.router = self.router or self.ROUTERS[0]  # a method outside the table (DIVE)
         if (self.method == "static") != (self.router == "none"):
             raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
                              f"static pruning has no router, every other method needs one")
