@@ -34,7 +34,7 @@ from demo import cache_dir, resolve
 from export import export_problems, export_qwen2_moe, topk_spread
 from flags import add_flags, from_flags, setting
 from model import (RMSNorm, Transformer, check_checkpoint, check_device, load_block, load_config,
-                   load_model, load_tokenizer, read_tensors)
+                   load_model, load_tokenizer, read_tensors, scaled_embedding)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -131,8 +131,8 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     converted block. DIVE without given groups mines them first, with make_head() -> (h ->
     logits). Returns (the moe config section, the report)."""
     spec.check_layers(cfg.ffn_dim, cfg.n_layers)
-    cos, sin, mask = window_inputs(h.shape[1], h.dtype, h.device)
-    run = lambda block, hb: block(hb, cos, sin, mask)
+    inputs = window_inputs(h.shape[1], h.dtype, h.device)
+    run = lambda block, hb: block(hb, inputs)
     method = dive if isinstance(spec, dive.DiveSpec) else weaver  # the per-layer converter's
     mined = None
     if method is dive and spec.dive_assign is None:
@@ -164,7 +164,7 @@ def convert_model(model: Transformer, calib: Calibration, spec: weaver.ConvertSp
     and sets model.cfg.moe. Returns the report: per-layer allocation and expert load, time per
     stage."""
     t0 = time.perf_counter()
-    h = model.embed_tokens(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
+    h = model.embed(calib.tokens.to(model.embed_tokens.weight.device))  # (S, T, D)
     timings = {"embed": time.perf_counter() - t0}
     make_head = lambda: (lambda x: model.lm_head(model.norm(x)))
     model.cfg.moe, report = run_layers(model.cfg, h, lambda: model.layers, model.window_inputs,
@@ -195,7 +195,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         t0 = time.perf_counter()
         name = "model.embed_tokens.weight"
         embed = read_tensors(path, {name: skeleton.embed_tokens.weight}, dtype, "cpu", where)[name]
-        h = F.embedding(calib.tokens, embed).to(device)  # (S, T, D)
+        h = scaled_embedding(cfg, F.embedding(calib.tokens, embed)).to(device)  # (S, T, D)
         writer.add("model.embed_tokens.weight", cast(embed))
         del embed
         timings = {"embed": time.perf_counter() - t0}
@@ -213,7 +213,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
             head = tail if not cfg.tie_embeddings else \
                 tail | {"model.embed_tokens.weight": skeleton.embed_tokens.weight}
             w = read_tensors(path, head, dtype, device, where)
-            norm = RMSNorm(cfg.dim, cfg.norm_eps).to(device)
+            norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.gemma_norms).to(device)
             norm.weight.data = w["model.norm.weight"]
             out = w["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
             return lambda x: F.linear(norm(x), out)
@@ -447,13 +447,14 @@ def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral GLU checkpoint "
+    p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral/Gemma 3 GLU "
+                                "checkpoint "
                                 "into an MoE checkpoint with no training (ExpertWeaver; CMoE, "
                                 "DIVE, static pruning and a random partition beside it).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
-                   help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct (built "
-                   "on first use)")
+                   help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct or "
+                   "'demo-gemma' for Gemma 3 270M (built on first use)")
     helps = lambda field: [s.__dataclass_fields__[field].metadata["help"]
                            for s in (weaver.ConvertSpec, dive.DiveSpec)]
     add_flags(p, weaver.ConvertSpec,  # with DIVE's method and router beside weaver's

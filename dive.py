@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import weaver
 from flags import setting
-from model import MLP
+from model import ACTIVATIONS, MLP
 
 # -----------------------------------------------------------------------------
 # the settings: weaver's, with DIVE's own
@@ -106,7 +106,7 @@ def moments(x: torch.Tensor, mlp, batch_tokens: int = weaver.BATCH_TOKENS) -> Mo
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step]  # (b, T, D)
-        h = (F.silu(xb @ gate_w.T) * (xb @ up_w.T)).float()  # (b, T, d_ff)
+        h = (ACTIVATIONS[mlp.act](xb @ gate_w.T) * (xb @ up_w.T)).float()  # (b, T, d_ff)
         h_sum[i: i + step] = h.sum(dim=1, dtype=torch.float64)
         h_sq[i: i + step] = h.pow(2).sum(dim=1, dtype=torch.float64)
     return Moments(h_sum, h_sq, mlp.down_proj.weight.float().pow(2).sum(dim=0), T)
@@ -220,7 +220,7 @@ def pruned_ffn(mlp, kept: torch.Tensor, mean: torch.Tensor) -> MLP:
     average (FLAP's compensation)."""
     gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     with torch.device("meta"):
-        ffn = MLP(gate_w.shape[1], len(kept))
+        ffn = MLP(gate_w.shape[1], len(kept), mlp.act)
         ffn.down_proj = torch.nn.Linear(len(kept), gate_w.shape[1], bias=True)
     ffn.load_state_dict({"gate_proj.weight": gate_w[kept], "up_proj.weight": up_w[kept],
                          "down_proj.weight": down_w[:, kept].contiguous(),

@@ -48,14 +48,16 @@ EXPORTABLE_ROUTERS = ("centroid", "lsq")  # linear, bias-free scores: what Qwen2
 
 def norm_output_bound(norm: RMSNorm) -> float:
     """The longest output an RMSNorm can give: ||x / rms(x)|| = sqrt(D), times its largest
-    weight."""
-    return norm.weight.detach().abs().max().item() * math.sqrt(norm.weight.numel())
+    weight (1 + w for Gemma's)."""
+    weight = norm.weight.detach() + (1.0 if norm.plus_one else 0.0)
+    return weight.abs().max().item() * math.sqrt(norm.weight.numel())
 
 
 def score_bound(router: Router, input_norm: float) -> float:
     """An upper bound on max_e s_e(x) - min_e s_e(x) over every input with ||x|| <= input_norm
     (norm_output_bound for the RMSNorm before the FFN). Linear: ||w_e - w_j|| ||x|| + |b_e - b_j|;
-    CMoE's |(x.u) silu(x.w)| lies in [0, ||u|| ||w|| ||x||^2]."""
+    CMoE's |(x.u) act(x.w)| lies in [0, ||u|| ||w|| ||x||^2], as |act(z)| <= |z| for SiLU and
+    GELU."""
     w = router.weight.detach().double()
     if router.kind == "cmoe":
         up = router.up.detach().double()
@@ -89,6 +91,12 @@ def export_problems(cfg, spec=None) -> list[str]:
     can. With `spec` (weaver.ConvertSpec), why converting the dense `cfg` with those settings would
     not give one, known before converting. Each rule is checked here once."""
     problems = []
+    if cfg.gemma_norms:  # one line: the rest follows from it
+        return ["Gemma 3's block (norms around the attention and the FFN outputs, (1 + w) norms, a "
+                "scaled embedding, GeGLU, interleaved sliding layers) has no stock MoE format; "
+                "Qwen2-MoE's would compute another function"]
+    if cfg.act != "silu":
+        problems.append(f"the FFN's {cfg.act} gate: Qwen2-MoE's experts are SiLU GLUs")
     if cfg.qk_norm:
         problems.append("Qwen3's q/k norms have no place in Qwen2-MoE (and Qwen3-MoE, which has "
                         "them, has no shared expert)")
@@ -216,7 +224,7 @@ def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None,
             c = export_ffn(block, f"{prefix}mlp.", cfg.ffn_dim, layout, sum_routing, spread, add,
                            eps)
             if c is not None:
-                norm = norm_output_bound(block.post_attention_layernorm)
+                norm = norm_output_bound(block.ffn_norm)
                 bound = score_bound(block.mlp.router, norm)
                 worst.append(c * bound)
             log(f"export: layer {i + 1}/{cfg.n_layers}")

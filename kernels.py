@@ -8,7 +8,8 @@ Imports model.py (its MoE FFN and the reference loop over experts). Semantics (m
 shared GLU(x) + the sum, over the K experts selected for each token, of that expert's GLU(x),
 unweighted. Weights as model.py stores them, every neuron's three vectors as contiguous rows of D:
 w13 (E, 2F, D) = each expert's gate rows then up rows, w2 (E, F, D) = its neurons' output
-directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None. w2 is (E, F, D), not
+directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None; act the gate's
+nonlinearity by name (model.ACTIVATIONS: SiLU, or Gemma's tanh-GELU). w2 is (E, F, D), not
 (E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
 than one of F-long rows; grouped_mm takes either. DIVE's expert biases are added by layer_forward,
 outside the paths. Letters: N tokens, D model dim, E routed experts, F neurons per expert, K
@@ -28,43 +29,44 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import MoEMLP, expert_bias, glu, routed_reference
+from model import ACTIVATIONS, MoEMLP, expert_bias, glu, routed_reference
 
 
-def shared_glu(x: torch.Tensor, shared) -> torch.Tensor:
+def shared_glu(x: torch.Tensor, shared, act: str = "silu") -> torch.Tensor:
     # x: (N, D) -> (N, D); zeros when there is no shared expert
     if shared is None:
         return torch.zeros_like(x)
     gate, up, down = shared
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return F.linear(ACTIVATIONS[act](F.linear(x, gate)) * F.linear(x, up), down)
 
 
-def reference(x, idx, w13, w2, shared=None, weights=None):
+def reference(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """x (N, D), idx (N, K) expert ids, weights (N, K) or None (unweighted) -> (N, D), as
     model.MoEMLP computes it."""
-    return shared_glu(x, shared) + routed_reference(x, idx, w13, w2, weights)
+    return shared_glu(x, shared, act) + routed_reference(x, idx, w13, w2, weights, act=act)
 
 
-def select(x, idx, w13, w2, shared=None, weights=None):
+def select(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """Like reference, but visits only the experts some token selected; w13[e] is a view, so each
     selected expert's weights are read once and nothing is copied."""
-    out = shared_glu(x, shared)
+    out = shared_glu(x, shared, act)
     if x.shape[0] == 1:  # decode: every selected expert serves the one token
         for k, e in enumerate(idx[0].tolist()):
-            y = glu(x, w13[e], w2[e])
+            y = glu(x, w13[e], w2[e], act)
             out += y if weights is None else y * weights[0, k].to(y.dtype)
         return out
-    return out + routed_reference(x, idx, w13, w2, weights, experts=idx.unique().tolist())
+    return out + routed_reference(x, idx, w13, w2, weights, experts=idx.unique().tolist(),
+                                  act=act)
 
 
-def gather(x, idx, w13, w2, shared=None, weights=None):
+def gather(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
     gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
-    act = F.silu(gate) * up
+    h = ACTIVATIONS[act](gate) * up
     if weights is not None:
-        act = act * weights[..., None].to(x.dtype)
-    routed = torch.einsum("nkf,nkfd->nd", act, w2[idx])  # (N, D), summed over k and f
-    return shared_glu(x, shared) + routed
+        h = h * weights[..., None].to(x.dtype)
+    routed = torch.einsum("nkf,nkfd->nd", h, w2[idx])  # (N, D), summed over k and f
+    return shared_glu(x, shared, act) + routed
 
 
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     return order, counts.cumsum(0, dtype=torch.int32)
 
 
-def grouped(x, idx, w13, w2, shared=None, weights=None):
+def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the
     experts' contiguous runs. No host sync anywhere, so the whole function compiles into one
     graph."""
@@ -87,12 +89,12 @@ def grouped(x, idx, w13, w2, shared=None, weights=None):
     xs = x[order // K]  # (N*K, D) one row per slot, in expert order
     # (N*K, F) each
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)  # (N*K, D)
+    ys = F.grouped_mm(ACTIVATIONS[act](gate) * up, w2, offs=offsets)  # (N*K, D)
     if weights is not None:
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
     # back to slot order
     routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)
-    return shared_glu(x, shared) + routed
+    return shared_glu(x, shared, act) + routed
 
 
 PATHS = {"reference": reference, "select": select, "gather": gather, "grouped": grouped}
@@ -145,12 +147,12 @@ def announce_fallback(reason: str) -> str:
     return "gather"
 
 
-def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None):
+def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None, act="silu"):
     """The dispatcher: x (N, D), idx (N, K), weights (N, K) or None -> (N, D) by the path
     choose_path picks (or `path`)."""
     path = path or choose_path(x.device.type, x.dtype, x.shape[0], idx.shape[1], w13.shape[0],
                                x.shape[1], w2.shape[1])
-    return PATHS[path](x, idx, w13, w2, shared, weights)
+    return PATHS[path](x, idx, w13, w2, shared, weights, act)
 
 # -----------------------------------------------------------------------------
 # model.py integration: one function per MoE layer (router + experts + shared), compiled
@@ -164,10 +166,10 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
         ffn = mlp.shared
         shared = (ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
     if not mlp.top_k:
-        return shared_glu(flat, shared).view_as(x)
+        return shared_glu(flat, shared, mlp.act).view_as(x)
     idx, weights = mlp.route(flat)
     w13, w2, bias = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.down_bias
-    y = moe_ffn(flat, idx, w13, w2, shared, weights, path)
+    y = moe_ffn(flat, idx, w13, w2, shared, weights, path, mlp.act)
     # DIVE's pruned experts add a bias each: the same few lines on every path
     return (y if bias is None else y + expert_bias(idx, bias, weights)).view_as(x)
 

