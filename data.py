@@ -179,11 +179,17 @@ def heldout_tokens(tokenizer, file: str, holdout: float, field: str | None = Non
     return torch.tensor(tail, dtype=torch.int64)
 
 
+# logits held at once, in floats (256 MB in float32): a 262k vocabulary's (Gemma's) windows are
+# scored a slice of positions at a time, a 49k one's whole
+LOGIT_BUDGET = 1 << 26
+
+
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048,
                max_windows: int | None = None,
                batch_size: int = 1) -> tuple[float, float, int]:
-    """tokens: (N,) int64 -> (mean NLL, ppl, number of windows)."""
+    """tokens: (N,) int64 -> (mean NLL, ppl, number of windows). The output projection runs on at
+    most LOGIT_BUDGET logits at a time."""
     n_windows = tokens.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -195,9 +201,14 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048,
     nll_sum, count = 0.0, 0
     for i in range(0, n_windows, batch_size):
         batch = windows[i: i + batch_size].to(device)
-        logits = model(batch)[:, :-1].float()  # (b, T-1, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        nll_sum += nll.item()
+        h = model.hidden(batch)  # (b, T, D)
+        step = max(1, LOGIT_BUDGET // (len(batch) * model.lm_head.weight.shape[0]))
+        for s in range(0, seqlen - 1, step):  # positions s.. predict tokens s + 1..
+            logits = model.lm_head(h[:, s: s + step]).float()  # (b, step, V)
+            n = min(step, seqlen - 1 - s)  # the window's last position predicts nothing
+            nll = F.cross_entropy(logits[:, :n].flatten(0, 1), batch[:, s + 1: s + 1 + n].flatten(),
+                                  reduction="sum")
+            nll_sum += nll.item()
         count += batch[:, 1:].numel()
     mean_nll = nll_sum / count
     return mean_nll, math.exp(mean_nll), n_windows
@@ -355,9 +366,15 @@ def padded(sequences: list[list[int]], first: list[int]):
 
 
 def token_logprobs(model, h: torch.Tensor, targets: list[int]) -> list[float]:
-    """h (n, D) the final norm's output where each target (n,) is predicted -> their log-probs."""
-    logp = model.lm_head(h).float().log_softmax(dim=-1)  # (n, V)
-    return logp[torch.arange(len(targets)), torch.tensor(targets, device=h.device)].tolist()
+    """h (n, D) the final norm's output where each target (n,) is predicted -> their log-probs,
+    at most LOGIT_BUDGET logits at a time."""
+    step = max(1, LOGIT_BUDGET // model.lm_head.weight.shape[0])
+    out = []
+    for s in range(0, len(targets), step):
+        logp = model.lm_head(h[s: s + step]).float().log_softmax(dim=-1)  # (step, V)
+        picked = torch.tensor(targets[s: s + step], device=h.device)
+        out += logp[torch.arange(len(picked)), picked].tolist()
+    return out
 
 
 def shared_context_logprobs(model, context: list[int],

@@ -287,10 +287,9 @@ def mine(h: torch.Tensor, blocks, run, head, tokens: torch.Tensor, task: torch.T
 
     def score(x, rows):  # x: (n, T, D) -> (n,) mean NLL of each window
         targets = tokens[rows.cpu()].to(x.device)
-        logits = torch.cat([head(x[j: j + 1]).float() for j in range(len(x))])  # (n, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(),
-                              reduction="none")
-        return nll.view(len(x), -1).mean(dim=1)
+        # a window's logits at a time (T, V): a 262k vocabulary's would not fit for every window
+        return torch.stack([F.cross_entropy(head(x[j: j + 1])[0, :-1].float(), targets[j, 1:])
+                            for j in range(len(x))])
     t0 = time.perf_counter()
     ppl = mine_domains(blocks, run, score, h, task, spec)
     groups = affinity_groups(ppl, spec.dive_groups)

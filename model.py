@@ -698,7 +698,9 @@ class Transformer(nn.Module):
                              f"max_position_embeddings {self.cfg.max_seq_len}")
         device = prompt.device
         self.setup_caches(B, T + max_new_tokens)
-        logits = self(prompt, torch.arange(T, device=device))[:, -1]  # (B, V)
+        # the prompt's last position only: (B, T, V) logits would be 1 GB at T = 1024 for Gemma
+        h = self.hidden(prompt, torch.arange(T, device=device))[:, -1]  # (B, D)
+        logits = self.lm_head(h)  # (B, V)
         out = [prompt]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):

@@ -84,7 +84,7 @@ def test_generate_stops_at_eos(tmp_path):
     assert torch.equal(stopped[0], free[0, :first + 1])
 
 
-def test_perplexity_protocol_matches_transformers_loss(tmp_path):
+def test_perplexity_protocol_matches_transformers_loss(tmp_path, monkeypatch):
     hf = make_hf("llama")
     ours = modeling.load_model(save_hf(hf, tmp_path))
     tokens = torch.randint(0, SMALL["vocab_size"], (3 * 32 + 5,),
@@ -97,6 +97,16 @@ def test_perplexity_protocol_matches_transformers_loss(tmp_path):
     assert ppl == pytest.approx(math.exp(nll))
     assert perplexity(ours, tokens, seqlen=32, max_windows=2)[2] == 2
     assert perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
+    # a large vocabulary's windows are scored a few positions at a time: the same NLL
+    import data
+    monkeypatch.setattr(data, "LOGIT_BUDGET", 7 * SMALL["vocab_size"])
+    assert perplexity(ours, tokens, seqlen=32)[0] == pytest.approx(nll, abs=1e-6)
+    assert perplexity(ours, tokens, seqlen=32, batch_size=2)[0] == pytest.approx(nll, abs=1e-6)
+    h = torch.randn(20, SMALL["hidden_size"], generator=torch.Generator().manual_seed(6))
+    targets = list(range(20))
+    sliced = data.token_logprobs(ours, h, targets)
+    monkeypatch.setattr(data, "LOGIT_BUDGET", 1 << 26)
+    assert sliced == pytest.approx(data.token_logprobs(ours, h, targets), abs=1e-6)
 
 
 # ---- the demo checkpoint
