@@ -363,7 +363,8 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     dense = load_model(path, getattr(torch, dtype), device) if evals or not calib else None
     if calib:
         calibration = calibration_from_files(tokenizer, calib, data.samples, data.seqlen, spec.seed,
-                                             holdout, data.field)
+                                             holdout, data.field,
+                                             cfg.bos_token_id if cfg.bos_first else None)
     else:
         calibration = calibration_from_model(dense, tokenizer, data.samples, data.seqlen, spec.seed)
     t_calib = time.time() - t0

@@ -97,10 +97,19 @@ class Calibration:
     names: list[str]
 
 
+def bos_of(model) -> int | None:
+    """The BOS id a model reads text after where its tokenizer.json does not add it (Gemma), else
+    None: each window, prompt and scored context then starts with it."""
+    cfg = getattr(model, "cfg", None)
+    return cfg.bos_token_id if cfg is not None and cfg.bos_first else None
+
+
 def calibration_from_files(tokenizer, entries: list[str], samples: int, seqlen: int, seed: int,
-                           holdout: float = 0.1, field: str | None = None) -> Calibration:
+                           holdout: float = 0.1, field: str | None = None,
+                           bos: int | None = None) -> Calibration:
     """`samples` windows of `seqlen` tokens per task, drawn with the seed from the non-held-out part
-    of the task's files (several files may share a task)."""
+    of the task's files (several files may share a task); with bos, each window is it and then
+    seqlen - 1 tokens of text."""
     pools: dict[str, list[torch.Tensor]] = {}
     for entry in entries:  # FILE[:TASK]
         file, task = file_and_task(entry)
@@ -108,11 +117,12 @@ def calibration_from_files(tokenizer, entries: list[str], samples: int, seqlen: 
         if not text.strip():
             raise ValueError(f"calibration file {file} is empty")
         head, _ = split_heldout(tokenizer.encode(text).ids, holdout)
-        n = len(head) // seqlen
+        width = seqlen - (bos is not None)  # tokens of text per window
+        n = len(head) // width if width else 0
         if n == 0:
             raise ValueError(f"calibration file {file}: {len(head)} tokens (before the held-out "
                              f"{holdout:.0%}) make no window of --calib-seqlen {seqlen}")
-        windows = torch.tensor(head[: n * seqlen], dtype=torch.int64).view(n, seqlen)
+        windows = with_bos(torch.tensor(head[: n * width], dtype=torch.int64).view(n, width), bos)
         pools.setdefault(task, []).append(windows)
     tokens, task_ids = [], []
     generator = torch.Generator().manual_seed(seed)
@@ -126,6 +136,13 @@ def calibration_from_files(tokenizer, entries: list[str], samples: int, seqlen: 
         tokens.append(windows[pick])
         task_ids += [t] * samples
     return Calibration(torch.cat(tokens), torch.tensor(task_ids), list(pools))
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    # (n, w) int64 -> (n, w + 1) with the BOS column first, or the windows as they are
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
 # used when no --calib file is given: the model writes its own calibration text, a task per prompt
@@ -148,7 +165,8 @@ def calibration_from_model(model, tokenizer, samples: int, seqlen: int, seed: in
     log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} "
         f"tasks ({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
     device = model.embed_tokens.weight.device
-    prompts = [tokenizer.encode(p).ids[:seqlen] for p in TASK_PROMPTS.values()]
+    bos = [bos_of(model)] if bos_of(model) is not None else []
+    prompts = [(bos + tokenizer.encode(p).ids)[:seqlen] for p in TASK_PROMPTS.values()]
     newline = tokenizer.encode("\n").ids[-1]
     longest = max(map(len, prompts))
     pads = [longest - len(p) for p in prompts for _ in range(samples)]  # one per row
@@ -189,15 +207,18 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048,
                max_windows: int | None = None,
                batch_size: int = 1) -> tuple[float, float, int]:
     """tokens: (N,) int64 -> (mean NLL, ppl, number of windows). The output projection runs on at
-    most LOGIT_BUDGET logits at a time."""
-    n_windows = tokens.numel() // seqlen
+    most LOGIT_BUDGET logits at a time. A model that reads text after a BOS (bos_of) gets it and
+    seqlen - 1 tokens per window, all of them predicted."""
+    bos = bos_of(model)
+    width = seqlen - (bos is not None)  # tokens of text per window
+    n_windows = tokens.numel() // width
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
         raise ValueError(f"{tokens.numel()} tokens make no window of {seqlen} tokens" +
                          (f" (at most {max_windows} windows)" if max_windows is not None else ""))
     device = model.embed_tokens.weight.device
-    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = with_bos(tokens[: n_windows * width].view(n_windows, width), bos)
     nll_sum, count = 0.0, 0
     for i in range(0, n_windows, batch_size):
         batch = windows[i: i + batch_size].to(device)
@@ -316,6 +337,7 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
     None, runs every request batched. The output projection runs only where a continuation token
     is predicted."""
     sums = [[0.0] * len(item.contexts) for item in items]
+    bos = [bos_of(model)] if bos_of(model) is not None else []
     separate = []  # (item, choice, context ids, continuation ids)
     total = sum(len(item.contexts) for item in items)
     t0, done, shown = time.time(), 0, time.time()
@@ -330,6 +352,7 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
             log(f"  scored {done}/{total} continuations ({time.time() - t0:.0f}s)")
     for i, item in enumerate(items):
         pairs = [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
+        pairs = [(bos + c, x) for c, x in pairs]  # Gemma reads its context after a BOS
         if shared_from is not None and len(set(item.contexts)) == 1 \
                 and len(pairs[0][0]) >= shared_from:
             sums[i] = shared_context_logprobs(model, pairs[0][0], [x for _, x in pairs])

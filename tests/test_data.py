@@ -44,6 +44,36 @@ def test_calibration_from_files(tmp_path):
         calibration_from_files(tokenizer, [str(tmp_path / "nope.txt")], 1, 10, 0)
 
 
+def test_a_model_that_reads_after_bos_gets_it_first(tmp_path):
+    # Gemma's tokenizer.json adds no BOS, but the model reads text after one: every calibration
+    # window, perplexity window, prompt and scored context starts with it
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "a.txt").write_text(" ".join(f"w{5 + i % 50}" for i in range(400)))
+    calib = calibration_from_files(tokenizer, [str(tmp_path / "a.txt")], 3, 10, 0, bos=2)
+    assert calib.tokens.shape == (3, 10) and (calib.tokens[:, 0] == 2).all()
+    assert (calib.tokens[:, 1:] >= 5).all()
+    model = tiny_model("gemma3_text")
+    model.cfg.bos_first, model.cfg.bos_token_id = True, 2
+    tokens = torch.randint(5, 64, (3 * 7 + 2,), generator=torch.Generator().manual_seed(0))
+    nll, _, n = data.perplexity(model, tokens, seqlen=8)
+    windows = torch.cat([torch.full((3, 1), 2), tokens[:21].view(3, 7)], dim=1)
+    expected = torch.nn.functional.cross_entropy(model(windows)[:, :-1].flatten(0, 1),
+                                                 windows[:, 1:].flatten())
+    assert n == 3 and nll == pytest.approx(expected.item(), abs=1e-5)
+    item = data.Item(["w7 w8"], [" w9"], [3], 0)
+    with torch.no_grad():
+        logp = model(torch.tensor([[2, 7, 8]]))[0, -1].log_softmax(-1)[9].item()
+    assert data.choice_logprobs(model, tokenizer, [item])[0][0] == pytest.approx(logp, abs=1e-5)
+
+    class Tok:  # a newline to pad with
+        def encode(self, text):
+            return type("E", (), {"ids": [ord(c) % 50 + 5 for c in text[:4]]})()
+    generated = calibration_from_model(model, Tok(), 1, 12, 0, log=lambda *_: None)
+    assert (generated.tokens[:, 0] == 2).all()
+
+
 def test_generated_calibration_is_seeded():
     model = tiny_model()
 
