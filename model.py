@@ -97,6 +97,10 @@ class ModelConfig:
             model_type = hf.get("base_model_type")
             if moe.get("router") == "linear":  # DIVE's random router, as checkpoints named it
                 moe = {**moe, "router": "random"}  # before 2026-12
+        if model_type == "gemma3":
+            raise ValueError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3 (vision "
+                             f"tower and language model in one checkpoint), not supported yet; its "
+                             f"text-only form, model_type 'gemma3_text', is")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
                              f"converts decoder-only GLU models: "

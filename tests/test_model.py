@@ -188,6 +188,7 @@ def test_config_errors(tmp_path):
     base = make_hf("llama").config.to_dict()
     for change, pattern in [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"model_type": "gemma3"}, "model_type 'gemma3' is the multimodal Gemma 3"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
