@@ -36,7 +36,7 @@ from checkpoint import save_checkpoint
 from convert import convert_checkpoint, convert_model, spec_class
 from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, perplexity,
                   read_text, score_tasks, split_heldout)
-from demo import demo_checkpoint
+from demo import DEMOS, demo_checkpoint
 from dive import DiveSpec
 from export import EXPORT_EPS, Served, export_qwen2_moe
 from model import load_config, load_model, load_tokenizer
@@ -148,23 +148,26 @@ def row_specs(rows: list[str], actives: list[float], seed: int, cfg=None, **layo
 def quality(data: str, rows: list[str], actives: list[float], calib_samples: int, calib_seqlen: int,
             eval_seqlen: int, eval_windows: int, holdout: float, seed: int,
             plot: str | None = None, plot_rows: list[str] | None = None, tasks: tuple = (),
-            task_limit: int | None = None) -> list[dict]:
+            task_limit: int | None = None, model_name: str = "demo") -> list[dict]:
     """Held-out perplexity of every row x active fraction against the dense model's and, with
-    tasks, zero-shot accuracy on them (data.TASKS, the first task_limit items of each)."""
+    tasks, zero-shot accuracy on them (data.TASKS, the first task_limit items of each), on the demo
+    model_name (demo.DEMOS)."""
     files = task_files(data, "quality")
     eval_dir = check_tasks(data, tasks)
-    path = demo_checkpoint()
-    specs = row_specs(rows, actives, seed, load_config(path)[0])
+    path = demo_checkpoint(model_name)
+    cfg = load_config(path)[0]
+    specs = row_specs(rows, actives, seed, cfg)
     unknown = set(plot_rows or ()) - set(rows)
     if unknown:
         raise ValueError(f"--plot-rows {', '.join(sorted(unknown))}: not among --rows")
     tokenizer = load_tokenizer(path)
     entries = [f"{f}:{task}" for task, f in files.items()]  # FILE:TASK, as --calib takes them
-    calib = calibration_from_files(tokenizer, entries, calib_samples, calib_seqlen, seed, holdout)
+    calib = calibration_from_files(tokenizer, entries, calib_samples, calib_seqlen, seed, holdout,
+                                   bos=cfg.bos_token_id if cfg.bos_first else None)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
-    print(f"calibration: {len(calib.names)} tasks x {calib_samples} windows x {calib_seqlen} "
-          f"tokens; evaluation: held-out last {holdout:.0%} of each file, {eval_windows} windows "
-          f"x {eval_seqlen} tokens")
+    print(f"{model_name} ({path}); calibration: {len(calib.names)} tasks x {calib_samples} "
+          f"windows x {calib_seqlen} tokens; evaluation: held-out last {holdout:.0%} of each "
+          f"file, {eval_windows} windows x {eval_seqlen} tokens")
 
     def ppl_per_task(model):
         return {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1]
@@ -206,7 +209,7 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
                  for row in plot_rows or rows]
         draw(plot, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
              "held-out ppl / dense ppl (geomean of 4 tasks)",
-             "the demo model converted: quality against compute")
+             f"{cfg.model_type} demo converted: quality against compute")
     return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
 
 
@@ -730,7 +733,8 @@ def run_command(a) -> list[dict]:
         torch.set_grad_enabled(False)
         return quality(**text, rows=a.rows, actives=a.active, eval_seqlen=a.eval_seqlen,
                        eval_windows=a.eval_windows, holdout=a.holdout, plot=a.plot,
-                       plot_rows=a.plot_rows, tasks=tuple(a.tasks), task_limit=a.task_limit)
+                       plot_rows=a.plot_rows, tasks=tuple(a.tasks), task_limit=a.task_limit,
+                       model_name=a.model)
     if a.command == "served":
         torch.set_grad_enabled(False)
         return served(**text, actives=a.active, fractions=a.shared_fractions,
@@ -772,6 +776,8 @@ if __name__ == "__main__":
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
+    q.add_argument("--model", default="demo", choices=list(DEMOS),
+                   help="the demo converted: SmolLM2-135M (demo) or Gemma 3 270M (demo-gemma)")
     sv = sub.add_parser("served", help="the exportable configuration (one --n-shared for every "
                         "layer, lsq without bias): N chosen on the calibration side, then its "
                         "export run by transformers", formatter_class=defaults)

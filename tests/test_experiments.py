@@ -23,7 +23,7 @@ def test_router_flops_accounting():
 
 def test_quality_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     rows = ["expertweaver:lsq:n_experts=8", "static:n_experts=8"]
     out = experiments.quality("unused", rows, [0.5, 1.0], calib_samples=2, calib_seqlen=16,
@@ -44,7 +44,7 @@ def test_quality_scores_the_tasks_and_the_retained_share(tiny_checkpoint, tmp_pa
                                                           capsys):
     from test_data import write_tasks
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     (tmp_path / "eval").mkdir()
     write_tasks(tmp_path / "eval")
@@ -61,7 +61,7 @@ def test_served_chooses_on_the_calibration_side_and_runs_the_export(tiny_checkpo
     pytest.importorskip("transformers")
     from test_data import write_tasks
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     (tmp_path / "eval").mkdir()
     write_tasks(tmp_path / "eval")
@@ -119,7 +119,7 @@ def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatc
         "prose": os.path.join(tiny_checkpoint, "prose.txt"),
         "code": os.path.join(tiny_checkpoint, "code.txt"),
     }
-    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     budget = dict(tokens=64, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
     rows = experiments.heal("unused", ["expertweaver:lsq:n_experts=8", "static:n_experts=8"], [0.5],
@@ -142,7 +142,7 @@ def test_heal_and_downcycle_run_end_to_end(tiny_checkpoint, tmp_path, monkeypatc
 
 def test_dive_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
-    monkeypatch.setattr(experiments, "demo_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     budget = dict(tokens=128, seqlen=16, batch=2, lr=1e-2, holdout=0.1)
     rows = experiments.dive("unused", ["dive:dive_groups=2", "expertweaver:lsq:n_experts=8"],
