@@ -137,6 +137,13 @@ def test_cmoe_score_bound_holds_and_is_nearly_reached():
     assert spread <= bound and spread > 0.9 * bound
 
 
+def test_gemma_is_refused_in_one_line():
+    from export import export_problems
+    cfg = modeling.ModelConfig.from_hf(make_hf("gemma3").config.to_dict())
+    problems = export_problems(cfg)
+    assert len(problems) == 1 and problems[0].startswith("Gemma 3's block")
+
+
 def test_refusals_name_the_reason_before_any_work(tmp_path, tiny_checkpoint):
     cases = [(make_hf("qwen3"), {}, "Qwen3's q/k norms"),
              (make_hf("mistral"), {}, "sliding_window 7"),
