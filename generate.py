@@ -63,7 +63,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
-                   "tokenizer.json), or 'demo' (SmolLM2-135M-Instruct) or 'demo-gemma' (Gemma 3 270M) once built")
+                   "tokenizer.json), or 'demo' (SmolLM2-135M-Instruct) or 'demo-gemma' (Gemma 3 "
+                   "270M) once built")
     p.add_argument("--prompt", default="The capital of France is",
                    help="the text to continue ('' starts from the beginning-of-text token)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add")
