@@ -434,7 +434,8 @@ def compare_heldout(moe, eval_tokens: dict, dense_ppl: dict, data: DataSpec) -> 
 
 
 def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> str:
-    ids = torch.tensor([tokenizer.encode(prompt).ids], device=device)
+    bos = [model.cfg.bos_token_id] if model.cfg.bos_first else []  # Gemma reads text after BOS
+    ids = torch.tensor([bos + tokenizer.encode(prompt).ids], device=device)
     return tokenizer.decode(model.generate(ids, new_tokens)[0].tolist())
 
 
