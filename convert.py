@@ -364,7 +364,7 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     if calib:
         calibration = calibration_from_files(tokenizer, calib, data.samples, data.seqlen, spec.seed,
                                              holdout, data.field,
-                                             cfg.bos_token_id if cfg.bos_first else None)
+                                             cfg.prefix_bos)
     else:
         calibration = calibration_from_model(dense, tokenizer, data.samples, data.seqlen, spec.seed)
     t_calib = time.time() - t0
@@ -434,7 +434,7 @@ def compare_heldout(moe, eval_tokens: dict, dense_ppl: dict, data: DataSpec) -> 
 
 
 def greedy(model, tokenizer, prompt: str, device: str, new_tokens: int = 16) -> str:
-    bos = [model.cfg.bos_token_id] if model.cfg.bos_first else []  # Gemma reads text after BOS
+    bos = [] if model.cfg.prefix_bos is None else [model.cfg.prefix_bos]  # Gemma reads after BOS
     ids = torch.tensor([bos + tokenizer.encode(prompt).ids], device=device)
     return tokenizer.decode(model.generate(ids, new_tokens)[0].tolist())
 

@@ -100,8 +100,8 @@ class Calibration:
 def bos_of(model) -> int | None:
     """The BOS id a model reads text after where its tokenizer.json does not add it (Gemma), else
     None: each window, prompt and scored context then starts with it."""
-    cfg = getattr(model, "cfg", None)
-    return cfg.bos_token_id if cfg is not None and cfg.bos_first else None
+    cfg = getattr(model, "cfg", None)  # export.Served has none: a stock model, its own tokenizer
+    return cfg.prefix_bos if cfg is not None else None
 
 
 def calibration_from_files(tokenizer, entries: list[str], samples: int, seqlen: int, seed: int,
@@ -165,7 +165,7 @@ def calibration_from_model(model, tokenizer, samples: int, seqlen: int, seed: in
     log(f"calibration: no --calib file given, so the model writes its own: {len(TASK_PROMPTS)} "
         f"tasks ({', '.join(TASK_PROMPTS)}) x {samples} samples x {seqlen} tokens")
     device = model.embed_tokens.weight.device
-    bos = [bos_of(model)] if bos_of(model) is not None else []
+    bos = [] if bos_of(model) is None else [bos_of(model)]
     prompts = [(bos + tokenizer.encode(p).ids)[:seqlen] for p in TASK_PROMPTS.values()]
     newline = tokenizer.encode("\n").ids[-1]
     longest = max(map(len, prompts))
@@ -337,7 +337,7 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_tokens: int = 409
     None, runs every request batched. The output projection runs only where a continuation token
     is predicted."""
     sums = [[0.0] * len(item.contexts) for item in items]
-    bos = [bos_of(model)] if bos_of(model) is not None else []
+    bos = [] if bos_of(model) is None else [bos_of(model)]
     separate = []  # (item, choice, context ids, continuation ids)
     total = sum(len(item.contexts) for item in items)
     t0, done, shown = time.time(), 0, time.time()

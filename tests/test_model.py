@@ -195,6 +195,8 @@ def test_config_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=pattern):
             modeling.ModelConfig.from_hf({**base, **change})
+    # swish is SiLU's other name: one activation, which the export accepts
+    assert modeling.ModelConfig.from_hf({**base, "hidden_act": "swish"}).act == "silu"
     gemma = make_hf("gemma3").config.to_dict()
     assert modeling.ModelConfig.from_hf(gemma).act == "gelu_pytorch_tanh"
     for change, pattern in [
