@@ -70,7 +70,7 @@ def cache_dir() -> str:
 
 def demo_checkpoint(name: str = "demo") -> str:
     """Path of a demo checkpoint (DEMOS), built on first call: `demo` is a 93 MB download, then
-    about 10 s; `demo-gemma` 240 MB, then about a minute."""
+    about 10 s; `demo-gemma` 240 MB, then about 40 s."""
     import zipfile
     out = built(name)
     if out is not None:

