@@ -309,16 +309,16 @@ def ratio_cells(ppl: dict, dense: dict) -> list[str]:
 
 
 def training_setup(data: str, command: str, calib_samples: int, calib_seqlen: int, seed: int,
-                   **common):
-    """-> (TrainSpec maker with the common settings, the demo's path, its calibration windows).
-    Warm-up: a tenth of the budget's steps."""
+                   model_name: str = "demo", **common):
+    """-> (TrainSpec maker with the common settings, the demo model_name's path, its calibration
+    windows). Warm-up: a tenth of the budget's steps."""
     from train import TrainSpec
     steps = max(1, common["tokens"] // (common["seqlen"] * common["batch"]))
     common.setdefault("warmup", max(1, steps // 10))
     entries = tuple(f"{f}:{task}" for task, f in task_files(data, command).items())
-    path = demo_checkpoint()
+    path = demo_checkpoint(model_name)
     calib = calibration_from_files(load_tokenizer(path), list(entries), calib_samples, calib_seqlen,
-                                   seed, common["holdout"])
+                                   seed, common["holdout"], bos=load_config(path)[0].prefix_bos)
     print(header("cpu", "float32"))
     return (lambda **kw: TrainSpec(data=entries, seed=seed, **{**common, **kw})), path, calib
 
@@ -363,14 +363,16 @@ def scratch(command: str):
 
 
 def heal(data: str, rows: list[str], actives: list[float], budget: dict, calib_samples: int,
-         calib_seqlen: int, val_windows: int, seed: int, val_seqlen: int = 512) -> list[dict]:
-    """Each conversion healed with LoRA (attention and every FFN projection) and its router, with
-    scaled routing (gamma = 0: training starts at the converted model itself); the dense model gets
-    the same LoRA, data and budget (tokens, seqlen, batch, lr, holdout)."""
+         calib_seqlen: int, val_windows: int, seed: int, val_seqlen: int = 512,
+         model_name: str = "demo") -> list[dict]:
+    """Each conversion of the demo model_name healed with LoRA (attention and every FFN
+    projection) and its router, with scaled routing (gamma = 0: training starts at the converted
+    model itself); the dense model gets the same LoRA, data and budget (tokens, seqlen, batch, lr,
+    holdout)."""
     task_files(data, "heal")
-    convert_specs = row_specs(rows, actives, seed, load_config(demo_checkpoint())[0])
+    convert_specs = row_specs(rows, actives, seed, load_config(demo_checkpoint(model_name))[0])
     train_spec, path, calib = training_setup(
-        data, "heal", calib_samples, calib_seqlen, seed, **budget
+        data, "heal", calib_samples, calib_seqlen, seed, model_name, **budget
     )
     results = []
     with scratch("heal") as work:
@@ -751,7 +753,7 @@ def run_command(a) -> list[dict]:
         return dive(**text, rows=a.rows, active=a.active, parts=a.parts, budget=budget,
                     stage0=a.stage0, temperature=a.temperature)
     if a.command == "heal":
-        return heal(**text, rows=a.rows, actives=a.active, budget=budget)
+        return heal(**text, rows=a.rows, actives=a.active, budget=budget, model_name=a.model)
     layout = dict(active=a.active, n_experts=a.experts, n_shared=a.n_shared)
     return downcycle(**text, rows=a.rows, layout=layout, budget={**budget, "min_lr": a.min_lr},
                      balance=a.balance, val_every=a.val_every, plot=a.plot)
@@ -776,8 +778,6 @@ if __name__ == "__main__":
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
-    q.add_argument("--model", default="demo", choices=list(DEMOS),
-                   help="the demo converted: SmolLM2-135M (demo) or Gemma 3 270M (demo-gemma)")
     sv = sub.add_parser("served", help="the exportable configuration (one --n-shared for every "
                         "layer, lsq without bias): N chosen on the calibration side, then its "
                         "export run by transformers", formatter_class=defaults)
@@ -810,6 +810,9 @@ if __name__ == "__main__":
                     default=["expertweaver", PAPER, "cmoe", "static"])
     hb.add_argument("--active", nargs="+", type=float, default=[0.75, 0.5], help="active fractions")
     hb.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, cosine)")
+    for s in (q, hb):
+        s.add_argument("--model", default="demo", choices=list(DEMOS),
+                       help="the demo converted: SmolLM2-135M (demo) or Gemma 3 270M (demo-gemma)")
     db = sub.add_parser("downcycle", help="initialisations of a sparser MoE trained alike (every "
                         "parameter)", formatter_class=defaults)
     db.add_argument("--rows", nargs="+",

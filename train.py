@@ -566,21 +566,53 @@ def adamw(trainable: dict[str, nn.Parameter], spec: TrainSpec) -> torch.optim.Ad
                              betas=(0.9, spec.beta2), fused=False)
 
 
-def train_step(ddp, windows: torch.Tensor, step: int, spec: TrainSpec, optimizer, trainable: dict,
-               rank: int, world: int, device: str, autocast) -> dict:
-    """One optimizer step: spec.accum micro-batches (DDP averages the gradients on the last), the
-    balance loss, clipping, and the selection biases moved towards the mean load. -> the log row's
-    loss, balance loss, gradient norm and expert load."""
-    layers = moe_layers(ddp.module if world > 1 else ddp)
+LOSS_LOGITS = 1 << 27  # float32 logits a micro-batch forms at once (512 MiB); more go in slices
+
+
+class NextTokenLoss(nn.Module):
+    """The model's mean next-token cross-entropy over a batch of windows (B, T): the module DDP
+    wraps. While the batch's logits fit in LOSS_LOGITS floats (SmolLM2's 8 x 256 tokens do) they
+    are formed whole. Gemma's 262k vocabulary makes them 2 GiB per 8 x 256 tokens, and their
+    gradient as much again: there the output projection runs on slices of positions, each
+    recomputed in backward (checkpointed), so that one slice's logits are alive at a time."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        targets = tokens[:, 1:].flatten()  # (B (T - 1),)
+        vocab = self.model.lm_head.weight.shape[0]
+        if len(targets) * vocab <= LOSS_LOGITS:
+            logits = self.model(tokens)[:, :-1].float()
+            return F.cross_entropy(logits.flatten(0, 1), targets)
+        from torch.utils.checkpoint import checkpoint
+        h = self.model.hidden(tokens)[:, :-1].flatten(0, 1)  # (B (T - 1), D)
+        step = max(1, LOSS_LOGITS // vocab)
+        total = sum(checkpoint(self.summed, h[s: s + step], targets[s: s + step],
+                               use_reentrant=False) for s in range(0, len(targets), step))
+        return total / len(targets)
+
+    def summed(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model.lm_head(h).float(), targets, reduction="sum")
+
+
+def train_step(objective, model, windows: torch.Tensor, step: int, spec: TrainSpec, optimizer,
+               trainable: dict, rank: int, world: int, device: str, autocast) -> dict:
+    """One optimizer step: spec.accum micro-batches of the objective (NextTokenLoss, DDP-wrapped
+    on many processes: it averages the gradients on the last), the balance loss, clipping, and
+    the selection biases moved towards the mean load. -> the log row's loss, balance loss,
+    gradient norm and expert load."""
+    layers = moe_layers(model)
     loss_sum, balance_sum, load = 0.0, 0.0, [0] * len(layers)
     for micro in range(spec.accum):
         ids = batch_windows(len(windows), step, micro, spec.batch, spec.accum, rank, world,
                             spec.seed)
         tokens = windows[ids].to(device)  # (batch, seqlen)
         last = micro == spec.accum - 1
-        with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast:
-            logits = ddp(tokens)[:, :-1].float()
-            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        with objective.no_sync() if world > 1 and not last else contextlib.nullcontext(), \
+                autocast:
+            loss = objective(tokens)
             balance = torch.zeros(())
             if spec.balance:
                 balance = torch.stack([m.balance_loss for m in layers]).mean()
@@ -653,10 +685,10 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     n_trainable = sum(p.numel() for p in trainable.values())
     say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
         f"{world} process(es), {device}" + (f", resuming at step {step}" if run.resume else ""))
-    ddp = model
+    objective = NextTokenLoss(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, find_unused_parameters=cfg.moe is not None)
+        objective = DistributedDataParallel(objective, find_unused_parameters=cfg.moe is not None)
     autocast = contextlib.nullcontext()
     if device.startswith("cuda") and run.dtype == "float32":
         autocast = torch.autocast("cuda", torch.bfloat16)
@@ -674,8 +706,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, spec, steps)
-        done = train_step(ddp, windows, step, spec, optimizer, trainable, rank, world, device,
-                          autocast)
+        done = train_step(objective, model, windows, step, spec, optimizer, trainable, rank,
+                          world, device, autocast)
         step += 1
         row = {"step": step, "loss": done["loss"], "lr": optimizer.param_groups[0]["lr"],
                "grad_norm": done["grad_norm"],

@@ -49,6 +49,29 @@ def test_scaled_at_gamma_zero_is_sum_bit_for_bit_and_weighted_routings_train_the
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))
 
 
+def test_the_sliced_loss_equals_the_whole_one_with_its_gradients(monkeypatch):
+    """Above LOSS_LOGITS the output projection runs on checkpointed slices of positions (Gemma's
+    vocabulary): the same loss and gradients as the logits formed whole."""
+    model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5)
+    objective = train.NextTokenLoss(model)
+    tokens = torch.cat([TOKENS, TOKENS.flip(1)])  # (4, 12)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = objective(tokens)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    whole, whole_grads = loss_and_grads()
+    vocab = model.lm_head.weight.shape[0]
+    monkeypatch.setattr(train, "LOSS_LOGITS", 5 * vocab)  # slices of 5 positions, the last short
+    assert (tokens.shape[1] - 1) * 4 % 5 != 0
+    sliced, sliced_grads = loss_and_grads()
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=0)
+    assert len(sliced_grads) == len(whole_grads) > 0
+    for got, expected in zip(sliced_grads, whole_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("norm_topk", [False, True])
 def test_keep_function_starts_at_the_sum_model(norm_topk):
     model = converted(tiny_model(n_layers=2), n_experts=8, active=0.5, router="lsq")
