@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import dive
+import recursive
 import weaver
 from checkpoint import (CheckpointWriter, check_out, check_space, checkpoint_config,
                         exit_on_sigterm, ours_temporary, output_dir, source_dtype)
@@ -108,8 +109,18 @@ class RunSpec:
 
 def format_layer(row: dict, n_layers: int) -> str:
     head = f"layer {row['layer']:>{len(str(n_layers))}}/{n_layers}"
-    if row["dense"]:
+    if row["dense"] or row.get("kept_dense"):
         return f"{head}  dense ({row['seconds']:.1f}s)"
+    if "split" in row:  # a recursive conversion's
+        split, nested = row["split"], row.get("shared_split")
+        text = (f"{head}  {row['experts_split']} experts, each {split['shared_neurons']} shared + "
+                f"{split['routed_experts']} x {split['expert_dim']}, top-k {split['top_k']}")
+        if nested:
+            text += (f"; shared expert {nested['shared_neurons']} + {nested['routed_experts']} "
+                     f"experts, top-k {nested['top_k']}")
+        if row["profiled_on_all_tokens"]:
+            text += f"; {len(row['profiled_on_all_tokens'])} profiled on all tokens"
+        return f"{text}  ({row['seconds']:.1f}s)"
     r = f"r {row['r']:.2f} alpha {row['alpha']:.2f}  " if row["r"] is not None else ""
     load = ""
     if row["load_max_over_mean"] is not None:
@@ -129,8 +140,13 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     """weaver.layer_loop over a model's blocks with the spec's method; h: (S, T, D) the embedded
     calibration windows; blocks() gives the blocks, one pass each; write_block(i, block) takes each
     converted block. DIVE without given groups mines them first, with make_head() -> (h ->
-    logits). Returns (the moe config section, the report)."""
-    spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+    logits). An MoE's experts are converted in turn (recursive.py). Returns (the moe config
+    section, the report)."""
+    nested = cfg.moe is not None
+    if nested:
+        recursive.check_spec(spec, cfg.moe, cfg)
+    else:
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
     inputs = window_inputs(h.shape[1], h.dtype, h.device)
     run = lambda block, hb: block(hb, inputs)
     method = dive if isinstance(spec, dive.DiveSpec) else weaver  # the per-layer converter's
@@ -140,15 +156,19 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
                                 calib.names, spec, log)
     moe_cfg = {**spec.moe_section(cfg.ffn_dim), "layers": [None] * cfg.n_layers,
                "topk_spread": [None] * cfg.n_layers}  # on the calibration tokens: export's scale
+    if nested:  # the outer layout stays; each layer entry gains its split
+        moe_cfg = {**cfg.moe, "layers": [None] * cfg.n_layers}
     rows, timings = [], {}
-    convert_layer = method.layer_converter(spec, calib.task, h, timings)
+    converter = recursive if nested else method
+    convert_layer = converter.layer_converter(spec, calib.task, h, timings)
     for i, block, row, x in weaver.layer_loop(blocks(), run, h, convert_layer, spec.dense_layers,
                                               spec.sequential, timings):
-        if not row["dense"]:
+        if not row["dense"] and not nested:
             with weaver.timed(timings, "build"):
                 row["topk_spread"] = topk_spread(block.mlp, x) if block.mlp.top_k else None
         moe_cfg["layers"][i] = row.pop("moe", None)
-        moe_cfg["topk_spread"][i] = row.get("topk_spread")
+        if not nested:
+            moe_cfg["topk_spread"][i] = row.get("topk_spread")
         if write_block is not None:
             with weaver.timed(timings, "write"):
                 write_block(i, block)
@@ -184,8 +204,6 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     followed by checkpoint.save_checkpoint(); `extra` JSON files too; `out` appears atomically at
     the end."""
     cfg, hf_config = load_config(path)
-    if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint: convert the dense checkpoint")
     where = check_checkpoint(path, cfg)
     with torch.device("meta"):
         skeleton = Transformer(cfg)  # no memory: the names, shapes and rope of the real model
@@ -236,13 +254,22 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
 
 
 def active_fraction(cfg) -> float:
-    """Share of the FFN neurons a token uses, averaged over layers (dense layers count as 1)."""
+    """Share of the FFN neurons a token uses, averaged over layers (dense layers count as 1); for
+    a layer split by a recursive conversion, the share of those the MoE it came from used."""
     if cfg.moe is None:
         return 1.0
     d_e, fractions = cfg.moe["expert_dim"], []
+    used = lambda entry: entry["shared_neurons"] + entry["top_k"] * entry["expert_dim"]
     for layer in cfg.moe["layers"]:
-        used = cfg.ffn_dim if layer is None else layer["shared_neurons"] + layer["top_k"] * d_e
-        fractions.append(used / cfg.ffn_dim)
+        if layer is None:
+            fractions.append(1.0)
+        elif "split" in layer:
+            shared = used(layer["shared_split"]) if layer.get("shared_split") else \
+                layer["shared_neurons"]
+            fractions.append((shared + layer["top_k"] * used(layer["split"]))
+                             / (layer["shared_neurons"] + layer["top_k"] * d_e))
+        else:
+            fractions.append((layer["shared_neurons"] + layer["top_k"] * d_e) / cfg.ffn_dim)
     return sum(fractions) / len(fractions)
 
 
@@ -290,11 +317,10 @@ def main(checkpoint: str, spec: weaver.ConvertSpec, data: DataSpec, run: RunSpec
               f"{layout['shared']} neurons, dense layers {layout['dense']} "
               f"({time.time() - t_start:.1f}s)")
         return {"export": layout}
-    if cfg.moe is not None:
-        raise ValueError(f"{path} is already an MoE checkpoint (its config.json has a 'moe' "
-                         f"section): convert the dense checkpoint, or export this one with "
-                         f"--format qwen2_moe")
-    spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+    if cfg.moe is not None:  # its experts converted in turn (--format qwen2_moe exported above)
+        recursive.check_spec(spec, cfg.moe, cfg)
+    else:
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
     problems = export_problems(cfg, spec) if format == "qwen2_moe" else []
     if problems:
         raise ValueError("--format qwen2_moe: " + "; ".join(problems))
@@ -377,9 +403,11 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     dense_text = greedy(dense, tokenizer, prompt, device) if prompt and dense is not None else None
     del dense
 
+    layout = describe_layout(spec, cfg.ffn_dim) if cfg.moe is None else \
+        f"each expert of {cfg.moe['expert_dim']} neurons split into " \
+        f"{describe_layout(spec, cfg.moe['expert_dim'])}"
     print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router "
-          f"{spec.router}, {describe_layout(spec, cfg.ffn_dim)} ({spec.active:.1%} of the "
-          f"neurons)")
+          f"{spec.router}, {layout} ({spec.active:.1%} of the neurons)")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
               "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names,

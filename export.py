@@ -120,6 +120,12 @@ def export_problems(cfg, spec=None) -> list[str]:
                             "per model: use --allocation uniform or --n-shared N")
     elif cfg.moe is not None:
         moe = cfg.moe
+        if any(layer and (layer.get("split") or layer.get("shared_split"))
+               for layer in moe["layers"]):
+            return ["a recursive conversion's two levels of experts have no stock MoE format"]
+        if moe.get("method") == "stock":
+            return [f"it is a {moe.get('family')} MoE already, not a conversion of ours: load it "
+                    f"as it is"]
         routed = {i: layer for i, layer in enumerate(moe["layers"]) if layer and layer["top_k"]}
         routes = bool(routed)
         sizes = sorted({(layer["top_k"], layer["routed_experts"]) for layer in routed.values()})

@@ -12,8 +12,10 @@ directions; the shared GLU as (gate (S, D), up (S, D), down (D, S)) or None; act
 nonlinearity by name (model.ACTIVATIONS: SiLU, or Gemma's tanh-GELU). w2 is (E, F, D), not
 (E, D, F), because a CPU decode step streams a matrix of long rows (act @ W) several times faster
 than one of F-long rows; grouped_mm takes either. DIVE's expert biases are added by layer_forward,
-outside the paths. Letters: N tokens, D model dim, E routed experts, F neurons per expert, K
-experts per token, S shared.
+outside the paths. A recursive conversion's two levels (model.SplitExperts) are two calls of one
+path: each chosen expert's whole part, then its chosen parts as a flat set of (expert, part)
+pairs. Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token,
+S shared.
 
 Paths:
   reference  model.routed_reference: a loop over all experts, the obvious version
@@ -29,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import ACTIVATIONS, MoEMLP, expert_bias, glu, routed_reference
+from model import ACTIVATIONS, MoEMLP, SplitExperts, expert_bias, glu, routed_reference
 
 
 def shared_glu(x: torch.Tensor, shared, act: str = "silu") -> torch.Tensor:
@@ -161,17 +163,37 @@ def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None,
 def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """What model.py's MoEMLP.forward computes, through moe_ffn. x: (..., D)."""
     flat = x.reshape(-1, x.shape[-1])  # (N, D)
-    shared = None
-    if mlp.shared is not None:
+    # Qwen2-MoE's gated shared expert, or a shared expert converted in turn, runs beside the paths
+    gated = mlp.shared_gate is not None or isinstance(mlp.shared, MoEMLP)
+    shared, gated_out = None, mlp.shared_output(flat) if gated else None
+    if mlp.shared is not None and not gated:
         ffn = mlp.shared
         shared = (ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
     if not mlp.top_k:
-        return shared_glu(flat, shared, mlp.act).view_as(x)
+        return (gated_out if gated else shared_glu(flat, shared, mlp.act)).view_as(x)
     idx, weights = mlp.route(flat)
+    if isinstance(mlp.experts, SplitExperts):
+        y = split_forward(mlp.experts, flat, idx, weights, shared, path, mlp.act)
+        return (y if gated_out is None else gated_out + y).view_as(x)
     w13, w2, bias = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.down_bias
     y = moe_ffn(flat, idx, w13, w2, shared, weights, path, mlp.act)
+    y = y if gated_out is None else gated_out + y
     # DIVE's pruned experts add a bias each: the same few lines on every path
     return (y if bias is None else y + expert_bias(idx, bias, weights)).view_as(x)
+
+
+def split_forward(split: SplitExperts, x, idx, weights, shared, path: str, act: str):
+    """What SplitExperts computes, plus the shared GLU: x (N, D), idx and weights (N, K) of the
+    outer experts -> (N, D). The whole parts of the K experts, then the K k chosen (expert, part)
+    pairs, each weighted as its expert."""
+    y = shared_glu(x, shared, act) if split.whole is None else \
+        moe_ffn(x, idx, split.whole.gate_up_proj, split.whole.down_proj, shared, weights, path, act)
+    if not split.top_k:
+        return y
+    parts = split.route(x, idx)  # (N, K k)
+    part_weights = None if weights is None else weights.repeat_interleave(split.top_k, dim=1)
+    return y + moe_ffn(x, parts, split.parts.gate_up_proj, split.parts.down_proj, None,
+                       part_weights, path, act)
 
 
 @functools.cache
@@ -200,9 +222,12 @@ def kernel_for(mlp, x: torch.Tensor, compile: bool) -> torch.Tensor:
     if mlp.experts is None:
         # no routed experts: only the shared GLU, nothing to choose
         return layer_forward(mlp, x, "select")
-    E, F_, D = mlp.experts.down_proj.shape
-    path = choose_path(x.device.type, x.dtype, n_tokens, max(mlp.top_k, 1), E, D, F_,
-                       compile or tracing)
+    experts, top_k = mlp.experts, max(mlp.top_k, 1)
+    if isinstance(experts, SplitExperts):  # the path of its (expert, part) pairs serves both
+        top_k *= max(experts.top_k, 1)
+        experts = experts.parts if experts.parts is not None else experts.whole
+    E, F_, D = experts.down_proj.shape
+    path = choose_path(x.device.type, x.dtype, n_tokens, top_k, E, D, F_, compile or tracing)
     if tracing or not compile:
         return layer_forward(mlp, x, path)
-    return compiled_layer_forward(x.device.type, n_tokens * max(mlp.top_k, 1) <= E)(mlp, x, path)
+    return compiled_layer_forward(x.device.type, n_tokens * top_k <= E)(mlp, x, path)

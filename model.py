@@ -25,7 +25,9 @@ from safetensors import safe_open
 # -----------------------------------------------------------------------------
 # config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# HF MoE families, read with their own router and tensor names (STOCK_MOE_NAMES, below)
+STOCK_MOE_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text") + STOCK_MOE_TYPES
 # the GLU gate's nonlinearity, by config.json's hidden_act (hidden_activation in Gemma)
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
@@ -53,6 +55,7 @@ class ModelConfig:
     qkv_bias: bool = False          # Qwen2, or LLaMA with attention_bias
     o_bias: bool = False            # LLaMA with attention_bias
     qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    qk_norm_whole: bool = False     # OLMoE: the q and k norms span the whole projections instead
     tie_embeddings: bool = False
     sliding_window: int | None = None   # a sliding layer's query sees at most this many keys
     # per layer "full_attention" or "sliding_attention"; None = every layer sliding if
@@ -70,6 +73,9 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     bos_first: bool = False         # Gemma: text starts with BOS, which tokenizer.json leaves out
     moe: dict | None = None         # the MoE FFN's layout (below); None = dense
+    # a HF MoE checkpoint (STOCK_MOE_TYPES) stores its experts one by one under its family's
+    # names; None = our names (dense, or our MoE checkpoint)
+    stock_moe: str | None = None
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, \
@@ -121,13 +127,17 @@ class ModelConfig:
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported (a bias cannot be split "
                              f"across experts)")
-        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") \
+                and hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding attention) is "
                              f"not supported")
         if gemma:
             rope_theta, scaling, gemma_fields = gemma_settings(hf, source)
         else:
             (rope_theta, scaling), gemma_fields = rope_settings(hf, source), {}
+        stock = hf.get("model_type") in STOCK_MOE_TYPES  # not our MoE of such a base
+        if stock:
+            moe = stock_moe_section(hf, model_type, source)
         attention_bias = bool(hf.get("attention_bias", False))
         try:
             return cls(
@@ -142,18 +152,22 @@ class ModelConfig:
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
-                qkv_bias=model_type == "qwen2" or attention_bias,
-                o_bias=model_type in ("llama", "qwen3", "gemma3_text") and attention_bias,
-                qk_norm=model_type in ("qwen3", "gemma3_text"),
+                qkv_bias=model_type == "qwen2" or attention_bias or
+                (model_type == "qwen2_moe" and hf.get("qkv_bias", True)),
+                o_bias=model_type in ("llama", "qwen3", "gemma3_text", "qwen3_moe", "olmoe")
+                and attention_bias,
+                qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe", "olmoe"),
+                qk_norm_whole=model_type == "olmoe",
                 tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-                sliding_window=hf.get("sliding_window") if model_type in ("mistral", "gemma3_text")
-                else None,
+                sliding_window=hf.get("sliding_window")
+                if model_type in ("mistral", "gemma3_text", "mixtral") else None,
                 act=act,
                 max_seq_len=hf.get("max_position_embeddings", 2048),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
                 bos_first=gemma,
                 moe=moe,
+                stock_moe=model_type if stock else None,
                 **gemma_fields,
             )
         except KeyError as e:
@@ -211,6 +225,38 @@ def gemma_settings(hf: dict, source: str) -> tuple[float, dict | None, dict]:
                                 attn_scale=float(scalar) ** -0.5)
 
 
+# HF MoE config entries that must be absent or hold this value: any other computes something else
+STOCK_REFUSED = {"clip_qkv": None, "router_jitter_noise": 0.0}
+
+
+def stock_moe_section(hf: dict, model_type: str, source: str) -> dict:
+    """Our moe section for a HF MoE family: softmax over the trained router's scores, top-k, the
+    top-k weights renormalised where the family does (Mixtral always, the others by
+    norm_topk_prob); Qwen2-MoE adds a shared expert scaled by sigmoid(x . shared_expert_gate). The
+    Qwen families keep a dense FFN (intermediate_size) in mlp_only_layers and off the
+    decoder_sparse_step grid."""
+    for name, plain in STOCK_REFUSED.items():
+        if hf.get(name) not in (None, plain):
+            raise ValueError(f"{source}: {name}={hf[name]!r} is not supported (only {plain!r})")
+    n_layers = hf.get("num_hidden_layers", 0)
+    n_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    expert_dim = hf.get("moe_intermediate_size") if qwen else hf.get("intermediate_size")
+    if not n_experts or not expert_dim or not hf.get("num_experts_per_tok"):
+        raise ValueError(f"{source}: a {model_type} config needs num_experts (or "
+                         f"num_local_experts), num_experts_per_tok and "
+                         f"{'moe_intermediate_size' if qwen else 'intermediate_size'}")
+    shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+    dense, step = set(hf.get("mlp_only_layers") or ()), hf.get("decoder_sparse_step", 1) or 1
+    sparse = [not qwen or (i not in dense and (i + 1) % step == 0) for i in range(n_layers)]
+    layer = {"shared_neurons": shared, "routed_experts": n_experts,
+             "top_k": hf["num_experts_per_tok"]}
+    return {"method": "stock", "family": model_type, "expert_dim": expert_dim, "router": "trained",
+            "routing": "softmax", "shared_gate": shared > 0,
+            "norm_topk": model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+            "layers": [dict(layer) if s else None for s in sparse]}
+
+
 def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
     layers, expert_dim = moe.get("layers"), moe.get("expert_dim")
     if not isinstance(layers, list) or len(layers) != n_layers:
@@ -221,14 +267,16 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                          f"{ROUTER_KINDS}")
     if moe.get("routing", "sum") not in ROUTINGS:
         raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
-    for flag in ("norm_topk", "select_bias", "router_bias", "pruned_experts"):
+    for flag in ("norm_topk", "select_bias", "router_bias", "pruned_experts", "shared_gate"):
         if not isinstance(moe.get(flag, False), bool):
             raise ValueError(f"config.json moe.{flag} must be true or false, found {moe[flag]!r}")
     for i, layer in enumerate(layers):
         if layer is None:
             continue
         shared, routed, top_k = layer["shared_neurons"], layer["routed_experts"], layer["top_k"]
-        if moe.get("pruned_experts"):  # DIVE: each expert a pruned copy of the FFN, may overlap
+        if moe.get("method") == "stock":  # a HF MoE's own experts: no dense FFN they add up to
+            pass
+        elif moe.get("pruned_experts"):  # DIVE: each expert a pruned copy of the FFN, may overlap
             if not 0 < expert_dim <= ffn_dim:
                 raise ValueError(f"config.json moe.expert_dim {expert_dim} is not in [1, "
                                  f"intermediate_size {ffn_dim}]")
@@ -237,6 +285,16 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                              f"experts x {expert_dim} neurons != intermediate_size {ffn_dim}")
         if not 0 <= top_k <= routed:
             raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
+        for key, whole in (("split", expert_dim), ("shared_split", shared)):
+            part = layer.get(key)
+            if part is not None and (part["shared_neurons"] + part["routed_experts"]
+                                     * part["expert_dim"] != whole or
+                                     not 0 <= part["top_k"] <= part["routed_experts"] or
+                                     part["router"] not in ROUTER_KINDS):
+                raise ValueError(f"config.json moe.layers[{i}].{key}: {part['shared_neurons']} "
+                                 f"shared + {part['routed_experts']} x {part['expert_dim']} "
+                                 f"neurons, top_k {part['top_k']}, router {part['router']!r}: "
+                                 f"not a split of {whole} neurons")
 
 
 def load_config(path: str) -> tuple[ModelConfig, dict]:
@@ -345,18 +403,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.gemma_norms)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.gemma_norms)
+            q_dim, k_dim = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim) \
+                if cfg.qk_norm_whole else (cfg.head_dim, cfg.head_dim)
+            self.q_norm = RMSNorm(q_dim, cfg.norm_eps, cfg.gemma_norms)
+            self.k_norm = RMSNorm(k_dim, cfg.norm_eps, cfg.gemma_norms)
         self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # None: 1 / sqrt(head_dim)
+        self.qk_norm_whole = cfg.qk_norm_whole
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         # x: (B, T, D); cos, sin: (T, hd); mask: None (plain causal) or bool (T, S), True = attend
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, nh * hd), (B, T, n_kv * hd)
+        if self.qk_norm_whole:  # OLMoE: over the whole projections
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_whole:  # per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh or n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -391,8 +455,9 @@ class MLP(nn.Module):
 # shared (in the original order) the layer *is* the dense FFN. Training switches to a weighted
 # routing. Letters: N = tokens, D = dim, E = routed experts, F = expert_dim, K = top_k.
 
-ROUTER_KINDS = ("centroid", "lsq", "random", "cmoe", "gate", "oracle", "none")
-PARAMETRIC_ROUTERS = ("centroid", "lsq", "random", "cmoe")  # gate and oracle have no parameters
+ROUTER_KINDS = ("centroid", "lsq", "random", "cmoe", "gate", "oracle", "trained", "none")
+# gate and oracle have no parameters
+PARAMETRIC_ROUTERS = ("centroid", "lsq", "random", "cmoe", "trained")
 # how the selected experts' outputs are weighted, with p = softmax of the router scores over all E:
 #   sum      1: the training-free conversion. The router gets no gradient (top-k has none)
 #   scaled   1 + gamma * p_e, gamma a learnable scalar per layer, 0 at the start (CMoE): equal to
@@ -409,6 +474,7 @@ class Router(nn.Module):
     lsq:      x @ W.T (+ b), fitted by ridge regression to each expert's output norm (DIVE: to
               how closely each expert reproduces the dense FFN).
     random:   x @ W.T, randomly initialised: DIVE's router as published, useful only once trained.
+    trained:  x @ W.T, as a HF MoE checkpoint brings it (Mixtral's, Qwen-MoE's, OLMoE's gate).
     cmoe:     |(x @ U.T) * act(x @ W.T)|, the unit-norm up / gate rows of a representative neuron
               (CMoE; act the model's, SiLU there).
     gate:     sum over an expert's neurons of |act(x W_gate)|: the gate projection of every routed
@@ -434,7 +500,7 @@ class Router(nn.Module):
     def forward(self, x, experts: "Experts"):
         # x: (N, D) -> (N, E) float32
         xf = x.float()
-        if self.kind in ("centroid", "random"):
+        if self.kind in ("centroid", "random", "trained"):
             return xf @ self.weight.float().T
         if self.kind == "lsq":
             scores = xf @ self.weight.float().T
@@ -514,9 +580,53 @@ class Experts(nn.Module):
         return torch.stack(norms, dim=1)
 
 
+class SplitExperts(nn.Module):
+    """E experts of F neurons, each split in turn by a recursive conversion into S neurons that
+    every token choosing it uses and J routed parts of F_in neurons, of which an inner router picks
+    the top k for each (token, expert) pair. The S neurons of every expert are stacked as `whole`
+    (E experts of S); the parts as `parts`, flat: part j of expert e is expert e J + j of E J, so
+    the pairs run as one grouped computation. All of a token's share of expert e is weighted by
+    e's routing weight. With S = F (no parts) this is the Experts it came from, bit for bit.
+    split: the layer entry's "split" section (shared_neurons S, routed_experts J, expert_dim F_in,
+    top_k k, router, router_bias). Letters: N tokens, K experts chosen per token."""
+
+    def __init__(self, n_experts: int, dim: int, split: dict, act: str = "silu"):
+        super().__init__()
+        S, J, F_in = split["shared_neurons"], split["routed_experts"], split["expert_dim"]
+        self.n_parts, self.top_k = J, split["top_k"]
+        self.whole = Experts(n_experts, dim, S, act=act) if S else None
+        self.parts = Experts(n_experts * J, dim, F_in, act=act) if J else None
+        self.router = Router(split["router"], dim, n_experts * J, "sum", False,
+                             split.get("router_bias", True), act) if self.top_k else None
+        # neuron_index[e, p] = expert e's neuron at position p of [whole, part 0, part 1, ...]
+        self.register_buffer("neuron_index",
+                             torch.empty(n_experts, S + J * F_in, dtype=torch.int64))
+
+    def route(self, x, idx):
+        # x: (N, D), idx: (N, K) the experts chosen -> (N, K k) the flat ids of their parts chosen
+        N, K = idx.shape
+        scores = self.router(x, self.parts).view(N, -1, self.n_parts)  # (N, E, J)
+        mine = scores.gather(1, idx[..., None].expand(N, K, self.n_parts))  # (N, K, J)
+        picked = mine.topk(self.top_k, dim=-1).indices  # (N, K, k)
+        return (idx[..., None] * self.n_parts + picked).flatten(1)
+
+    def forward(self, x, idx, weights=None):
+        # x: (N, D), idx: (N, K) expert ids, weights: (N, K) or None -> (N, D)
+        y = self.whole(x, idx, weights) if self.whole is not None else torch.zeros_like(x)
+        if not self.top_k:
+            return y
+        parts = self.route(x, idx)
+        part_weights = None if weights is None else weights.repeat_interleave(self.top_k, dim=1)
+        return y + self.parts(x, parts, part_weights)
+
+
 class MoEMLP(nn.Module):
     """moe: config.json's moe section (expert_dim, router and the routing options); layer: this
-    layer's entry (shared_neurons, routed_experts, top_k); act the model's GLU nonlinearity."""
+    layer's entry (shared_neurons, routed_experts, top_k); act the model's GLU nonlinearity. With
+    moe.shared_gate (Qwen2-MoE) the shared GLU's output is scaled by sigmoid(x . shared_gate).
+    A recursive conversion adds to the layer entry "split" (each routed expert split: SplitExperts)
+    and "shared_split" (the shared GLU converted in turn: an MoEMLP of its own, whose moe section
+    and layer entry are that dict)."""
 
     def __init__(self, dim: int, moe: dict, layer: dict, act: str = "silu"):
         super().__init__()
@@ -524,17 +634,32 @@ class MoEMLP(nn.Module):
             layer["top_k"]
         self.routing, self.norm_topk = moe.get("routing", "sum"), moe.get("norm_topk", False)
         self.act = act
-        self.shared = MLP(dim, shared, act) if shared else None
-        self.experts = Experts(n_routed, dim, moe["expert_dim"],
-                               bias=moe.get("pruned_experts", False), act=act) if n_routed else None
+        nested = layer.get("shared_split")
+        self.shared = MoEMLP(dim, nested, nested, act) if nested else \
+            MLP(dim, shared, act) if shared else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared and moe.get("shared_gate") \
+            else None
+        self.experts = None if not n_routed else \
+            SplitExperts(n_routed, dim, layer["split"], act) if layer.get("split") else \
+            Experts(n_routed, dim, moe["expert_dim"], bias=moe.get("pruned_experts", False),
+                    act=act)
         self.router = Router(moe["router"], dim, n_routed, self.routing,
                              moe.get("select_bias", False), moe.get("router_bias", True), act) \
             if self.top_k else None
-        # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...]
+        # neuron_index[p] = the dense neuron now at position p of [shared, expert 0, expert 1, ...];
+        # a HF MoE's experts came from no dense FFN we know
         n_neurons = shared + n_routed * moe["expert_dim"]
-        self.register_buffer("neuron_index", torch.empty(n_neurons, dtype=torch.int64))
+        self.register_buffer("neuron_index", None if moe.get("method") == "stock" else
+                             torch.empty(n_neurons, dtype=torch.int64))
         # kernels.use_kernels(model) puts a fast forward here; None = the reference
         self.kernel = None
+
+    def shared_output(self, x):
+        # x: (..., D) -> (..., D): the shared GLU's output, gated where there is a shared_gate
+        if self.shared is None:
+            return torch.zeros_like(x)
+        y = self.shared(x)
+        return y if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * y
 
     def route(self, x):
         # x: (N, D) -> expert ids (N, K), and their weights (N, K) float32 or None (`sum`:
@@ -558,7 +683,7 @@ class MoEMLP(nn.Module):
     def forward(self, x):
         if self.kernel is not None:
             return self.kernel(self, x)
-        y = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        y = self.shared_output(x)
         if not self.top_k:
             return y
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
@@ -814,13 +939,78 @@ def read_header(file: str) -> dict[str, dict]:
     return header
 
 
+# A HF MoE checkpoint stores each expert's projections apart, under its family's names: the MoE
+# module, then each expert's gate, up and down projection. Our layer stacks them (Experts)
+STOCK_MOE_NAMES = {"qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                   "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                   "olmoe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+                   "mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+
+
+def stock_sources(cfg: ModelConfig, names) -> dict[str, list[str]]:
+    """{our tensor name: the HF MoE checkpoint's tensors it is made of}, for those of `names` (HF
+    names of ours, "model.layers.{i}.mlp...") that a stock checkpoint stores otherwise."""
+    module, gate, up, down = STOCK_MOE_NAMES[cfg.stock_moe]
+    sources = {}
+    for i, layer in enumerate(cfg.moe["layers"]):
+        if layer is None:  # a dense layer: the same names
+            continue
+        ours, theirs = f"model.layers.{i}.mlp.", f"model.layers.{i}.{module}."
+        experts = range(layer["routed_experts"])
+        sources[ours + "router.weight"] = [theirs + "gate.weight"]
+        sources[ours + "experts.gate_up_proj"] = [f"{theirs}experts.{e}.{p}.weight"
+                                                  for p in (gate, up) for e in experts]
+        sources[ours + "experts.down_proj"] = [f"{theirs}experts.{e}.{down}.weight"
+                                               for e in experts]
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            sources[f"{ours}shared.{p}.weight"] = [f"{ours}shared_expert.{p}.weight"]
+        sources[ours + "shared_gate.weight"] = [ours + "shared_expert_gate.weight"]
+    return {name: sources[name] for name in names if name in sources}
+
+
+def stock_placeholders(cfg: ModelConfig, expected: dict) -> dict[str, torch.Tensor]:
+    """`expected` ({HF name of ours: placeholder}) as a stock MoE checkpoint names and shapes it:
+    each expert's gate and up (F, D) and down (D, F) projections apart."""
+    sources = stock_sources(cfg, expected)
+    out = {}
+    for name, want in expected.items():
+        if name not in sources:
+            out[name] = want
+        elif name.endswith("experts.gate_up_proj"):  # (E, 2F, D)
+            out |= {n: want[0, : want.shape[1] // 2] for n in sources[name]}
+        elif name.endswith("experts.down_proj"):  # (E, F, D)
+            out |= {n: want[0].T for n in sources[name]}
+        else:
+            out[sources[name][0]] = want
+    return out
+
+
+def from_stock(cfg: ModelConfig, state: dict[str, torch.Tensor],
+               names) -> dict[str, torch.Tensor]:
+    """A stock MoE checkpoint's tensors (read_tensors of stock_placeholders) -> ours, for `names`:
+    each expert's gate and up rows stacked into gate_up_proj (E, 2F, D), its down projection
+    transposed into down_proj (E, F, D)."""
+    sources = stock_sources(cfg, names)
+    out = {n: t for n, t in state.items() if n not in {s for v in sources.values() for s in v}}
+    for name, parts in sources.items():
+        tensors = [state.pop(p) for p in parts]
+        if name.endswith("experts.gate_up_proj"):
+            E = len(tensors) // 2
+            out[name] = torch.stack([torch.cat([g, u]) for g, u in zip(tensors[:E], tensors[E:])])
+        elif name.endswith("experts.down_proj"):
+            out[name] = torch.stack([d.T for d in tensors])
+        else:
+            out[name] = tensors[0]
+    return out
+
+
 def stored_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """{HF name: tensor} of what a checkpoint of `model` holds (a tied output projection is the
-    embedding, stored once)."""
+    embedding, stored once; a stock MoE's experts one by one)."""
     expected = {hf_name(n): t for n, t in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         expected.pop("lm_head.weight")
-    return expected
+    return stock_placeholders(model.cfg, expected) if model.cfg.stock_moe else expected
 
 
 def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
@@ -905,9 +1095,12 @@ def check_index_maps(cfg: ModelConfig, state: dict, where: dict[str, str]) -> No
             if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < cfg.ffn_dim:
                 raise ValueError(f"{where[name]}: {name!r} holds ids outside the {cfg.ffn_dim} "
                                  f"FFN neurons")
-        elif not torch.equal(index.sort().values, torch.arange(cfg.ffn_dim, device=index.device)):
-            raise ValueError(f"{where[name]}: {name!r} is not a permutation of the {cfg.ffn_dim} "
-                             f"FFN neurons")
+        else:  # each row (a recursive conversion's: one per expert) a permutation
+            rows = index.reshape(-1, index.shape[-1]).sort(dim=-1).values
+            ids = torch.arange(rows.shape[-1], device=rows.device)
+            if not torch.equal(rows, ids.expand_as(rows)):
+                raise ValueError(f"{where[name]}: {name!r} is not a permutation of the "
+                                 f"{rows.shape[-1]} neurons it regroups")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
@@ -919,6 +1112,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
     where = check_checkpoint(path, cfg)
     state = read_tensors(path, stored_tensors(model), dtype, device, where)
     check_index_maps(cfg, state, where)
+    if cfg.stock_moe:
+        state = from_stock(cfg, state, [hf_name(n) for n in model.state_dict()])
     state = {n.removeprefix("model."): t for n, t in state.items()}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -936,7 +1131,11 @@ def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = tor
     prefix = f"model.layers.{layer}."
     expected = {prefix + n: t for n, t in block.state_dict().items()}
     where = where if where is not None else tensor_locations(path)
-    state = read_tensors(path, expected, dtype, device, where)
+    if cfg.stock_moe:
+        state = read_tensors(path, stock_placeholders(cfg, expected), dtype, device, where)
+        state = from_stock(cfg, state, expected)
+    else:
+        state = read_tensors(path, expected, dtype, device, where)
     check_index_maps(cfg, state, where)
     block.load_state_dict({n.removeprefix(prefix): t for n, t in state.items()}, strict=True,
                           assign=True)

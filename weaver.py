@@ -226,7 +226,7 @@ def profile_layer(x: torch.Tensor, mlp, k_act: int | None = None,
             here = marker_tokens[(marker_tokens >= lo) & (marker_tokens < hi)] - lo
             xn = F.normalize(xb.reshape(-1, D)[here].float(), dim=-1)  # (m, D)
             scores = (act_fn(xn @ gate_n.T) * (xn @ up_n.T)).abs()  # (m, d_ff)
-            top = scores.topk(k_act, dim=-1).indices
+            top = scores.topk(min(k_act, scores.shape[-1]), dim=-1).indices  # a small expert's
             markers.append(torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True))
     return LayerStats(profile, torch.cat(markers) if k_act else None,
                       total / (S * T) if contribution else None)

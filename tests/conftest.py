@@ -80,6 +80,32 @@ def tiny_model(arch="llama", dim=32, ffn_dim=48, n_layers=2, seed=0) -> modeling
     return model.eval()
 
 
+def stock_config(family: str, n_experts: int = 4, expert_dim: int = 8, top_k: int = 2,
+                 shared: int = 0, n_layers: int = 2) -> dict:
+    """config.json of a tiny HF MoE of a family (model.STOCK_MOE_TYPES); shared: Qwen2-MoE's
+    shared expert size."""
+    qwen = family in ("qwen2_moe", "qwen3_moe")
+    return {"model_type": family, "vocab_size": 64, "hidden_size": 32,
+            "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": top_k,
+            "norm_topk_prob": True, ("num_experts" if family != "mixtral" else
+                                     "num_local_experts"): n_experts,
+            "intermediate_size": 48 if qwen else expert_dim,
+            **({"moe_intermediate_size": expert_dim} if qwen else {}),
+            **({"shared_expert_intermediate_size": shared} if family == "qwen2_moe" else {}),
+            **({"head_dim": 12} if family == "qwen3_moe" else {})}
+
+
+def tiny_stock_moe(family: str, seed: int = 0, **sizes) -> modeling.Transformer:
+    """A tiny HF MoE of a family as model.py runs it, random weights (stock_config's sizes)."""
+    model = modeling.Transformer(modeling.ModelConfig.from_hf(stock_config(family, **sizes)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
+    return model.eval()
+
+
 def hf_config_of(model) -> dict:
     c = model.cfg
     return {
@@ -198,6 +224,24 @@ ARCHS = {
         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                             "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                "rope_theta": 10000.0}}}),
+    # HF MoE families. Qwen2-MoE: a sigmoid-gated shared expert, a dense layer (mlp_only_layers)
+    # between two sparse ones, top-k weights not renormalised
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_hidden_layers": 3, "mlp_only_layers": [1], "num_experts": 8, "num_experts_per_tok": 3,
+        "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24}),
+    # Qwen3-MoE: q/k norms per head, head_dim != hidden / heads, sparse on every second layer
+    # (decoder_sparse_step), renormalised top-k
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_hidden_layers": 3, "decoder_sparse_step": 2, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
+        "head_dim": 24}),
+    # Mixtral: top-2 renormalised softmax, a sliding window that binds at T = 16
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {
+        "num_local_experts": 6, "num_experts_per_tok": 2, "intermediate_size": 16,
+        "sliding_window": 7}),
+    # OLMoE: q/k norms over the whole projections
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {
+        "num_experts": 8, "num_experts_per_tok": 3, "intermediate_size": 16}),
 }
 
 

@@ -63,6 +63,10 @@ def test_transformers_computes_the_exported_function(arch, routing, tmp_path):
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     logits, layout, exported = exported_logits(path, tmp_path, tokens)
     assert layout["dense"] == [1] and layout["top_k"] == 2 and layout["experts"] == 6
+    # model.py reads the export back as the stock Qwen2-MoE it is
+    back = modeling.load_model(str(tmp_path / "qwen2_moe"))
+    assert back.cfg.stock_moe == "qwen2_moe"
+    torch.testing.assert_close(back(tokens), logits, atol=1e-5, rtol=0)
     expected = ours(tokens)
     if routing == "softmax":  # the same function: float rounding only
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -135,6 +135,24 @@ def test_model_through_kernels_matches_reference_model():
                        lambda prefix: model(prefix)[:, -1], tol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_a_stock_moe_through_kernels_matches_its_reference(arch, tmp_path):
+    """Qwen2-MoE's sigmoid-gated shared expert and a dense layer; Mixtral's renormalised top-2."""
+    pytest.importorskip("transformers")
+    import model as modeling
+    from conftest import assert_same_greedy, make_hf, save_hf
+    model = modeling.load_model(save_hf(make_hf(arch), tmp_path))
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    expected = model(tokens)
+    kernels.use_kernels(model, compile=False)
+    assert sum(b.mlp.kernel is not None for b in model.layers if hasattr(b.mlp, "kernel")) >= 2
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+    decode = model.generate(tokens[:1, :4], 4)  # the select path
+    kernels.use_kernels(model, None)
+    assert_same_greedy(decode, model.generate(tokens[:1, :4], 4),
+                       lambda prefix: model(prefix)[:, -1], tol=1e-5)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -212,6 +212,23 @@ def test_config_errors(tmp_path):
             modeling.ModelConfig.from_hf({**gemma, **change})
 
 
+def test_moe_config_errors():
+    for arch, change, pattern in [
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0 is not supported"),
+        ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+        ("qwen3_moe", {"num_experts_per_tok": None}, "needs num_experts"),
+        ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window=true"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            modeling.ModelConfig.from_hf({**make_hf(arch).config.to_dict(), **change})
+    # the hub's Qwen3-MoE configs say num_experts, transformers 5 writes num_local_experts
+    new = make_hf("qwen3_moe").config.to_dict()
+    old = {k: v for k, v in new.items() if k != "num_local_experts"} | {"num_experts": 8}
+    assert modeling.ModelConfig.from_hf(old) == modeling.ModelConfig.from_hf(new)
+    layers = modeling.ModelConfig.from_hf(new).moe["layers"]
+    assert [layer is not None for layer in layers] == [False, True, False]
+
+
 def test_gemma_config_spellings_agree():
     # transformers >= 5 writes rope_parameters per layer kind and layer_types; the configs on the
     # hub (transformers 4) rope_theta, rope_scaling, rope_local_base_freq and a pattern

@@ -3,6 +3,7 @@ train the router, adapters equal their merged weights, a step lowers the loss, r
 torchrun match one uninterrupted process, and bad input fails in one line before any work,
 leaving nothing behind."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -18,7 +19,8 @@ import train
 import weaver
 import checkpoint as ckpt
 from checkpoint import CheckpointWriter, save_checkpoint, save_safetensors
-from conftest import ROOT, TOKENS, convert_main, converted, hf_config_of, tiny_model
+from conftest import (ROOT, TOKENS, convert_main, converted, hf_config_of, make_hf, save_hf,
+                      tiny_model)
 
 # ---- routing modes
 
@@ -196,6 +198,23 @@ def test_moe_training_writes_a_loadable_checkpoint_and_a_log(tiny_checkpoint, ti
     assert len(steps) == 4 and all(r["balance"] > 0 and r["load_max_over_mean"] >= 1 for r in steps)
     assert [r["step"] for r in rows if "val_ppl" in r] == [0, 2, 4]
     assert len(open(os.path.join(out, "train_log.jsonl")).readlines()) == len(rows)
+
+
+def test_a_stock_moe_trains_and_our_checkpoint_of_it_loads_back(tiny_checkpoint, tmp_path):
+    """A HF Qwen2-MoE (its per-expert tensors, gated shared expert, a dense layer) written in our
+    layout computes what it did, and heals with its own softmax routing."""
+    path = save_hf(make_hf("qwen2_moe"), tmp_path / "stock")
+    shutil.copy(os.path.join(tiny_checkpoint, "tokenizer.json"), path)
+    stock = modeling.load_model(path)
+    save_checkpoint(stock, modeling.load_config(path)[1], str(tmp_path / "ours"))
+    ours = modeling.load_model(str(tmp_path / "ours"))
+    assert ours.cfg.stock_moe is None and ours.cfg.moe["method"] == "stock"
+    assert torch.equal(ours(TOKENS), stock(TOKENS))
+    rows = run(path, str(tmp_path / "healed"), data_of(tiny_checkpoint), steps=2)
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    healed = modeling.load_model(str(tmp_path / "healed"))
+    assert healed.cfg.moe["routing"] == "softmax" and healed.cfg.moe["shared_gate"]
+    assert not torch.equal(healed(TOKENS), stock(TOKENS))
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_moe, tmp_path,
