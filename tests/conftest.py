@@ -87,8 +87,8 @@ def stock_config(family: str, n_experts: int = 4, expert_dim: int = 8, top_k: in
     qwen = family in ("qwen2_moe", "qwen3_moe")
     return {"model_type": family, "vocab_size": 64, "hidden_size": 32,
             "num_hidden_layers": n_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "num_experts_per_tok": top_k, "norm_topk_prob": True, ("num_experts" if family != "mixtral" else
-                                     "num_local_experts"): n_experts,
+            "num_experts_per_tok": top_k, "norm_topk_prob": True,
+            ("num_experts" if family != "mixtral" else "num_local_experts"): n_experts,
             "intermediate_size": 48 if qwen else expert_dim,
             **({"moe_intermediate_size": expert_dim} if qwen else {}),
             **({"shared_expert_intermediate_size": shared} if family == "qwen2_moe" else {}),
