@@ -9,6 +9,7 @@ dense model trained alike) in the same run.
     python experiments.py dive               # DIVE, the default and CMoE, before and after training
     python experiments.py export             # the Qwen2-MoE export, run by transformers
     python experiments.py served             # the exportable configuration, chosen and served
+    python experiments.py hierarchy          # an MoE's experts split again, against one level
 
 Imports model.py, weaver.py, dive.py, data.py, checkpoint.py, demo.py, export.py, convert.py (the
 drivers), train.py and bench.py (the header, tables and plots). The text is ../shared/data (prose,
@@ -38,7 +39,7 @@ from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, pe
                   read_text, score_tasks, split_heldout)
 from demo import DEMOS, demo_checkpoint
 from dive import DiveSpec
-from export import EXPORT_EPS, Served, export_qwen2_moe
+from export import EXPORT_EPS, Served, export_problems, export_qwen2_moe
 from model import load_config, load_model, load_tokenizer
 from weaver import ConvertSpec
 
@@ -72,20 +73,38 @@ def check_tasks(data: str, tasks) -> str:
 def ffn_flops(cfg) -> dict:
     """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of
     their routers (multiply-adds x 2). gate and oracle routers compute projections of every routed
-    neuron, so they cost what those neurons would."""
+    neuron, so they cost what those neurons would. A layer split by a recursive conversion
+    (recursive.py) counts each chosen expert's whole part and chosen parts, its converted shared
+    expert, and the inner router as model.SplitExperts runs it: over every expert's parts, E J
+    rows, of which the token then keeps those of its K experts."""
     D, d_ff = cfg.dim, cfg.ffn_dim
     per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
                   "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n,
-                  "oracle": lambda E, n: 6 * D * n, "none": lambda E, n: 0}
+                  "oracle": lambda E, n: 6 * D * n, "trained": lambda E, n: 2 * D * E,
+                  "none": lambda E, n: 0}
+
+    def one_level(entry: dict) -> tuple[int, int]:  # (experts, router) of an entry of one level
+        d_e, E, k = entry["expert_dim"], entry["routed_experts"], entry["top_k"]
+        return 6 * D * (entry["shared_neurons"] + k * d_e), \
+            per_router[entry["router"]](E, E * d_e) if k else 0
     dense = experts = router = 0
     for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):
         dense += 6 * D * d_ff
         if layer is None:
             experts += 6 * D * d_ff
             continue
-        d_e, E = cfg.moe["expert_dim"], layer["routed_experts"]
-        experts += 6 * D * (layer["shared_neurons"] + layer["top_k"] * d_e)
-        router += per_router[cfg.moe["router"]](E, E * d_e) if layer["top_k"] else 0
+        outer = {**layer, "expert_dim": cfg.moe["expert_dim"], "router": cfg.moe["router"]}
+        if "split" not in layer:
+            e, r = one_level(outer)
+        else:
+            K, E, split = layer["top_k"], layer["routed_experts"], layer["split"]
+            inner = {**split, "routed_experts": E * split["routed_experts"]}  # the router's rows
+            parts, inner_router = one_level(inner)
+            e, r = K * parts, per_router[cfg.moe["router"]](E, 0) + inner_router
+            shared = layer.get("shared_split")
+            shared_cost = one_level(shared) if shared else (6 * D * layer["shared_neurons"], 0)
+            e, r = e + shared_cost[0], r + shared_cost[1]
+        experts, router = experts + e, router + r
     return {"dense": dense, "experts": experts, "router": router}
 
 
@@ -685,6 +704,82 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
 
 
+@torch.no_grad()
+def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inner: list[float],
+              calib_samples: int, calib_seqlen: int, eval_seqlen: int, eval_windows: int,
+              holdout: float, seed: int, one_level: str = "expertweaver") -> list[dict]:
+    """Is a hierarchy better than one level at equal compute? The demo converted by the row
+    `outer` at outer_active into an MoE with large experts, exported as a stock Qwen2-MoE and read
+    back as one (model.py's HF MoE path); that MoE's experts and shared expert split again at each
+    inner fraction (recursive.py: sub_experts each, half of the active ones shared, lsq), beside
+    the dense demo converted in one level (the row one_level) to the same share of FFN neurons. Held-out
+    ppl against the dense model's and the outer MoE's, and the FFN FLOPs per token."""
+    files = task_files(data, "hierarchy")
+    path = demo_checkpoint()
+    cfg = load_config(path)[0]
+    outer_spec = row_specs([outer], [outer_active], seed, cfg)[outer, outer_active]
+    row_specs([one_level], [outer_active], seed, cfg)  # refused now, not after the slow part
+    problems = export_problems(cfg, outer_spec)
+    if problems:
+        raise ValueError(f"--outer {outer}: not exportable as Qwen2-MoE: " + "; ".join(problems))
+    tokenizer = load_tokenizer(path)
+    calib = calibration_from_files(tokenizer, [f"{f}:{t}" for t, f in files.items()],
+                                   calib_samples, calib_seqlen, seed, holdout)
+    evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
+    ppl_of = lambda model: {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1]
+                            for task, tokens in evals.items()}
+    print(header("cpu", "float32"))
+    dense = ppl_of(load_model(path))
+    rows = []
+
+    def add(label: str, model, seconds: float, outer_ppl: dict | None = None) -> dict:
+        ppl, flops = ppl_of(model), ffn_flops(model.cfg)
+        ratios = {t: ppl[t] / dense[t] for t in ppl}
+        row = {"row": label, "ppl": ppl, "geomean": geomean(ratios.values()),
+               "ffn_share": flops["experts"] / flops["dense"],
+               "flops_share": (flops["experts"] + flops["router"]) / flops["dense"],
+               "vs_outer": None if outer_ppl is None else
+               geomean(ppl[t] / outer_ppl[t] for t in ppl), "convert_seconds": seconds}
+        rows.append(row)
+        print(f"{label}: FFN neurons {row['ffn_share']:.1%} (FLOPs with routers "
+              f"{row['flops_share']:.1%}), geomean ppl ratio x{row['geomean']:.3f}"
+              + ("" if outer_ppl is None else f", over the outer MoE x{row['vs_outer']:.3f}")
+              + f" ({seconds:.0f}s)", flush=True)
+        return row
+    with scratch("hierarchy") as work:
+        t0 = time.time()
+        converted_into(path, os.path.join(work, "ours"), calib, outer_spec)
+        export_qwen2_moe(os.path.join(work, "ours"), os.path.join(work, "stock"), torch.float32,
+                         log=lambda *_: None)
+        stock = os.path.join(work, "stock")
+        outer_row = add(f"outer: {outer} at {outer_active}, as Qwen2-MoE", load_model(stock),
+                        time.time() - t0)
+        for fraction in inner:
+            model = load_model(stock)
+            t0 = time.time()
+            convert_model(model, calib, ConvertSpec(n_experts=sub_experts, active=fraction,
+                                                    seed=seed), log=lambda *_: None)
+            split = add(f"its experts split, {fraction} of each active", model,
+                        time.time() - t0, outer_row["ppl"])
+            model = load_model(path)
+            t0 = time.time()
+            spec = row_specs([one_level], [split["ffn_share"]], seed, cfg)
+            convert_model(model, calib, next(iter(spec.values())), log=lambda *_: None)
+            add(f"the dense model in one level, {one_level} at {split['ffn_share']:.3f}", model,
+                time.time() - t0, outer_row["ppl"])
+    tasks = list(dense)
+    print_table(["row", "FFN neurons used", "FFN FLOPs with routers",
+                 *(f"{t} ppl ratio" for t in tasks), "geomean", "over the outer MoE",
+                 "convert s"],
+                [["dense", "100%", "100%", *(f"ppl {dense[t]:.2f}" for t in tasks), "1.000", "",
+                  ""]] +
+                [[r["row"], f"{r['ffn_share']:.1%}", f"{r['flops_share']:.1%}",
+                  *(f"{r['ppl'][t] / dense[t]:.3f}" for t in tasks), f"**{r['geomean']:.3f}**",
+                  "" if r["vs_outer"] is None else f"{r['vs_outer']:.3f}",
+                  f"{r['convert_seconds']:.0f}"] for r in rows])
+    return [{"row": "dense", "ppl": dense}] + rows
+
+
 def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
     """Our model against transformers' on the same held-out windows: logits, selections, ppl."""
     picks = {}
@@ -743,6 +838,11 @@ def run_command(a) -> list[dict]:
                       select_samples=a.select_samples, n_experts=a.experts,
                       eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, holdout=a.holdout,
                       tasks=tuple(a.tasks), task_limit=a.task_limit)
+    if a.command == "hierarchy":
+        return hierarchy(**text, outer=a.outer, outer_active=a.outer_active,
+                         sub_experts=a.sub_experts, inner=a.inner, one_level=a.one_level,
+                         eval_seqlen=a.eval_seqlen,
+                         eval_windows=a.eval_windows, holdout=a.holdout)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -804,6 +904,23 @@ if __name__ == "__main__":
                     help="sum routing: the scales to export at")
     eb.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 512 per task")
     data_flags(eb, "evaluated", "calibration windows and k-means")
+    rb = sub.add_parser("hierarchy", help="an MoE's experts split again (recursive.py) against "
+                        "the dense model converted in one level to the same FFN FLOPs",
+                        formatter_class=defaults)
+    rb.add_argument("--outer", default="expertweaver:n_experts=16:n_shared=4",
+                    help="the MoE with large experts, as a quality row (exportable as Qwen2-MoE)")
+    rb.add_argument("--outer-active", type=float, default=0.5,
+                    help="its active fraction of the dense FFN")
+    rb.add_argument("--sub-experts", type=int, default=8,
+                    help="sub-experts each expert (and the shared expert) is split into")
+    rb.add_argument("--inner", nargs="+", type=float, default=[0.75, 0.5],
+                    help="active fractions of each expert's neurons")
+    rb.add_argument("--one-level", default="expertweaver",
+                    help="the conversion of the dense model at the same FFN share, as a quality "
+                    "row")
+    rb.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    rb.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
+    data_flags(rb, "evaluated", "calibration windows and k-means")
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
