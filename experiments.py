@@ -712,8 +712,8 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     `outer` at outer_active into an MoE with large experts, exported as a stock Qwen2-MoE and read
     back as one (model.py's HF MoE path); that MoE's experts and shared expert split again at each
     inner fraction (recursive.py: sub_experts each, half of the active ones shared, lsq), beside
-    the dense demo converted in one level (the row one_level) to the same share of FFN neurons. Held-out
-    ppl against the dense model's and the outer MoE's, and the FFN FLOPs per token."""
+    the dense demo converted in one level (the row one_level) to the same share of FFN neurons.
+    Held-out ppl against the dense model's and the outer MoE's, and the FFN FLOPs per token."""
     files = task_files(data, "hierarchy")
     path = demo_checkpoint()
     cfg = load_config(path)[0]
