@@ -2,6 +2,7 @@
 bench.py: what a conversion buys in speed, each MoE figure against the dense model in the same run.
 
     python bench.py ffn --breakdown          # one FFN layer, dense vs MoE; where the time goes
+    python bench.py split                    # an MoE layer vs its experts split again
     python bench.py model                    # the demo model: prefill and decode tokens/s
     python bench.py convert llama3-8b        # stream-convert a synthetic 8B checkpoint: time, RSS
     python bench.py partition llama3-8b      # partition + router of one 8B layer
@@ -42,7 +43,7 @@ from checkpoint import CheckpointWriter, exit_on_sigterm, output_dir
 from convert import convert_checkpoint, convert_model, peak_rss_gib
 from data import Calibration, calibration_from_files, calibration_from_model, perplexity, read_text
 from demo import demo_checkpoint, resolve
-from model import MLP, Block, ModelConfig, check_device, load_model, load_tokenizer
+from model import MLP, Block, ModelConfig, MoEMLP, check_device, load_model, load_tokenizer
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
@@ -290,6 +291,70 @@ def print_ffn_row(r: dict) -> None:
               f"experts {p['experts']:.3f}{gemms}, rest {rest:.3f}")
 
 # -----------------------------------------------------------------------------
+# split: an MoE layer against the two-level layer a recursive conversion makes of it
+
+# (D, routed experts, F, top-k): one MoE layer of Qwen3-30B-A3B, and of experiments.py hierarchy's
+# outer MoE (the demo at 16 experts of 96, its 4 shared ones left out)
+MOE_SHAPES = {"qwen3-30b-a3b": (2048, 128, 768, 8), "demo-16x96": (576, 12, 96, 4)}
+
+
+def random_moe(D: int, E: int, F_: int, K: int, split: dict | None, seed: int):
+    """An MoEMLP of random weights (softmax routing by a trained-kind router, as a HF MoE's),
+    its experts split as `split` says (model.SplitExperts) or whole."""
+    moe = {"method": "stock", "expert_dim": F_, "router": "trained", "routing": "softmax",
+           "norm_topk": True, "layers": []}
+    layer = {"shared_neurons": 0, "routed_experts": E, "top_k": K,
+             **({"split": split} if split else {})}
+    mlp = MoEMLP(D, moe, layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    if split:
+        mlp.experts.neuron_index.copy_(torch.arange(F_).expand(E, F_))
+    return mlp.eval()
+
+
+def split_bench(shapes: list[str], inner: list[float], sub_experts: int, tokens: list[int],
+                min_time: float) -> list[dict]:
+    """Each MoE layer (eager, through kernels.layer_forward's chosen path) against its experts
+    split into sub_experts parts at each inner fraction (half of the active parts shared, an lsq
+    router over the parts), on the same tokens; ideal = the FLOPs ratio, routers included."""
+    print(header("cpu", "float32"))
+    print(f"{'shape':>14} {'inner':>5} {'T':>5} {'path':>8} {'moe ms':>8} {'split ms':>9} "
+          f"{'speedup':>8} {'ideal':>6}")
+    rows = []
+    for shape in shapes:
+        D, E, F_, K = MOE_SHAPES[shape]
+        whole = random_moe(D, E, F_, K, None, 0)
+        for fraction in inner:
+            k = max(1, round(fraction * sub_experts))
+            shared = round(k / 2)
+            part = F_ // sub_experts
+            split = {"shared_neurons": shared * part, "routed_experts": sub_experts - shared,
+                     "expert_dim": part, "top_k": k - shared, "router": "lsq",
+                     "router_bias": True}
+            two = random_moe(D, E, F_, K, split, 0)
+            for T in tokens:
+                x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+                paths = [kernels.choose_path("cpu", x.dtype, T, K, E, D, F_)]
+                paths.append(kernels.choose_path("cpu", x.dtype, T, K * (k - shared),
+                                                 E * (sub_experts - shared), D, part))
+                t_whole, t_split = measure(
+                    [lambda: kernels.layer_forward(whole, x, paths[0]),
+                     lambda: kernels.layer_forward(two, x, paths[1])], "cpu", min_time)
+                flops_whole = 6 * D * K * F_ + 2 * D * E
+                flops_split = 6 * D * K * (split["shared_neurons"] + split["top_k"] * part) + \
+                    2 * D * E + 2 * D * E * split["routed_experts"]
+                row = {"shape": shape, "inner": fraction, "T": T, "paths": paths,
+                       "moe_ms": t_whole * 1e3, "split_ms": t_split * 1e3,
+                       "speedup": t_whole / t_split, "ideal": flops_whole / flops_split}
+                rows.append(row)
+                print(f"{shape:>14} {fraction:5.2f} {T:5d} {paths[1]:>8} {row['moe_ms']:8.3f} "
+                      f"{row['split_ms']:9.3f} {row['speedup']:7.2f}x {row['ideal']:5.2f}x")
+    return rows
+
+# -----------------------------------------------------------------------------
 # model: the demo model, dense vs converted, prefill and decode
 
 
@@ -514,6 +579,9 @@ def run_command(a) -> list[dict]:
         return [convert_bench(name=a.model, layers=a.layers, directory=a.dir, samples=a.samples,
                               seqlen=a.seqlen, tasks=a.tasks, device=a.device, dtype=a.dtype,
                               keep=a.keep)]
+    if a.command == "split":
+        return split_bench(shapes=a.shapes, inner=a.inner, sub_experts=a.sub_experts,
+                           tokens=a.tokens, min_time=a.min_time)
     return partition_bench(name=a.model, samples=a.samples, tokens=a.tokens, repeats=a.repeats)
 
 
@@ -560,6 +628,16 @@ if __name__ == "__main__":
     fb.add_argument("--breakdown", action="store_true",
                     help="also time the MoE call's parts alone: router, shared GLU, routed experts "
                     "(and, on the grouped path, its GEMMs without the permutation)")
+    xb = sub.add_parser("split", help="an MoE layer vs its experts split again (CPU, eager)",
+                        formatter_class=defaults)
+    xb.add_argument("--shapes", nargs="+", default=list(MOE_SHAPES), choices=list(MOE_SHAPES),
+                    help="MoE layer shapes (D, experts, F, top-k)")
+    xb.add_argument("--inner", nargs="+", type=float, default=[0.75, 0.5],
+                    help="active fractions of each expert's neurons")
+    xb.add_argument("--sub-experts", type=int, default=8, help="parts per expert")
+    xb.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256], help="token counts T")
+    xb.add_argument("--min-time", type=float, default=1.0,
+                    help="seconds of timed runs per measurement at least")
     mb = sub.add_parser("model", help="demo model tokens/s, dense vs MoE", formatter_class=defaults)
     mb.add_argument("--device", default=device, help="where the model runs")
     mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],

@@ -27,6 +27,21 @@ def test_ffn_bench_rows():
     assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts", "gemms"}
 
 
+def test_split_bench_rows(monkeypatch):
+    monkeypatch.setitem(bench.MOE_SHAPES, "tiny", (32, 6, 16, 2))
+    rows = bench.split_bench(["tiny"], [0.5], 4, [1, 64], 0.01)
+    assert [(r["T"], r["paths"][0]) for r in rows] == [(1, "select"), (64, "grouped")]
+    for r in rows:  # 2 of 4 parts of 4 neurons: one shared, the top-1 of three routed
+        assert r["speedup"] == pytest.approx(r["moe_ms"] / r["split_ms"])
+        assert r["ideal"] == pytest.approx((6 * 32 * 2 * 16 + 2 * 32 * 6) /
+                                           (6 * 32 * 2 * 8 + 2 * 32 * 6 + 2 * 32 * 6 * 3))
+    # the split layer computes the two-level function its reference does
+    layer = bench.random_moe(32, 6, 16, 2, {"shared_neurons": 4, "routed_experts": 3,
+                                            "expert_dim": 4, "top_k": 1, "router": "lsq"}, 0)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(bench.kernels.layer_forward(layer, x, "gather"), layer(x))
+
+
 def test_grouped_gemms_compute_the_routed_output():
     # the breakdown's GEMMs-only timing must time kernels.grouped's arithmetic, pre-permuted
     g = torch.Generator().manual_seed(0)
