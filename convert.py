@@ -1,11 +1,13 @@
 """
-convert.py: turn a dense GLU checkpoint into a Mixture-of-Experts checkpoint that model.py loads.
+convert.py: turn a dense GLU checkpoint into a Mixture-of-Experts checkpoint that model.py loads,
+or split an MoE checkpoint's experts again (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, or one of ours).
 
-    python convert.py                       # the demo model, ExpertWeaver, 64 experts, 75% active
+    python convert.py                       # the demo model, ExpertWeaver, 128 experts, 75% active
     python convert.py CHECKPOINT --out moe --calib wiki.txt --calib code.py:code --eval wiki.txt
+    python convert.py MOE_CHECKPOINT --experts 8 --active 0.5 --calib wiki.txt:prose ...
     python generate.py moe --prompt "The capital of France is"
 
-Imports model.py (the model, loading), weaver.py and dive.py (the methods), data.py (calibration
+Imports model.py (the model, loading), weaver.py, dive.py and recursive.py (the methods), data.py (calibration
 text, perplexity), checkpoint.py (atomic output, the writer), export.py (--format qwen2_moe) and
 demo.py (the demo checkpoint). Here: the conversion drivers, in memory (convert_model) or streaming
 a checkpoint layer by layer (convert_checkpoint), and the CLI. Prints a line per layer
@@ -166,7 +168,8 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
         if not row["dense"] and not nested:
             with weaver.timed(timings, "build"):
                 row["topk_spread"] = topk_spread(block.mlp, x) if block.mlp.top_k else None
-        moe_cfg["layers"][i] = row.pop("moe", None)
+        # a layer left as it is (--dense-layers) keeps its entry: dense, or an MoE layer unsplit
+        moe_cfg["layers"][i] = row.pop("moe", cfg.moe["layers"][i] if nested else None)
         if not nested:
             moe_cfg["topk_spread"][i] = row.get("topk_spread")
         if write_block is not None:
@@ -478,9 +481,11 @@ def evaluate(model, file: str, tokens: torch.Tensor, seqlen: int, windows: int, 
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Convert a dense LLaMA/Qwen/Mistral/Gemma 3 GLU "
-                                "checkpoint "
-                                "into an MoE checkpoint with no training (ExpertWeaver; CMoE, "
-                                "DIVE, static pruning and a random partition beside it).",
+                                "checkpoint into an MoE checkpoint with no training (ExpertWeaver; "
+                                "CMoE, DIVE, static pruning and a random partition beside it), or "
+                                "split the experts of an MoE checkpoint (Qwen2-MoE, Qwen3-MoE, "
+                                "Mixtral, OLMoE, ours) again: --experts then counts the "
+                                "sub-experts of each expert, --active their active share.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
                    help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct or "

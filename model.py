@@ -1,6 +1,7 @@
 """
 model.py: a LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 3 GLU decoder in one file, dense or with the
-MoE FFN that convert.py writes, read from HF-style safetensors checkpoints.
+MoE FFN that convert.py writes, and the HF MoE families Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE,
+read from HF-style safetensors checkpoints.
 
     python generate.py CHECKPOINT --prompt "The capital of France is"   # the CLI over this file
     python -c "import model; print(model.load_model('CHECKPOINT').cfg)"
@@ -9,8 +10,9 @@ A checkpoint is a directory: config.json, model.safetensors (or model.safetensor
 shards) and tokenizer.json. Imports nothing of ours: torch, safetensors and the stdlib at the top,
 tokenizers inside load_tokenizer. Writing checkpoints is checkpoint.py's job; what training adds to
 routing (loads, the balance loss) is installed by train.py. Read top to bottom: config, norm and
-rotary embedding, attention, the dense FFN, the MoE FFN, block and model with generation, loading
-(every shard's header checked first), and the scripts' --device check.
+rotary embedding, attention, the dense FFN, the MoE FFN (and its experts split again by a recursive
+conversion), block and model with generation, loading (every shard's header checked first; a HF
+MoE's experts stacked as they are read), and the scripts' --device check.
 """
 import json
 import math

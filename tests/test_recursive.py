@@ -164,6 +164,12 @@ def test_the_cli_splits_a_stock_moe_and_refuses_what_it_cannot(tiny_checkpoint, 
     assert all(layer["split"]["top_k"] == 1 and layer["shared_split"]["top_k"] == 1
                for layer in moe.cfg.moe["layers"])
     assert isinstance(moe.layers[0].mlp.experts, modeling.SplitExperts)
+    # a layer left as it is keeps its experts whole
+    convert_main(path, str(tmp_path / "one"), weaver.ConvertSpec(n_experts=4, dense_layers=(1,)),
+                 text)
+    one = modeling.load_model(str(tmp_path / "one"))
+    assert isinstance(one.layers[1].mlp.experts, modeling.Experts)
+    assert isinstance(one.layers[0].mlp.experts, modeling.SplitExperts)
     for spec, pattern in [
         (weaver.ConvertSpec(n_experts=4, allocation="cv"), "splits every expert of a layer alike"),
         (weaver.ConvertSpec(n_experts=3), "--experts 3 does not divide the expert's 16 neurons"),
