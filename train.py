@@ -271,16 +271,18 @@ class LoRA(nn.Module):
 
 
 def lora_targets(model) -> list[tuple[nn.Module, str]]:
-    """Attention q/k/v/o and every FFN projection: dense, shared, and the stacked experts."""
+    """Attention q/k/v/o and every FFN projection: dense, shared, and the stacked experts (a
+    recursive conversion's too: each expert's whole part and the parts)."""
     targets = []
     for block in model.layers:
-        attn, mlp = block.self_attn, block.mlp
+        attn = block.self_attn
         targets += [(getattr(attn, f"{p}_proj"), "weight") for p in "qkvo"]
-        ffn = mlp.shared if isinstance(mlp, MoEMLP) else mlp
-        if ffn is not None:
-            targets += [(getattr(ffn, f"{p}_proj"), "weight") for p in ("gate", "up", "down")]
-        if isinstance(mlp, MoEMLP) and mlp.experts is not None:
-            targets += [(mlp.experts, "gate_up_proj"), (mlp.experts, "down_proj")]
+        for module in block.mlp.modules():  # the shared GLU before the experts, as registered
+            if isinstance(module, MLP):
+                targets += [(getattr(module, f"{p}_proj"), "weight")
+                            for p in ("gate", "up", "down")]
+            elif isinstance(module, Experts):
+                targets += [(module, "gate_up_proj"), (module, "down_proj")]
     return targets
 
 

@@ -164,6 +164,14 @@ def test_the_cli_splits_a_stock_moe_and_refuses_what_it_cannot(tiny_checkpoint, 
     assert all(layer["split"]["top_k"] == 1 and layer["shared_split"]["top_k"] == 1
                for layer in moe.cfg.moe["layers"])
     assert isinstance(moe.layers[0].mlp.experts, modeling.SplitExperts)
+    # it heals like any MoE of ours: LoRA on every projection of both levels, and its router
+    import train
+    train.train(out, str(tmp_path / "healed"), train.TrainSpec(
+        data=(os.path.join(path, "prose.txt"),), seqlen=16, batch=2, steps=1, warmup=0),
+        train.RunSpec(val_seqlen=16, val_windows=1, device="cpu"), log=lambda *_: None)
+    healed = modeling.load_model(str(tmp_path / "healed"))
+    assert not torch.equal(healed.layers[0].mlp.experts.parts.down_proj,
+                           moe.layers[0].mlp.experts.parts.down_proj)
     # a layer left as it is keeps its experts whole
     convert_main(path, str(tmp_path / "one"), weaver.ConvertSpec(n_experts=4, dense_layers=(1,)),
                  text)
