@@ -97,9 +97,8 @@ def expert_glu(mlp: MoEMLP, e: int) -> MLP:
 
 def nested_entry(moe: MoEMLP, spec: weaver.ConvertSpec, row: dict) -> dict:
     """A converted GLU's section: its own moe options and layer entry in one dict."""
-    return {"method": spec.method, "expert_dim": spec.expert_dim(
-        moe.neuron_index.shape[0]), "router": spec.router, "router_bias": spec.router_bias,
-        **row["moe"]}
+    return {"method": spec.method, "router": spec.router, "router_bias": spec.router_bias,
+            "expert_dim": spec.expert_dim(len(moe.neuron_index)), **row["moe"]}
 
 
 def stacked(parts: list[MoEMLP], entry: dict, n_experts: int, dim: int, act: str) -> SplitExperts:
