@@ -7,14 +7,14 @@ or split an MoE checkpoint's experts again (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE
     python convert.py MOE_CHECKPOINT --experts 8 --active 0.5 --calib wiki.txt:prose ...
     python generate.py moe --prompt "The capital of France is"
 
-Imports model.py (the model, loading), weaver.py, dive.py and recursive.py (the methods), data.py (calibration
-text, perplexity), checkpoint.py (atomic output, the writer), export.py (--format qwen2_moe) and
-demo.py (the demo checkpoint). Here: the conversion drivers, in memory (convert_model) or streaming
-a checkpoint layer by layer (convert_checkpoint), and the CLI. Prints a line per layer
-(specialisation r, alpha, shared / routed experts, top-k, expert load on the calibration tokens),
-the time per stage and, with --eval, dense and MoE perplexity on the held-out tail of each file.
-Writes DIR/config.json (with a "moe" section), the safetensors shards, the tokenizer and
-DIR/report.json.
+Imports model.py (the model, loading), weaver.py, dive.py and recursive.py (the methods), data.py
+(calibration text, perplexity), checkpoint.py (atomic output, the writer), export.py (--format
+qwen2_moe) and demo.py (the demo checkpoint). Here: the conversion drivers, in memory
+(convert_model) or streaming a checkpoint layer by layer (convert_checkpoint), and the CLI. Prints a
+line per layer (specialisation r, alpha, shared / routed experts, top-k, expert load on the
+calibration tokens), the time per stage and, with --eval, dense and MoE perplexity on the held-out
+tail of each file. Writes DIR/config.json (with a "moe" section), the safetensors shards, the
+tokenizer and DIR/report.json.
 """
 import json
 import os
