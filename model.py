@@ -494,8 +494,8 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_experts)) if kind == "lsq" and bias else None  # (E,)
         if kind == "cmoe":
             self.up = nn.Parameter(torch.empty(n_experts, dim))  # (E, D)
-        if routing == "scaled":
-            self.gamma = nn.Parameter(torch.empty(()))
+        if routing == "scaled":  # (1,), not a scalar: FSDP2 shards no 0-dim parameter
+            self.gamma = nn.Parameter(torch.empty(1))
         # (E,) float32
         self.register_buffer("select_bias", torch.empty(n_experts) if select_bias else None)
 
@@ -1034,7 +1034,7 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
             raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
                              f"model with this config.json")
         want, shape = expected[name], tuple(entry["shape"])
-        if shape != tuple(want.shape):
+        if not shape_matches(shape, tuple(want.shape)):
             raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
                              f"{tuple(want.shape)}")
         if want.is_floating_point() != (entry["dtype"] in FLOAT_DTYPES) or entry["dtype"] == "BOOL":
@@ -1060,6 +1060,12 @@ def open_safetensors(file: str, device="cpu"):
                          f"({e})") from e
 
 
+def shape_matches(stored: tuple, want: tuple) -> bool:
+    # the scaled routing's gamma was written as a scalar until FSDP2 (which shards no scalar) made
+    # it (1,); such a checkpoint loads as (1,)
+    return stored == want or (stored == () and want == (1,))
+
+
 def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
                  where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the
@@ -1075,7 +1081,7 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
         with open_safetensors(file, device) as f:
             for name in names:
                 want, got = tuple(expected[name].shape), tuple(f.get_slice(name).get_shape())
-                if got != want:
+                if not shape_matches(got, want):
                     raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json "
                                      f"implies {want}")
                 tensor = f.get_tensor(name)
@@ -1083,7 +1089,7 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
                 # offset the header leaves (often not 64-byte aligned), and BLAS rounds differently
                 # on unaligned memory, which would make a reloaded model differ in the last bits
                 target = dtype if tensor.is_floating_point() else tensor.dtype
-                out[name] = tensor.to(dtype=target, copy=True)
+                out[name] = tensor.to(dtype=target, copy=True).reshape(want)
     return out
 
 

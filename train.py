@@ -1,12 +1,14 @@
 """
 train.py: continue training a dense or converted MoE checkpoint. Light healing: LoRA adapters and
 the router learn, as CMoE and DIVE do after converting. Downcycling: every parameter learns, with
-softmax routing and a balance loss, as ExpertWeaver does. One process, or many with torchrun (DDP).
+softmax routing and a balance loss, as ExpertWeaver does. One process, or many with torchrun:
+DDP, or FSDP2 for models whose training state does not fit one device (parallel.py).
 
     python train.py out/smollm2-135m-expertweaver-75 --data ../shared/data/wikitext2-valid.txt \\
         --data ../shared/data/tinyshakespeare.txt --train lora,router --routing scaled \\
         --out out/healed
     torchrun --nproc_per_node 2 train.py CHECKPOINT --data FILE --out DIR     # data-parallel
+    torchrun --nproc_per_node 8 train.py CHECKPOINT --parallel fsdp --data FILE --out DIR
 
 DIVE's retraining, two runs of this file on a `convert.py --method dive` checkpoint: stage 0 the
 router alone over every expert (--train router --dense-routing 0.05 --out s0), then stage 1 on s0
@@ -14,7 +16,8 @@ router alone over every expert (--train router --dense-routing 0.05 --out s0), t
 weighs the chosen expert by exactly 1.
 
 Imports model.py (the model), data.py (text files, perplexity), checkpoint.py (output directories,
-saving), demo.py (the demo's path) and export.py (the score bounds --keep-function uses).
+saving), demo.py (the demo's path), export.py (the score bounds --keep-function uses) and
+parallel.py (the process group, DDP and FSDP2).
 Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing
 trained), train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume
 continues. How each routing trains the router (model.py, ROUTINGS): `sum` gives it no gradient, only
@@ -44,6 +47,7 @@ from export import norm_output_bound, score_bound
 from flags import add_flags, from_flags, setting
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
                    check_device, load_config, load_model, load_tokenizer)
+from parallel import PARALLEL, clip_gradients, peak_memory, setup, shard_like, whole, wrap
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -153,8 +157,18 @@ class RunSpec:
                                      "the trained parameters' own",
                                      choices=["float32", "bfloat16", "float16"])
     device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, ...")
+    parallel: str = setting("ddp", "ddp: every process holds the whole model and its training "
+                            "state; fsdp: FSDP2 shards them between the processes (parallel.py)",
+                            choices=PARALLEL)
+    cpu_offload: bool = setting(False, "fsdp on a GPU: keep the shards and AdamW state in CPU "
+                                "memory")
 
     def __post_init__(self):
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"--parallel {self.parallel!r} is not one of {', '.join(PARALLEL)}")
+        if self.cpu_offload and not (self.parallel == "fsdp" and self.device.startswith("cuda")):
+            raise ValueError("--cpu-offload moves FSDP2's shards off a GPU: it needs --parallel "
+                             "fsdp and --device cuda")
         for name, low in (("val_seqlen", 2), ("val_windows", 1), ("val_every", 1),
                           ("log_every", 1), ("save_every", 0)):
             if getattr(self, name) < low:
@@ -267,7 +281,11 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, weight):
-        return weight + (self.scale * (self.B @ self.A)).to(weight.dtype)
+        return merge(weight, self.A, self.B, self.scale)
+
+
+def merge(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    return weight + (scale * (B @ A)).to(weight.dtype)
 
 
 def lora_targets(model) -> list[tuple[nn.Module, str]]:
@@ -293,17 +311,20 @@ def add_lora(model, rank: int, alpha: float, seed: int) -> None:
         parametrize.register_parametrization(module, name, adapter)
 
 
-def merged_state(model) -> dict[str, torch.Tensor]:
-    """The model's state_dict with every adapter merged into its weight, under the weight's own
-    name."""
-    state = {}
-    for name, tensor in model.state_dict().items():
+def merged_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict of the model (whole tensors) with every adapter merged into its weight, under
+    the weight's own name."""
+    merged = {}
+    for name, tensor in state.items():
         if ".parametrizations." not in name:
-            state[name] = tensor
+            merged[name] = tensor
         elif name.endswith(".original"):
             owner, weight = name.removesuffix(".original").split(".parametrizations.")
-            state[f"{owner}.{weight}"] = getattr(model.get_submodule(owner), weight).detach()
-    return state
+            adapter = f"{owner}.parametrizations.{weight}.0"
+            scale = model.get_submodule(adapter).scale
+            merged[f"{owner}.{weight}"] = merge(tensor, state[f"{adapter}.A"],
+                                                state[f"{adapter}.B"], scale)
+    return merged
 
 # -----------------------------------------------------------------------------
 # what learns
@@ -341,7 +362,7 @@ def set_routing(model, routing: str, norm_topk: bool = False, keep_function: boo
         router = mlp.router
         if routing == "scaled" and not hasattr(router, "gamma"):
             weight = mlp.experts.gate_up_proj
-            router.gamma = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
+            router.gamma = nn.Parameter(torch.zeros(1, dtype=weight.dtype, device=weight.device))
         if routing != "scaled" and hasattr(router, "gamma"):
             del router.gamma
         if keep_function:
@@ -435,23 +456,35 @@ def save_bytes(n_weights: int, trainable: dict, dtype: torch.dtype) -> int:
     return int(1.05 * (n_weights * dtype.itemsize + state))
 
 
-def save(out: str, model, hf_config: dict, base: dict, optimizer, trainable: dict, step: int,
-         steps: int, spec: TrainSpec, world: int, log_rows: list[dict], dtype: torch.dtype,
-         previous: str | None) -> None:
-    """The merged model in `dtype` and the training state, replacing `out` atomically; a failed
-    write (a full disk) says what `out` still holds."""
+def gather(model, optimizer, trainable: dict, keep: bool) -> tuple[dict, dict]:
+    """-> (the model's state_dict, the training state: param.*, buffer.* and optimizer.*), every
+    tensor whole and on the CPU. Under FSDP2 each is gathered from its shards in turn: every rank
+    calls this, and only the one that keeps them (rank 0) gets them."""
+    def kept(tensor: torch.Tensor) -> torch.Tensor | None:
+        tensor = whole(tensor.detach())
+        return tensor.cpu().contiguous() if keep else None
+    if hasattr(model, "reshard"):  # FSDP2's root stays gathered after a forward
+        model.reshard()
+    state = {n: kept(t) for n, t in model.state_dict().items()}
+    tensors = {f"param.{n}": state[n] for n in trainable}
+    tensors |= {f"buffer.{n}": state[n] for n in state if n.endswith("select_bias")}
+    ids = {id(p): n for n, p in trainable.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optimizer.{ids[id(p)]}.{key}"] = kept(value)
+    return state, tensors
+
+
+def save(out: str, model, hf_config: dict, base: dict, optimizer, state: dict, tensors: dict,
+         step: int, steps: int, spec: TrainSpec, world: int, log_rows: list[dict],
+         dtype: torch.dtype, previous: str | None) -> None:
+    """The merged model in `dtype` and the training state (gather's), replacing `out`
+    atomically; a failed write (a full disk) says what `out` still holds."""
     with output_dir(out, previous) as tmp:
-        save_checkpoint(model, hf_config, tmp, copy_from=base["path"], state=merged_state(model),
-                        dtype=dtype)
-        tensors = {f"param.{n}": p.detach() for n, p in trainable.items()}
-        tensors |= {f"buffer.{n}": b for n, b in model.named_buffers() if n.endswith("select_bias")}
-        ids = {id(p): n for n, p in trainable.items()}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in optimizer.state.get(p, {}).items():
-                    tensors[f"optimizer.{ids[id(p)]}.{key}"] = value
-        save_safetensors({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
-                         os.path.join(tmp, "train_state.safetensors"))
+        save_checkpoint(model, hf_config, tmp, copy_from=base["path"],
+                        state=merged_state(model, state), dtype=dtype)
+        save_safetensors(tensors, os.path.join(tmp, "train_state.safetensors"))
         state = {"step": step, "steps": steps, "source": base["path"],
                  "source_sha256": base["sha256"], "world": world,
                  "spec": asdict(resolved_data(spec)),
@@ -488,13 +521,13 @@ def check_resume(out: str, spec: TrainSpec, base: dict, world: int) -> dict:
 
 def load_state(out: str, state: dict, model, optimizer,
                trainable: dict) -> tuple[int, list[dict]]:
-    """Restores what save() wrote (checked by check_resume): -> (step, log rows)."""
+    """Restores what save() wrote (checked by check_resume), each rank its shards under FSDP2:
+    -> (step, log rows)."""
     from safetensors.torch import load_file
     tensors = load_file(os.path.join(out, "train_state.safetensors"))
-    device = next(model.parameters()).device
     with torch.no_grad():
         for n, p in trainable.items():
-            p.copy_(tensors[f"param.{n}"])
+            p.copy_(shard_like(tensors[f"param.{n}"].reshape(p.shape), p))
         for n, b in model.named_buffers():
             if n.endswith("select_bias"):
                 b.copy_(tensors[f"buffer.{n}"])
@@ -503,7 +536,9 @@ def load_state(out: str, state: dict, model, optimizer,
         for p in group["params"]:
             name = next(n for n, q in trainable.items() if q is p)
             keys = [k.rsplit(".", 1)[1] for k in tensors if k.startswith(f"optimizer.{name}.")]
-            optimizer.state[p] = {k: tensors[f"optimizer.{name}.{k}"].to(device) for k in keys}
+            saved = {k: tensors[f"optimizer.{name}.{k}"] for k in keys}  # AdamW's step stays whole
+            optimizer.state[p] = {k: v if k == "step" else shard_like(v.reshape(p.shape), p)
+                                  for k, v in saved.items()}
     with open(os.path.join(out, "train_log.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return state["step"], rows
@@ -519,18 +554,6 @@ def lr_at(step: int, spec: TrainSpec, steps: int) -> float:
     progress = (step - spec.warmup) / max(1, steps - 1 - spec.warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return spec.min_lr + (spec.lr - spec.min_lr) * cosine
-
-
-def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, this process's device); torchrun's environment makes a process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 @torch.no_grad()
@@ -612,7 +635,8 @@ def train_step(objective, model, windows: torch.Tensor, step: int, spec: TrainSp
                             spec.seed)
         tokens = windows[ids].to(device)  # (batch, seqlen)
         last = micro == spec.accum - 1
-        with objective.no_sync() if world > 1 and not last else contextlib.nullcontext(), \
+        ddp_defers = hasattr(objective, "no_sync") and not last  # FSDP2 reduces every micro
+        with objective.no_sync() if ddp_defers else contextlib.nullcontext(), \
                 autocast:
             loss = objective(tokens)
             balance = torch.zeros(())
@@ -622,12 +646,14 @@ def train_step(objective, model, windows: torch.Tensor, step: int, spec: TrainSp
         loss_sum += loss.item() / spec.accum
         balance_sum += balance.item() / spec.accum
         load = [counts + m.load.double() for counts, m in zip(load, layers)]  # (E,) per layer
-    if world > 1 and layers:
+    if world > 1:  # the step's loss and load over every process, not this one's share
         import torch.distributed as dist
-        flat = torch.cat(load)
+        flat = torch.cat([torch.tensor([loss_sum, balance_sum], dtype=torch.float64, device=device),
+                          *load])
         dist.all_reduce(flat)
-        load = list(flat.split([len(c) for c in load]))
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.grad_clip).item()
+        loss_sum, balance_sum = (flat[:2] / world).tolist()
+        load = list(flat[2:].split([len(c) for c in load]))
+    grad_norm = clip_gradients(list(trainable.values()), spec.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if spec.bias_balance:  # each expert's selection bias moves towards the mean load
@@ -638,6 +664,20 @@ def train_step(objective, model, windows: torch.Tensor, step: int, spec: TrainSp
             "load_max_over_mean": sum(ratio) / len(ratio) if ratio else None}
 
 
+def memory_line(model, optimizer, device: str) -> str:
+    """What this process holds of the training state (its shards under FSDP2; gradients counted
+    at the size of the trainable parameters, as after a backward) and its peak memory so far."""
+    from torch.distributed.tensor import DTensor
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    size = lambda tensors: sum(local(t).numel() * local(t).element_size() for t in tensors)
+    weights = size(model.parameters())
+    gradients = size(p for p in model.parameters() if p.requires_grad)
+    adamw = size(v for s in optimizer.state.values() for v in s.values())
+    gib = lambda n: f"{n / 2**30:.3f} GiB"
+    return (f"memory per process: weights {gib(weights)}, gradients {gib(gradients)}, AdamW "
+            f"{gib(adamw)}; peak {gib(peak_memory(device))}")
+
+
 def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None,
           log=print) -> list[dict]:
     """Trains the checkpoint as the spec says (with_defaults filling what it leaves open) and
@@ -645,7 +685,7 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     in run.save_dtype (default: the checkpoint's). Returns the log rows: training steps, and
     validation ppl per task."""
     run = run or RunSpec()
-    rank, world, device = setup_distributed(run.device)
+    rank, world, device = setup(run.device, run.parallel)
     say = log if rank == 0 else (lambda *_: None)
     for file in (file_and_task(d)[0] for d in spec.data):
         check_file(file)
@@ -679,20 +719,22 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     trainable = prepare(model, spec)
     check_space(out, save_bytes(n_weights, trainable, save_dtype),
                 "saving the model and its training state")
+    n_trainable = sum(p.numel() for p in trainable.values())
+    sharded = run.parallel == "fsdp"
+    mixed = device.startswith("cuda") and run.dtype == "float32"  # bf16 compute, fp32 weights
+    objective = wrap(NextTokenLoss(model), model, run.parallel, world, device, mixed and sharded,
+                     run.cpu_offload, unused_parameters=cfg.moe is not None)
+    trainable = {n: p for n, p in model.named_parameters() if n in trainable}  # FSDP2's shards
     optimizer = adamw(trainable, spec)
     step, rows = 0, []
     if run.resume:
         step, rows = load_state(out, state, model, optimizer, trainable)
     saved = f"the state saved at step {step}" if run.resume else None
-    n_trainable = sum(p.numel() for p in trainable.values())
-    say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} on "
-        f"{world} process(es), {device}" + (f", resuming at step {step}" if run.resume else ""))
-    objective = NextTokenLoss(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        objective = DistributedDataParallel(objective, find_unused_parameters=cfg.moe is not None)
+    how = f"{run.parallel.upper()} on {world} processes" if world > 1 or sharded else "1 process"
+    say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} with "
+        f"{how}, {device}" + (f", resuming at step {step}" if run.resume else ""))
     autocast = contextlib.nullcontext()
-    if device.startswith("cuda") and run.dtype == "float32":
+    if mixed and not sharded:  # FSDP2's policy casts instead
         autocast = torch.autocast("cuda", torch.bfloat16)
 
     def validated(at: int) -> dict:
@@ -702,8 +744,10 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
         say(f"step {at:>5}  val ppl {ppl}  ({time.perf_counter() - t0:.0f}s)")
         return row
     model.train()
-    if step == 0 and rank == 0:
-        rows.append(validated(0))
+    validates = rank == 0 or sharded  # FSDP2: every rank takes part in the forward
+    if step == 0 and validates:
+        row = validated(0)
+        rows += [row] if rank == 0 else []
     while step < steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -722,11 +766,17 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
             balance_text = f"  balance {row['balance']:.4f}" if spec.balance else ""
             say(f"step {step:>5}/{steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                 f"{row['tok_s']:.0f} tok/s{balance_text}{load_text}")
-        if rank == 0 and (step % run.val_every == 0 or step == steps):
-            rows.append(validated(step))
-        if rank == 0 and ((run.save_every and step % run.save_every == 0) or step == steps):
-            save(out, model, hf_config, base, optimizer, trainable, step, steps, spec, world, rows,
-                 save_dtype, saved)
+        if step == 1:
+            say(memory_line(model, optimizer, device))
+        if validates and (step % run.val_every == 0 or step == steps):
+            row = validated(step)
+            rows += [row] if rank == 0 else []
+        if (rank == 0 or sharded) and ((run.save_every and step % run.save_every == 0)
+                                       or step == steps):
+            model_state, tensors = gather(model, optimizer, trainable, keep=rank == 0)
+            if rank == 0:
+                save(out, model, hf_config, base, optimizer, model_state, tensors, step, steps,
+                     spec, world, rows, save_dtype, saved)
             saved = f"the state saved at step {step}"
     say(f"wrote {out}")
     return rows
