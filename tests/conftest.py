@@ -197,6 +197,15 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_checkpoint, tmp_path_factory):
+    """tiny_checkpoint converted: 8 experts, half active, float32."""
+    out = str(tmp_path_factory.mktemp("moe") / "moe")
+    convert_main(tiny_checkpoint, out, weaver.ConvertSpec(n_experts=8, active=0.5),
+                 save_dtype="float32")
+    return out
+
+
 # ---- tiny random transformers models (the reference oracle), made on demand
 
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT
-from test_train import all_tensors, data_of, free_port, run, tiny_moe  # noqa: F401 (fixture)
+from test_train import all_tensors, data_of, free_port, run
 
 # one process of a torchrun launch: train.train with these specs; stop=True stops the run right
 # after its first save, as a killed run would

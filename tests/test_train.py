@@ -16,11 +16,9 @@ from safetensors.torch import load_file
 
 import model as modeling
 import train
-import weaver
 import checkpoint as ckpt
 from checkpoint import CheckpointWriter, save_checkpoint, save_safetensors
-from conftest import (ROOT, TOKENS, convert_main, converted, hf_config_of, make_hf, save_hf,
-                      tiny_model)
+from conftest import ROOT, TOKENS, converted, hf_config_of, make_hf, save_hf, tiny_model
 
 # ---- routing modes
 
@@ -132,15 +130,6 @@ def test_lora_model_equals_the_merged_one():
     assert sum(1 for m, _ in targets if isinstance(m, modeling.Experts)) == 4
 
 # ---- training runs on a tiny checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tiny_checkpoint, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("moe") / "moe")
-    convert_main(
-        tiny_checkpoint, out, weaver.ConvertSpec(n_experts=8, active=0.5), save_dtype="float32"
-    )
-    return out
 
 
 def data_of(checkpoint):
