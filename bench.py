@@ -415,6 +415,10 @@ SYNTH_CONFIGS = {
                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}},
+    "llama3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                    "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "tie_word_embeddings": True, "max_position_embeddings": 131072},
     "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
@@ -422,10 +426,11 @@ SYNTH_CONFIGS = {
 }
 
 
-def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
+def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | None = None) -> str:
     """Random bf16 weights with the shapes of a real model (`layers` to make it shorter), written
     a layer at a time so memory stays at about one shard. Norm weights are ones, as in a fresh
-    model."""
+    model. tokenizer: a checkpoint whose tokenizer files to copy, so that train.py can read text
+    (its ids must lie below the vocabulary)."""
     hf = dict(SYNTH_CONFIGS[name], torch_dtype="bfloat16")
     hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
     cfg = ModelConfig.from_hf(hf)
@@ -445,9 +450,11 @@ def synth_checkpoint(name: str, layers: int | None, out: str) -> str:
                 writer.add(f"model.layers.{i}.{n}",
                            torch.ones(shape, dtype=torch.bfloat16) if norm else random(*shape))
         writer.add("model.norm.weight", torch.ones(cfg.dim, dtype=torch.bfloat16))
-        writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
+        if not cfg.tie_embeddings:
+            writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
         writer.finish()
         writer.json("config.json", hf)
+        writer.copy_tokenizer(resolve(tokenizer) if tokenizer else None)
         size = writer.total_bytes
     print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in "
           f"{time.time() - t0:.0f}s")
@@ -574,7 +581,8 @@ def run_command(a) -> list[dict]:
                            prefill_tokens=a.prefill, new_tokens=a.new_tokens,
                            compile_modes=a.modes, data=a.data, min_time=a.min_time)
     if a.command == "synth":
-        return [{"out": synth_checkpoint(name=a.model, layers=a.layers, out=a.out)}]
+        return [{"out": synth_checkpoint(name=a.model, layers=a.layers, out=a.out,
+                                         tokenizer=a.tokenizer)}]
     if a.command == "convert":
         return [convert_bench(name=a.model, layers=a.layers, directory=a.dir, samples=a.samples,
                               seqlen=a.seqlen, tasks=a.tasks, device=a.device, dtype=a.dtype,
@@ -656,6 +664,8 @@ if __name__ == "__main__":
     sb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the shapes to copy")
     sb.add_argument("--layers", type=int, default=None, help="fewer layers than the real model")
     sb.add_argument("--out", required=True, help="directory to write")
+    sb.add_argument("--tokenizer", default=None, help="copy this checkpoint's tokenizer files "
+                    "(e.g. demo), so that train.py can read text into the model")
     cb = sub.add_parser("convert", help="time a streamed conversion of a synthetic checkpoint",
                         formatter_class=defaults)
     cb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the shapes to copy")

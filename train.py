@@ -714,13 +714,14 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
         f"({steps * per_step * spec.seqlen} tokens)")
 
     torch.manual_seed(spec.seed)
-    model = load_model(path, getattr(torch, run.dtype), device)
+    sharded = run.parallel == "fsdp"
+    # FSDP2 moves each group to the GPU as it shards it: a GPU never holds the whole model
+    model = load_model(path, getattr(torch, run.dtype), "cpu" if sharded else device)
     n_weights = sum(p.numel() for p in model.parameters())  # before the adapters
     trainable = prepare(model, spec)
     check_space(out, save_bytes(n_weights, trainable, save_dtype),
                 "saving the model and its training state")
     n_trainable = sum(p.numel() for p in trainable.values())
-    sharded = run.parallel == "fsdp"
     mixed = device.startswith("cuda") and run.dtype == "float32"  # bf16 compute, fp32 weights
     objective = wrap(NextTokenLoss(model), model, run.parallel, world, device, mixed and sharded,
                      run.cpu_offload, unused_parameters=cfg.moe is not None)
@@ -730,7 +731,8 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     if run.resume:
         step, rows = load_state(out, state, model, optimizer, trainable)
     saved = f"the state saved at step {step}" if run.resume else None
-    how = f"{run.parallel.upper()} on {world} processes" if world > 1 or sharded else "1 process"
+    how = f"{run.parallel.upper()} on {world} process{'es' if world > 1 else ''}" \
+        if world > 1 or sharded else "1 process"
     say(f"training {n_trainable / 1e6:.2f}M parameters ({', '.join(spec.train)}) of {path} with "
         f"{how}, {device}" + (f", resuming at step {step}" if run.resume else ""))
     autocast = contextlib.nullcontext()
