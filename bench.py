@@ -193,8 +193,9 @@ def ffn_parts(x, route, e13, e2, shared, path, device, min_time) -> dict:
 
 def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], tokens: list[int],
               routings: list[str], n_experts: int, compile: bool, min_time: float,
-              breakdown: bool = False) -> list[dict]:
-    """Rows of dense vs MoE FFN time. The ideal speedup is a roofline ratio: cost = max(bytes /
+              breakdown: bool = False, paths: list[str] | None = None) -> list[dict]:
+    """Rows of dense vs MoE FFN time, on the path kernels.choose_path picks, or on each of
+    `paths`. The ideal speedup is a roofline ratio: cost = max(bytes /
     bandwidth, FLOPs / FLOP rate), with this machine's bandwidth read off the dense FFN at the
     smallest T and its FLOP rate off the dense FFN at the largest T, so it follows whichever bound
     binds at each T. `breakdown` also times the MoE call's parts (ffn_parts)."""
@@ -213,8 +214,8 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
             layer = moe_layer_weights(w13, w2, n_experts, active)
             for T in tokens:
                 x = torch.randn(T, D, generator=g, device=device).to(dt)
-                for routing in routings:
-                    row = ffn_row(x, w13, w2, layer, routing, compile, min_time, breakdown)
+                for routing, path in itertools.product(routings, paths or [None]):
+                    row = ffn_row(x, w13, w2, layer, routing, compile, min_time, breakdown, path)
                     shape_rows.append({"shape": shape, "active": active, **row})
         add_roofline(shape_rows, tokens)
         for r in shape_rows:
@@ -224,9 +225,10 @@ def ffn_bench(device: str, dtype: str, shapes: list[str], actives: list[float], 
 
 
 def ffn_row(x, w13, w2, layer, routing: str, compile: bool, min_time: float,
-            breakdown: bool) -> dict:
-    """One measurement: the dense FFN and the MoE on the same tokens x (T, D). routing "balanced":
-    a large bias on round-robin experts forces the choice, the router still run."""
+            breakdown: bool, path: str | None = None) -> dict:
+    """One measurement: the dense FFN and the MoE on the same tokens x (T, D), on `path` or the
+    one kernels.choose_path picks. routing "balanced": a large bias on round-robin experts forces
+    the choice, the router still run."""
     shared, e13, e2, router, top_k = layer
     (T, D), (E, F2, _), device = x.shape, e13.shape, x.device
     d_ff, d_e, S = w2.shape[1], F2 // 2, 0 if shared is None else shared[0].shape[0]
@@ -243,7 +245,7 @@ def ffn_row(x, w13, w2, layer, routing: str, compile: bool, min_time: float,
 
     def moe(x, path):
         return kernels.moe_ffn(x, route(x), e13, e2, shared, path=path)
-    path = kernels.choose_path(device.type, x.dtype, T, top_k, E, D, d_e, compile)
+    path = path or kernels.choose_path(device.type, x.dtype, T, top_k, E, D, d_e, compile)
     compiled = compile and path != "select"
     run = torch.compile(moe, fullgraph=True, dynamic=False) if compiled else moe
     with torch.no_grad():
@@ -419,6 +421,14 @@ SYNTH_CONFIGS = {
                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
                     "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
                     "tie_word_embeddings": True, "max_position_embeddings": 131072},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                     "tie_word_embeddings": True, "max_position_embeddings": 8192},
+    "tiny": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 1536,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "tie_word_embeddings": True, "max_position_embeddings": 2048},
     "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
@@ -575,7 +585,8 @@ def run_command(a) -> list[dict]:
         tokens = a.tokens or ([1, 16, 128, 2048] if a.device.startswith("cuda") else [1, 16, 128])
         return ffn_bench(device=a.device, dtype=a.dtype, shapes=a.shapes, actives=a.active,
                          tokens=tokens, routings=a.routing, n_experts=a.experts,
-                         compile=a.compile, min_time=a.min_time, breakdown=a.breakdown)
+                         compile=a.compile, min_time=a.min_time, breakdown=a.breakdown,
+                         paths=a.paths)
     if a.command == "model":
         return model_bench(device=a.device, dtype=a.dtype, active=a.active,
                            prefill_tokens=a.prefill, new_tokens=a.new_tokens,
@@ -633,6 +644,9 @@ if __name__ == "__main__":
                     help="torch.compile the MoE forward (fullgraph)")
     fb.add_argument("--min-time", type=float, default=1.0,
                     help="seconds of timed runs per measurement at least")
+    fb.add_argument("--paths", nargs="+", default=None, choices=list(kernels.PATHS),
+                    help="time each of these kernel paths (default: the one kernels.choose_path "
+                    "picks for each T)")
     fb.add_argument("--breakdown", action="store_true",
                     help="also time the MoE call's parts alone: router, shared GLU, routed experts "
                     "(and, on the grouped path, its GEMMs without the permutation)")
