@@ -49,7 +49,8 @@ def torchrun(tmp_path, checkpoint, data, out, launcher, stop=False, batch=2, **o
     driver = tmp_path / f"driver-{os.path.basename(out)}-{stop}.py"
     driver.write_text(DRIVER.format(root=ROOT, stop=stop, checkpoint=checkpoint, out=out,
                                     spec=spec, run=run_spec))
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, str(driver)]
+    command = [sys.executable, *(["-m", "torch.distributed.run", *launcher] if launcher else []),
+               str(driver)]
     return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -130,3 +131,24 @@ def test_cpu_offload_is_refused_without_fsdp_on_a_gpu():
     with pytest.raises(ValueError, match="--parallel 'zero' is not one of ddp, fsdp"):
         train.RunSpec(parallel="zero")
 
+
+
+def test_a_run_saved_under_ddp_resumes_under_fsdp(tiny_checkpoint, tiny_moe, tmp_path,
+                                                  monkeypatch):
+    """The training state holds whole tensors, so a resume may switch how the model is spread."""
+    data = data_of(tiny_checkpoint)
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    run(tiny_moe, straight, data, **HEAL)
+    save = train.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_moe, broken, data, save_every=2, **HEAL)
+    monkeypatch.setattr(train, "save", save)
+    output = finished(torchrun(tmp_path, tiny_moe, data, broken, None, resume=True,
+                               parallel="fsdp", **HEAL))  # one process, its own interpreter
+    assert "with FSDP on 1 process" in output and "resuming at step 2" in output
+    assert_same_training(straight, broken)  # FSDP2 sums gradients in another order
