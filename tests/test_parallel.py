@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT
-from test_train import all_tensors, data_of, free_port, run
+from test_train import all_tensors, data_of, free_port, killed_after_step_2, run
 
 # one process of a torchrun launch: train.train with these specs; stop=True stops the run right
 # after its first save, as a killed run would
@@ -139,15 +139,7 @@ def test_a_run_saved_under_ddp_resumes_under_fsdp(tiny_checkpoint, tiny_moe, tmp
     data = data_of(tiny_checkpoint)
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run(tiny_moe, straight, data, **HEAL)
-    save = train.save
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_moe, broken, data, save_every=2, **HEAL)
-    monkeypatch.setattr(train, "save", save)
+    killed_after_step_2(monkeypatch, tiny_moe, broken, data, **HEAL)
     output = finished(torchrun(tmp_path, tiny_moe, data, broken, None, resume=True,
                                parallel="fsdp", **HEAL))  # one process, its own interpreter
     assert "with FSDP on 1 process" in output and "resuming at step 2" in output

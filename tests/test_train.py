@@ -213,21 +213,26 @@ def test_a_stock_moe_trains_and_our_checkpoint_of_it_loads_back(tiny_checkpoint,
     assert not torch.equal(healed(TOKENS), stock(TOKENS))
 
 
+def killed_after_step_2(monkeypatch, checkpoint, out, data, **kwargs):
+    """A run killed right after its step-2 save."""
+    save = train.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint, out, data, save_every=2, **kwargs)
+    monkeypatch.setattr(train, "save", save)
+    assert json.load(open(os.path.join(out, "train_state.json")))["step"] == 2
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_checkpoint, tiny_moe, tmp_path,
                                                           monkeypatch):
     data, heal = data_of(tiny_checkpoint), dict(train=("lora", "router"), routing="scaled")
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run(tiny_moe, straight, data, **heal)
-    save = train.save
-
-    def save_then_stop(*args, **kwargs):  # the run is killed right after its step-2 save
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_moe, broken, data, save_every=2, **heal)
-    monkeypatch.setattr(train, "save", save)
-    assert json.load(open(os.path.join(broken, "train_state.json")))["step"] == 2
+    killed_after_step_2(monkeypatch, tiny_moe, broken, data, **heal)
     run(tiny_moe, broken, data, resume=True, **heal)
     a, b = all_tensors(straight), all_tensors(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
