@@ -31,6 +31,9 @@ def save_then_stop(*args, **kwargs):
 
 if {stop!r}:
     train.save = save_then_stop
+if {mixed!r}:  # the GPU's policy, bf16 compute and fp32 reduction, here on the CPU
+    wrap = train.wrap
+    train.wrap = lambda *args, **kwargs: wrap(*args[:5], True, *args[6:], **kwargs)
 train.train({checkpoint!r}, {out!r}, train.TrainSpec(**{spec!r}), train.RunSpec(**{run!r}))
 """
 
@@ -40,15 +43,16 @@ HEAL = dict(train=("lora", "router"), routing="softmax", balance=0.01, bias_bala
 DOWNCYCLE = dict(train=("all",), routing="scaled", balance=0.01)
 
 
-def torchrun(tmp_path, checkpoint, data, out, launcher, stop=False, batch=2, **options):
+def torchrun(tmp_path, checkpoint, data, out, launcher, stop=False, batch=2, mixed=False,
+             **options):
     spec = {k: v for k, v in options.items() if k in train.TrainSpec.__dataclass_fields__}
     spec = {"data": data, "seqlen": 16, "batch": batch, "steps": 4, "lr": 1e-2,
             "warmup": 1, **spec}
     run_spec = {"val_seqlen": 16, "val_windows": 2, "val_every": 2, "device": "cpu",
                 **{k: v for k, v in options.items() if k not in spec}}
     driver = tmp_path / f"driver-{os.path.basename(out)}-{stop}.py"
-    driver.write_text(DRIVER.format(root=ROOT, stop=stop, checkpoint=checkpoint, out=out,
-                                    spec=spec, run=run_spec))
+    driver.write_text(DRIVER.format(root=ROOT, stop=stop, mixed=mixed, checkpoint=checkpoint,
+                                    out=out, spec=spec, run=run_spec))
     command = [sys.executable, *(["-m", "torch.distributed.run", *launcher] if launcher else []),
                str(driver)]
     return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
@@ -144,3 +148,20 @@ def test_a_run_saved_under_ddp_resumes_under_fsdp(tiny_checkpoint, tiny_moe, tmp
                                parallel="fsdp", **HEAL))  # one process, its own interpreter
     assert "with FSDP on 1 process" in output and "resuming at step 2" in output
     assert_same_training(straight, broken)  # FSDP2 sums gradients in another order
+
+
+def test_bf16_compute_with_fp32_reduction_trains_as_fp32_does(tiny_checkpoint, tiny_moe, tmp_path):
+    """FSDP2's mixed precision, which train.py uses on a GPU, run on the CPU: the fp32 run's
+    losses within bf16's precision, and fp32 master weights kept."""
+    data = data_of(tiny_checkpoint)
+    fp32, bf16 = str(tmp_path / "fp32"), str(tmp_path / "bf16")
+    run(tiny_moe, fp32, data, **DOWNCYCLE)
+    finished(torchrun(tmp_path, tiny_moe, data, bf16, None, mixed=True, parallel="fsdp",
+                      **DOWNCYCLE))
+    losses = lambda path: torch.tensor([r["loss"] for r in log(path) if "loss" in r])
+    # the first step's loss is the same weights' in bf16; lr 1e-2 then moves them apart
+    torch.testing.assert_close(losses(bf16)[0], losses(fp32)[0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(losses(bf16), losses(fp32), rtol=0.1, atol=0)
+    assert not torch.equal(losses(bf16), losses(fp32))  # it did compute in bf16
+    state = load_file(os.path.join(bf16, "train_state.safetensors"))  # the fp32 master weights
+    assert all(t.dtype == torch.float32 for n, t in state.items() if n.startswith("param."))
