@@ -386,14 +386,7 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
             forward = torch.compile(model, dynamic=False) if mode == "compiled" else model
             with torch.no_grad():
                 t_prefill, = measure([lambda: forward(prompt)], device, min_time, max_runs=20)
-                model.setup_caches(1, 16 + new_tokens)
-                model(prompt[:, :16], torch.arange(16, device=device))
-                token = prompt[:, 16:17]
-
-                def decode():
-                    for i in range(new_tokens):
-                        forward(token, torch.tensor([16 + i], device=device))
-                t_decode, = measure([decode], device, min_time, max_runs=5)
+                t_decode = decode_seconds(model, forward, prompt, new_tokens, device, min_time)
             row = {"model": name, "mode": mode, "prefill_tok_s": prefill_tokens / t_prefill,
                    "decode_tok_s": new_tokens / t_decode}
             rows.append(row)
@@ -405,6 +398,21 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
         print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
               f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
+
+@torch.no_grad()
+def decode_seconds(model, forward, prompt: torch.Tensor, new_tokens: int, device: str,
+                   min_time: float) -> float:
+    """Seconds for every row of prompt (B, >= 17) to decode new_tokens tokens, one at a time,
+    after its first 16 are in the KV cache; forward is the model or its compiled self."""
+    model.setup_caches(len(prompt), 16 + new_tokens)
+    model(prompt[:, :16], torch.arange(16, device=device))
+    token = prompt[:, 16:17]
+
+    def decode():
+        for i in range(new_tokens):
+            forward(token, torch.tensor([16 + i], device=device))
+    seconds, = measure([decode], device, min_time, max_runs=5)  # its warm-up compiles
+    return seconds
 
 # -----------------------------------------------------------------------------
 # convert: a synthetic checkpoint with a real model's shapes, converted layer by layer

@@ -97,21 +97,13 @@ def dense_and_moe(name: str, work: str, plan: dict) -> tuple[str, str, dict | No
 # decode: tokens/s of a model, each MoE layer's forward compiled
 
 
-@torch.no_grad()
 def decode_rate(model, batch: int, new_tokens: int, device: str, compile: bool,
                 min_time: float) -> float:
     """Tokens/s of `batch` sequences decoding `new_tokens` each after a 16-token prompt."""
     kernels.use_kernels(model, compile=compile)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, 17), generator=g).to(device)
-    model.setup_caches(batch, 17 + new_tokens)
-    model(prompt[:, :16], torch.arange(16, device=device))
-
-    def decode():
-        token = prompt[:, 16:17]
-        for i in range(new_tokens):
-            model(token, torch.tensor([16 + i], device=device))
-    seconds, = bench.measure([decode], device, min_time, max_runs=5)  # its warm-up compiles
+    seconds = bench.decode_seconds(model, model, prompt, new_tokens, device, min_time)
     return batch * new_tokens / seconds
 
 
@@ -137,10 +129,10 @@ def decode_rows(models: dict, plan: dict) -> list[dict]:
 # train: tokens/s and MFU, every parameter learning, FSDP2 on one GPU
 
 
-def matmul_parameters(path: str) -> int:
-    """Weights a token multiplies by: every parameter but the embedding lookup (unless the output
-    head is tied to it) and, per MoE layer, the routed experts it does not pick."""
-    cfg, _ = load_config(path)
+def matmul_parameters(cfg) -> int:
+    """Weights a token multiplies by, in a model of this config: every parameter but the embedding
+    lookup (unless the output head is tied to it) and, per MoE layer, the routed experts it does
+    not pick."""
     with torch.device("meta"):
         model = Transformer(cfg)
     n = sum(p.numel() for p in model.parameters())
@@ -183,7 +175,7 @@ def train_rows(dense: str, moe: str, work: str, plan: dict) -> tuple[list[dict],
         rates = [r["tok_s"] for r in log if "tok_s" in r]
         tok_s = statistics.median(rates[2:] or rates)  # after two steps of allocator warm-up
         cfg = load_config(path)[0]
-        per_token = 6 * matmul_parameters(path) + 12 * cfg.n_layers * cfg.dim * plan["seqlen"]
+        per_token = 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * cfg.dim * plan["seqlen"]
         mfu = per_token * tok_s / peak if peak else None
         rows.append({"model": kind, "tok_s": tok_s, "flops_per_token": per_token, "mfu": mfu})
         print(f"train {kind}: {tok_s:.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else ""),

@@ -33,10 +33,10 @@ def test_mfu_counts_the_routed_experts_a_token_picks(tiny_checkpoint, tiny_moe):
     model's weights less half of each FFN, plus the routers."""
     dense, moe = modeling.load_model(tiny_checkpoint), modeling.load_model(tiny_moe)
     embedding = 0 if dense.cfg.tie_embeddings else dense.embed_tokens.weight.numel()
-    assert gpu.matmul_parameters(tiny_checkpoint) == \
+    assert gpu.matmul_parameters(dense.cfg) == \
         sum(p.numel() for p in dense.parameters()) - embedding
     half_ffn = 3 * dense.cfg.dim * dense.cfg.ffn_dim // 2
     routers = sum(p.numel() for b in moe.layers for p in b.mlp.router.parameters())
     assert routers > 0
-    assert gpu.matmul_parameters(tiny_moe) == \
-        gpu.matmul_parameters(tiny_checkpoint) - dense.cfg.n_layers * half_ffn + routers
+    assert gpu.matmul_parameters(moe.cfg) == \
+        gpu.matmul_parameters(dense.cfg) - dense.cfg.n_layers * half_ffn + routers
