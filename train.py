@@ -739,17 +739,17 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     if mixed and not sharded:  # FSDP2's policy casts instead
         autocast = torch.autocast("cuda", torch.bfloat16)
 
-    def validated(at: int) -> dict:
+    def validate_into_log(at: int) -> None:  # rank 0 keeps the row
         t0 = time.perf_counter()
         row = {"step": at, "val_ppl": validate(model, heldout, run.val_seqlen, run.val_windows)}
         ppl = "  ".join(f"{t} {p:.3f}" for t, p in row["val_ppl"].items())
         say(f"step {at:>5}  val ppl {ppl}  ({time.perf_counter() - t0:.0f}s)")
-        return row
+        if rank == 0:
+            rows.append(row)
     model.train()
     validates = rank == 0 or sharded  # FSDP2: every rank takes part in the forward
     if step == 0 and validates:
-        row = validated(0)
-        rows += [row] if rank == 0 else []
+        validate_into_log(0)
     while step < steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -771,8 +771,7 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
         if step == 1:
             say(memory_line(model, optimizer, device))
         if validates and (step % run.val_every == 0 or step == steps):
-            row = validated(step)
-            rows += [row] if rank == 0 else []
+            validate_into_log(step)
         if (rank == 0 or sharded) and ((run.save_every and step % run.save_every == 0)
                                        or step == steps):
             model_state, tensors = gather(model, optimizer, trainable, keep=rank == 0)
