@@ -449,6 +449,9 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
     a layer at a time so memory stays at about one shard. Norm weights are ones, as in a fresh
     model. tokenizer: a checkpoint whose tokenizer files to copy, so that train.py can read text
     (its ids must lie below the vocabulary)."""
+    source = resolve(tokenizer) if tokenizer else None
+    if source and not os.path.isfile(os.path.join(source, "tokenizer.json")):
+        raise ValueError(f"--tokenizer {tokenizer}: no tokenizer.json in {source}")
     hf = dict(SYNTH_CONFIGS[name], torch_dtype="bfloat16")
     hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
     cfg = ModelConfig.from_hf(hf)
@@ -472,7 +475,7 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
             writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
         writer.finish()
         writer.json("config.json", hf)
-        writer.copy_tokenizer(resolve(tokenizer) if tokenizer else None)
+        writer.copy_tokenizer(source)
         size = writer.total_bytes
     print(f"synth: wrote {out} ({name}, {cfg.n_layers} layers, {size / 2**30:.1f} GiB bf16) in "
           f"{time.time() - t0:.0f}s")

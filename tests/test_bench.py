@@ -91,3 +91,10 @@ def test_partition_bench_on_a_tiny_shape(monkeypatch):
     ]
     assert all(r["routed_experts"] == 64 - r["shared_experts"] for r in rows)
     assert all(r["seconds"] == pytest.approx(r["partition"] + r["router_seconds"]) for r in rows)
+
+
+def test_synth_refuses_a_tokenizer_source_without_one_before_writing(tmp_path):
+    out = tmp_path / "synth"
+    with pytest.raises(ValueError, match="--tokenizer .*: no tokenizer.json in"):
+        bench.synth_checkpoint("tiny", None, str(out), tokenizer=str(tmp_path))
+    assert os.listdir(tmp_path) == []
