@@ -704,32 +704,38 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
 
 
-@torch.no_grad()
+UNTRAINED = {"tokens": 0, "seqlen": 1, "batch": 1}  # a budget for training_setup that trains nothing
+
+
 def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inner: list[float],
               calib_samples: int, calib_seqlen: int, eval_seqlen: int, eval_windows: int,
-              holdout: float, seed: int, one_level: str = "expertweaver") -> list[dict]:
+              holdout: float, seed: int, one_level: str = "expertweaver", budget: dict | None = None,
+              balance: float = 0.01, val_windows: int = 4, val_every: int = 16) -> list[dict]:
     """Is a hierarchy better than one level at equal compute? The demo converted by the row
-    `outer` at outer_active into an MoE with large experts, exported as a stock Qwen2-MoE and read
-    back as one (model.py's HF MoE path); that MoE's experts and shared expert split again at each
-    inner fraction (recursive.py: sub_experts each, half of the active ones shared, lsq), beside
-    the dense demo converted in one level (the row one_level) to the same share of FFN neurons.
-    Held-out ppl against the dense model's and the outer MoE's, and the FFN FLOPs per token."""
+    `outer` at outer_active into an MoE with large experts. Without a training budget, that MoE is
+    exported as a stock Qwen2-MoE and read back as one (model.py's HF MoE path); with one, it is
+    downcycled as Mixtral is built (softmax over the experts, the top-k renormalised, the balance
+    loss, every parameter, starting at the converted function) and kept in our format. Its experts
+    (and shared expert) are then split again at each inner fraction (recursive.py: sub_experts
+    each, half of the active ones shared, lsq), beside the dense demo converted in one level (the
+    row one_level) to the same share of FFN neurons. Held-out ppl against the dense model's and the
+    outer MoE's, and the FFN FLOPs per token."""
     files = task_files(data, "hierarchy")
-    path = demo_checkpoint()
+    make_train_spec, path, calib = training_setup(data, "hierarchy", calib_samples, calib_seqlen,
+                                                  seed, holdout=holdout,
+                                                  **(budget or UNTRAINED))
     cfg = load_config(path)[0]
     outer_spec = row_specs([outer], [outer_active], seed, cfg)[outer, outer_active]
     row_specs([one_level], [outer_active], seed, cfg)  # refused now, not after the slow part
     problems = export_problems(cfg, outer_spec)
-    if problems:
+    if problems and not budget:
         raise ValueError(f"--outer {outer}: not exportable as Qwen2-MoE: " + "; ".join(problems))
     tokenizer = load_tokenizer(path)
-    calib = calibration_from_files(tokenizer, [f"{f}:{t}" for t, f in files.items()],
-                                   calib_samples, calib_seqlen, seed, holdout)
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
     ppl_of = lambda model: {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1]
                             for task, tokens in evals.items()}
-    print(header("cpu", "float32"))
-    dense = ppl_of(load_model(path))
+    with torch.no_grad():
+        dense = ppl_of(load_model(path))
     rows = []
 
     def add(label: str, model, seconds: float, outer_ppl: dict | None = None) -> dict:
@@ -746,14 +752,24 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
               + ("" if outer_ppl is None else f", over the outer MoE x{row['vs_outer']:.3f}")
               + f" ({seconds:.0f}s)", flush=True)
         return row
-    with scratch("hierarchy") as work:
+    with scratch("hierarchy") as work, torch.no_grad():
         t0 = time.time()
         converted_into(path, os.path.join(work, "ours"), calib, outer_spec)
-        export_qwen2_moe(os.path.join(work, "ours"), os.path.join(work, "stock"), torch.float32,
-                         log=lambda *_: None)
-        stock = os.path.join(work, "stock")
-        outer_row = add(f"outer: {outer} at {outer_active}, as Qwen2-MoE", load_model(stock),
-                        time.time() - t0)
+        if budget:
+            with torch.enable_grad():
+                run = trained(os.path.join(work, "ours"), os.path.join(work, "outer"),
+                              make_train_spec(train=("all",), routing="softmax", norm_topk=True,
+                                              keep_function=True, balance=balance),
+                              val_windows, val_every, "outer")
+            label = f"outer: {outer} at {outer_active}, downcycled on {budget['tokens']} tokens"
+        else:
+            export_qwen2_moe(os.path.join(work, "ours"), os.path.join(work, "outer"),
+                             torch.float32, log=lambda *_: None)
+            label, run = f"outer: {outer} at {outer_active}, as Qwen2-MoE", None
+        stock = os.path.join(work, "outer")
+        outer_row = add(label, load_model(stock), time.time() - t0)
+        if run:
+            outer_row["curve"] = run["curve"]
         for fraction in inner:
             model = load_model(stock)
             t0 = time.time()
@@ -777,6 +793,10 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
                   *(f"{r['ppl'][t] / dense[t]:.3f}" for t in tasks), f"**{r['geomean']:.3f}**",
                   "" if r["vs_outer"] is None else f"{r['vs_outer']:.3f}",
                   f"{r['convert_seconds']:.0f}"] for r in rows])
+    if budget:
+        print("\nthe outer MoE's downcycling: validation loss (mean NLL over the tasks) by step\n")
+        print_table(["step", *(str(step) for step, _ in run["curve"])],
+                    [["val loss", *(f"{nll:.3f}" for _, nll in run["curve"])]])
     return [{"row": "dense", "ppl": dense}] + rows
 
 
@@ -839,10 +859,13 @@ def run_command(a) -> list[dict]:
                       eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, holdout=a.holdout,
                       tasks=tuple(a.tasks), task_limit=a.task_limit)
     if a.command == "hierarchy":
+        budget = dict(tokens=a.tokens, seqlen=a.seqlen, batch=a.batch, lr=a.lr,
+                      min_lr=a.lr / 10) if a.tokens else None
         return hierarchy(**text, outer=a.outer, outer_active=a.outer_active,
                          sub_experts=a.sub_experts, inner=a.inner, one_level=a.one_level,
-                         eval_seqlen=a.eval_seqlen,
-                         eval_windows=a.eval_windows, holdout=a.holdout)
+                         eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
+                         holdout=a.holdout, budget=budget, balance=a.balance,
+                         val_windows=a.val_windows, val_every=a.val_every)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -921,6 +944,19 @@ if __name__ == "__main__":
     rb.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     rb.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
     data_flags(rb, "evaluated", "calibration windows and k-means")
+    rb.add_argument("--tokens", type=int, default=0,
+                    help="downcycle the outer MoE on this many training tokens first (Mixtral's "
+                    "routing: softmax, top-k renormalised, the balance loss, every parameter, "
+                    "started at the converted function); 0: split it untrained, as Qwen2-MoE")
+    rb.add_argument("--seqlen", type=int, default=256, help="--tokens: tokens per training window")
+    rb.add_argument("--batch", type=int, default=8, help="--tokens: windows per optimizer step")
+    rb.add_argument("--lr", type=float, default=4e-4,
+                    help="--tokens: peak learning rate (warm-up, cosine to a tenth)")
+    rb.add_argument("--balance", type=float, default=0.01,
+                    help="--tokens: Switch balance loss coefficient")
+    rb.add_argument("--val-windows", type=int, default=4,
+                    help="--tokens: held-out windows of 512 tokens per task while training")
+    rb.add_argument("--val-every", type=int, default=16, help="--tokens: steps between validations")
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",
