@@ -312,6 +312,9 @@ def main(checkpoint: str, spec: weaver.ConvertSpec, data: DataSpec, run: RunSpec
              *(("--eval file", f) for f in data.evals))  # what --out must not touch
     check_out(out, reads)
     check_checkpoint(path, cfg)
+    if cfg.text_of_multimodal:
+        print(f"{path}: a multimodal Gemma 3; its language model is converted and written alone "
+              f"(gemma3_text), without the vision tower and projector")
     write_dtype = getattr(torch, run.save_dtype or source_dtype(hf_config))
     if export_only:
         check_space(out, output_bytes(cfg, None, write_dtype), "the export")

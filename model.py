@@ -1,7 +1,7 @@
 """
 model.py: a LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 3 GLU decoder in one file, dense or with the
 MoE FFN that convert.py writes, and the HF MoE families Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE,
-read from HF-style safetensors checkpoints.
+read from HF-style safetensors checkpoints (of a multimodal Gemma 3, its language model alone).
 
     python generate.py CHECKPOINT --prompt "The capital of France is"   # the CLI over this file
     python -c "import model; print(model.load_model('CHECKPOINT').cfg)"
@@ -78,6 +78,8 @@ class ModelConfig:
     # a HF MoE checkpoint (STOCK_MOE_TYPES) stores its experts one by one under its family's
     # names; None = our names (dense, or our MoE checkpoint)
     stock_moe: str | None = None
+    # the language model of a multimodal checkpoint (Gemma 3): its vision tower is not read
+    text_of_multimodal: bool = False
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, \
@@ -102,6 +104,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        multimodal = hf.get("model_type") == "gemma3"
+        hf = language_model_config(hf, source)
         model_type = hf.get("model_type")
         moe = hf.get("moe")
         if model_type == MOE_MODEL_TYPE:
@@ -110,16 +114,14 @@ class ModelConfig:
             model_type = hf.get("base_model_type")
             if moe.get("router") == "linear":  # DIVE's random router, as checkpoints named it
                 moe = {**moe, "router": "random"}  # before 2026-12
-        if model_type == "gemma3":
-            raise ValueError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3 (vision "
-                             f"tower and language model in one checkpoint), not supported yet; its "
-                             f"text-only form, model_type 'gemma3_text', is")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: model_type {model_type!r} is not supported. expertweaver "
                              f"converts decoder-only GLU models: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (a GPT-2 style MLP has no gate "
                              f"to split into experts)")
         gemma = model_type == "gemma3_text"
+        if gemma:  # what transformers assumes where the config is silent
+            hf = GEMMA3_TEXT_DEFAULTS | hf
         act = hf.get("hidden_activation" if gemma else "hidden_act") or \
             ("gelu_pytorch_tanh" if gemma else "silu")
         act = "silu" if act == "swish" else act  # two names of one function
@@ -170,17 +172,19 @@ class ModelConfig:
                 bos_first=gemma,
                 moe=moe,
                 stock_moe=model_type if stock else None,
+                text_of_multimodal=multimodal,
                 **gemma_fields,
             )
         except KeyError as e:
             raise ValueError(f"{source}: no {e.args[0]!r} entry") from None
 
 
-def rope_settings(hf: dict, source: str, where: str = "") -> tuple[float, dict | None]:
+def rope_settings(hf: dict, source: str, where: str = "",
+                  default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(rope_theta, the scaling dict or None) from a config's rope entries: transformers >= 5
     writes rope_parameters, older configs rope_theta and rope_scaling."""
     rope_params = hf.get("rope_parameters") or {}
-    rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", default_theta))
     scaling = hf.get("rope_scaling") or rope_params
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", "llama3", "linear"):
@@ -193,6 +197,33 @@ def rope_settings(hf: dict, source: str, where: str = "") -> tuple[float, dict |
 # Gemma 3 config entries that must be absent or hold this value: any other computes something else
 GEMMA_REFUSED = {"final_logit_softcapping": None, "attn_logit_softcapping": None,
                  "use_bidirectional_attention": False}
+# transformers' Gemma3TextConfig defaults, for the entries a config leaves out (the hub's
+# multimodal configs give only a few in their text_config); the RoPE bases are gemma_settings'
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "bos_token_id": 2, "eos_token_id": 1, "tie_word_embeddings": True}
+GEMMA_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+
+
+def language_model_config(hf: dict, source: str) -> dict:
+    """A multimodal Gemma 3 config (model_type gemma3: a vision tower, a projector and a language
+    model) -> its language model's config, as a gemma3_text checkpoint states it: the text_config,
+    with the entries its parent holds for it (the dtype, tied embeddings). Any other config as it
+    is."""
+    if hf.get("model_type") != "gemma3":
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{source}: model_type 'gemma3' (multimodal Gemma 3) without a "
+                         f"'text_config' object")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ValueError(f"{source}: text_config.model_type {text['model_type']!r}: a Gemma 3 "
+                         f"language model is gemma3_text")
+    parent = {k: hf[k] for k in ("torch_dtype", "dtype", "tie_word_embeddings") if k in hf}
+    return {**text, **parent, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
 def gemma_settings(hf: dict, source: str) -> tuple[float, dict | None, dict]:
@@ -202,15 +233,16 @@ def gemma_settings(hf: dict, source: str) -> tuple[float, dict | None, dict]:
         if hf.get(name) not in (None, plain):
             raise ValueError(f"{source}: {name}={hf[name]!r} is not supported (only {plain!r})")
     params = hf.get("rope_parameters") or {}
+    full, sliding = GEMMA_THETA["full_attention"], GEMMA_THETA["sliding_attention"]
     if "full_attention" in params:
         theta, scaling = rope_settings({"rope_parameters": params["full_attention"]}, source,
-                                       " (full_attention)")
+                                       " (full_attention)", full)
         local, local_scaling = rope_settings(
             {"rope_parameters": params.get("sliding_attention") or {}}, source,
-            " (sliding_attention)")
+            " (sliding_attention)", sliding)
     else:
-        theta, scaling = rope_settings(hf, source)
-        local, local_scaling = float(hf.get("rope_local_base_freq", 10000.0)), None
+        theta, scaling = rope_settings(hf, source, default_theta=full)
+        local, local_scaling = float(hf.get("rope_local_base_freq", sliding)), None
     if local_scaling is not None:
         raise ValueError(f"{source}: scaled RoPE on the sliding layers is not supported")
     n_layers = hf.get("num_hidden_layers", 0)
@@ -313,7 +345,7 @@ def load_config(path: str) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{file}: expected a JSON object, found {type(hf).__name__}")
-    return ModelConfig.from_hf(hf, source=file), hf
+    return ModelConfig.from_hf(hf, source=file), language_model_config(hf, file)
 
 # -----------------------------------------------------------------------------
 # norm and rotary embedding
@@ -875,10 +907,39 @@ def hf_name(name: str) -> str:
 
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # tensors some checkpoints carry that are not needed
+# a multimodal checkpoint keeps its language model under a prefix: Gemma 3 as published (and as
+# transformers 5 saves it) language_model.model.*, as transformers 4.5x saved it
+# model.language_model.*; its vision tower and projector are not read
+LANGUAGE_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                           "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
 
 
-def tensor_locations(path: str) -> dict[str, str]:
-    """{tensor name: safetensors file} of a single-file or sharded checkpoint."""
+class Locations(dict):
+    """{tensor name as model.py names it: its safetensors file}. `stored` maps a name to the one
+    its file uses where they differ (a multimodal checkpoint's language model), and a multimodal
+    checkpoint's vision tensors are left out."""
+
+    def __init__(self, where: dict[str, str]):
+        multimodal = any(n.startswith(tuple(LANGUAGE_MODEL_PREFIXES)) for n in where)
+        ours, self.stored = {}, {}
+        for name, file in where.items():
+            if multimodal and name.startswith(VISION_PREFIXES):
+                continue
+            prefix = next((p for p in LANGUAGE_MODEL_PREFIXES if name.startswith(p)), None)
+            if multimodal and prefix:
+                self.stored[LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]] = name
+                name = LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]
+            ours[name] = file
+        super().__init__(ours)
+
+    def stored_name(self, name: str) -> str:
+        return self.stored.get(name, name)
+
+
+def tensor_locations(path: str) -> Locations:
+    """{tensor name: safetensors file} of a single-file or sharded checkpoint (Locations)."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -894,9 +955,9 @@ def tensor_locations(path: str) -> dict[str, str]:
                 names = [n for n, s in where.items() if s == shard]
                 raise FileNotFoundError(f"{shard} not found: {index} maps {len(names)} tensors "
                                         f"to it (e.g. {names[0]!r})")
-        return where
+        return Locations(where)
     if os.path.isfile(single):
-        return {name: single for name in read_header(single)}
+        return Locations({name: single for name in read_header(single)})
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor "
                             f"model.safetensors.index.json")
 
@@ -1015,7 +1076,7 @@ def stored_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return stock_placeholders(model.cfg, expected) if model.cfg.stock_moe else expected
 
 
-def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
+def check_checkpoint(path: str, cfg: ModelConfig) -> Locations:
     """Every tensor file's header checked before any weight is read or any slow work starts: byte
     ranges against the file's size, and names, shapes and dtypes against what config.json implies.
     -> {tensor name: file}, as tensor_locations."""
@@ -1024,22 +1085,23 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> dict[str, str]:
     with torch.device("meta"):
         expected = stored_tensors(Transformer(cfg))  # no memory: the names and shapes
     for name, file in where.items():
-        entry = headers[file].get(name)
+        stored = where.stored_name(name)  # as the file names it
+        entry = headers[file].get(stored)
         if entry is None:
-            raise ValueError(f"{file}: no tensor {name!r}, which the index maps to this file")
+            raise ValueError(f"{file}: no tensor {stored!r}, which the index maps to this file")
         if name not in expected:
             tied = cfg.tie_embeddings and name == "lm_head.weight"
             if name.endswith(IGNORED_SUFFIXES) or tied:
                 continue
-            raise ValueError(f"{file}: unexpected tensor {name!r}, not part of a {cfg.model_type} "
+            raise ValueError(f"{file}: unexpected tensor {stored!r}, not part of a {cfg.model_type} "
                              f"model with this config.json")
         want, shape = expected[name], tuple(entry["shape"])
         if not shape_matches(shape, tuple(want.shape)):
-            raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
+            raise ValueError(f"{file}: tensor {stored!r} has shape {shape}, config.json implies "
                              f"{tuple(want.shape)}")
         if want.is_floating_point() != (entry["dtype"] in FLOAT_DTYPES) or entry["dtype"] == "BOOL":
             kind = "a float (F32, BF16, F16)" if want.is_floating_point() else "an integer"
-            raise ValueError(f"{file}: tensor {name!r} is {entry['dtype']} where {kind} tensor "
+            raise ValueError(f"{file}: tensor {stored!r} is {entry['dtype']} where {kind} tensor "
                              f"belongs")
     check_present(path, expected, where)
     return where
@@ -1067,7 +1129,7 @@ def shape_matches(stored: tuple, want: tuple) -> bool:
 
 
 def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
-                 where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                 where: Locations | None = None) -> dict[str, torch.Tensor]:
     """Reads exactly the `expected` tensors (HF name -> placeholder of the right shape, e.g. on the
     meta device), opening each file once. Float tensors are cast to dtype; integer ones (an MoE
     checkpoint's index maps) keep theirs."""
@@ -1080,11 +1142,12 @@ def read_tensors(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtyp
     for file, names in by_file.items():
         with open_safetensors(file, device) as f:
             for name in names:
-                want, got = tuple(expected[name].shape), tuple(f.get_slice(name).get_shape())
+                stored = where.stored_name(name)
+                want, got = tuple(expected[name].shape), tuple(f.get_slice(stored).get_shape())
                 if not shape_matches(got, want):
-                    raise ValueError(f"{file}: tensor {name!r} has shape {got}, config.json "
+                    raise ValueError(f"{file}: tensor {stored!r} has shape {got}, config.json "
                                      f"implies {want}")
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(stored)
                 # always a fresh copy: safetensors hands out views into its file mapping at whatever
                 # offset the header leaves (often not 64-byte aligned), and BLAS rounds differently
                 # on unaligned memory, which would make a reloaded model differ in the last bits
@@ -1132,7 +1195,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> T
 
 
 def load_block(path: str, cfg: ModelConfig, layer: int, dtype: torch.dtype = torch.float32,
-               device="cpu", where: dict[str, str] | None = None) -> Block:
+               device="cpu", where: Locations | None = None) -> Block:
     """One transformer block read from the checkpoint, for converters that hold a layer at once."""
     with torch.device("meta"):
         block = Block(cfg, layer)

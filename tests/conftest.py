@@ -233,6 +233,9 @@ ARCHS = {
         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                             "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                "rope_theta": 10000.0}}}),
+    # the multimodal Gemma 3: the gemma3 entry above as its text_config, beside a tiny SigLIP
+    # vision tower and projector that our loader leaves unread
+    "gemma3-vision": ("Gemma3Config", "Gemma3ForConditionalGeneration", {}),
     # HF MoE families. Qwen2-MoE: a sigmoid-gated shared expert, a dense layer (mlp_only_layers)
     # between two sparse ones, top-k weights not renormalised
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
@@ -257,7 +260,15 @@ ARCHS = {
 def make_hf(arch: str, seed: int = 0, **overrides):
     import transformers
     config_cls, model_cls, extra = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides})
+    if arch == "gemma3-vision":
+        vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        config = transformers.Gemma3Config(
+            text_config={**SMALL, **ARCHS["gemma3"][2], **overrides}, vision_config=vision,
+            mm_tokens_per_image=4, boi_token_index=125, eoi_token_index=126,
+            image_token_index=127)
+    else:
+        config = getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides})
     torch.manual_seed(seed)
     hf = getattr(transformers, model_cls)(config).float().eval()
     # the default init (std 0.02, unit norms, zero biases) would hide layout bugs

@@ -14,8 +14,8 @@ import model as modeling
 import weaver
 from checkpoint import CheckpointWriter, save_checkpoint
 from data import Calibration
-from conftest import (TOKENS, convert_main, converted, hf_config_of, random_calibration, tiny_data,
-                      tiny_model)
+from conftest import (TOKENS, convert_main, converted, hf_config_of, make_hf, random_calibration,
+                      save_hf, tiny_data, tiny_model)
 
 
 
@@ -232,6 +232,19 @@ def test_streamed_tiny_models_equal_in_memory(tmp_path):
                                         torch.float32, torch.bfloat16, shard_bytes=20_000)
         # it really was sharded
         assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+
+
+def test_multimodal_gemma_converts_its_language_model(tmp_path):
+    source = save_hf(make_hf("gemma3-vision"), tmp_path / "source")
+    out = streamed_equals_in_memory(source, tmp_path, random_calibration(vocab=120),
+                                    dict(n_experts=8, active=0.5), torch.float32, torch.float32,
+                                    shard_bytes=1 << 30)
+    cfg, config = modeling.load_config(out)
+    assert config["base_model_type"] == "gemma3_text" and "text_config" not in config
+    assert cfg.moe is not None and not cfg.text_of_multimodal
+    assert all(name.startswith("model.layers.") or name in ("model.embed_tokens.weight",
+                                                             "model.norm.weight")
+               for name in all_tensors(out))
 
 
 def test_streamed_demo_equals_in_memory(demo_path, tmp_path):

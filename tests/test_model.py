@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -188,7 +189,8 @@ def test_config_errors(tmp_path):
     base = make_hf("llama").config.to_dict()
     for change, pattern in [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-        ({"model_type": "gemma3"}, "model_type 'gemma3' is the multimodal Gemma 3"),
+        ({"model_type": "gemma3"}, "model_type 'gemma3' .multimodal Gemma 3. without a "
+         "'text_config'"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
@@ -237,6 +239,55 @@ def test_gemma_config_spellings_agree():
     old |= {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
             "rope_local_base_freq": 100.0, "sliding_window_pattern": 2}
     assert modeling.ModelConfig.from_hf(old) == modeling.ModelConfig.from_hf(new)
+
+
+def test_multimodal_gemma_is_read_as_its_language_model(tmp_path):
+    # transformers 5 saves a Gemma3ForConditionalGeneration as the hub holds Gemma 3 (its language
+    # model under language_model.model.*; the parity test above loads that), transformers 4.5x
+    # saved model.language_model.* and lm_head.*: the same model either way, vision tensors unread
+    from safetensors.torch import load_file, save_file
+    hf = make_hf("gemma3-vision")
+    path = save_hf(hf, tmp_path / "hub")
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 16),
+                           generator=torch.Generator().manual_seed(3))
+    expected = modeling.load_model(path)(tokens)
+    renamed = {"language_model.model.": "model.language_model.", "vision_tower.":
+               "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+    old = load_file(os.path.join(path, "model.safetensors"))
+    new = {}
+    for name, tensor in old.items():
+        prefix = next(p for p in renamed if name.startswith(p))
+        new[renamed[prefix] + name[len(prefix):]] = tensor
+    new["lm_head.weight"] = old["language_model.model.embed_tokens.weight"].clone()  # tied
+    shutil.copytree(path, tmp_path / "v4")
+    save_file(new, str(tmp_path / "v4" / "model.safetensors"))
+    model = modeling.load_model(str(tmp_path / "v4"))
+    assert model.cfg.text_of_multimodal and model.cfg.model_type == "gemma3_text"
+    assert torch.equal(model(tokens), expected)
+    # anything else beside the language model is still refused, named as the file names it
+    save_file(new | {"model.audio_tower.w": torch.zeros(2)},
+              str(tmp_path / "v4" / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.audio_tower.w'"):
+        modeling.load_model(str(tmp_path / "v4"))
+
+
+def test_hub_gemma_text_config_takes_transformers_defaults():
+    # the hub's multimodal Gemma 3 configs give a few text_config entries and leave the rest
+    # (heads, head_dim, vocabulary, RoPE bases, ...) to Gemma3TextConfig's defaults
+    import transformers
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024}
+    hub = {"model_type": "gemma3", "text_config": text, "vision_config": {},
+           "torch_dtype": "bfloat16"}
+    full = transformers.Gemma3Config(text_config=dict(text)).text_config.to_dict()
+    ours = modeling.ModelConfig.from_hf(hub)
+    assert ours == replace(modeling.ModelConfig.from_hf(full), text_of_multimodal=True)
+    assert (ours.n_heads, ours.n_kv_heads, ours.head_dim, ours.vocab_size) == (8, 4, 256, 262208)
+    assert (ours.rope_theta, ours.rope_local_theta) == (1e6, 1e4)
+    assert modeling.language_model_config(hub, "x")["torch_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="text_config.model_type 'llama'"):
+        modeling.ModelConfig.from_hf({**hub, "text_config": {"model_type": "llama"}})
 
 
 def test_checkpoint_errors(tmp_path):
