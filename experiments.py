@@ -76,7 +76,8 @@ def ffn_flops(cfg) -> dict:
     neuron, so they cost what those neurons would. A layer split by a recursive conversion
     (recursive.py) counts each chosen expert's whole part and chosen parts, its converted shared
     expert, and the inner router as model.SplitExperts runs it: over every expert's parts, E J
-    rows, of which the token then keeps those of its K experts."""
+    rows, of which the token then keeps those of its K experts. A compensated layer's biases add
+    (k + 1) D."""
     D, d_ff = cfg.dim, cfg.ffn_dim
     per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
                   "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n,
@@ -85,7 +86,8 @@ def ffn_flops(cfg) -> dict:
 
     def one_level(entry: dict) -> tuple[int, int]:  # (experts, router) of an entry of one level
         d_e, E, k = entry["expert_dim"], entry["routed_experts"], entry["top_k"]
-        return 6 * D * (entry["shared_neurons"] + k * d_e), \
+        compensation = D * (k + 1) if entry.get("compensated") and E else 0  # bias adds
+        return 6 * D * (entry["shared_neurons"] + k * d_e) + compensation, \
             per_router[entry["router"]](E, E * d_e) if k else 0
     dense = experts = router = 0
     for layer in (cfg.moe["layers"] if cfg.moe else [None] * cfg.n_layers):
@@ -93,7 +95,8 @@ def ffn_flops(cfg) -> dict:
         if layer is None:
             experts += 6 * D * d_ff
             continue
-        outer = {**layer, "expert_dim": cfg.moe["expert_dim"], "router": cfg.moe["router"]}
+        outer = {**layer, "expert_dim": cfg.moe["expert_dim"], "router": cfg.moe["router"],
+                 "compensated": cfg.moe.get("compensated", False)}
         if "split" not in layer:
             e, r = one_level(outer)
         else:
@@ -704,30 +707,40 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
 
 
-UNTRAINED = {"tokens": 0, "seqlen": 1, "batch": 1}  # a budget for training_setup that trains nothing
+UNTRAINED = {"tokens": 0, "seqlen": 1, "batch": 1}  # training_setup's budget when none is trained
 
 
 def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inner: list[float],
               calib_samples: int, calib_seqlen: int, eval_seqlen: int, eval_windows: int,
-              holdout: float, seed: int, one_level: str = "expertweaver", budget: dict | None = None,
-              balance: float = 0.01, val_windows: int = 4, val_every: int = 16) -> list[dict]:
+              holdout: float, seed: int, one_level: str = "expertweaver",
+              budget: dict | None = None, balance: float = 0.01, val_windows: int = 4,
+              val_every: int = 16, routing: str = "scaled",
+              dense_path: str | None = None) -> list[dict]:
     """Is a hierarchy better than one level at equal compute? The demo converted by the row
     `outer` at outer_active into an MoE with large experts. Without a training budget, that MoE is
     exported as a stock Qwen2-MoE and read back as one (model.py's HF MoE path); with one, it is
-    downcycled as Mixtral is built (softmax over the experts, the top-k renormalised, the balance
-    loss, every parameter, starting at the converted function) and kept in our format. Its experts
+    downcycled (every parameter, the balance loss, starting at the converted function; routing
+    `scaled`, or Mixtral's softmax renormalised over the top-k) and kept in our format. Its experts
     (and shared expert) are then split again at each inner fraction (recursive.py: sub_experts
     each, half of the active ones shared, lsq), beside the dense demo converted in one level (the
     row one_level) to the same share of FFN neurons. Held-out ppl against the dense model's and the
-    outer MoE's, and the FFN FLOPs per token."""
+    outer MoE's, and the FFN FLOPs per token. `outer` may instead be an MoE checkpoint of the demo
+    (e.g. one trained before), and dense_path a checkpoint of the demo's shape (e.g. the demo
+    trained alike) that is the reference and is converted in one level."""
     files = task_files(data, "hierarchy")
     make_train_spec, path, calib = training_setup(data, "hierarchy", calib_samples, calib_seqlen,
                                                   seed, holdout=holdout,
                                                   **(budget or UNTRAINED))
+    demo, path = path, dense_path or path
     cfg = load_config(path)[0]
-    outer_spec = row_specs([outer], [outer_active], seed, cfg)[outer, outer_active]
+    outer_dir = outer if os.path.isdir(outer) else None
+    if outer_dir and (load_config(outer_dir)[0].moe is None or budget):
+        raise ValueError(f"--outer {outer}: a directory must hold an MoE checkpoint, which is "
+                         f"split as it is (without --tokens)")
+    outer_spec = None if outer_dir else \
+        row_specs([outer], [outer_active], seed, cfg)[outer, outer_active]
     row_specs([one_level], [outer_active], seed, cfg)  # refused now, not after the slow part
-    problems = export_problems(cfg, outer_spec)
+    problems = [] if outer_dir else export_problems(cfg, outer_spec)
     if problems and not budget:
         raise ValueError(f"--outer {outer}: not exportable as Qwen2-MoE: " + "; ".join(problems))
     tokenizer = load_tokenizer(path)
@@ -754,19 +767,24 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
         return row
     with scratch("hierarchy") as work, torch.no_grad():
         t0 = time.time()
-        converted_into(path, os.path.join(work, "ours"), calib, outer_spec)
-        if budget:
+        if not outer_dir:
+            converted_into(demo, os.path.join(work, "ours"), calib, outer_spec)
+        if outer_dir:
+            label, run = f"outer: {outer}", None
+        elif budget:
             with torch.enable_grad():
                 run = trained(os.path.join(work, "ours"), os.path.join(work, "outer"),
-                              make_train_spec(train=("all",), routing="softmax", norm_topk=True,
-                                              keep_function=True, balance=balance),
+                              make_train_spec(train=("all",), routing=routing, balance=balance,
+                                              norm_topk=routing == "softmax",
+                                              keep_function=routing == "softmax"),
                               val_windows, val_every, "outer")
-            label = f"outer: {outer} at {outer_active}, downcycled on {budget['tokens']} tokens"
+            label = f"outer: {outer} at {outer_active}, downcycled ({routing}) on " \
+                f"{budget['tokens']} tokens"
         else:
             export_qwen2_moe(os.path.join(work, "ours"), os.path.join(work, "outer"),
                              torch.float32, log=lambda *_: None)
             label, run = f"outer: {outer} at {outer_active}, as Qwen2-MoE", None
-        stock = os.path.join(work, "outer")
+        stock = outer_dir or os.path.join(work, "outer")
         outer_row = add(label, load_model(stock), time.time() - t0)
         if run:
             outer_row["curve"] = run["curve"]
@@ -865,7 +883,8 @@ def run_command(a) -> list[dict]:
                          sub_experts=a.sub_experts, inner=a.inner, one_level=a.one_level,
                          eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
                          holdout=a.holdout, budget=budget, balance=a.balance,
-                         val_windows=a.val_windows, val_every=a.val_every)
+                         val_windows=a.val_windows, val_every=a.val_every, routing=a.routing,
+                         dense_path=a.dense)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -931,7 +950,12 @@ if __name__ == "__main__":
                         "the dense model converted in one level to the same FFN FLOPs",
                         formatter_class=defaults)
     rb.add_argument("--outer", default="expertweaver:n_experts=16:n_shared=4",
-                    help="the MoE with large experts, as a quality row (exportable as Qwen2-MoE)")
+                    help="the MoE with large experts, as a quality row (exportable as Qwen2-MoE), "
+                    "or an MoE checkpoint directory of the demo to split as it is")
+    rb.add_argument("--dense", default=None,
+                    help="a dense checkpoint of the demo's shape (e.g. the demo trained as the "
+                    "outer MoE was) that is the reference and is converted in one level "
+                    "(default: the demo)")
     rb.add_argument("--outer-active", type=float, default=0.5,
                     help="its active fraction of the dense FFN")
     rb.add_argument("--sub-experts", type=int, default=8,
@@ -945,9 +969,13 @@ if __name__ == "__main__":
     rb.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
     data_flags(rb, "evaluated", "calibration windows and k-means")
     rb.add_argument("--tokens", type=int, default=0,
-                    help="downcycle the outer MoE on this many training tokens first (Mixtral's "
-                    "routing: softmax, top-k renormalised, the balance loss, every parameter, "
-                    "started at the converted function); 0: split it untrained, as Qwen2-MoE")
+                    help="downcycle the outer MoE on this many training tokens first (every "
+                    "parameter, the balance loss, started at the converted function); 0: split it "
+                    "untrained, as Qwen2-MoE")
+    rb.add_argument("--routing", default="scaled", choices=["scaled", "softmax"],
+                    help="--tokens: the routing trained. scaled: 1 + gamma p, gamma = 0 at the "
+                    "start; softmax: Mixtral's, renormalised over the top-k (train.py "
+                    "--keep-function; its shrunken router diverged here, RESULTS.md)")
     rb.add_argument("--seqlen", type=int, default=256, help="--tokens: tokens per training window")
     rb.add_argument("--batch", type=int, default=8, help="--tokens: windows per optimizer step")
     rb.add_argument("--lr", type=float, default=4e-4,

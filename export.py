@@ -111,7 +111,7 @@ def export_problems(cfg, spec=None) -> list[str]:
     if spec is not None:  # what the conversion will write, as far as it is known beforehand
         dive = spec.method == "dive"
         moe = {"router": spec.router, "router_bias": spec.router_bias, "pruned_experts": dive,
-               "routing": "softmax" if dive else "sum"}
+               "routing": "softmax" if dive else "sum", "compensated": spec.compensate}
         routes = spec.method != "static"
         if spec.method in ("expertweaver", "random") and spec.n_shared is None \
                 and spec.allocation == "cv":
@@ -154,6 +154,9 @@ def export_problems(cfg, spec=None) -> list[str]:
         problems.append("scaled routing (1 + gamma p) is no softmax: train with --routing softmax")
     if moe.get("pruned_experts"):
         problems.append("DIVE's experts carry a bias each, which Qwen2-MoE's experts lack")
+    if moe.get("compensated"):
+        problems.append("--compensate gives each expert and the layer a bias, which Qwen2-MoE's "
+                        "experts lack")
     if moe.get("select_bias"):
         problems.append("a selection bias (from --bias-balance) has no place in Qwen2-MoE's router")
     return problems

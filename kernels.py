@@ -162,7 +162,13 @@ def moe_ffn(x, idx, w13, w2, shared=None, weights=None, path: str | None = None,
 
 def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """What model.py's MoEMLP.forward computes, through moe_ffn. x: (..., D)."""
-    flat = x.reshape(-1, x.shape[-1])  # (N, D)
+    y = experts_forward(mlp, x.reshape(-1, x.shape[-1]), path)  # (N, D)
+    # a compensated layer's stand-in for the experts it leaves out
+    return (y if mlp.bias is None else y + mlp.bias).view_as(x)
+
+
+def experts_forward(mlp, flat: torch.Tensor, path: str | None) -> torch.Tensor:
+    """layer_forward but for the compensation bias: flat (N, D) -> (N, D)."""
     # Qwen2-MoE's gated shared expert, or a shared expert converted in turn, runs beside the paths
     gated = mlp.shared_gate is not None or isinstance(mlp.shared, MoEMLP)
     shared, gated_out = None, mlp.shared_output(flat) if gated else None
@@ -170,16 +176,17 @@ def layer_forward(mlp, x: torch.Tensor, path: str | None = None) -> torch.Tensor
         ffn = mlp.shared
         shared = (ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
     if not mlp.top_k:
-        return (gated_out if gated else shared_glu(flat, shared, mlp.act)).view_as(x)
+        return gated_out if gated else shared_glu(flat, shared, mlp.act)
     idx, weights = mlp.route(flat)
     if isinstance(mlp.experts, SplitExperts):
         y = split_forward(mlp.experts, flat, idx, weights, shared, path, mlp.act)
-        return (y if gated_out is None else gated_out + y).view_as(x)
+        return y if gated_out is None else gated_out + y
     w13, w2, bias = mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.down_bias
     y = moe_ffn(flat, idx, w13, w2, shared, weights, path, mlp.act)
     y = y if gated_out is None else gated_out + y
-    # DIVE's pruned experts add a bias each: the same few lines on every path
-    return (y if bias is None else y + expert_bias(idx, bias, weights)).view_as(x)
+    # DIVE's pruned experts, and a compensated layer's chosen ones, add a bias each: the same few
+    # lines on every path
+    return y if bias is None else y + expert_bias(idx, bias, weights)
 
 
 def split_forward(split: SplitExperts, x, idx, weights, shared, path: str, act: str):

@@ -301,7 +301,8 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                          f"{ROUTER_KINDS}")
     if moe.get("routing", "sum") not in ROUTINGS:
         raise ValueError(f"config.json moe.routing {moe.get('routing')!r} is not one of {ROUTINGS}")
-    for flag in ("norm_topk", "select_bias", "router_bias", "pruned_experts", "shared_gate"):
+    for flag in ("norm_topk", "select_bias", "router_bias", "pruned_experts", "shared_gate",
+                 "compensated"):
         if not isinstance(moe.get(flag, False), bool):
             raise ValueError(f"config.json moe.{flag} must be true or false, found {moe[flag]!r}")
     for i, layer in enumerate(layers):
@@ -673,10 +674,14 @@ class MoEMLP(nn.Module):
             MLP(dim, shared, act) if shared else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared and moe.get("shared_gate") \
             else None
+        # compensated: each routed expert's mean output when it is not chosen stands in for it: the
+        # sum of those means is `bias`, and a chosen expert's down_bias takes its own share back
+        compensated = bool(n_routed and moe.get("compensated"))
         self.experts = None if not n_routed else \
             SplitExperts(n_routed, dim, layer["split"], act) if layer.get("split") else \
-            Experts(n_routed, dim, moe["expert_dim"], bias=moe.get("pruned_experts", False),
-                    act=act)
+            Experts(n_routed, dim, moe["expert_dim"],
+                    bias=moe.get("pruned_experts", False) or compensated, act=act)
+        self.bias = nn.Parameter(torch.empty(dim)) if compensated else None  # (D,)
         self.router = Router(moe["router"], dim, n_routed, self.routing,
                              moe.get("select_bias", False), moe.get("router_bias", True), act) \
             if self.top_k else None
@@ -718,6 +723,7 @@ class MoEMLP(nn.Module):
         if self.kernel is not None:
             return self.kernel(self, x)
         y = self.shared_output(x)
+        y = y if self.bias is None else y + self.bias
         if not self.top_k:
             return y
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
@@ -1093,8 +1099,8 @@ def check_checkpoint(path: str, cfg: ModelConfig) -> Locations:
             tied = cfg.tie_embeddings and name == "lm_head.weight"
             if name.endswith(IGNORED_SUFFIXES) or tied:
                 continue
-            raise ValueError(f"{file}: unexpected tensor {stored!r}, not part of a {cfg.model_type} "
-                             f"model with this config.json")
+            raise ValueError(f"{file}: unexpected tensor {stored!r}, not part of a "
+                             f"{cfg.model_type} model with this config.json")
         want, shape = expected[name], tuple(entry["shape"])
         if not shape_matches(shape, tuple(want.shape)):
             raise ValueError(f"{file}: tensor {stored!r} has shape {shape}, config.json implies "

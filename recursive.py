@@ -34,6 +34,12 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
     if spec.method not in weaver.METHODS:
         raise ValueError(f"--method {spec.method} converts dense checkpoints only; an MoE's "
                          f"experts are split by one of {', '.join(weaver.METHODS)}")
+    if spec.compensate:
+        raise ValueError("--compensate is for a one-level conversion: a split expert's parts have "
+                         "no place for its bias")
+    if moe.get("compensated"):
+        raise ValueError("this MoE's experts carry a compensation bias, which splitting them "
+                         "would not keep: convert the dense model it came from")
     if spec.allocation == "cv" and spec.n_shared is None:
         raise ValueError("a recursive conversion splits every expert of a layer alike: use "
                          "--allocation uniform or --n-shared (the cv rule sizes each expert's "

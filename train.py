@@ -332,7 +332,8 @@ def merged_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
     """Freezes everything but the named sets (TRAINABLE; `experts` = every FFN weight, dense, shared
-    or routed) and the adapters; returns the trainable parameters by name."""
+    or routed, and a compensated layer's biases) and the adapters; returns the trainable parameters
+    by name."""
     model.requires_grad_("all" in names)
     for module in model.modules():
         ffn = "experts" in names and isinstance(module, (MLP, Experts))
@@ -341,6 +342,8 @@ def set_trainable(model, names: tuple) -> dict[str, nn.Parameter]:
             module.requires_grad_(True)
         if "router" in names and isinstance(module, MoEMLP) and module.router is not None:
             module.router.requires_grad_(True)
+        if "experts" in names and isinstance(module, MoEMLP) and module.bias is not None:
+            module.bias.requires_grad_(True)  # a compensated layer's stand-in for skipped experts
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 # -----------------------------------------------------------------------------

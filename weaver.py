@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flags import setting
-from model import ACTIVATIONS, MoEMLP
+from model import ACTIVATIONS, MoEMLP, glu
 
 # -----------------------------------------------------------------------------
 # the settings: what to convert into
@@ -106,6 +106,10 @@ class ConvertSpec:
     dense_layers: tuple = setting((), "layer indices to leave dense", type=int)
     sequential: bool = setting(False, "profile each layer on the outputs of the already-converted "
                                "layers (CMoE's carving) instead of the dense ones")
+    compensate: bool = setting(False, "each routed expert's mean output over the calibration "
+                               "tokens that skip it is added for every token that skips it (one "
+                               "bias per layer and one per expert, FLAP's compensation applied to "
+                               "routing; not exportable as Qwen2-MoE)")
     seed: int = setting(0, "seeds calibration sampling, k-means and the partition")
 
     # the methods and routers this spec takes (dive.DiveSpec takes its own)
@@ -138,6 +142,9 @@ class ConvertSpec:
         if (self.method == "static") != (self.router == "none"):
             raise ValueError(f"router {self.router!r} does not go with method {self.method!r}: "
                              f"static pruning has no router, every other method needs one")
+        if self.compensate and self.method in ("static", "dive"):
+            raise ValueError(f"compensate: method {self.method} has no skipped routed experts to "
+                             f"stand in for (DIVE's experts carry FLAP's own bias)")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
@@ -177,7 +184,8 @@ class ConvertSpec:
         """config.json's moe section, but for the per-layer entries the conversion adds."""
         return {"method": self.method, "num_experts": self.n_experts,
                 "expert_dim": self.expert_dim(ffn_dim), "router": self.router,
-                "router_bias": self.router_bias, "active": self.active}
+                "router_bias": self.router_bias, "active": self.active,
+                **({"compensated": True} if self.compensate else {})}
 
     def check_tasks(self, n_tasks: int) -> None:
         """What the spec needs of the calibration text."""
@@ -420,13 +428,16 @@ def plan_expertweaver(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec,
 # building an MoE layer from a plan: the dense weights regrouped, nothing recomputed
 
 
-def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> MoEMLP:
-    """The MoE FFN of a plan, its router's parameters still unset (fit_router)."""
+def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True,
+              compensated: bool = False) -> MoEMLP:
+    """The MoE FFN of a plan, its router's parameters still unset (fit_router) and its
+    compensation zero (compensate)."""
     gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     n_routed, d_e = plan.groups.shape
+    compensated = compensated and n_routed > 0
     options = {"expert_dim": d_e, "router": router, "router_bias": router_bias,
                "routing": plan.routing, "norm_topk": plan.norm_topk,
-               "pruned_experts": plan.bias is not None}
+               "pruned_experts": plan.bias is not None, "compensated": compensated}
     layer = {"shared_neurons": len(plan.shared), "routed_experts": n_routed, "top_k": plan.top_k}
     with torch.device("meta"):
         moe = MoEMLP(gate_w.shape[1], options, layer, mlp.act)
@@ -441,6 +452,9 @@ def build_moe(mlp, plan: LayerPlan, router: str, router_bias: bool = True) -> Mo
                   "experts.down_proj": down_w[:, plan.groups].permute(1, 2, 0)}  # (E, F, D)
     if plan.bias is not None:
         state["experts.down_bias"] = plan.bias  # (E, D)
+    if compensated:
+        state |= {"experts.down_bias": down_w.new_zeros(n_routed, down_w.shape[0]),
+                  "bias": down_w.new_zeros(down_w.shape[0])}
     state = {n: t.contiguous() for n, t in state.items()}
     result = moe.load_state_dict(state, strict=False, assign=True)
     assert all(n.startswith("router.") for n in result.missing_keys), result.missing_keys
@@ -587,6 +601,39 @@ def lsq_router(x: torch.Tensor, task: torch.Tensor, contributions, n_experts: in
     return {"weight": w[:D].T.float(), **({"bias": w[D].float()} if bias else {})}, info
 
 # -----------------------------------------------------------------------------
+# compensation (beyond the papers): FLAP's bias for pruned neurons, applied to the experts a token
+# skips
+
+
+@torch.no_grad()
+def compensate(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> dict:
+    """Each routed expert's mean output over the calibration tokens x (S, T, D) that the router
+    does not send to it, m_e, stands in for it on every token that skips it: the layer adds
+    sum_e m_e (moe.bias) and each chosen expert takes its own m_e back out (its down_bias). Per
+    expert, m_e is the constant that leaves the least squared error on the calibration tokens that
+    skip it. Returns the report's info: the stand-in's norm against the experts' mean output's."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, D)
+    experts = moe.experts
+    E, D = experts.down_proj.shape[0], flat.shape[1]
+    sums = torch.zeros(E, D, dtype=torch.float32, device=flat.device)
+    skipped = torch.zeros(E, dtype=torch.float32, device=flat.device)
+    output_norm = 0.0
+    for i in range(0, len(flat), batch_tokens):
+        xb = flat[i: i + batch_tokens]
+        idx, _ = moe.route(xb)
+        skips = torch.ones(len(xb), E, device=flat.device).scatter_(1, idx, 0.0)  # (n, E)
+        skipped += skips.sum(dim=0)
+        for e in range(E):
+            y = glu(xb, experts.gate_up_proj[e], experts.down_proj[e], moe.act).float()  # (n, D)
+            sums[e] += skips[:, e] @ y
+            output_norm += y.norm(dim=-1).sum().item()
+    means = sums / skipped.clamp_min(1)[:, None]  # (E, D); 0 for an expert no token skips
+    experts.down_bias.copy_(-means)
+    moe.bias.copy_(means.sum(dim=0))
+    return {"compensation_norm_over_output": means.sum(dim=0).norm().item()
+            / max(output_norm / len(flat), 1e-30)}
+
+# -----------------------------------------------------------------------------
 # the methods beside it: a random partition, CMoE (with its router), static pruning
 
 
@@ -718,9 +765,12 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     with timed(timings, "partition"):
         plan = PLANS[spec.method](stats, task, spec, seed)
     with timed(timings, "build"):
-        moe = build_moe(mlp, plan, spec.router, spec.router_bias)
+        moe = build_moe(mlp, plan, spec.router, spec.router_bias, spec.compensate)
     with timed(timings, "router"):
         info = fit_router(moe, plan, x, task)
+    if moe.bias is not None:
+        with timed(timings, "compensate"):
+            info |= compensate(moe, x)
     return moe, layer_row(moe, plan, x, info, timings)
 
 

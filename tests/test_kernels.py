@@ -122,9 +122,11 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
             assert error <= 0.01 * expected.float().abs().max()
 
 
-def test_model_through_kernels_matches_reference_model():
+@pytest.mark.parametrize("compensate", [False, True])
+def test_model_through_kernels_matches_reference_model(compensate):
     from conftest import TOKENS, assert_same_greedy, converted, tiny_model
-    model = converted(tiny_model("qwen3", ffn_dim=48, n_layers=2), n_experts=8, active=0.5)
+    model = converted(tiny_model("qwen3", ffn_dim=48, n_layers=2), n_experts=8, active=0.5,
+                      compensate=compensate)
     expected = model(TOKENS)
     kernels.use_kernels(model, compile=False)
     assert all(b.mlp.kernel is not None for b in model.layers)

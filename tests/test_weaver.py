@@ -1,5 +1,8 @@
 """weaver.py: partition invariants, planted structure recovered, exactness of the full-shared and
 all-experts MoE, every method and router, the lsq fit."""
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,3 +341,47 @@ def test_cmoe_markers_mark_k_act_neurons_per_token():
 
 
 # ---- calibration and the CLI
+
+
+# ---- compensation
+
+
+def test_compensation_leaves_no_mean_error_on_the_calibration_tokens():
+    # each expert's stand-in is its mean output over the calibration tokens that skip it, so over
+    # them the compensated layer's error against the dense FFN averages to zero; the same experts
+    # are chosen as without it
+    dense = tiny_model("llama", 32, 48, 1).layers[0].mlp
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0))  # (S, T, D)
+    task = torch.tensor([0, 0, 1, 1])
+    spec = weaver.ConvertSpec(n_experts=8, active=0.5, compensate=True)
+    moe, row = weaver.convert_ffn(copy.deepcopy(dense), x, task, spec, seed=0)
+    plain, _ = weaver.convert_ffn(copy.deepcopy(dense), x, task, replace(spec, compensate=False),
+                                  seed=0)
+    flat = x.reshape(-1, 32)
+    assert torch.equal(moe.route(flat)[0], plain.route(flat)[0])
+    error, plain_error = (dense(flat) - moe(flat)).mean(0), (dense(flat) - plain(flat)).mean(0)
+    assert error.abs().max() < 1e-6 < 1e-3 < plain_error.abs().max()
+    assert row["compensation_norm_over_output"] > 0
+    # the layer adds the stand-ins of exactly the experts a token skips
+    idx = moe.route(flat)[0]
+    skipped = torch.ones(len(flat), 6).scatter_(1, idx, 0.0)
+    torch.testing.assert_close(moe(flat) - plain(flat), skipped @ -moe.experts.down_bias,
+                               atol=1e-5, rtol=0)
+
+
+def test_compensated_model_round_trips_and_is_refused_where_it_cannot_go(tmp_path):
+    from checkpoint import save_checkpoint
+    from conftest import hf_config_of
+    from export import export_problems
+    import recursive
+    model = converted(tiny_model("llama", 32, 48, 2), n_experts=8, active=0.5, compensate=True)
+    assert model.cfg.moe["compensated"] and all(b.mlp.bias is not None for b in model.layers)
+    save_checkpoint(model, hf_config_of(model), str(tmp_path / "moe"))
+    loaded = modeling.load_model(str(tmp_path / "moe"))
+    assert torch.equal(loaded(TOKENS), model(TOKENS))
+    problems = export_problems(loaded.cfg)
+    assert len(problems) == 1 and "--compensate" in problems[0]
+    with pytest.raises(ValueError, match="compensation bias"):
+        recursive.check_spec(weaver.ConvertSpec(n_experts=2), loaded.cfg.moe, loaded.cfg)
+    with pytest.raises(ValueError, match="no skipped routed experts"):
+        weaver.ConvertSpec(method="static", compensate=True)
