@@ -715,7 +715,7 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
               holdout: float, seed: int, one_level: str = "expertweaver",
               budget: dict | None = None, balance: float = 0.01, val_windows: int = 4,
               val_every: int = 16, routing: str = "scaled",
-              dense_path: str | None = None) -> list[dict]:
+              dense_path: str | None = None, save_outer: str | None = None) -> list[dict]:
     """Is a hierarchy better than one level at equal compute? The demo converted by the row
     `outer` at outer_active into an MoE with large experts. Without a training budget, that MoE is
     exported as a stock Qwen2-MoE and read back as one (model.py's HF MoE path); with one, it is
@@ -734,6 +734,8 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     demo, path = path, dense_path or path
     cfg = load_config(path)[0]
     outer_dir = outer if os.path.isdir(outer) else None
+    if save_outer and os.path.exists(save_outer):
+        raise ValueError(f"--save-outer {save_outer} exists: give a new directory")
     if outer_dir and (load_config(outer_dir)[0].moe is None or budget):
         raise ValueError(f"--outer {outer}: a directory must hold an MoE checkpoint, which is "
                          f"split as it is (without --tokens)")
@@ -786,6 +788,8 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
             label, run = f"outer: {outer} at {outer_active}, as Qwen2-MoE", None
         stock = outer_dir or os.path.join(work, "outer")
         outer_row = add(label, load_model(stock), time.time() - t0)
+        if save_outer and not outer_dir:  # e.g. to split it again with --outer DIR
+            shutil.copytree(stock, save_outer)
         if run:
             outer_row["curve"] = run["curve"]
         for fraction in inner:
@@ -884,7 +888,7 @@ def run_command(a) -> list[dict]:
                          eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
                          holdout=a.holdout, budget=budget, balance=a.balance,
                          val_windows=a.val_windows, val_every=a.val_every, routing=a.routing,
-                         dense_path=a.dense)
+                         dense_path=a.dense, save_outer=a.save_outer)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -952,6 +956,9 @@ if __name__ == "__main__":
     rb.add_argument("--outer", default="expertweaver:n_experts=16:n_shared=4",
                     help="the MoE with large experts, as a quality row (exportable as Qwen2-MoE), "
                     "or an MoE checkpoint directory of the demo to split as it is")
+    rb.add_argument("--save-outer", default=None,
+                    help="also keep the outer MoE (converted, or trained with --tokens) in this "
+                    "new directory")
     rb.add_argument("--dense", default=None,
                     help="a dense checkpoint of the demo's shape (e.g. the demo trained as the "
                     "outer MoE was) that is the reference and is converted in one level "

@@ -19,10 +19,12 @@ SiLU in the papers, tanh-GELU in Gemma):
   5. route     the paper: an expert's router row = the mean gate row of its neurons ("centroid");
                by default here a linear router fitted in closed form to each expert's output norm
                ("lsq"). Top-k per token, outputs summed unweighted.
-Read top to bottom: the settings; the paper's steps (profile, allocate and share, partition, the
-centroid router), ExpertWeaver's plan and the MoE layer built from it; this repository's changes
-(the uniform allocation in step 2, the contribution ranking in step 3, the lsq router, 128 experts
-rather than the paper's 64); the methods beside it (random, CMoE, static); the per-layer loop.
+Optionally (--compensate, beyond the papers): each routed expert's mean output over the calibration
+tokens that skip it is added for the tokens that skip it. Read top to bottom: the settings; the
+paper's steps (profile, allocate and share, partition, the centroid router), ExpertWeaver's plan and
+the MoE layer built from it; this repository's changes (the uniform allocation in step 2, the
+contribution ranking in step 3, the lsq router, 128 experts rather than the paper's 64, the
+compensation); the methods beside it (random, CMoE, static); the per-layer loop.
 """
 import itertools
 import time
