@@ -933,10 +933,11 @@ class Locations(dict):
         for name, file in where.items():
             if multimodal and name.startswith(VISION_PREFIXES):
                 continue
-            prefix = next((p for p in LANGUAGE_MODEL_PREFIXES if name.startswith(p)), None)
-            if multimodal and prefix:
-                self.stored[LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]] = name
-                name = LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]
+            prefix = multimodal and next(
+                (p for p in LANGUAGE_MODEL_PREFIXES if name.startswith(p)), None)
+            if prefix:
+                ours_name = LANGUAGE_MODEL_PREFIXES[prefix] + name[len(prefix):]
+                self.stored[ours_name], name = name, ours_name
             ours[name] = file
         super().__init__(ours)
 
