@@ -28,23 +28,35 @@ import torch.nn as nn
 PARALLEL = ("ddp", "fsdp")
 
 
-def setup(device: str, parallel: str) -> tuple[int, int, str]:
-    """-> (rank, world size, this process's device). torchrun's environment makes the process
-    group; FSDP2 needs one even on a single process, so it gets a group of one."""
+def setup(device: str, parallel: str) -> tuple[int, int, str, bool]:
+    """-> (rank, world size, this process's device, whether this call made the process group).
+    torchrun's environment makes the group; FSDP2 needs one even on a single process, so it gets a
+    group of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and parallel == "ddp":
-        return 0, 1, device
+        return 0, 1, device, False
     import torch.distributed as dist
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, made
+
+
+def teardown(made: bool) -> None:
+    """Ends the process group that setup made, once the run has finished. Without it gloo's
+    threads can outlive the interpreter and abort the process at exit ("terminate called without
+    an active exception"), failing a run that had finished. Not called after an error: another
+    rank may still wait in a collective, and the destroy would hang on it."""
+    if made:
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 def wrap(objective: nn.Module, model: nn.Module, parallel: str, world: int, device: str,

@@ -47,7 +47,8 @@ from export import norm_output_bound, score_bound
 from flags import add_flags, from_flags, setting
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
                    check_device, load_config, load_model, load_tokenizer)
-from parallel import PARALLEL, clip_gradients, peak_memory, setup, shard_like, whole, wrap
+from parallel import (PARALLEL, clip_gradients, peak_memory, setup, shard_like, teardown, whole,
+                      wrap)
 
 # -----------------------------------------------------------------------------
 # the spec: everything that decides the result (a resumed run must have the same)
@@ -688,7 +689,7 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
     in run.save_dtype (default: the checkpoint's). Returns the log rows: training steps, and
     validation ppl per task."""
     run = run or RunSpec()
-    rank, world, device = setup(run.device, run.parallel)
+    rank, world, device, made_group = setup(run.device, run.parallel)
     say = log if rank == 0 else (lambda *_: None)
     for file in (file_and_task(d)[0] for d in spec.data):
         check_file(file)
@@ -782,6 +783,7 @@ def train(checkpoint: str, out: str, spec: TrainSpec, run: RunSpec | None = None
                 save(out, model, hf_config, base, optimizer, model_state, tensors, step, steps,
                      spec, world, rows, save_dtype, saved)
             saved = f"the state saved at step {step}"
+    teardown(made_group)
     say(f"wrote {out}")
     return rows
 
