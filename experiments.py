@@ -715,7 +715,8 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
               holdout: float, seed: int, one_level: str = "expertweaver",
               budget: dict | None = None, balance: float = 0.01, val_windows: int = 4,
               val_every: int = 16, routing: str = "scaled",
-              dense_path: str | None = None, save_outer: str | None = None) -> list[dict]:
+              dense_path: str | None = None, save_outer: str | None = None,
+              tasks: tuple = (), task_limit: int | None = None) -> list[dict]:
     """Is a hierarchy better than one level at equal compute? The demo converted by the row
     `outer` at outer_active into an MoE with large experts. Without a training budget, that MoE is
     exported as a stock Qwen2-MoE and read back as one (model.py's HF MoE path); with one, it is
@@ -726,8 +727,10 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     row one_level) to the same share of FFN neurons. Held-out ppl against the dense model's and the
     outer MoE's, and the FFN FLOPs per token. `outer` may instead be an MoE checkpoint of the demo
     (e.g. one trained before), and dense_path a checkpoint of the demo's shape (e.g. the demo
-    trained alike) that is the reference and is converted in one level."""
+    trained alike) that is the reference and is converted in one level. With tasks, every row's
+    zero-shot accuracy too, against the reference's."""
     files = task_files(data, "hierarchy")
+    eval_dir = check_tasks(data, tasks)
     make_train_spec, path, calib = training_setup(data, "hierarchy", calib_samples, calib_seqlen,
                                                   seed, holdout=holdout,
                                                   **(budget or UNTRAINED))
@@ -749,8 +752,12 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     evals = {task: heldout_tokens(tokenizer, f, holdout) for task, f in files.items()}
     ppl_of = lambda model: {task: perplexity(model, tokens, eval_seqlen, eval_windows)[1]
                             for task, tokens in evals.items()}
+    score = lambda model: score_tasks(model, tokenizer, eval_dir, tasks, task_limit) if tasks \
+        else {}
     with torch.no_grad():
-        dense = ppl_of(load_model(path))
+        dense_model = load_model(path)
+        dense, dense_acc = ppl_of(dense_model), score(dense_model)
+        del dense_model
     rows = []
 
     def add(label: str, model, seconds: float, outer_ppl: dict | None = None) -> dict:
@@ -760,7 +767,9 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
                "ffn_share": flops["experts"] / flops["dense"],
                "flops_share": (flops["experts"] + flops["router"]) / flops["dense"],
                "vs_outer": None if outer_ppl is None else
-               geomean(ppl[t] / outer_ppl[t] for t in ppl), "convert_seconds": seconds}
+               geomean(ppl[t] / outer_ppl[t] for t in ppl), "convert_seconds": seconds,
+               "tasks": score(model)}
+        row["active"] = row["ffn_share"]  # print_accuracy_table's column
         rows.append(row)
         print(f"{label}: FFN neurons {row['ffn_share']:.1%} (FLOPs with routers "
               f"{row['flops_share']:.1%}), geomean ppl ratio x{row['geomean']:.3f}"
@@ -815,11 +824,13 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
                   *(f"{r['ppl'][t] / dense[t]:.3f}" for t in tasks), f"**{r['geomean']:.3f}**",
                   "" if r["vs_outer"] is None else f"{r['vs_outer']:.3f}",
                   f"{r['convert_seconds']:.0f}"] for r in rows])
+    if tasks:
+        print_accuracy_table(rows, dense_acc)
     if budget:
         print("\nthe outer MoE's downcycling: validation loss (mean NLL over the tasks) by step\n")
         print_table(["step", *(str(step) for step, _ in run["curve"])],
                     [["val loss", *(f"{nll:.3f}" for _, nll in run["curve"])]])
-    return [{"row": "dense", "ppl": dense}] + rows
+    return [{"row": "dense", "ppl": dense, "tasks": dense_acc}] + rows
 
 
 def compare_export(ours, hf, evals: dict, prompt: torch.Tensor) -> dict:
@@ -888,7 +899,8 @@ def run_command(a) -> list[dict]:
                          eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows,
                          holdout=a.holdout, budget=budget, balance=a.balance,
                          val_windows=a.val_windows, val_every=a.val_every, routing=a.routing,
-                         dense_path=a.dense, save_outer=a.save_outer)
+                         dense_path=a.dense, save_outer=a.save_outer, tasks=tuple(a.tasks),
+                         task_limit=a.task_limit)
     if a.command == "export":
         torch.set_grad_enabled(False)
         return export_bench(**text, eps_values=a.eps, holdout=a.holdout,
@@ -940,10 +952,6 @@ if __name__ == "__main__":
         s.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
         s.add_argument("--eval-windows", type=int, default=8, help="held-out windows per task")
         data_flags(s, "evaluated", "calibration windows and k-means")
-        s.add_argument("--tasks", nargs="*", default=[], choices=list(TASKS),
-                       help="also score zero-shot accuracy on these tasks (files in DATA/eval)")
-        s.add_argument("--task-limit", type=int, default=None,
-                       help="score the first this many items of each task (default: all)")
     eb = sub.add_parser("export", help="the demo exported as Qwen2-MoE, run by transformers "
                         "against our model", formatter_class=defaults)
     eb.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -12, 2.0 ** -10, 2.0 ** -8],
@@ -992,6 +1000,11 @@ if __name__ == "__main__":
     rb.add_argument("--val-windows", type=int, default=4,
                     help="--tokens: held-out windows of 512 tokens per task while training")
     rb.add_argument("--val-every", type=int, default=16, help="--tokens: steps between validations")
+    for s in (q, sv, rb):
+        s.add_argument("--tasks", nargs="*", default=[], choices=list(TASKS),
+                       help="also score zero-shot accuracy on these tasks (files in DATA/eval)")
+        s.add_argument("--task-limit", type=int, default=None,
+                       help="score the first this many items of each task (default: all)")
     hb = sub.add_parser("heal", help="conversions healed with LoRA + router vs the dense model "
                         "trained alike", formatter_class=defaults)
     hb.add_argument("--rows", nargs="+", help="conversions, as in quality",

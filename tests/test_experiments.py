@@ -21,23 +21,29 @@ def test_router_flops_accounting():
     assert flops["router"] == 2 * D * layer["routed_experts"]
 
 
-def test_hierarchy_splits_an_exported_moe_and_counts_its_flops(tiny_checkpoint, monkeypatch,
-                                                               capsys):
+def test_hierarchy_splits_an_exported_moe_and_counts_its_flops(tiny_checkpoint, tmp_path,
+                                                               monkeypatch, capsys):
+    from test_data import write_tasks
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
     monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
     monkeypatch.setattr(experiments, "task_files", lambda data, command: files)
     pytest.importorskip("transformers")
+    (tmp_path / "eval").mkdir()
+    write_tasks(tmp_path / "eval")
     # 4 experts of 12 (one shared, the top-1 of three routed), each split into 2 sub-experts of 6
-    out = experiments.hierarchy("unused", "expertweaver:n_experts=4:n_shared=1", 0.5, 2,
+    out = experiments.hierarchy(str(tmp_path), "expertweaver:n_experts=4:n_shared=1", 0.5, 2,
                                 [1.0, 0.5], calib_samples=2, calib_seqlen=16, eval_seqlen=16,
                                 eval_windows=2, holdout=0.1, seed=0,
-                                one_level="expertweaver:n_experts=8")
+                                one_level="expertweaver:n_experts=8", tasks=("piqa", "sciq"))
     outer, whole, one_level, half, one_level_half = out[1:]
+    assert whole["tasks"] == outer["tasks"] and set(half["tasks"]) == {"piqa", "sciq"}
     assert outer["ffn_share"] == pytest.approx(0.5) and whole["ffn_share"] == pytest.approx(0.5)
     assert whole["vs_outer"] == pytest.approx(1.0, rel=1e-4)  # every part of an expert computed
     assert half["ffn_share"] == pytest.approx(0.25) == one_level_half["ffn_share"]
     assert half["flops_share"] > half["ffn_share"]  # the routers, both levels
-    assert "| its experts split, 0.5 of each active | 25.0% |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| its experts split, 0.5 of each active | 25.0% |" in printed
+    assert "| `its experts split, 0.5 of each active` | 0.25 |" in printed  # its accuracy
 
 
 def test_quality_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
