@@ -43,7 +43,8 @@ from checkpoint import CheckpointWriter, exit_on_sigterm, output_dir
 from convert import convert_checkpoint, convert_model, peak_rss_gib
 from data import Calibration, calibration_from_files, calibration_from_model, perplexity, read_text
 from demo import demo_checkpoint, resolve
-from model import MLP, Block, ModelConfig, MoEMLP, check_device, load_model, load_tokenizer
+from model import (MLP, ModelConfig, MoEMLP, Transformer, check_device, load_model, load_tokenizer,
+                   stored_tensors)
 from weaver import ConvertSpec, build_moe, fit_router, plan_expertweaver, profile_layer
 
 SHAPES = {"demo": (576, 1536), "llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944)}  # (D, d_ff)
@@ -441,6 +442,15 @@ SYNTH_CONFIGS = {
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
                    "tie_word_embeddings": False, "max_position_embeddings": 32768},
+    # Qwen3-30B-A3B's layout (q/k norms, 64 experts here against its 128, top-8, renormalised),
+    # scaled to what this CPU converts in minutes: 1.3B parameters, 75M of experts per layer
+    "qwen3-moe-16l": {"model_type": "qwen3_moe", "hidden_size": 1024, "intermediate_size": 3072,
+                      "moe_intermediate_size": 384, "num_experts": 64, "num_experts_per_tok": 8,
+                      "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                      "num_hidden_layers": 16, "num_attention_heads": 16,
+                      "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32768,
+                      "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+                      "max_position_embeddings": 32768},
 }
 
 
@@ -459,20 +469,14 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
 
     def random(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+    with torch.device("meta"):  # names and shapes only, as the checkpoint stores them (a stock
+        shapes = {n: t.shape for n, t in stored_tensors(Transformer(cfg)).items()}  # MoE: per expert
     t0 = time.time()
     with output_dir(out) as tmp:
         writer = CheckpointWriter(tmp)
-        writer.add("model.embed_tokens.weight", random(cfg.vocab_size, cfg.dim))
-        for i in range(cfg.n_layers):
-            with torch.device("meta"):
-                shapes = {n: t.shape for n, t in Block(cfg, i).state_dict().items()}
-            for n, shape in shapes.items():
-                norm = n.endswith("norm.weight")
-                writer.add(f"model.layers.{i}.{n}",
-                           torch.ones(shape, dtype=torch.bfloat16) if norm else random(*shape))
-        writer.add("model.norm.weight", torch.ones(cfg.dim, dtype=torch.bfloat16))
-        if not cfg.tie_embeddings:
-            writer.add("lm_head.weight", random(cfg.vocab_size, cfg.dim))
+        for n, shape in shapes.items():  # embedding, layer by layer, final norm, output head
+            norm = n.endswith("norm.weight")
+            writer.add(n, torch.ones(shape, dtype=torch.bfloat16) if norm else random(*shape))
         writer.finish()
         writer.json("config.json", hf)
         writer.copy_tokenizer(source)
@@ -483,11 +487,13 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
 
 
 def convert_bench(name: str, layers: int | None, directory: str, samples: int, seqlen: int,
-                  tasks: int, device: str, dtype: str, keep: bool) -> dict:
+                  tasks: int, device: str, dtype: str, keep: bool,
+                  n_experts: int | None = None) -> dict:
     """Converts a synthetic checkpoint (written first, by a child process so its memory is not
-    counted here): wall time per stage and peak RSS of this process. Calibration: random tokens,
-    `tasks` tasks drawing from separate slices of the vocabulary (the weights are random, so text
-    would mean nothing)."""
+    counted here) with the default spec (n_experts: its experts per layer, or per expert when the
+    checkpoint is an MoE): wall time per stage and peak RSS of this process. Calibration: random
+    tokens, `tasks` tasks drawing from separate slices of the vocabulary (the weights are random,
+    so text would mean nothing)."""
     import subprocess
     import sys
     source = os.path.join(directory, f"{name}-{layers or 'all'}")
@@ -507,8 +513,9 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
           f"{seqlen} tokens")
     out = source + "-moe"
     t0 = time.time()
-    report = convert_checkpoint(source, out, calib, ConvertSpec(), getattr(torch, dtype), device,
-                                torch.bfloat16, log=lambda line: print(line, flush=True))
+    report = convert_checkpoint(source, out, calib, ConvertSpec(n_experts=n_experts),
+                                getattr(torch, dtype), device, torch.bfloat16,
+                                log=lambda line: print(line, flush=True))
     seconds = time.time() - t0
     peak = peak_rss_gib()
     timings = report["timings"]
@@ -517,7 +524,8 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     print(f"time per stage: {stages}; total {seconds:.1f}s")
     print(f"per layer: {seconds / n_layers:.2f}s; profile "
           f"{timings['profile'] / n_layers / calib_tokens * 1e3:.3f}s per 1k calibration tokens; "
-          f"partition + router {(timings['partition'] + timings['router']) / n_layers:.2f}s")
+          f"partition + router "
+          f"{(timings.get('partition', 0) + timings.get('router', 0)) / n_layers:.2f}s")
     print(f"peak RSS {peak:.2f} GiB")
     if not keep:
         shutil.rmtree(out)
@@ -608,7 +616,7 @@ def run_command(a) -> list[dict]:
     if a.command == "convert":
         return [convert_bench(name=a.model, layers=a.layers, directory=a.dir, samples=a.samples,
                               seqlen=a.seqlen, tasks=a.tasks, device=a.device, dtype=a.dtype,
-                              keep=a.keep)]
+                              keep=a.keep, n_experts=a.experts)]
     if a.command == "split":
         return split_bench(shapes=a.shapes, inner=a.inner, sub_experts=a.sub_experts,
                            tokens=a.tokens, min_time=a.min_time)
@@ -704,6 +712,9 @@ if __name__ == "__main__":
     cb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
     cb.add_argument("--keep", action="store_true", help="keep the converted output")
+    cb.add_argument("--experts", type=int, default=None,
+                    help="experts per layer (an MoE checkpoint: sub-experts per expert; default: "
+                    "convert.py's)")
     pb = sub.add_parser("partition", help="time partition + router for one layer",
                         formatter_class=defaults)
     pb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the layer shape")

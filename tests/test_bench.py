@@ -80,6 +80,29 @@ def test_convert_bench_on_a_tiny_synthetic_model(tmp_path, monkeypatch):
     assert moe.cfg.moe["num_experts"] == 128 and moe(torch.arange(8)[None]).shape == (1, 8, 256)
 
 
+def test_a_synthetic_stock_moe_is_written_per_expert_and_split_streaming(tmp_path, monkeypatch):
+    tiny = {**bench.SYNTH_CONFIGS["qwen3-moe-16l"], "hidden_size": 32, "intermediate_size": 64,
+            "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 16, "vocab_size": 256}
+    monkeypatch.setitem(bench.SYNTH_CONFIGS, "tiny-moe", tiny)
+    source = bench.synth_checkpoint("tiny-moe", None, str(tmp_path / "tiny-moe-all"))
+    from safetensors import safe_open
+    with safe_open(os.path.join(source, "model.safetensors"), "pt") as f:  # Qwen3-MoE's own names
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in f.keys()
+        assert f.get_tensor("model.layers.0.self_attn.q_norm.weight").eq(1).all()
+    row = bench.convert_bench("tiny-moe", None, str(tmp_path), samples=2, seqlen=16, tasks=2,
+                              device="cpu", dtype="float32", keep=True, n_experts=2)
+    assert row["layers"] == 2 and row["peak_rss_gib"] > 0
+    import model as modeling
+    split = modeling.load_model(source + "-moe")
+    for layer in split.cfg.moe["layers"]:  # each expert of 16 neurons in two parts of 8
+        parts = layer["split"]
+        assert parts["expert_dim"] == 8
+        assert parts["shared_neurons"] + 8 * parts["routed_experts"] == 16
+    assert split(torch.arange(8)[None]).shape == (1, 8, 256)
+
+
 def test_partition_bench_on_a_tiny_shape(monkeypatch):
     monkeypatch.setitem(bench.SYNTH_CONFIGS, "tiny", {"hidden_size": 32, "intermediate_size": 128})
     rows = bench.partition_bench("tiny", samples=8, tokens=16, repeats=1)
