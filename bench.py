@@ -488,10 +488,11 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
 
 def convert_bench(name: str, layers: int | None, directory: str, samples: int, seqlen: int,
                   tasks: int, device: str, dtype: str, keep: bool,
-                  n_experts: int | None = None) -> dict:
+                  n_experts: int | None = None, max_shard_gb: float = 2.0) -> dict:
     """Converts a synthetic checkpoint (written first, by a child process so its memory is not
     counted here) with the default spec (n_experts: its experts per layer, or per expert when the
-    checkpoint is an MoE): wall time per stage and peak RSS of this process. Calibration: random
+    checkpoint is an MoE), in output shards of max_shard_gb (the converter holds one): wall time
+    per stage and peak RSS of this process. Calibration: random
     tokens, `tasks` tasks drawing from separate slices of the vocabulary (the weights are random,
     so text would mean nothing)."""
     import subprocess
@@ -515,7 +516,7 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     t0 = time.time()
     report = convert_checkpoint(source, out, calib, ConvertSpec(n_experts=n_experts),
                                 getattr(torch, dtype), device, torch.bfloat16,
-                                log=lambda line: print(line, flush=True))
+                                int(max_shard_gb * 2**30), log=lambda line: print(line, flush=True))
     seconds = time.time() - t0
     peak = peak_rss_gib()
     timings = report["timings"]
@@ -616,7 +617,7 @@ def run_command(a) -> list[dict]:
     if a.command == "convert":
         return [convert_bench(name=a.model, layers=a.layers, directory=a.dir, samples=a.samples,
                               seqlen=a.seqlen, tasks=a.tasks, device=a.device, dtype=a.dtype,
-                              keep=a.keep, n_experts=a.experts)]
+                              keep=a.keep, n_experts=a.experts, max_shard_gb=a.max_shard_gb)]
     if a.command == "split":
         return split_bench(shapes=a.shapes, inner=a.inner, sub_experts=a.sub_experts,
                            tokens=a.tokens, min_time=a.min_time)
@@ -715,6 +716,8 @@ if __name__ == "__main__":
     cb.add_argument("--experts", type=int, default=None,
                     help="experts per layer (an MoE checkpoint: sub-experts per expert; default: "
                     "convert.py's)")
+    cb.add_argument("--max-shard-gb", type=float, default=2.0,
+                    help="largest output shard, which the converter holds in memory")
     pb = sub.add_parser("partition", help="time partition + router for one layer",
                         formatter_class=defaults)
     pb.add_argument("model", choices=list(SYNTH_CONFIGS), help="the layer shape")
