@@ -120,8 +120,8 @@ def format_layer(row: dict, n_layers: int) -> str:
         if nested:
             text += (f"; shared expert {nested['shared_neurons']} + {nested['routed_experts']} "
                      f"experts, top-k {nested['top_k']}")
-        if row["profiled_on_all_tokens"]:
-            text += f"; {len(row['profiled_on_all_tokens'])} profiled on all tokens"
+        if row["topped_up"]:
+            text += f"; {len(row['topped_up'])} topped up with their nearest tokens"
         return f"{text}  ({row['seconds']:.1f}s)"
     r = f"r {row['r']:.2f} alpha {row['alpha']:.2f}  " if row["r"] is not None else ""
     load = ""

@@ -11,9 +11,9 @@ Imports model.py (the MoE layer) and weaver.py (the methods, one GLU at a time).
 is profiled on the calibration tokens its outer router sends to it, the shared expert on all of
 them. A weaver method reads its calibration as samples of a task; here an expert's tokens of each
 task, in order, are cut into samples of SAMPLE_TOKENS (the last partial one dropped). An expert
-sent fewer than MIN_TOKENS tokens has too little to profile, cluster and fit a router on: it is
-profiled on all of the layer's tokens instead, as if the outer router had sent them, and the
-report lists it. Every expert of a layer is split into the same shape (so the layer stays stacked):
+sent fewer than MIN_TOKENS tokens has too little to profile, cluster and fit a router on: its
+tokens are topped up with those the outer router came nearest to sending it (the smallest gap
+between the expert's score and the token's k-th chosen score), and the report lists it. Every expert of a layer is split into the same shape (so the layer stays stacked):
 the allocation must be uniform or --n-shared fixed. Read top to bottom: the checks, the tokens of
 each expert, one layer, the converter convert.py calls.
 """
@@ -23,7 +23,7 @@ import weaver
 from model import MLP, MoEMLP, SplitExperts
 
 SAMPLE_TOKENS = 32  # tokens per calibration sample of one expert
-MIN_TOKENS = 4 * SAMPLE_TOKENS  # fewer routed tokens than this: profiled on all the layer's
+MIN_TOKENS = 4 * SAMPLE_TOKENS  # fewer routed tokens than this: topped up with the nearest
 
 # -----------------------------------------------------------------------------
 # the checks, before any calibration work
@@ -64,10 +64,32 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
 
 
 @torch.no_grad()
-def routed_to(mlp: MoEMLP, flat: torch.Tensor) -> torch.Tensor:
-    """The outer top-k of each token: flat (N, D) -> (N, K) expert ids, in batches."""
-    step = weaver.BATCH_TOKENS
-    return torch.cat([mlp.route(flat[i: i + step])[0] for i in range(0, len(flat), step)])
+def routed_to(mlp: MoEMLP, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outer top-k of each token, and how near each expert came to it: flat (N, D) -> (N, K)
+    expert ids, and (N, E) float32 each expert's score less the token's k-th chosen score, both
+    without the expert's own selection bias (a constant per expert, which would only drown the
+    scores of an expert it keeps out), in batches."""
+    ids, gaps = [], []
+    for i in range(0, len(flat), weaver.BATCH_TOKENS):
+        scores = mlp.router(flat[i: i + weaver.BATCH_TOKENS], mlp.experts).float()  # (n, E)
+        bias = mlp.router.select_bias
+        biased = scores if bias is None else scores + bias
+        chosen = biased.topk(mlp.top_k, dim=-1)  # as MoEMLP.choose picks
+        ids.append(chosen.indices)
+        gaps.append(scores - chosen.values[:, -1:])
+    return torch.cat(ids), torch.cat(gaps)
+
+
+def tokens_of(e: int, idx: torch.Tensor, gap: torch.Tensor, need: int) -> torch.Tensor:
+    """The ids (ascending) of the tokens expert e is profiled on: those routed to it (idx (N, K)),
+    topped up to `need` with the others it came nearest to (the largest gap (N, E))."""
+    routed = (idx == e).any(dim=-1)  # (N,)
+    mine = routed.nonzero().squeeze(-1)
+    if len(mine) >= need:
+        return mine
+    rest = (~routed).nonzero().squeeze(-1)
+    nearest = rest[gap[rest, e].argsort(descending=True, stable=True)[:need - len(mine)]]
+    return torch.cat([mine, nearest]).sort().values
 
 
 def samples_of(flat: torch.Tensor, token_task: torch.Tensor,
@@ -136,14 +158,16 @@ def split_layer(mlp: MoEMLP, x: torch.Tensor, task: torch.Tensor, spec: weaver.C
     flat, token_task = x.reshape(-1, D), task.repeat_interleave(T)  # (N, D), (N,)
     E = mlp.experts.gate_up_proj.shape[0]
     with weaver.timed(timings, "route"):
-        idx = routed_to(mlp, flat)  # (N, K)
-    parts, fallback, tokens = [], [], []
+        idx, gap = routed_to(mlp, flat)  # (N, K), (N, E)
+    # enough to keep MIN_TOKENS once samples_of drops each task's partial sample
+    need = MIN_TOKENS + len(token_task.unique()) * (SAMPLE_TOKENS - 1)
+    parts, topped_up, tokens = [], [], []
     for e in range(E):
-        chosen = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-        tokens.append(len(chosen))
-        if len(chosen) < MIN_TOKENS:  # too few to learn from: as if every token came
-            fallback.append(e)
-            chosen = torch.arange(len(flat), device=flat.device)
+        routed = int((idx == e).any(dim=-1).sum())
+        tokens.append(routed)
+        chosen = tokens_of(e, idx, gap, need if routed < MIN_TOKENS else 0)
+        if routed < MIN_TOKENS:
+            topped_up.append(e)
         xe, te = samples_of(flat, token_task, chosen)
         markers = weaver.marker_tokens(spec, xe.shape[0] * xe.shape[1], x.device)
         moe_e, row_e = weaver.convert_ffn(expert_glu(mlp, e), xe, te, spec, seed + e, markers,
@@ -159,7 +183,7 @@ def split_layer(mlp: MoEMLP, x: torch.Tensor, task: torch.Tensor, spec: weaver.C
         split = stacked(parts, entry, E, D, mlp.act)
     row = {"experts_split": E, "split": {k: entry[k] for k in ("shared_neurons", "routed_experts",
                                                                "top_k", "expert_dim")},
-           "tokens_per_expert": tokens, "profiled_on_all_tokens": fallback}
+           "tokens_per_expert": tokens, "topped_up": topped_up}
     shared = mlp.shared
     if isinstance(shared, MLP):  # the shared expert, on every token
         shared, row_s = weaver.convert_ffn(shared, x, task, spec, seed + E,

@@ -107,23 +107,45 @@ def test_the_tokens_of_each_expert_are_cut_into_samples_per_task():
     assert x[0, :, 0].tolist() == list(range(0, 16, 2)) and x[3, 0, 0] == 60
 
 
-def test_an_expert_sent_too_few_tokens_is_profiled_on_all_of_them(monkeypatch):
+def test_an_expert_sent_too_few_tokens_is_topped_up_with_its_nearest_tokens(monkeypatch):
     calib = random_calibration(samples=8, seqlen=64)
     _, report = split(tiny_stock_moe("mixtral", **SIZES), calib, n_experts=4, active=0.5)
     rows = report["layers"]
-    assert all(min(r["tokens_per_expert"]) >= recursive.MIN_TOKENS and
-               r["profiled_on_all_tokens"] == [] for r in rows)
+    assert all(min(r["tokens_per_expert"]) >= recursive.MIN_TOKENS and r["topped_up"] == []
+               for r in rows)
     # an expert none of whose tokens arrive, and, with a higher floor, every expert
     starved = tiny_stock_moe("mixtral", **SIZES)
     starved.layers[0].mlp.router.select_bias = torch.tensor([-1e9, 0.0, 0.0, 0.0])  # never 0
     monkeypatch.setattr(recursive, "MIN_TOKENS", 1)
     model, report = split(starved, calib, n_experts=4, active=0.5)
     assert report["layers"][0]["tokens_per_expert"][0] == 0
-    assert report["layers"][0]["profiled_on_all_tokens"] == [0]
+    assert report["layers"][0]["topped_up"] == [0]
     assert torch.isfinite(model(TOKENS)).all()
     monkeypatch.setattr(recursive, "MIN_TOKENS", 10**6)
     _, report = split(tiny_stock_moe("mixtral", **SIZES), calib, n_experts=4, active=0.5)
-    assert all(r["profiled_on_all_tokens"] == [0, 1, 2, 3] for r in report["layers"])
+    assert all(r["topped_up"] == [0, 1, 2, 3] for r in report["layers"])
+
+
+def test_the_nearest_tokens_are_those_whose_score_falls_least_short_of_their_choice():
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3]])  # (N, K): expert 0 gets tokens 0 and 3
+    gap = torch.tensor([[0.0], [-0.5], [-0.1], [0.2]])  # expert 0's score less the k-th chosen
+    assert recursive.tokens_of(0, idx, gap, 0).tolist() == [0, 3]
+    assert recursive.tokens_of(0, idx, gap, 3).tolist() == [0, 2, 3]
+    assert recursive.tokens_of(0, idx, gap, 10).tolist() == [0, 1, 2, 3]
+    # routed_to: the gaps are >= 0 exactly where the router chose, and a selection bias that keeps
+    # an expert out leaves its gaps finite and in the order of its scores
+    mlp = tiny_stock_moe("mixtral", **SIZES).layers[0].mlp
+    flat = torch.randn(64, mlp.experts.gate_up_proj.shape[-1])
+    ids, gaps = recursive.routed_to(mlp, flat)
+    assert torch.equal(ids, mlp.route(flat)[0])
+    chosen = torch.zeros_like(gaps, dtype=torch.bool).scatter_(1, ids, True)
+    assert torch.equal(gaps >= 0, chosen)
+    mlp.router.select_bias = torch.tensor([-1e9, 0.0, 0.0, 0.0])
+    ids, starved = recursive.routed_to(mlp, flat)
+    scores = mlp.router(flat, mlp.experts).float()
+    kth = scores[:, 1:].topk(mlp.top_k, dim=-1).values[:, -1]  # among the other experts
+    assert not (ids == 0).any()
+    torch.testing.assert_close(starved[:, 0], scores[:, 0] - kth)
 
 
 def stock_checkpoint(tmp_path, tiny_checkpoint, family="qwen2_moe") -> str:
