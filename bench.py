@@ -469,8 +469,9 @@ def synth_checkpoint(name: str, layers: int | None, out: str, tokenizer: str | N
 
     def random(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-    with torch.device("meta"):  # names and shapes only, as the checkpoint stores them (a stock
-        shapes = {n: t.shape for n, t in stored_tensors(Transformer(cfg)).items()}  # MoE: per expert
+    # names and shapes only (meta), as the checkpoint stores them: a stock MoE's experts one by one
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in stored_tensors(Transformer(cfg)).items()}
     t0 = time.time()
     with output_dir(out) as tmp:
         writer = CheckpointWriter(tmp)

@@ -13,9 +13,10 @@ them. A weaver method reads its calibration as samples of a task; here an expert
 task, in order, are cut into samples of SAMPLE_TOKENS (the last partial one dropped). An expert
 sent fewer than MIN_TOKENS tokens has too little to profile, cluster and fit a router on: its
 tokens are topped up with those the outer router came nearest to sending it (the smallest gap
-between the expert's score and the token's k-th chosen score), and the report lists it. Every expert of a layer is split into the same shape (so the layer stays stacked):
-the allocation must be uniform or --n-shared fixed. Read top to bottom: the checks, the tokens of
-each expert, one layer, the converter convert.py calls.
+between the expert's score and the token's k-th chosen score), and the report lists it. Every
+expert of a layer is split into the same shape (so the layer stays stacked): the allocation must
+be uniform or --n-shared fixed. Read top to bottom: the checks, the tokens of each expert, one
+layer, the converter convert.py calls.
 """
 import torch
 
