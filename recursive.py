@@ -66,30 +66,30 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
 
 @torch.no_grad()
 def routed_to(mlp: MoEMLP, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The outer top-k of each token, and how near each expert came to it: flat (N, D) -> (N, K)
-    expert ids, and (N, E) float32 each expert's score less the token's k-th chosen score, both
-    without the expert's own selection bias (a constant per expert, which would only drown the
-    scores of an expert it keeps out), in batches."""
+    """The outer top-k of each token, as the layer chooses it, and how near each expert came to
+    it: flat (N, D) -> (N, K) expert ids, and (N, E) float32 each expert's score less the token's
+    k-th chosen score (scores with the selection bias), in batches. The gap leaves out the
+    expert's own bias: a constant per expert, it would only drown the scores of one it keeps
+    out."""
     ids, gaps = [], []
+    bias = mlp.router.select_bias
     for i in range(0, len(flat), weaver.BATCH_TOKENS):
         scores = mlp.router(flat[i: i + weaver.BATCH_TOKENS], mlp.experts).float()  # (n, E)
-        bias = mlp.router.select_bias
+        idx = mlp.choose(scores)[0]  # (n, K)
         biased = scores if bias is None else scores + bias
-        chosen = biased.topk(mlp.top_k, dim=-1)  # as MoEMLP.choose picks
-        ids.append(chosen.indices)
-        gaps.append(scores - chosen.values[:, -1:])
+        ids.append(idx)
+        gaps.append(scores - biased.gather(1, idx).min(dim=-1, keepdim=True).values)
     return torch.cat(ids), torch.cat(gaps)
 
 
-def tokens_of(e: int, idx: torch.Tensor, gap: torch.Tensor, need: int) -> torch.Tensor:
-    """The ids (ascending) of the tokens expert e is profiled on: those routed to it (idx (N, K)),
-    topped up to `need` with the others it came nearest to (the largest gap (N, E))."""
-    routed = (idx == e).any(dim=-1)  # (N,)
+def nearest_tokens(routed: torch.Tensor, gap: torch.Tensor, need: int) -> torch.Tensor:
+    """The ids (ascending) of an expert's tokens, routed (N,) bool, topped up to `need` with the
+    others it came nearest to (the largest gap (N,))."""
     mine = routed.nonzero().squeeze(-1)
     if len(mine) >= need:
         return mine
     rest = (~routed).nonzero().squeeze(-1)
-    nearest = rest[gap[rest, e].argsort(descending=True, stable=True)[:need - len(mine)]]
+    nearest = rest[gap[rest].argsort(descending=True, stable=True)[:need - len(mine)]]
     return torch.cat([mine, nearest]).sort().values
 
 
@@ -164,11 +164,12 @@ def split_layer(mlp: MoEMLP, x: torch.Tensor, task: torch.Tensor, spec: weaver.C
     need = MIN_TOKENS + len(token_task.unique()) * (SAMPLE_TOKENS - 1)
     parts, topped_up, tokens = [], [], []
     for e in range(E):
-        routed = int((idx == e).any(dim=-1).sum())
-        tokens.append(routed)
-        chosen = tokens_of(e, idx, gap, need if routed < MIN_TOKENS else 0)
-        if routed < MIN_TOKENS:
+        routed = (idx == e).any(dim=-1)  # (N,)
+        chosen = routed.nonzero().squeeze(-1)
+        tokens.append(len(chosen))
+        if len(chosen) < MIN_TOKENS:  # too few to learn from: with those it came nearest to
             topped_up.append(e)
+            chosen = nearest_tokens(routed, gap[:, e], need)
         xe, te = samples_of(flat, token_task, chosen)
         markers = weaver.marker_tokens(spec, xe.shape[0] * xe.shape[1], x.device)
         moe_e, row_e = weaver.convert_ffn(expert_glu(mlp, e), xe, te, spec, seed + e, markers,

@@ -129,9 +129,10 @@ def test_an_expert_sent_too_few_tokens_is_topped_up_with_its_nearest_tokens(monk
 def test_the_nearest_tokens_are_those_whose_score_falls_least_short_of_their_choice():
     idx = torch.tensor([[0, 1], [1, 2], [2, 3], [0, 3]])  # (N, K): expert 0 gets tokens 0 and 3
     gap = torch.tensor([[0.0], [-0.5], [-0.1], [0.2]])  # expert 0's score less the k-th chosen
-    assert recursive.tokens_of(0, idx, gap, 0).tolist() == [0, 3]
-    assert recursive.tokens_of(0, idx, gap, 3).tolist() == [0, 2, 3]
-    assert recursive.tokens_of(0, idx, gap, 10).tolist() == [0, 1, 2, 3]
+    routed = (idx == 0).any(dim=-1)
+    assert recursive.nearest_tokens(routed, gap[:, 0], 0).tolist() == [0, 3]
+    assert recursive.nearest_tokens(routed, gap[:, 0], 3).tolist() == [0, 2, 3]
+    assert recursive.nearest_tokens(routed, gap[:, 0], 10).tolist() == [0, 1, 2, 3]
     # routed_to: the gaps are >= 0 exactly where the router chose, and a selection bias that keeps
     # an expert out leaves its gaps finite and in the order of its scores
     mlp = tiny_stock_moe("mixtral", **SIZES).layers[0].mlp
