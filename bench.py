@@ -493,9 +493,8 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     """Converts a synthetic checkpoint (written first, by a child process so its memory is not
     counted here) with the default spec (n_experts: its experts per layer, or per expert when the
     checkpoint is an MoE), in output shards of max_shard_gb (the converter holds one): wall time
-    per stage and peak RSS of this process. Calibration: random
-    tokens, `tasks` tasks drawing from separate slices of the vocabulary (the weights are random,
-    so text would mean nothing)."""
+    per stage and peak RSS of this process. Calibration: random tokens, `tasks` tasks drawing from
+    separate slices of the vocabulary (the weights are random, so text would mean nothing)."""
     import subprocess
     import sys
     source = os.path.join(directory, f"{name}-{layers or 'all'}")
@@ -526,8 +525,7 @@ def convert_bench(name: str, layers: int | None, directory: str, samples: int, s
     print(f"time per stage: {stages}; total {seconds:.1f}s")
     print(f"per layer: {seconds / n_layers:.2f}s; profile "
           f"{timings['profile'] / n_layers / calib_tokens * 1e3:.3f}s per 1k calibration tokens; "
-          f"partition + router "
-          f"{(timings.get('partition', 0) + timings.get('router', 0)) / n_layers:.2f}s")
+          f"partition + router {(timings['partition'] + timings['router']) / n_layers:.2f}s")
     print(f"peak RSS {peak:.2f} GiB")
     if not keep:
         shutil.rmtree(out)

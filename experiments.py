@@ -729,6 +729,11 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     (e.g. one trained before), and dense_path a checkpoint of the demo's shape (e.g. the demo
     trained alike) that is the reference and is converted in one level. With tasks, every row's
     zero-shot accuracy too, against the reference's."""
+    if save_outer and os.path.exists(save_outer):
+        raise ValueError(f"--save-outer {save_outer} exists: give a new directory")
+    if save_outer and os.path.isdir(outer):
+        raise ValueError(f"--save-outer keeps the outer MoE this run makes; --outer {outer} is a "
+                         f"checkpoint already")
     files = task_files(data, "hierarchy")
     eval_dir = check_tasks(data, tasks)
     make_train_spec, path, calib = training_setup(data, "hierarchy", calib_samples, calib_seqlen,
@@ -737,8 +742,6 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
     demo, path = path, dense_path or path
     cfg = load_config(path)[0]
     outer_dir = outer if os.path.isdir(outer) else None
-    if save_outer and os.path.exists(save_outer):
-        raise ValueError(f"--save-outer {save_outer} exists: give a new directory")
     if outer_dir and (load_config(outer_dir)[0].moe is None or budget):
         raise ValueError(f"--outer {outer}: a directory must hold an MoE checkpoint, which is "
                          f"split as it is (without --tokens)")
@@ -797,7 +800,7 @@ def hierarchy(data: str, outer: str, outer_active: float, sub_experts: int, inne
             label, run = f"outer: {outer} at {outer_active}, as Qwen2-MoE", None
         stock = outer_dir or os.path.join(work, "outer")
         outer_row = add(label, load_model(stock), time.time() - t0)
-        if save_outer and not outer_dir:  # e.g. to split it again with --outer DIR
+        if save_outer:  # e.g. to split it again with --outer DIR
             shutil.copytree(stock, save_outer)
         if run:
             outer_row["curve"] = run["curve"]

@@ -46,6 +46,17 @@ def test_hierarchy_splits_an_exported_moe_and_counts_its_flops(tiny_checkpoint, 
     assert "| `its experts split, 0.5 of each active` | 0.25 |" in printed  # its accuracy
 
 
+def test_hierarchy_refuses_save_outer_before_any_work(tmp_path):
+    (tmp_path / "kept").mkdir()
+    args = dict(outer_active=0.5, sub_experts=2, inner=[0.5], calib_samples=2, calib_seqlen=16,
+                eval_seqlen=16, eval_windows=2, holdout=0.1, seed=0)
+    with pytest.raises(ValueError, match="--save-outer .*kept exists: give a new directory"):
+        experiments.hierarchy("unused", "expertweaver", save_outer=str(tmp_path / "kept"), **args)
+    with pytest.raises(ValueError, match="--save-outer keeps the outer MoE this run makes"):
+        experiments.hierarchy("unused", str(tmp_path), save_outer=str(tmp_path / "new"), **args)
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+
+
 def test_quality_runs_end_to_end(tiny_checkpoint, monkeypatch, capsys):
     files = {t: os.path.join(tiny_checkpoint, f"{t}.txt") for t in ("prose", "code")}
     monkeypatch.setattr(experiments, "demo_checkpoint", lambda *_: tiny_checkpoint)
