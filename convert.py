@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+import budget
 import dive
 import recursive
 import weaver
@@ -180,6 +181,18 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     return moe_cfg, {"layers": rows, "timings": timings, **({"dive": mined} if mined else {})}
 
 
+def spread_budget(model: Transformer, calib: Calibration, report: dict, log=print) -> None:
+    """--budget global on the converted model, in place (budget.spread): the routed experts moved
+    between layers at the same total, on the calibration windows."""
+    t0 = time.perf_counter()
+    section = budget.spread(model, calib.tokens.to(model.embed_tokens.weight.device))
+    report["budget"] = section
+    report["timings"]["budget"] = time.perf_counter() - t0
+    log(f"budget global: routed top-k per layer {section['top_k']} (uniform "
+        f"{sorted(set(section['uniform_top_k']))}), estimated calibration loss change "
+        f"{section['estimated_loss_change']:+.4f} ({report['timings']['budget']:.1f}s)")
+
+
 @torch.no_grad()
 def convert_model(model: Transformer, calib: Calibration, spec: weaver.ConvertSpec,
                   log=print) -> dict:
@@ -193,6 +206,8 @@ def convert_model(model: Transformer, calib: Calibration, spec: weaver.ConvertSp
     model.cfg.moe, report = run_layers(model.cfg, h, lambda: model.layers, model.window_inputs,
                                        calib, spec, log, make_head=make_head)
     report["timings"] = timings | report["timings"]
+    if spec.budget == "global":
+        spread_budget(model, calib, report, log)
     return report
 
 
@@ -205,7 +220,7 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
     writes it to `out` in shards and lets it go, so memory holds the calibration hidden states,
     about two blocks and one output shard, whatever the depth. The same tensors as convert_model()
     followed by checkpoint.save_checkpoint(); `extra` JSON files too; `out` appears atomically at
-    the end."""
+    the end. --budget global then loads the converted model whole for its gradient pass."""
     cfg, hf_config = load_config(path)
     where = check_checkpoint(path, cfg)
     with torch.device("meta"):
@@ -250,6 +265,10 @@ def convert_checkpoint(path: str, out: str, calib: Calibration, spec: weaver.Con
         writer.copy_tokenizer(path)
         report["timings"] = timings | report["timings"]
         report["timings"]["write"] += time.perf_counter() - t0
+        if spec.budget == "global":  # the one step that holds the whole converted model
+            model = load_model(tmp, dtype, device)
+            spread_budget(model, calib, report, log)
+            writer.json("config.json", checkpoint_config(hf_config, model.cfg.moe, save_dtype))
     return report
 
 # -----------------------------------------------------------------------------
@@ -425,7 +444,7 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
     report |= {"convert_seconds": t_convert,
                "timings": {"calibration": t_calib, **layers["timings"]},
                "layers": layers["layers"], "peak_rss_gib": peak_rss_gib(),
-               **({"dive": layers["dive"]} if "dive" in layers else {})}
+               **{key: layers[key] for key in ("dive", "budget") if key in layers}}
     print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items())
           + f"; conversion {t_convert:.1f}s, peak RSS {report['peak_rss_gib']:.2f} GiB")
 

@@ -113,6 +113,9 @@ def export_problems(cfg, spec=None) -> list[str]:
         moe = {"router": spec.router, "router_bias": spec.router_bias, "pruned_experts": dive,
                "routing": "softmax" if dive else "sum", "compensated": spec.compensate}
         routes = spec.method != "static"
+        if spec.budget == "global":
+            problems.append("budget global gives layers different top-k, and Qwen2-MoE has one "
+                            "per model: use --budget uniform")
         if spec.method in ("expertweaver", "random") and spec.n_shared is None \
                 and spec.allocation == "cv":
             problems.append("allocation cv sizes each layer's shared expert from its statistics, "

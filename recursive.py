@@ -38,6 +38,9 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
     if spec.compensate:
         raise ValueError("--compensate is for a one-level conversion: a split expert's parts have "
                          "no place for its bias")
+    if spec.budget != "uniform":
+        raise ValueError("--budget global is for a one-level conversion: a recursive one keeps "
+                         "the outer top-k and splits every expert alike")
     if moe.get("compensated"):
         raise ValueError("this MoE's experts carry a compensation bias, which splitting them "
                          "would not keep: convert the dense model it came from")

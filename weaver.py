@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from budget import BUDGETS
 from flags import setting
 from model import ACTIVATIONS, MoEMLP, glu
 
@@ -108,6 +109,11 @@ class ConvertSpec:
     dense_layers: tuple = setting((), "layer indices to leave dense", type=int)
     sequential: bool = setting(False, "profile each layer on the outputs of the already-converted "
                                "layers (CMoE's carving) instead of the dense ones")
+    budget: str = setting("uniform", "how the active experts are spread over the layers. uniform: "
+                          "k in every layer; global: the same total, moved "
+                          "between layers to lower the converted model's calibration loss "
+                          "(budget.py: one gradient pass; equal FLOPs; not exportable as "
+                          "Qwen2-MoE)", choices=BUDGETS)
     compensate: bool = setting(False, "each routed expert's mean output over the calibration "
                                "tokens that skip it is added for every token that skips it (one "
                                "bias per layer and one per expert, FLAP's compensation applied to "
@@ -147,6 +153,14 @@ class ConvertSpec:
         if self.compensate and self.method in ("static", "dive"):
             raise ValueError(f"compensate: method {self.method} has no skipped routed experts to "
                              f"stand in for (DIVE's experts carry FLAP's own bias)")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget {self.budget!r} is not one of {BUDGETS}")
+        if self.budget == "global" and self.method in ("static", "dive"):
+            raise ValueError(f"budget global moves routed experts between layers: method "
+                             f"{self.method} has none to move (use budget uniform)")
+        if self.budget == "global" and self.compensate:
+            raise ValueError("budget global changes which experts a token skips, which the "
+                             "compensation was fitted to: use one or the other")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
@@ -187,6 +201,7 @@ class ConvertSpec:
         return {"method": self.method, "num_experts": self.n_experts,
                 "expert_dim": self.expert_dim(ffn_dim), "router": self.router,
                 "router_bias": self.router_bias, "active": self.active,
+                **({"budget": self.budget} if self.budget != "uniform" else {}),
                 **({"compensated": True} if self.compensate else {})}
 
     def check_tasks(self, n_tasks: int) -> None:
