@@ -155,9 +155,12 @@ class ConvertSpec:
                              f"stand in for (DIVE's experts carry FLAP's own bias)")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r} is not one of {BUDGETS}")
-        if self.budget == "global" and self.method in ("static", "dive"):
-            raise ValueError(f"budget global moves routed experts between layers: method "
-                             f"{self.method} has none to move (use budget uniform)")
+        if self.budget == "global" and self.method == "static":
+            raise ValueError("budget global moves routed experts between layers: method static "
+                             "has none to move (use budget uniform)")
+        if self.budget == "global" and self.method == "dive":
+            raise ValueError("budget global: DIVE's pruned experts overlap and carry a bias each, "
+                             "which budget.py's loss estimate leaves out (use budget uniform)")
         if self.budget == "global" and self.compensate:
             raise ValueError("budget global changes which experts a token skips, which the "
                              "compensation was fitted to: use one or the other")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import budget
 import convert
+import dive
 import model as modeling
 import weaver
 from checkpoint import save_checkpoint
@@ -162,6 +163,11 @@ def test_the_cli_writes_the_global_budget(tiny_checkpoint, tmp_path):
 def test_global_budget_refuses_what_it_cannot_move(spec, match):
     with pytest.raises(ValueError, match=match):
         weaver.ConvertSpec(**{"budget": "global", **spec})
+
+
+def test_global_budget_refuses_dive():
+    with pytest.raises(ValueError, match="DIVE's pruned experts overlap"):
+        dive.DiveSpec(budget="global")
 
 
 def test_global_budget_is_not_exported():
