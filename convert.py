@@ -128,8 +128,11 @@ def format_layer(row: dict, n_layers: int) -> str:
     load = ""
     if row["load_max_over_mean"] is not None:
         load = f"  load max/mean {row['load_max_over_mean']:.2f}"
+    k = f"top-k {row['top_k']:>3}" if "threshold" not in row else \
+        f"experts above {row['threshold']:.3g} (>= {row['min_k']}): {row['mean_top_k']:5.1f} of " \
+        f"top-k {row['top_k']}"
     return (f"{head}  {r}shared {row['shared_experts']:>3}  routed {row['routed_experts']:>3}  "
-            f"top-k {row['top_k']:>3}{load}  ({row['seconds']:.1f}s)")
+            f"{k}{load}  ({row['seconds']:.1f}s)")
 
 
 def spec_class(method: str):

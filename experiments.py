@@ -21,6 +21,7 @@ settings) x active fraction, and reports held-out perplexity as a ratio to the d
 same windows. Also the FFN FLOPs used per token, router included, and the share of the centroid ->
 oracle gap each router closes.
 """
+import functools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, pe
 from demo import DEMOS, demo_checkpoint
 from dive import DiveSpec
 from export import EXPORT_EPS, Served, export_problems, export_qwen2_moe
-from model import load_config, load_model, load_tokenizer
+from model import MoEMLP, load_config, load_model, load_tokenizer
 from weaver import ConvertSpec
 
 # -----------------------------------------------------------------------------
@@ -109,6 +110,36 @@ def ffn_flops(cfg) -> dict:
             e, r = e + shared_cost[0], r + shared_cost[1]
         experts, router = experts + e, router + r
     return {"dense": dense, "experts": experts, "router": router}
+
+
+class SelectionCounter:
+    """While open, counts the experts each threshold-selecting MoE layer (model.MoEMLP.threshold)
+    of a model gives the tokens it runs, from the router's scores; `top_k_seen(cfg)` is then cfg
+    with each such layer's top_k the mean seen, the figure its FLOPs are counted at."""
+
+    def __init__(self, model):
+        self.layers = {i: b.mlp for i, b in enumerate(model.layers)
+                       if isinstance(b.mlp, MoEMLP) and b.mlp.threshold is not None}
+        self.counts = {i: [0, 0] for i in self.layers}  # layer -> [experts chosen, tokens]
+
+    def __enter__(self):
+        def count(i, mlp, _module, _args, scores):
+            idx = mlp.choose(scores)[0]
+            self.counts[i][0] += int((idx >= 0).sum())
+            self.counts[i][1] += len(idx)
+        self.hooks = [mlp.router.register_forward_hook(functools.partial(count, i, mlp))
+                      for i, mlp in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def top_k_seen(self, cfg):
+        layers = [dict(layer, top_k=self.counts[i][0] / self.counts[i][1])
+                  if i in self.counts and self.counts[i][1] else layer
+                  for i, layer in enumerate(cfg.moe["layers"])]
+        return replace(cfg, moe={**cfg.moe, "layers": layers})
 
 
 def geomean(values) -> float:
@@ -208,8 +239,9 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
         t0 = time.time()
         convert_model(model, calib, spec, log=lambda *_: None)
         seconds = time.time() - t0
-        ppl = ppl_per_task(model)
-        flops = ffn_flops(model.cfg)
+        with SelectionCounter(model) as seen:  # threshold selection: FLOPs as used on this text
+            ppl = ppl_per_task(model)
+        flops = ffn_flops(seen.top_k_seen(model.cfg))
         ratios = {t: ppl[t] / dense[t] for t in ppl}
         used = flops["experts"] + flops["router"]
         result = {"row": row, "router": spec.router, "active": active, "ratio": ratios,

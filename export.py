@@ -86,6 +86,10 @@ def topk_spread(moe, x: torch.Tensor, batch_tokens: int = 8192) -> float:
 # what cannot be exported with the same function, checked before any work
 
 
+THRESHOLD_PROBLEM = ("selection threshold gives each token its own number of experts, and "
+                     "Qwen2-MoE takes a fixed top-k: use --selection topk")
+
+
 def export_problems(cfg, spec=None) -> list[str]:
     """Why a checkpoint cannot become a Qwen2-MoE checkpoint with the same function; empty if it
     can. With `spec` (weaver.ConvertSpec), why converting the dense `cfg` with those settings would
@@ -116,6 +120,8 @@ def export_problems(cfg, spec=None) -> list[str]:
         if spec.budget == "global":
             problems.append("budget global gives layers different top-k, and Qwen2-MoE has one "
                             "per model: use --budget uniform")
+        if spec.selection == "threshold":
+            problems.append(THRESHOLD_PROBLEM)
         if spec.method in ("expertweaver", "random") and spec.n_shared is None \
                 and spec.allocation == "cv":
             problems.append("allocation cv sizes each layer's shared expert from its statistics, "
@@ -138,6 +144,8 @@ def export_problems(cfg, spec=None) -> list[str]:
             problems.append(f"its {len(routed)} routed layers take {len(sizes)} different top-k of "
                             f"routed experts ({shown}), and Qwen2-MoE has one per model: convert "
                             f"with --allocation uniform or --n-shared N")
+        if any(layer.get("threshold") is not None for layer in routed.values()):
+            problems.append(THRESHOLD_PROBLEM)
         spread = moe.get("topk_spread") or [None] * len(moe["layers"])
         if moe.get("routing", "sum") == "sum" and any(spread[i] is None for i in routed):
             problems.append("sum routing needs the converter's per-layer top-k score spread "

@@ -15,7 +15,8 @@ than one of F-long rows; grouped_mm takes either. DIVE's expert biases are added
 outside the paths. A recursive conversion's two levels (model.SplitExperts) are two calls of one
 path: each chosen expert's whole part, then its chosen parts as a flat set of (expert, part)
 pairs. Letters: N tokens, D model dim, E routed experts, F neurons per expert, K experts per token,
-S shared.
+S shared. Expert id -1 marks a slot a token leaves empty (threshold selection): every path skips
+it, computing nothing for it where the path can.
 
 Paths:
   reference  model.routed_reference: a loop over all experts, the obvious version
@@ -54,17 +55,21 @@ def select(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     out = shared_glu(x, shared, act)
     if x.shape[0] == 1:  # decode: every selected expert serves the one token
         for k, e in enumerate(idx[0].tolist()):
+            if e < 0:
+                continue
             y = glu(x, w13[e], w2[e], act)
             out += y if weights is None else y * weights[0, k].to(y.dtype)
         return out
-    return out + routed_reference(x, idx, w13, w2, weights, experts=idx.unique().tolist(),
-                                  act=act)
+    chosen = [e for e in idx.unique().tolist() if e >= 0]
+    return out + routed_reference(x, idx, w13, w2, weights, experts=chosen, act=act)
 
 
 def gather(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """gpt-fast's mixtral forward: each token's K experts gathered, then two einsums."""
+    valid = idx >= 0  # (N, K); an empty slot gathers expert 0 and is zeroed
+    idx = idx.clamp(min=0)
     gate, up = torch.einsum("nd,nkfd->nkf", x, w13[idx]).chunk(2, dim=-1)  # (N, K, F) each
-    h = ACTIVATIONS[act](gate) * up
+    h = torch.where(valid[..., None], ACTIVATIONS[act](gate) * up, 0)
     if weights is not None:
         h = h * weights[..., None].to(x.dtype)
     routed = torch.einsum("nkf,nkfd->nd", h, w2[idx])  # (N, D), summed over k and f
@@ -74,12 +79,12 @@ def gather(x, idx, w13, w2, shared=None, weights=None, act="silu"):
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the
     end of each expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so
-    the shapes are static."""
-    expert = idx.flatten()  # (N*K,) expert of each token-slot
+    the shapes are static. Empty slots (-1) sort last, past the final offset."""
+    expert = torch.where(idx >= 0, idx, n_experts).flatten()  # (N*K,) expert of each token-slot
     order = expert.argsort(stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device).scatter_add_(
+    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=idx.device).scatter_add_(
         0, expert, torch.ones_like(expert, dtype=torch.int32))
-    return order, counts.cumsum(0, dtype=torch.int32)
+    return order, counts[:n_experts].cumsum(0, dtype=torch.int32)
 
 
 def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
@@ -92,6 +97,8 @@ def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     # (N*K, F) each
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     ys = F.grouped_mm(ACTIVATIONS[act](gate) * up, w2, offs=offsets)  # (N*K, D)
+    # the rows past the last offset (empty slots) are not computed: whatever they hold, drop it
+    ys = torch.where((idx.flatten()[order] >= 0)[:, None], ys, 0)
     if weights is not None:
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
     # back to slot order

@@ -320,6 +320,11 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
                              f"experts x {expert_dim} neurons != intermediate_size {ffn_dim}")
         if not 0 <= top_k <= routed:
             raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
+        threshold, min_k = layer.get("threshold"), layer.get("min_k", 0)
+        if threshold is not None and (not isinstance(threshold, (int, float)) or
+                                      not isinstance(min_k, int) or not 0 <= min_k <= top_k):
+            raise ValueError(f"config.json moe.layers[{i}]: threshold {threshold!r} with min_k "
+                             f"{min_k!r}: need a number and an integer min_k in [0, top_k {top_k}]")
         for key, whole in (("split", expert_dim), ("shared_split", shared)):
             part = layer.get(key)
             if part is not None and (part["shared_neurons"] + part["routed_experts"]
@@ -499,7 +504,10 @@ PARAMETRIC_ROUTERS = ("centroid", "lsq", "random", "cmoe", "trained")
 #            sum bit for bit at gamma = 0; the router learns once gamma has moved
 #   softmax  p_e (ExpertWeaver's downcycling, Switch), or p_e / sum of the top-k p (norm_topk)
 # Selection is the top-k of the scores plus an optional per-expert select_bias, which balancing
-# without an auxiliary loss nudges (DeepSeek-V3); the weights never see the bias.
+# without an auxiliary loss nudges (DeepSeek-V3); the weights never see the bias. A layer entry
+# with a "threshold" selects per token instead: every expert scoring above it, and at least min_k,
+# so the count varies by token (its mean over the calibration tokens is at most top_k); the slots a
+# token leaves empty hold expert id -1, which every path skips.
 ROUTINGS = ("sum", "scaled", "softmax")
 
 
@@ -552,8 +560,9 @@ class Router(nn.Module):
 
 
 def expert_bias(idx, bias, weights=None):
-    # DIVE's experts add a bias: idx (N, K), bias (E, D), weights (N, K) or None -> (N, D)
-    picked = bias[idx]  # (N, K, D)
+    # DIVE's experts add a bias: idx (N, K), bias (E, D), weights (N, K) or None -> (N, D); an
+    # empty slot (-1) adds none
+    picked = torch.where((idx >= 0)[..., None], bias[idx.clamp(min=0)], 0)  # (N, K, D)
     if weights is not None:
         picked = picked * weights[..., None].to(picked.dtype)
     return picked.sum(dim=1)
@@ -668,6 +677,8 @@ class MoEMLP(nn.Module):
         shared, n_routed, self.top_k = layer["shared_neurons"], layer["routed_experts"], \
             layer["top_k"]
         self.routing, self.norm_topk = moe.get("routing", "sum"), moe.get("norm_topk", False)
+        # threshold selection (above): None = top-k
+        self.threshold, self.min_k = layer.get("threshold"), layer.get("min_k", 0)
         self.act = act
         nested = layer.get("shared_split")
         self.shared = MoEMLP(dim, nested, nested, act) if nested else \
@@ -710,14 +721,27 @@ class MoEMLP(nn.Module):
         # scores (N, E) float32 -> the top-k expert ids (N, K) by score plus the selection bias if
         # any, their weights (N, K) or None, and the softmax of the scores (N, E) or None (`sum`)
         bias = self.router.select_bias
-        idx = (scores if bias is None else scores + bias).topk(self.top_k, dim=-1).indices
+        ranked = scores if bias is None else scores + bias
+        idx = ranked.topk(self.top_k, dim=-1).indices if self.threshold is None else \
+            self.above_threshold(ranked)
         if self.routing == "sum":
             return idx, None, None
         probs = scores.softmax(dim=-1)
-        picked = probs.gather(1, idx)  # (N, K)
+        picked = torch.where(idx >= 0, probs.gather(1, idx.clamp(min=0)), 0)  # (N, K)
         if self.routing == "scaled":
             return idx, 1 + self.router.gamma.float() * picked, probs
         return idx, picked / picked.sum(dim=-1, keepdim=True) if self.norm_topk else picked, probs
+
+    def above_threshold(self, ranked):
+        # ranked (N, E) float32 -> (N, K) the ids of each token's experts above the threshold, and
+        # at least min_k, best first; -1 fills a token's empty slots. K is the most any token takes,
+        # or, under torch.compile (no host sync), every expert
+        n = (ranked > self.threshold).sum(dim=-1).clamp(min=self.min_k)  # (N,)
+        width = ranked.shape[1] if torch.compiler.is_compiling() else \
+            max(int(n.max()) if len(n) else 1, 1)
+        top = ranked.topk(width, dim=-1).indices  # (N, K)
+        slot = torch.arange(width, device=ranked.device)
+        return torch.where(slot < n[:, None], top, -1)
 
     def forward(self, x):
         if self.kernel is not None:

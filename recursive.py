@@ -41,6 +41,12 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
     if spec.budget != "uniform":
         raise ValueError("--budget global is for a one-level conversion: a recursive one keeps "
                          "the outer top-k and splits every expert alike")
+    if spec.selection != "topk":
+        raise ValueError("--selection threshold is for a one-level conversion: a split expert's "
+                         "parts are chosen top-k within it")
+    if any(layer and layer.get("threshold") is not None for layer in moe["layers"]):
+        raise ValueError("this MoE selects its experts by threshold, which a split would not keep: "
+                         "convert the dense model it came from, or one with --selection topk")
     if moe.get("compensated"):
         raise ValueError("this MoE's experts carry a compensation bias, which splitting them "
                          "would not keep: convert the dense model it came from")

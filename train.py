@@ -415,9 +415,10 @@ def record(mlp: MoEMLP, idx: torch.Tensor, probs: torch.Tensor | None) -> None:
     (f_e: share of the selections that went to e, P_e: mean router probability of e), whose
     gradient flows through P."""
     E = probs.shape[1] if probs is not None else mlp.experts.gate_up_proj.shape[0]
-    mlp.load = torch.bincount(idx.flatten(), minlength=E)
+    chosen = idx[idx >= 0]  # threshold selection leaves slots empty (-1)
+    mlp.load = torch.bincount(chosen, minlength=E)
     if probs is not None:
-        f = mlp.load.float() / idx.numel()
+        f = mlp.load.float() / max(chosen.numel(), 1)
         mlp.balance_loss = E * (f * probs.mean(dim=0)).sum()
 
 

@@ -52,6 +52,9 @@ SHARED_BY = ("contribution", "activation")
 # how many experts each layer shares (expertweaver, random): the same share of the k active experts
 # in every layer ("uniform"), or the paper's rule, alpha from the layer's specialisation ("cv")
 ALLOCATIONS = ("uniform", "cv")
+# how a token's routed experts are picked from the router's scores (model.MoEMLP.choose)
+SELECTIONS = ("topk", "threshold")
+MIN_K_SHARE = 0.5  # selection threshold: every token takes at least this share of k
 # the settings a method takes unless told: the paper's 64 experts, its cv rule and lsq with its
 # bias, which every method but expertweaver was measured with; then each method's router, and
 # expertweaver's own. lsq, not the paper's centroid router: at the same cost per token it keeps much
@@ -114,6 +117,11 @@ class ConvertSpec:
                           "between layers to lower the converted model's calibration loss "
                           "(budget.py: one gradient pass; equal FLOPs; not exportable as "
                           "Qwen2-MoE)", choices=BUDGETS)
+    selection: str = setting("topk", "how a token's routed experts are chosen. topk: the k with "
+                             "the best router scores; threshold: every expert scoring above a "
+                             "per-layer threshold, at least half of k, the threshold set so that "
+                             "the calibration tokens take at most k on average (per-token compute "
+                             "varies; not exportable as Qwen2-MoE)", choices=SELECTIONS)
     compensate: bool = setting(False, "each routed expert's mean output over the calibration "
                                "tokens that skip it is added for every token that skips it (one "
                                "bias per layer and one per expert, FLAP's compensation applied to "
@@ -164,6 +172,15 @@ class ConvertSpec:
         if self.budget == "global" and self.compensate:
             raise ValueError("budget global changes which experts a token skips, which the "
                              "compensation was fitted to: use one or the other")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection {self.selection!r} is not one of {SELECTIONS}")
+        if self.selection == "threshold":
+            clash = "method static has no router" if self.method == "static" else \
+                "DIVE's experts route their own way" if self.method == "dive" else \
+                "budget global moves each layer's top-k" if self.budget == "global" else \
+                "the compensation is fitted to top-k" if self.compensate else None
+            if clash:
+                raise ValueError(f"selection threshold: {clash} (use selection topk)")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
@@ -205,6 +222,7 @@ class ConvertSpec:
                 "expert_dim": self.expert_dim(ffn_dim), "router": self.router,
                 "router_bias": self.router_bias, "active": self.active,
                 **({"budget": self.budget} if self.budget != "uniform" else {}),
+                **({"selection": self.selection} if self.selection != "topk" else {}),
                 **({"compensated": True} if self.compensate else {})}
 
     def check_tasks(self, n_tasks: int) -> None:
@@ -739,14 +757,59 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
     return info
 
 
+def router_scores(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS):
+    """The router's scores (S T, E) float32 on the calibration inputs x (S, T, D)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([moe.router(flat[i: i + batch_tokens], moe.experts)
+                      for i in range(0, len(flat), batch_tokens)])
+
+
+def mean_selected(scores: torch.Tensor, threshold: float, min_k: int) -> float:
+    """Experts a token takes on average, scores (N, E), under threshold selection."""
+    return (scores > threshold).sum(dim=-1).clamp(min=min_k).double().mean().item()
+
+
+def fit_threshold_reference(scores: torch.Tensor, top_k: int, min_k: int) -> float:
+    """fit_threshold by trying every candidate: slow, obvious, for the tests."""
+    candidates = sorted(set(scores.flatten().tolist()))
+    return next(t for t in candidates if mean_selected(scores, t, min_k) <= top_k)
+
+
+@torch.no_grad()
+def fit_threshold(scores: torch.Tensor, top_k: int, min_k: int) -> float:
+    """The lowest threshold, among the scores (N, E) themselves, at which the tokens take at most
+    top_k experts on average (each at least min_k, every one above the threshold): per-token
+    selection at no more compute than top-k on these tokens. The mean only falls as the threshold
+    rises, so a bisection over the sorted scores finds it."""
+    assert 0 <= min_k <= top_k <= scores.shape[1], f"need 0 <= {min_k} <= {top_k} <= experts"
+    values = scores.flatten().sort().values
+    lo, hi = 0, len(values) - 1  # the highest score selects nothing, so it always qualifies
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_selected(scores, values[mid].item(), min_k) <= top_k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return values[lo].item()
+
+
+def set_threshold(moe: MoEMLP, x: torch.Tensor) -> dict:
+    """Threshold selection for a built MoE FFN with its router fitted, on its calibration inputs x
+    (S, T, D): the layer entry's threshold and min_k, and the report's mean experts per token."""
+    scores = router_scores(moe, x)
+    moe.min_k = round(MIN_K_SHARE * moe.top_k)
+    moe.threshold = fit_threshold(scores, moe.top_k, moe.min_k)
+    return {"threshold": moe.threshold, "min_k": moe.min_k,
+            "mean_top_k": mean_selected(scores, moe.threshold, moe.min_k)}
+
+
 @torch.no_grad()
 def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
     """Tokens routed to each expert (E,) int64 over the calibration inputs x (S, T, D)."""
-    flat = x.reshape(-1, x.shape[-1])
     counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
-    for i in range(0, len(flat), batch_tokens):
-        idx = moe.router(flat[i: i + batch_tokens], moe.experts).topk(moe.top_k, dim=-1).indices
-        counts += torch.bincount(idx.flatten(), minlength=len(counts))
+    for scores in router_scores(moe, x, batch_tokens).split(batch_tokens):
+        idx = moe.choose(scores)[0]
+        counts += torch.bincount(idx[idx >= 0], minlength=len(counts))
     return counts
 
 
@@ -791,6 +854,9 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     if moe.bias is not None:
         with timed(timings, "compensate"):
             info |= compensate(moe, x)
+    if spec.selection == "threshold" and moe.top_k:
+        with timed(timings, "router"):
+            info |= set_threshold(moe, x)
     return moe, layer_row(moe, plan, x, info, timings)
 
 
@@ -805,7 +871,9 @@ def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings
             "routed_experts": len(plan.groups), "top_k": plan.top_k,
             "load_max_over_mean": imbalance, "load": load.tolist() if load is not None else None,
             "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
-                    "top_k": plan.top_k}}
+                    "top_k": plan.top_k,
+                    **({"threshold": moe.threshold, "min_k": moe.min_k}
+                       if moe.threshold is not None else {})}}
 
 
 def marker_tokens(spec: ConvertSpec, n_tokens: int, device) -> torch.Tensor | None:

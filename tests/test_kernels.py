@@ -36,16 +36,28 @@ def problem(n, e, k, d, f, s, load, seed, dtype=torch.float32, device="cpu"):
     return cast(x), idx.to(device), cast(w13), cast(w2), shared
 
 
+def with_empty_slots(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    # as threshold selection leaves them: each token's last slots -1, from none of them to all
+    n, k = idx.shape
+    taken = torch.randint(0, k + 1, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return torch.where(torch.arange(k)[None] < taken, idx, -1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), e=st.integers(1, 9), data=st.data(), d=st.sampled_from([8, 16, 24]),
        f=st.integers(1, 12), s=st.sampled_from([0, 8]),
        load=st.sampled_from(["random", "one", "skewed"]), weighted=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, seed):
+       empty=st.booleans(), seed=st.integers(0, 1000))
+def test_paths_equal_reference_fp32(n, e, data, d, f, s, load, weighted, empty, seed):
     k = data.draw(st.integers(1, e))
     args = problem(n, e, k, d, f, s, load, seed)
     weights = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) if weighted else None
     expected = kernels.reference(*args, weights)
+    if empty:  # an empty slot adds what a slot of weight 0 adds: nothing
+        x, idx, w13, w2, shared = args
+        args = (x, with_empty_slots(idx, seed), w13, w2, shared)
+        kept = (args[1] >= 0).float() * (1 if weights is None else weights)
+        expected = kernels.reference(x, args[1].clamp(min=0), w13, w2, shared, kept)
     for path in FAST if f % 4 == 0 else ["select", "gather"]:  # grouped_mm wants 16-byte rows
         torch.testing.assert_close(
             kernels.PATHS[path](*args, weights), expected, rtol=1e-5, atol=1e-5, msg=path
