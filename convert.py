@@ -167,8 +167,11 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     rows, timings = [], {}
     converter = recursive if nested else method
     convert_layer = converter.layer_converter(spec, calib.task, h, timings)
+    # threshold selection is fitted to the inputs each layer sees once the layers before it are
+    # converted, so the mean experts per token hold in the converted model
+    finish = weaver.set_threshold if spec.selection == "threshold" else None
     for i, block, row, x in weaver.layer_loop(blocks(), run, h, convert_layer, spec.dense_layers,
-                                              spec.sequential, timings):
+                                              spec.sequential, timings, finish):
         if not row["dense"] and not nested:
             with weaver.timed(timings, "build"):
                 row["topk_spread"] = topk_spread(block.mlp, x) if block.mlp.top_k else None

@@ -20,11 +20,14 @@ SiLU in the papers, tanh-GELU in Gemma):
                by default here a linear router fitted in closed form to each expert's output norm
                ("lsq"). Top-k per token, outputs summed unweighted.
 Optionally (--compensate, beyond the papers): each routed expert's mean output over the calibration
-tokens that skip it is added for the tokens that skip it. Read top to bottom: the settings; the
-paper's steps (profile, allocate and share, partition, the centroid router), ExpertWeaver's plan and
-the MoE layer built from it; this repository's changes (the uniform allocation in step 2, the
-contribution ranking in step 3, the lsq router, 128 experts rather than the paper's 64, the
-compensation); the methods beside it (random, CMoE, static); the per-layer loop.
+tokens that skip it is added for the tokens that skip it. Optionally (--selection threshold, beyond
+the papers): a token takes every routed expert scoring above a per-layer threshold instead of its
+top-k, at least half of k, the threshold the least at which the calibration tokens, run through the
+converted model, take at most k on average. Read top to bottom: the settings; the paper's steps
+(profile, allocate and share, partition, the centroid router), ExpertWeaver's plan and the MoE
+layer built from it; this repository's changes (the uniform allocation in step 2, the contribution
+ranking in step 3, the lsq router, 128 experts rather than the paper's 64, the compensation, the
+threshold selection); the methods beside it (random, CMoE, static); the per-layer loop.
 """
 import itertools
 import time
@@ -672,6 +675,63 @@ def compensate(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -
             / max(output_norm / len(flat), 1e-30)}
 
 # -----------------------------------------------------------------------------
+# threshold selection (beyond the papers): a token takes the experts its router scores above a
+# per-layer threshold, so compute follows the token at the same mean
+
+
+def router_scores(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS):
+    """The router's scores (S T, E) float32 on the calibration inputs x (S, T, D)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([moe.router(flat[i: i + batch_tokens], moe.experts)
+                      for i in range(0, len(flat), batch_tokens)])
+
+
+def mean_selected(scores: torch.Tensor, threshold: float, min_k: int) -> float:
+    """Experts a token takes on average, scores (N, E), under threshold selection."""
+    return (scores > threshold).sum(dim=-1).clamp(min=min_k).double().mean().item()
+
+
+def fit_threshold_reference(scores: torch.Tensor, top_k: int, min_k: int) -> float:
+    """fit_threshold by trying every candidate: slow, obvious, for the tests."""
+    candidates = sorted(set(scores.flatten().tolist()))
+    return next(t for t in candidates if mean_selected(scores, t, min_k) <= top_k)
+
+
+@torch.no_grad()
+def fit_threshold(scores: torch.Tensor, top_k: int, min_k: int) -> float:
+    """The lowest threshold, among the scores (N, E) themselves, at which the tokens take at most
+    top_k experts on average (each at least min_k, every one above the threshold): per-token
+    selection at no more compute than top-k on these tokens. The mean only falls as the threshold
+    rises, so a bisection over the sorted scores finds it."""
+    assert 0 <= min_k <= top_k <= scores.shape[1], f"need 0 <= {min_k} <= {top_k} <= experts"
+    values = scores.flatten().sort().values
+    lo, hi = 0, len(values) - 1  # the highest score selects nothing, so it always qualifies
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_selected(scores, values[mid].item(), min_k) <= top_k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return values[lo].item()
+
+
+@torch.no_grad()
+def set_threshold(moe: MoEMLP, x: torch.Tensor, row: dict) -> dict:
+    """Threshold selection for a converted FFN (its router fitted), on the inputs x (S, T, D) the
+    calibration windows give it in the converted model (layer_loop's finish): the threshold, and
+    the report row's updates (its config entry, the mean experts per token, the load)."""
+    if not moe.top_k:
+        return {}
+    scores = router_scores(moe, x)
+    moe.min_k = round(MIN_K_SHARE * moe.top_k)
+    moe.threshold = fit_threshold(scores, moe.top_k, moe.min_k)
+    load = expert_load(moe, x)
+    return {"threshold": moe.threshold, "min_k": moe.min_k,
+            "mean_top_k": mean_selected(scores, moe.threshold, moe.min_k),
+            "load": load.tolist(), "load_max_over_mean": (load.max() / load.float().mean()).item(),
+            "moe": {**row["moe"], "threshold": moe.threshold, "min_k": moe.min_k}}
+
+# -----------------------------------------------------------------------------
 # the methods beside it: a random partition, CMoE (with its router), static pruning
 
 
@@ -757,52 +817,6 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
     return info
 
 
-def router_scores(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS):
-    """The router's scores (S T, E) float32 on the calibration inputs x (S, T, D)."""
-    flat = x.reshape(-1, x.shape[-1])
-    return torch.cat([moe.router(flat[i: i + batch_tokens], moe.experts)
-                      for i in range(0, len(flat), batch_tokens)])
-
-
-def mean_selected(scores: torch.Tensor, threshold: float, min_k: int) -> float:
-    """Experts a token takes on average, scores (N, E), under threshold selection."""
-    return (scores > threshold).sum(dim=-1).clamp(min=min_k).double().mean().item()
-
-
-def fit_threshold_reference(scores: torch.Tensor, top_k: int, min_k: int) -> float:
-    """fit_threshold by trying every candidate: slow, obvious, for the tests."""
-    candidates = sorted(set(scores.flatten().tolist()))
-    return next(t for t in candidates if mean_selected(scores, t, min_k) <= top_k)
-
-
-@torch.no_grad()
-def fit_threshold(scores: torch.Tensor, top_k: int, min_k: int) -> float:
-    """The lowest threshold, among the scores (N, E) themselves, at which the tokens take at most
-    top_k experts on average (each at least min_k, every one above the threshold): per-token
-    selection at no more compute than top-k on these tokens. The mean only falls as the threshold
-    rises, so a bisection over the sorted scores finds it."""
-    assert 0 <= min_k <= top_k <= scores.shape[1], f"need 0 <= {min_k} <= {top_k} <= experts"
-    values = scores.flatten().sort().values
-    lo, hi = 0, len(values) - 1  # the highest score selects nothing, so it always qualifies
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if mean_selected(scores, values[mid].item(), min_k) <= top_k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return values[lo].item()
-
-
-def set_threshold(moe: MoEMLP, x: torch.Tensor) -> dict:
-    """Threshold selection for a built MoE FFN with its router fitted, on its calibration inputs x
-    (S, T, D): the layer entry's threshold and min_k, and the report's mean experts per token."""
-    scores = router_scores(moe, x)
-    moe.min_k = round(MIN_K_SHARE * moe.top_k)
-    moe.threshold = fit_threshold(scores, moe.top_k, moe.min_k)
-    return {"threshold": moe.threshold, "min_k": moe.min_k,
-            "mean_top_k": mean_selected(scores, moe.threshold, moe.min_k)}
-
-
 @torch.no_grad()
 def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
     """Tokens routed to each expert (E,) int64 over the calibration inputs x (S, T, D)."""
@@ -854,9 +868,6 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     if moe.bias is not None:
         with timed(timings, "compensate"):
             info |= compensate(moe, x)
-    if spec.selection == "threshold" and moe.top_k:
-        with timed(timings, "router"):
-            info |= set_threshold(moe, x)
     return moe, layer_row(moe, plan, x, info, timings)
 
 
@@ -871,9 +882,7 @@ def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings
             "routed_experts": len(plan.groups), "top_k": plan.top_k,
             "load_max_over_mean": imbalance, "load": load.tolist() if load is not None else None,
             "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
-                    "top_k": plan.top_k,
-                    **({"threshold": moe.threshold, "min_k": moe.min_k}
-                       if moe.threshold is not None else {})}}
+                    "top_k": plan.top_k}}
 
 
 def marker_tokens(spec: ConvertSpec, n_tokens: int, device) -> torch.Tensor | None:
@@ -892,16 +901,27 @@ def layer_converter(spec: ConvertSpec, task: torch.Tensor, h: torch.Tensor, timi
     return lambda mlp, x, i: convert_ffn(mlp, x, task, spec, spec.seed + i, markers, timings)
 
 
+class Skipped(torch.nn.Module):
+    """An FFN that adds nothing: stands in while a block runs only to capture its FFN's inputs."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
 @torch.no_grad()
 def layer_loop(blocks, run, h: torch.Tensor, convert_layer, dense_layers=(),
-               sequential: bool = False, timings: dict | None = None):
+               sequential: bool = False, timings: dict | None = None, finish=None):
     """Walks the blocks once, carrying the calibration hidden states forward, and yields (layer,
     block with its FFN `.mlp` converted in place, report row, the FFN's calibration inputs x (S, T,
     D)). blocks: an iterable of modules, read lazily; run(block, h) -> block output; h: (S, T, D)
     the embedded calibration windows; convert_layer(mlp, x, layer) -> (MoE FFN, row), as
-    layer_converter makes it. sequential: the next layer sees the converted layer's outputs."""
+    layer_converter makes it. sequential: the next layer sees the converted layer's outputs.
+    finish(mlp, x_moe, row) -> updates to the row: a last step on each converted FFN, given the
+    inputs x_moe the windows give it in the converted model (every earlier layer converted and
+    finished), which the loop then also carries forward unless sequential already does."""
     timings = {} if timings is None else timings
     blocks = iter(blocks)
+    h_moe = h if finish is not None and not sequential else None  # the converted model's states
     for i in itertools.count():
         t0 = time.perf_counter()
         with timed(timings, "load"):
@@ -914,6 +934,20 @@ def layer_loop(blocks, run, h: torch.Tensor, convert_layer, dense_layers=(),
         if i not in dense_layers:
             block.mlp, row = convert_layer(block.mlp, x, i)
             row = {"layer": i, "dense": False, **row}
+        if finish is not None and not row["dense"]:
+            x_moe = x
+            if h_moe is not None:  # the FFN's inputs do not depend on it, so it sits this one out
+                mlp, block.mlp = block.mlp, Skipped()
+                try:
+                    with timed(timings, "forward"):
+                        x_moe = run_batched(run, block, h_moe, capture=True)[1]
+                finally:
+                    block.mlp = mlp
+            row |= finish(block.mlp, x_moe, row)
+            del x_moe
+        if h_moe is not None:
+            with timed(timings, "forward"):
+                h_moe = run_batched(run, block, h_moe)
         if sequential and not row["dense"]:
             with timed(timings, "forward"):
                 h_dense = run_batched(run, block, h)

@@ -224,7 +224,10 @@ def test_streamed_tiny_models_equal_in_memory(tmp_path):
                        ("qwen2",
                         dict(method="cmoe", n_experts=4, active=0.75, k_act=3, sequential=True)),
                        ("qwen3", dict(n_experts=8, active=0.75, dense_layers=(1,))),
-                       ("gemma3_text", dict(n_experts=8, active=0.5))]:  # its scaled embedding
+                       ("gemma3_text", dict(n_experts=8, active=0.5)),  # its scaled embedding
+                       # threshold selection carries the converted model's states beside
+                       ("mistral", dict(n_experts=8, active=0.75, dense_layers=(1,),
+                                        selection="threshold"))]:
         model = tiny_model(arch, ffn_dim=48, n_layers=3)
         source = tmp_path / arch / "dense"
         save_checkpoint(model, hf_config_of(model), str(source))

@@ -58,6 +58,12 @@ def test_conversion_sets_thresholds_within_the_flops_and_loads_back(tmp_path):
         assert entry["threshold"] == block.mlp.threshold and entry["min_k"] == block.mlp.min_k
         assert block.mlp.min_k == round(weaver.MIN_K_SHARE * block.mlp.top_k)
         assert row["mean_top_k"] <= block.mlp.top_k
+    from experiments import SelectionCounter
+    with SelectionCounter(model) as seen, torch.no_grad():  # in the converted model itself
+        model(calib.tokens)
+    for (chosen, tokens), row, block in zip(seen.counts.values(), report["layers"], model.layers):
+        assert chosen / tokens == pytest.approx(row["mean_top_k"]) and \
+            chosen / tokens <= block.mlp.top_k
     topk = converted(tiny_model("llama", 32, 48, 2, seed=3), **{**SPEC, "selection": "topk"})
     assert [b.mlp.top_k for b in model.layers] == [b.mlp.top_k for b in topk.layers]
     assert convert.active_fraction(model.cfg) == convert.active_fraction(topk.cfg)
