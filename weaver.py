@@ -725,10 +725,9 @@ def set_threshold(moe: MoEMLP, x: torch.Tensor, row: dict) -> dict:
     scores = router_scores(moe, x)
     moe.min_k = round(MIN_K_SHARE * moe.top_k)
     moe.threshold = fit_threshold(scores, moe.top_k, moe.min_k)
-    load = expert_load(moe, x)
     return {"threshold": moe.threshold, "min_k": moe.min_k,
             "mean_top_k": mean_selected(scores, moe.threshold, moe.min_k),
-            "load": load.tolist(), "load_max_over_mean": (load.max() / load.float().mean()).item(),
+            **load_fields(moe, scores),  # the load under the selection now in force
             "moe": {**row["moe"], "threshold": moe.threshold, "min_k": moe.min_k}}
 
 # -----------------------------------------------------------------------------
@@ -818,13 +817,15 @@ def fit_router(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, task: torch.Tensor
 
 
 @torch.no_grad()
-def expert_load(moe: MoEMLP, x: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
-    """Tokens routed to each expert (E,) int64 over the calibration inputs x (S, T, D)."""
-    counts = torch.zeros(moe.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
-    for scores in router_scores(moe, x, batch_tokens).split(batch_tokens):
-        idx = moe.choose(scores)[0]
+def load_fields(moe: MoEMLP, scores: torch.Tensor, batch_tokens: int = BATCH_TOKENS) -> dict:
+    """The report row's load: tokens routed to each expert, from the router's scores (N, E) on the
+    calibration tokens, and the busiest expert's load over the mean."""
+    counts = torch.zeros(scores.shape[1], dtype=torch.int64, device=scores.device)
+    for part in scores.split(batch_tokens):
+        idx = moe.choose(part)[0]
         counts += torch.bincount(idx[idx >= 0], minlength=len(counts))
-    return counts
+    return {"load": counts.tolist(),
+            "load_max_over_mean": (counts.max() / counts.float().mean()).item()}
 
 
 @contextmanager
@@ -875,12 +876,11 @@ def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings
     """The report's row of a converted layer: its plan, its router's fit and how the calibration
     tokens x (S, T, D) spread over its routed experts; "moe" is its entry in config.json."""
     with timed(timings, "build"):
-        load = expert_load(moe, x) if plan.top_k else None
+        load = load_fields(moe, router_scores(moe, x)) if plan.top_k else \
+            {"load": None, "load_max_over_mean": None}
     d_e = plan.groups.shape[1]
-    imbalance = None if load is None else (load.max() / load.float().mean()).item()
     return {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
-            "routed_experts": len(plan.groups), "top_k": plan.top_k,
-            "load_max_over_mean": imbalance, "load": load.tolist() if load is not None else None,
+            "routed_experts": len(plan.groups), "top_k": plan.top_k, **load,
             "moe": {"shared_neurons": len(plan.shared), "routed_experts": len(plan.groups),
                     "top_k": plan.top_k}}
 
