@@ -89,20 +89,24 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
 
 def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """Sorts the N*K token-slots by expert and runs each GLU matmul as one grouped GEMM over the
-    experts' contiguous runs. No host sync anywhere, so the whole function compiles into one
-    graph."""
+    experts' contiguous runs. Compiled, no host sync anywhere, so the whole function is one graph;
+    eager, one sync learns how many slots are filled, so empty ones are never copied."""
     N, K = idx.shape
     order, offsets = sort_by_expert(idx, w13.shape[0])
-    xs = x[order // K]  # (N*K, D) one row per slot, in expert order
-    # (N*K, F) each
+    compiled = torch.compiler.is_compiling()
+    if not compiled:  # eager: the empty slots (threshold selection) sort last; leave them out
+        order = order[: int(offsets[-1])]
+    xs = x[order // K]  # (M, D) one row per slot, in expert order (M <= N*K)
+    # (M, F) each
     gate, up = F.grouped_mm(xs, w13.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    ys = F.grouped_mm(ACTIVATIONS[act](gate) * up, w2, offs=offsets)  # (N*K, D)
-    # the rows past the last offset (empty slots) are not computed: whatever they hold, drop it
-    ys = torch.where((idx.flatten()[order] >= 0)[:, None], ys, 0)
+    ys = F.grouped_mm(ACTIVATIONS[act](gate) * up, w2, offs=offsets)  # (M, D)
+    if compiled:  # the rows past the last offset (empty slots) are not computed: drop them
+        ys = torch.where((idx.flatten()[order] >= 0)[:, None], ys, 0)
     if weights is not None:
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-    # back to slot order
-    routed = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)
+    # back to slot order, where a slot left out adds zero
+    slots = torch.empty_like(ys) if len(order) == N * K else ys.new_zeros(N * K, ys.shape[1])
+    routed = slots.index_copy_(0, order, ys).view(N, K, -1).sum(dim=1)
     return shared_glu(x, shared, act) + routed
 
 
