@@ -321,8 +321,10 @@ def check_moe_config(moe: dict, ffn_dim: int, n_layers: int) -> None:
         if not 0 <= top_k <= routed:
             raise ValueError(f"config.json moe.layers[{i}]: top_k {top_k} is not in [0, {routed}]")
         threshold, min_k = layer.get("threshold"), layer.get("min_k", 0)
-        if threshold is not None and (not isinstance(threshold, (int, float)) or
-                                      not isinstance(min_k, int) or not 0 <= min_k <= top_k):
+        # bool is an int to Python, but true is no threshold
+        number = lambda v, kinds: isinstance(v, kinds) and not isinstance(v, bool)
+        if threshold is not None and (not number(threshold, (int, float)) or
+                                      not number(min_k, int) or not 0 <= min_k <= top_k):
             raise ValueError(f"config.json moe.layers[{i}]: threshold {threshold!r} with min_k "
                              f"{min_k!r}: need a number and an integer min_k in [0, top_k {top_k}]")
         for key, whole in (("split", expert_dim), ("shared_split", shared)):

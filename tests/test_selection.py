@@ -157,7 +157,8 @@ def test_flops_are_counted_at_the_experts_each_token_took():
 
 
 @pytest.mark.parametrize("entry", [{"threshold": "high"}, {"threshold": 0.5, "min_k": 5},
-                                   {"threshold": 0.5, "min_k": 1.5}])
+                                   {"threshold": 0.5, "min_k": 1.5}, {"threshold": True},
+                                   {"threshold": 0.5, "min_k": False}])
 def test_a_bad_threshold_in_config_json_is_named(entry):
     layer = {"shared_neurons": 16, "routed_experts": 4, "top_k": 2, **entry}
     with pytest.raises(ValueError, match=r"moe.layers\[0\]: threshold"):
