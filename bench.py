@@ -102,8 +102,10 @@ def print_table(head: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str) -> None:
-    """One line per (label, xs, ys), into a PNG. matplotlib is optional, imported here only."""
+def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str,
+         log_ticks: list[float] | None = None) -> None:
+    """One line per (label, xs, ys), into a PNG; with log_ticks, a log y axis labelled at those
+    values. matplotlib is optional, imported here only."""
     try:
         import matplotlib
     except ImportError:
@@ -115,6 +117,10 @@ def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str) ->
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if log_ticks:
+        ax.set_yscale("log")
+        ax.set_yticks(log_ticks, [f"{t:g}" for t in log_ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -361,25 +367,33 @@ def split_bench(shapes: list[str], inner: list[float], sub_experts: int, tokens:
 # model: the demo model, dense vs converted, prefill and decode
 
 
+# the conversions `bench.py model` times against the dense demo: the default, the default with
+# threshold selection (a token's number of experts varies), and the default before issue #26
+LAYOUTS = {"default": {}, "threshold": {"selection": "threshold"},
+           "old": {"n_experts": 64, "allocation": "cv", "router_bias": True}}
+
+
 def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new_tokens: int,
-                compile_modes: list[str], data: str, min_time: float) -> list[dict]:
+                compile_modes: list[str], data: str, min_time: float,
+                layouts: list[str] = ("default",)) -> list[dict]:
     print(header(device, dtype))
     path = demo_checkpoint()
     tokenizer = load_tokenizer(path)
     dt = getattr(torch, dtype)
-    moe = load_model(path, torch.float32)
     files = [os.path.join(data, f) for f in TASK_FILES.values()]
     if all(os.path.isfile(f) for f in files):
         calib = calibration_from_files(tokenizer, files, 8, 256, 0)
     else:
-        calib = calibration_from_model(moe, tokenizer, 4, 128, 0)
-    # the layout RESULTS.md's speed figures were measured with (the default before issue #26)
-    spec = ConvertSpec(active=active, n_experts=64, allocation="cv", router_bias=True)
-    convert_model(moe, calib, spec, log=lambda *_: None)
-    models = {"dense": load_model(path, dt, device),
-              f"moe-{active:g}": moe.to(device=device, dtype=dt)}
+        calib = calibration_from_model(load_model(path, torch.float32), tokenizer, 4, 128, 0)
+    models = {"dense": load_model(path, dt, device)}
+    for layout in layouts:
+        moe = load_model(path, torch.float32)
+        convert_model(moe, calib, ConvertSpec(active=active, **LAYOUTS[layout]),
+                      log=lambda *_: None)
+        models[f"{layout}-{active:g}"] = moe.to(device=device, dtype=dt)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, moe.cfg.vocab_size, (1, prefill_tokens), generator=g).to(device)
+    vocab = models["dense"].cfg.vocab_size
+    prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=g).to(device)
     rows = []
     for name, model in models.items():
         for mode in compile_modes:
@@ -395,9 +409,11 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
                   f"(T={prefill_tokens})  decode {row['decode_tok_s']:7.1f} tok/s (batch 1, "
                   f"{new_tokens} tokens)")
     for mode in compile_modes:
-        d, m = (r for r in rows if r["mode"] == mode)  # dense first
-        print(f"{mode}: MoE / dense prefill x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
-              f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
+        d, *moes = (r for r in rows if r["mode"] == mode)  # dense first
+        for m in moes:
+            print(f"{mode}: {m['model']} / dense prefill "
+                  f"x{m['prefill_tok_s'] / d['prefill_tok_s']:.2f}, "
+                  f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
 
 @torch.no_grad()
@@ -609,7 +625,8 @@ def run_command(a) -> list[dict]:
     if a.command == "model":
         return model_bench(device=a.device, dtype=a.dtype, active=a.active,
                            prefill_tokens=a.prefill, new_tokens=a.new_tokens,
-                           compile_modes=a.modes, data=a.data, min_time=a.min_time)
+                           compile_modes=a.modes, data=a.data, min_time=a.min_time,
+                           layouts=a.layouts)
     if a.command == "synth":
         return [{"out": synth_checkpoint(name=a.model, layers=a.layers, out=a.out,
                                          tokenizer=a.tokenizer)}]
@@ -684,6 +701,9 @@ if __name__ == "__main__":
     mb.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     mb.add_argument("--active", type=float, default=0.5, help="active fraction of the MoE")
+    mb.add_argument("--layouts", nargs="+", default=["default"], choices=list(LAYOUTS),
+                    help="the conversions timed: the default, it with --selection threshold, "
+                    "and the default before issue #26 (64 experts, cv, router bias)")
     mb.add_argument("--prefill", type=int, default=1024, help="prefill tokens")
     mb.add_argument("--new-tokens", type=int, default=128, help="decode steps")
     mb.add_argument("--modes", nargs="+", default=["eager", "compiled"],
