@@ -4,6 +4,7 @@ dense model trained alike) in the same run.
 
     python experiments.py quality            # held-out ppl ratio, every method x active fraction
     python experiments.py quality --rows expertweaver:lsq:tau=0.3 --active 0.75   # an ablation
+    python experiments.py plot q.json --out frontier.png   # a quality run's picture, again
     python experiments.py heal               # conversions healed with LoRA vs dense trained alike
     python experiments.py downcycle          # initialisations of a sparser MoE trained alike
     python experiments.py dive               # DIVE, the default and CMoE, before and after training
@@ -151,8 +152,10 @@ def geomean(values) -> float:
 PAPER = "expertweaver:centroid:shared_by=activation:n_experts=64:allocation=cv"
 # the default before issue #26 (RESULTS.md's older sections were measured with it)
 OLD_DEFAULT = "expertweaver:n_experts=64:allocation=cv:router_bias=true"
+# the two selectable settings beyond the papers that issue #26 asked beside the default
+GLOBAL, THRESHOLD = "expertweaver:budget=global", "expertweaver:selection=threshold"
 DEFAULT_ROWS = [PAPER, "cmoe", "static", OLD_DEFAULT, "expertweaver",
-                "expertweaver:router_bias=true"]
+                "expertweaver:router_bias=true", GLOBAL, THRESHOLD]
 
 
 def parse_row(row: str) -> dict:
@@ -258,13 +261,43 @@ def quality(data: str, rows: list[str], actives: list[float], calib_samples: int
     if tasks:
         print_accuracy_table(results, dense_acc)
     if plot:
-        lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
-                                    for r in results if r["row"] == row)))
-                 for row in plot_rows or rows]
-        draw(plot, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
-             "held-out ppl / dense ppl (geomean of 4 tasks)",
-             f"{cfg.model_type} demo converted: quality against compute")
+        draw_quality(plot, results, plot_rows or rows, model_name)
     return [{"row": "dense", "ppl": dense, **({"tasks": dense_acc} if tasks else {})}] + results
+
+
+RATIO_TICKS = [1, 1.1, 1.25, 1.5, 2, 3, 4, 6]  # the frontier picture's log axis
+
+
+def draw_quality(file: str, results: list[dict], rows: list[str], model_name: str) -> None:
+    """The frontier picture: a line per row, geomean held-out ratio against the FFN FLOPs used."""
+    lines = [(row, *zip(*sorted((100 * r["active_flops"], r["geomean"])
+                                for r in results if r["row"] == row)))
+             for row in rows]
+    draw(file, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
+         "held-out ppl / dense ppl (geomean of 4 tasks, log scale)",
+         f"{model_name} converted: quality against compute", log_ticks=RATIO_TICKS)
+
+
+def replot(files: list[str], out: str, rows: list[str] | None) -> list[dict]:
+    """The quality picture drawn again from the --json files of `quality` runs on one model,
+    merged, without converting anything: the rows (default: every row they hold, in order)."""
+    results, models = [], set()
+    for file in files:
+        with open(file) as f:
+            saved = json.load(f)
+        if saved.get("command") != "quality":
+            raise ValueError(f"{file}: not the --json of a quality run (its command is "
+                             f"{saved.get('command')!r})")
+        models.add(saved["args"]["model"])
+        results += [r for r in saved["rows"] if r["row"] != "dense"]
+    if len(models) != 1:
+        raise ValueError(f"{', '.join(files)}: runs on different models ({sorted(models)})")
+    held = list(dict.fromkeys(r["row"] for r in results))
+    missing = [row for row in rows or () if row not in held]
+    if missing:
+        raise ValueError(f"--rows {', '.join(missing)}: not in {', '.join(files)}")
+    draw_quality(out, results, rows or held, models.pop())
+    return []
 
 
 def retained(scores: dict, dense: dict) -> tuple[float | None, list[str]]:
@@ -912,6 +945,8 @@ def data_flags(parser, holdout: str, seed: str) -> None:
 
 def run_command(a) -> list[dict]:
     """The subcommand parsed into `a`, run; -> its rows."""
+    if a.command == "plot":
+        return replot(a.files, a.out, a.rows)
     text = dict(data=a.data, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen,
                 seed=a.seed)
     if a.command == "quality":
@@ -971,6 +1006,12 @@ if __name__ == "__main__":
                    help="draw the geomean ppl ratio against the FFN FLOPs used, a line per row, "
                    "into this PNG (needs matplotlib)")
     q.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn (default: all)")
+    pl = sub.add_parser("plot", help="quality's picture again from the --json of quality runs "
+                        "(merged), without converting", formatter_class=defaults)
+    pl.add_argument("files", nargs="+", help="--json files written by quality runs on one model")
+    pl.add_argument("--out", required=True, help="the PNG to write (needs matplotlib)")
+    pl.add_argument("--rows", nargs="+", default=None,
+                    help="the rows drawn, in this order (default: every row, as saved)")
     sv = sub.add_parser("served", help="the exportable configuration (one --n-shared for every "
                         "layer, lsq without bias): N chosen on the calibration side, then its "
                         "export run by transformers", formatter_class=defaults)

@@ -1,5 +1,6 @@
 """experiments.py runs: the FLOP accounting, and the training experiments end to end on a tiny
 checkpoint. These check that the experiments work and report consistent rows, not their figures."""
+import json
 import math
 import os
 import tempfile
@@ -223,3 +224,27 @@ def test_gap_table_finds_its_two_ends_under_any_settings(capsys):
     assert "| `static` | 0.50 | 50% |" in gap and "oracle:n_experts=64` |" not in gap
     experiments.print_quality_tables(results[1:], dense)  # no centroid row: no gap table
     assert "gap closed" not in capsys.readouterr().out
+
+
+def test_plot_draws_saved_quality_runs_merged_and_refuses_others(tmp_path, monkeypatch):
+    def saved(name, command, model, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"command": command, "args": {"model": model},
+                                    "rows": [{"row": "dense", "ppl": {}}] + rows}))
+        return str(path)
+    point = lambda row, flops, ratio: {"row": row, "active_flops": flops, "geomean": ratio}
+    a = saved("a.json", "quality", "demo", [point("static", 0.9, 1.2), point("static", 0.5, 4.0)])
+    b = saved("b.json", "quality", "demo", [point("expertweaver", 0.76, 1.3)])
+    drawn = []
+    monkeypatch.setattr(experiments, "draw",
+                        lambda file, lines, *labels, **kw: drawn.append(lines))
+    experiments.replot([a, b], str(tmp_path / "f.png"), None)
+    assert drawn.pop() == [("static", (50.0, 90.0), (4.0, 1.2)), ("expertweaver", (76.0,), (1.3,))]
+    experiments.replot([a, b], str(tmp_path / "f.png"), ["expertweaver"])
+    assert [line[0] for line in drawn.pop()] == ["expertweaver"]
+    with pytest.raises(ValueError, match="--rows cmoe: not in"):
+        experiments.replot([a], str(tmp_path / "f.png"), ["cmoe"])
+    with pytest.raises(ValueError, match="not the --json of a quality run"):
+        experiments.replot([saved("c.json", "heal", "demo", [])], str(tmp_path / "f.png"), None)
+    with pytest.raises(ValueError, match="runs on different models"):
+        experiments.replot([a, saved("d.json", "quality", "demo-gemma", [])], "f.png", None)
