@@ -103,9 +103,10 @@ def print_table(head: list[str], rows: list[list[str]]) -> None:
 
 
 def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str,
-         log_ticks: list[float] | None = None) -> None:
+         log_ticks: list[float] | None = None, legend_below: bool = False) -> None:
     """One line per (label, xs, ys), into a PNG; with log_ticks, a log y axis labelled at those
-    values. matplotlib is optional, imported here only."""
+    values; legend_below puts the legend under the axes, where it hides no line. matplotlib is
+    optional, imported here only."""
     try:
         import matplotlib
     except ImportError:
@@ -114,7 +115,7 @@ def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str,
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5 + (0.25 * len(lines) if legend_below else 0)))
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     if log_ticks:
@@ -125,7 +126,10 @@ def draw(file: str, lines: list[tuple], xlabel: str, ylabel: str, title: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_below:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     print(f"wrote {file}")

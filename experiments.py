@@ -275,7 +275,8 @@ def draw_quality(file: str, results: list[dict], rows: list[str], model_name: st
              for row in rows]
     draw(file, lines, "FFN FLOPs used per token, router included (% of the dense FFN)",
          "held-out ppl / dense ppl (geomean of 4 tasks, log scale)",
-         f"{model_name} converted: quality against compute", log_ticks=RATIO_TICKS)
+         f"{model_name} converted: quality against compute", log_ticks=RATIO_TICKS,
+         legend_below=True)
 
 
 def replot(files: list[str], out: str, rows: list[str] | None) -> list[dict]:
