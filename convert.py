@@ -152,7 +152,7 @@ def run_layers(cfg, h: torch.Tensor, blocks, window_inputs, calib: Calibration,
     if nested:
         recursive.check_spec(spec, cfg.moe, cfg)
     else:
-        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers, cfg.dim)
     inputs = window_inputs(h.shape[1], h.dtype, h.device)
     run = lambda block, hb: block(hb, inputs)
     method = dive if isinstance(spec, dive.DiveSpec) else weaver  # the per-layer converter's
@@ -351,7 +351,7 @@ def main(checkpoint: str, spec: weaver.ConvertSpec, data: DataSpec, run: RunSpec
     if cfg.moe is not None:  # its experts converted in turn (--format qwen2_moe exported above)
         recursive.check_spec(spec, cfg.moe, cfg)
     else:
-        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers, cfg.dim)
     problems = export_problems(cfg, spec) if format == "qwen2_moe" else []
     if problems:
         raise ValueError("--format qwen2_moe: " + "; ".join(problems))
@@ -438,7 +438,8 @@ def convert_and_evaluate(path: str, cfg, hf_config: dict, out: str, spec: weaver
         f"each expert of {cfg.moe['expert_dim']} neurons split into " \
         f"{describe_layout(spec, cfg.moe['expert_dim'])}"
     print(f"converting {path} layer by layer on {device} in {dtype}: {spec.method}, router "
-          f"{spec.router}, {layout} ({spec.active:.1%} of the neurons)")
+          f"{spec.router}, {layout} ({spec.active:.1%} of the neurons"
+          f"{', in FLOPs' if spec.first_dense else ''})")
     t0 = time.time()
     report = {"source": path, "spec": asdict(spec),
               "calibration": {"windows": S, "seqlen": T, "tasks": calibration.names,
@@ -469,8 +470,10 @@ def describe_layout(spec: weaver.ConvertSpec, ffn_dim: int) -> str:
     if isinstance(spec, dive.DiveSpec):
         return (f"{spec.dive_groups} experts of {spec.expert_dim(ffn_dim)} neurons, "
                 f"top-{spec.dive_top_k}")
+    paid = f" in each converted layer, the first {spec.first_dense} dense" if spec.first_dense \
+        else ""
     return (f"{spec.n_experts} experts of {ffn_dim // spec.n_experts} neurons, k = {spec.k} "
-            f"active per token")
+            f"active per token{paid}")
 
 
 def compare_heldout(moe, eval_tokens: dict, dense_ppl: dict, data: DataSpec) -> dict:

@@ -58,7 +58,7 @@ class DiveSpec(weaver.ConvertSpec):
         """Each expert is a pruned copy of the FFN with active / top_k of its neurons."""
         return max(1, round(self.active / self.dive_top_k * ffn_dim))
 
-    def check_layers(self, ffn_dim: int, n_layers: int) -> None:
+    def check_layers(self, ffn_dim: int, n_layers: int, dim: int) -> None:
         self.check_dense_layers(n_layers)  # pruned copies need no equal split of d_ff
 
     def check_tasks(self, n_tasks: int, mined: bool = False, windows: int | None = None) -> None:

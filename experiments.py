@@ -43,7 +43,7 @@ from demo import DEMOS, demo_checkpoint
 from dive import DiveSpec
 from export import EXPORT_EPS, Served, export_problems, export_qwen2_moe
 from model import MoEMLP, load_config, load_model, load_tokenizer
-from weaver import ConvertSpec
+from weaver import ROUTER_FLOPS, ConvertSpec
 
 # -----------------------------------------------------------------------------
 # quality: held-out perplexity of every conversion, against the dense model
@@ -74,17 +74,13 @@ def check_tasks(data: str, tasks) -> str:
 
 def ffn_flops(cfg) -> dict:
     """Per token, summed over layers: FLOPs of the dense FFNs, of the MoE FFNs' experts, and of
-    their routers (multiply-adds x 2). gate and oracle routers compute projections of every routed
-    neuron, so they cost what those neurons would. A layer split by a recursive conversion
+    their routers (multiply-adds x 2; weaver.ROUTER_FLOPS). A layer split by a recursive conversion
     (recursive.py) counts each chosen expert's whole part and chosen parts, its converted shared
     expert, and the inner router as model.SplitExperts runs it: over every expert's parts, E J
     rows, of which the token then keeps those of its K experts. A compensated layer's biases add
     (k + 1) D."""
     D, d_ff = cfg.dim, cfg.ffn_dim
-    per_router = {"centroid": lambda E, n: 2 * D * E, "lsq": lambda E, n: 2 * D * E + E,
-                  "cmoe": lambda E, n: 4 * D * E, "gate": lambda E, n: 2 * D * n,
-                  "oracle": lambda E, n: 6 * D * n, "trained": lambda E, n: 2 * D * E,
-                  "none": lambda E, n: 0}
+    per_router = {kind: functools.partial(cost, D) for kind, cost in ROUTER_FLOPS.items()}
 
     def one_level(entry: dict) -> tuple[int, int]:  # (experts, router) of an entry of one level
         d_e, E, k = entry["expert_dim"], entry["routed_experts"], entry["top_k"]
@@ -194,7 +190,7 @@ def row_specs(rows: list[str], actives: list[float], seed: int, cfg=None, **layo
                 spec = spec_class(settings["method"])(active=active, seed=seed,
                                                       **{**layout, **settings})
                 if cfg is not None:
-                    spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+                    spec.check_layers(cfg.ffn_dim, cfg.n_layers, cfg.dim)
             except ValueError as e:
                 raise ValueError(f"row {row!r} at --active {active}: {e}") from None
             specs[row, active] = spec
@@ -712,7 +708,7 @@ def served(data: str, actives: list[float], fractions: list[float], calib_sample
     specs = {a: ConvertSpec(n_experts=n_experts, active=a, router_bias=False, seed=seed)
              for a in actives}
     for spec in specs.values():
-        spec.check_layers(cfg.ffn_dim, cfg.n_layers)
+        spec.check_layers(cfg.ffn_dim, cfg.n_layers, cfg.dim)
     grids = {a: sorted({min(max(round(f * s.k), 0), s.k - 1) for f in fractions})
              for a, s in specs.items()}
     tokenizer = load_tokenizer(path)

@@ -41,6 +41,9 @@ def check_spec(spec: weaver.ConvertSpec, moe: dict, cfg) -> None:
     if spec.budget != "uniform":
         raise ValueError("--budget global is for a one-level conversion: a recursive one keeps "
                          "the outer top-k and splits every expert alike")
+    if spec.first_dense:
+        raise ValueError("--first-dense is for a one-level conversion: a recursive one keeps the "
+                         "outer layout, and --dense-layers leaves whole layers unsplit")
     if spec.selection != "topk":
         raise ValueError("--selection threshold is for a one-level conversion: a split expert's "
                          "parts are chosen top-k within it")

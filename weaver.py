@@ -70,6 +70,13 @@ METHOD_DEFAULTS = {
                      "router_bias": False},
     "random": {"router": "lsq"}, "cmoe": {"router": "cmoe"}, "static": {"router": "none"}}
 BATCH_TOKENS = 8192  # tokens per batch wherever calibration inputs are streamed through a layer
+# a router's cost per token in multiply-adds x 2, for D model dims, E routed experts and n routed
+# neurons. gate and oracle compute projections of every routed neuron, so they cost what those
+# neurons would; lsq's bias adds E
+ROUTER_FLOPS = {"centroid": lambda D, E, n: 2 * D * E, "lsq": lambda D, E, n: 2 * D * E + E,
+                "cmoe": lambda D, E, n: 4 * D * E, "gate": lambda D, E, n: 2 * D * n,
+                "oracle": lambda D, E, n: 6 * D * n, "trained": lambda D, E, n: 2 * D * E,
+                "none": lambda D, E, n: 0}
 
 
 @dataclass
@@ -112,7 +119,13 @@ class ConvertSpec:
     kmeans_iters: int = setting(50, "max balanced k-means iterations")
     k_act: int = setting(10, "cmoe: neurons marked per token (K_a)")
     marker_tokens: int = 16384        # CMoE: tokens whose markers are kept (CMoE uses 8 x 2048)
-    dense_layers: tuple = setting((), "layer indices to leave dense", type=int)
+    dense_layers: tuple = setting((), "layer indices to leave dense, on top of --active's "
+                                  "compute", type=int)
+    first_dense: int = setting(0, "leave the first N layers dense and pay for them: every other "
+                               "layer takes the largest k at which the model's FFN FLOPs, "
+                               "routers included, stay at most those of every layer at --active "
+                               "(DeepSeek's first_k_dense_replace; exports as Qwen2-MoE's "
+                               "mlp_only_layers)", metavar="N")
     sequential: bool = setting(False, "profile each layer on the outputs of the already-converted "
                                "layers (CMoE's carving) instead of the dense ones")
     budget: str = setting("uniform", "how the active experts are spread over the layers. uniform: "
@@ -130,6 +143,7 @@ class ConvertSpec:
                                "bias per layer and one per expert, FLAP's compensation applied to "
                                "routing; not exportable as Qwen2-MoE)")
     seed: int = setting(0, "seeds calibration sampling, k-means and the partition")
+    paid_k: int | None = None  # first_dense: the converted layers' k, set by check_layers
 
     # the methods and routers this spec takes (dive.DiveSpec takes its own)
     METHODS: ClassVar[tuple] = METHODS
@@ -184,6 +198,15 @@ class ConvertSpec:
                 "the compensation is fitted to top-k" if self.compensate else None
             if clash:
                 raise ValueError(f"selection threshold: {clash} (use selection topk)")
+        if self.first_dense < 0:
+            raise ValueError(f"first_dense {self.first_dense} must be at least 0")
+        # check_layers sets dense_layers to range(first_dense), which a copy of the spec keeps
+        if self.first_dense and self.dense_layers not in ((), tuple(range(self.first_dense))):
+            raise ValueError("first_dense pays for its dense layers and dense_layers does not: "
+                             "give one or the other")
+        if self.first_dense and self.method == "dive":
+            raise ValueError("first_dense: DIVE's pruned experts are sized by --active, not by "
+                             "a k to lower (use dense_layers)")
         if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
             raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
@@ -195,15 +218,44 @@ class ConvertSpec:
 
     @property
     def k(self) -> int:
-        """Experts active per token, shared ones included."""
-        return max(1, round(self.active * self.n_experts))
+        """Experts active per token in a converted layer, shared ones included."""
+        return self.paid_k or max(1, round(self.active * self.n_experts))
+
+    def layer_flops(self, k: int, dim: int, ffn_dim: int) -> int:
+        """FLOPs per token of one layer converted at k active experts: its k experts' neurons and
+        its router, as experiments.ffn_flops counts them. Under allocation cv the shared count
+        comes from calibration, so the router is counted over every expert, an upper bound."""
+        d_e = self.expert_dim(ffn_dim)
+        shared = k if self.router == "none" else self.n_shared if self.n_shared is not None else \
+            k // 2 if self.method == "cmoe" else 0 if self.allocation == "cv" else \
+            min(k, round(self.shared_fraction * k))
+        routed = self.n_experts - shared
+        router = ROUTER_FLOPS[self.router](dim, routed, routed * d_e) if k > shared else 0
+        return 6 * dim * k * d_e + router
+
+    def pay_for_dense(self, dim: int, ffn_dim: int, n_layers: int) -> None:
+        """first_dense: the largest k for the other layers at which the model's FFN FLOPs stay at
+        most those of every layer converted at --active; sets dense_layers and paid_k."""
+        self.paid_k, n = None, self.first_dense
+        budget = n_layers * self.layer_flops(self.k, dim, ffn_dim)
+        dense = n * 6 * dim * ffn_dim
+        fits = [k for k in range(1, self.n_experts + 1)
+                if dense + (n_layers - n) * self.layer_flops(k, dim, ffn_dim) <= budget]
+        if n >= n_layers or not fits:
+            raise ValueError(f"first_dense {n}: {n} dense layers of the {n_layers} cost more than "
+                             f"the whole model at --active {self.active}")
+        self.dense_layers, self.paid_k = tuple(range(n)), max(fits)
+        if self.n_shared is not None and self.n_shared > self.paid_k:
+            raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.paid_k}], the k "
+                             f"left to the converted layers by first_dense {n}")
 
     def expert_dim(self, ffn_dim: int) -> int:
         """Neurons per routed expert: equal parts of d_ff."""
         return ffn_dim // self.n_experts
 
-    def check_layers(self, ffn_dim: int, n_layers: int) -> None:
-        """What the spec needs of a model, checked before any calibration work."""
+    def check_layers(self, ffn_dim: int, n_layers: int, dim: int) -> None:
+        """What the spec needs of a model, checked before any calibration work; first_dense sets
+        the converted layers' k here."""
         if ffn_dim % self.n_experts:
             divisors = [d for d in range(1, ffn_dim + 1) if ffn_dim % d == 0]
             near = [d for d in divisors if d < self.n_experts][-2:] + \
@@ -212,6 +264,8 @@ class ConvertSpec:
                              f"{self.n_experts}: experts must have equal size; valid counts near "
                              f"it: {', '.join(map(str, near))}")
         self.check_dense_layers(n_layers)
+        if self.first_dense:
+            self.pay_for_dense(dim, ffn_dim, n_layers)
 
     def check_dense_layers(self, n_layers: int) -> None:
         wrong = [i for i in self.dense_layers if not 0 <= i < n_layers]
@@ -224,6 +278,7 @@ class ConvertSpec:
         return {"method": self.method, "num_experts": self.n_experts,
                 "expert_dim": self.expert_dim(ffn_dim), "router": self.router,
                 "router_bias": self.router_bias, "active": self.active,
+                **({"first_dense": self.first_dense} if self.first_dense else {}),
                 **({"budget": self.budget} if self.budget != "uniform" else {}),
                 **({"selection": self.selection} if self.selection != "topk" else {}),
                 **({"compensated": True} if self.compensate else {})}

@@ -8,6 +8,7 @@ import tempfile
 import pytest
 
 import experiments
+from weaver import ConvertSpec
 
 
 def test_router_flops_accounting():
@@ -20,6 +21,37 @@ def test_router_flops_accounting():
     assert flops["dense"] == 2 * 6 * D * 48
     assert flops["experts"] == 6 * D * (layer["shared_neurons"] + layer["top_k"] * 6) + 6 * D * 48
     assert flops["router"] == 2 * D * layer["routed_experts"]
+
+
+@pytest.mark.parametrize("active, layout", [(0.75, {}), (0.5, {"router_bias": True}),
+                                            (0.75, {"method": "cmoe"}), (0.5, {"n_shared": 1})])
+def test_first_dense_pays_for_its_dense_layers_at_the_uniform_flops(active, layout):
+    # the k that first_dense leaves the other layers is the largest at which ffn_flops, counted on
+    # the converted models, stays within the uniform layout's
+    from conftest import converted, tiny_model
+    cost = lambda model: (lambda f: f["experts"] + f["router"])(experiments.ffn_flops(model.cfg))
+    make = lambda: tiny_model(ffn_dim=48, n_layers=3)
+    uniform = cost(converted(make(), n_experts=8, active=active, **layout))
+    paid = converted(make(), n_experts=8, active=active, first_dense=1, **layout)
+    k = paid.layers[1].mlp.top_k + paid.cfg.moe["layers"][1]["shared_neurons"] // 6
+    assert paid.cfg.moe["first_dense"] == 1 and paid.cfg.moe["layers"][0] is None
+    assert k < round(active * 8) and cost(paid) <= uniform
+    over = converted(make(), n_experts=8, active=(k + 1) / 8, dense_layers=(0,), **layout)
+    assert cost(over) > uniform
+
+
+def test_first_dense_is_refused_where_it_cannot_pay():
+    from conftest import tiny_model
+    import recursive
+    with pytest.raises(ValueError, match="give one or the other"):
+        ConvertSpec(first_dense=1, dense_layers=(3,))
+    with pytest.raises(ValueError, match="must be at least 0"):
+        ConvertSpec(first_dense=-1)
+    with pytest.raises(ValueError, match=r"first_dense 1: 1 dense layers of the 2 cost more"):
+        ConvertSpec(n_experts=8, active=0.25, first_dense=1).check_layers(48, 2, 32)
+    moe = tiny_model(ffn_dim=48, n_layers=2)
+    with pytest.raises(ValueError, match="--first-dense is for a one-level conversion"):
+        recursive.check_spec(ConvertSpec(n_experts=2, first_dense=1), {"layers": []}, moe.cfg)
 
 
 def test_hierarchy_splits_an_exported_moe_and_counts_its_flops(tiny_checkpoint, tmp_path,
