@@ -21,8 +21,9 @@ bandwidth, FLOPs / rate) with the bandwidth and FLOP rate this machine's dense F
 smallest and largest T, the bytes being those of the experts the tokens touch; efficiency = speedup
 / ideal.
 
-model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 and batch-1
-decode tokens/s over 128 new tokens, eager and torch.compile'd.
+model: the demo model dense and converted (ExpertWeaver), prefill tokens/s at T = 1024 (held-out
+prose; random tokens without the data) and batch-1 decode tokens/s over 128 new tokens, eager and
+torch.compile'd.
 
 ppl: the GPTQ / CMoE protocol (data.perplexity) on a .txt file or the --field(s) of a .jsonl file.
 """
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 import kernels
 from checkpoint import CheckpointWriter, exit_on_sigterm, output_dir
 from convert import convert_checkpoint, convert_model, peak_rss_gib
-from data import Calibration, calibration_from_files, calibration_from_model, perplexity, read_text
+from data import (Calibration, calibration_from_files, calibration_from_model, heldout_tokens,
+                  perplexity, read_text)
 from demo import demo_checkpoint, resolve
 from model import (MLP, ModelConfig, MoEMLP, Transformer, check_device, load_model, load_tokenizer,
                    stored_tensors)
@@ -385,7 +387,8 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
     tokenizer = load_tokenizer(path)
     dt = getattr(torch, dtype)
     files = [os.path.join(data, f) for f in TASK_FILES.values()]
-    if all(os.path.isfile(f) for f in files):
+    real = all(os.path.isfile(f) for f in files)
+    if real:
         calib = calibration_from_files(tokenizer, files, 8, 256, 0)
     else:
         calib = calibration_from_model(load_model(path, torch.float32), tokenizer, 4, 128, 0)
@@ -395,9 +398,15 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
         convert_model(moe, calib, ConvertSpec(active=active, **LAYOUTS[layout]),
                       log=lambda *_: None)
         models[f"{layout}-{active:g}"] = moe.to(device=device, dtype=dt)
-    g = torch.Generator().manual_seed(0)
-    vocab = models["dense"].cfg.vocab_size
-    prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=g).to(device)
+    # the prompt is held-out prose: threshold selection's experts per token follow the text, and
+    # random tokens take fewer than real ones
+    text = heldout_tokens(tokenizer, files[0], 0.1) if real else torch.empty(0, dtype=torch.int64)
+    if len(text) < prefill_tokens:
+        print(f"prompt: {prefill_tokens} random tokens (no {files[0]} of that many held-out "
+              f"tokens)")
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(0, models["dense"].cfg.vocab_size, (prefill_tokens,), generator=g)
+    prompt = text[None, :prefill_tokens].to(device)  # (1, T)
     rows = []
     for name, model in models.items():
         for mode in compile_modes:
