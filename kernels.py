@@ -136,6 +136,14 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+# decode on CPU: `select` pays a fixed cost per selected expert (a Python step and three small
+# matmuls, about 20 us on the 2-core VM of RESULTS.md), `gather` copies the selected experts'
+# weights once (about 9 GB/s there): below this many bytes an expert copies faster than it loops.
+# Measured at the demo's shapes: 12-neuron experts (83 kB) 0.63 ms gathered against 0.88 selected,
+# 24-neuron ones (166 kB) 0.63 against 0.55 (RESULTS.md, Speed)
+SMALL_EXPERT_BYTES = 128 * 1024
+
+
 # under torch.compile: decided eagerly, the probe never traced
 @torch.compiler.assume_constant_result
 def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int, n_experts: int,
@@ -143,12 +151,14 @@ def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int,
     """Few token-slots per expert (decode): read only the selected experts. On CUDA that is
     `gather`, which has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and
     `select` reads each selected expert in place instead of copying it (eager only: the sync would
-    break a compiled graph). Many tokens (prefill): `grouped`, where grouped_mm runs for this device
+    break a compiled graph), unless the experts are so small that copying them costs less than
+    visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): `grouped`, where grouped_mm runs for this device
     and dtype, the rows are 16-byte aligned as it requires, and, under torch.compile, the dtype is
     bf16 (its meta function allows nothing else); otherwise `gather`."""
-    if n_tokens * top_k <= n_experts:
-        return "gather" if device_type == "cuda" or compiled else "select"
     size = torch.finfo(dtype).bits // 8
+    if n_tokens * top_k <= n_experts:
+        small = 3 * expert_dim * dim * size <= SMALL_EXPERT_BYTES
+        return "gather" if device_type == "cuda" or compiled or small else "select"
     if (dim * size) % 16 or (expert_dim * size) % 16:
         return announce_fallback(f"rows of {dim} and {expert_dim} {dtype} values are not 16-byte "
                                  f"aligned")

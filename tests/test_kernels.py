@@ -102,6 +102,9 @@ def test_paths_equal_reference_bf16(n, load):
 
 def test_dispatcher_picks_from_static_facts(capsys):
     assert kernels.choose_path("cpu", torch.float32, 1, 4, 48, 4096, 224) == "select"
+    # the demo's decode: 32 of 96 experts of 12 neurons copy faster than they loop; of 24, not
+    assert kernels.choose_path("cpu", torch.float32, 1, 32, 96, 576, 12) == "gather"
+    assert kernels.choose_path("cpu", torch.float32, 1, 16, 48, 576, 24) == "select"
     assert kernels.choose_path("cuda", torch.bfloat16, 1, 4, 48, 4096, 224) == "gather"
     assert kernels.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 224) == "grouped"
     assert kernels.choose_path("cpu", torch.float32, 2048, 4, 48, 4096, 3) == "gather"
