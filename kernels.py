@@ -152,9 +152,10 @@ def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int,
     `gather`, which has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and
     `select` reads each selected expert in place instead of copying it (eager only: the sync would
     break a compiled graph), unless the experts are so small that copying them costs less than
-    visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): `grouped`, where grouped_mm runs for this device
-    and dtype, the rows are 16-byte aligned as it requires, and, under torch.compile, the dtype is
-    bf16 (its meta function allows nothing else); otherwise `gather`."""
+    visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): `grouped`, where
+    grouped_mm runs for this device and dtype, the rows are 16-byte aligned as it requires, and,
+    under torch.compile, the dtype is bf16 (its meta function allows nothing else); otherwise
+    `gather`."""
     size = torch.finfo(dtype).bits // 8
     if n_tokens * top_k <= n_experts:
         small = 3 * expert_dim * dim * size <= SMALL_EXPERT_BYTES
