@@ -23,7 +23,8 @@ Paths:
   select     a loop over only the experts the tokens selected (one host sync to learn which): reads
              just the selected weights, in place, which is what a bandwidth-bound CPU decode needs
   gather     gpt-fast's mixtral einsums on per-token gathered weights: no data-dependent shape, no
-             sync, so it compiles into one graph (CUDA graphs for decode)
+             sync, so it compiles into one graph (CUDA graphs for decode); also a CPU decode's
+             path when experts are too small to visit one by one
   grouped    token-slots sorted by expert, two grouped GEMMs (torch grouped_mm, int32 offsets), then
              un-permuted and summed: the prefill path
 """
