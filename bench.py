@@ -65,8 +65,11 @@ def header(device: str, dtype: str) -> str:
     if device == "cpu":
         with open("/proc/cpuinfo") as f:
             name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    # PyTorch's 2 MB pages for large CPU buffers change the MoE's CPU timings (RESULTS.md, Speed)
+    pages = ", THP_MEM_ALLOC_ENABLE=1" if device == "cpu" and \
+        os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
     return (f"device {device} ({name}), dtype {dtype}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads{pages}")
 
 
 def measure(fns: list, device: str, min_time: float = 1.0, max_runs: int = 200) -> list[float]:
