@@ -221,14 +221,20 @@ class ConvertSpec:
         """Experts active per token in a converted layer, shared ones included."""
         return self.paid_k or max(1, round(self.active * self.n_experts))
 
+    def fixed_shared(self, k: int) -> int | None:
+        """Experts a layer converted at k active ones shares, where the rule fixes it before
+        calibration: static keeps all k, then --n-shared, CMoE's half of k, the uniform share;
+        None under allocation cv, which reads it from the layer's specialisation (allocate)."""
+        return k if self.router == "none" else self.n_shared if self.n_shared is not None else \
+            k // 2 if self.method == "cmoe" else None if self.allocation == "cv" else \
+            min(k, round(self.shared_fraction * k))
+
     def layer_flops(self, k: int, dim: int, ffn_dim: int) -> int:
         """FLOPs per token of one layer converted at k active experts: its k experts' neurons and
         its router, as experiments.ffn_flops counts them. Under allocation cv the shared count
         comes from calibration, so the router is counted over every expert, an upper bound."""
         d_e = self.expert_dim(ffn_dim)
-        shared = k if self.router == "none" else self.n_shared if self.n_shared is not None else \
-            k // 2 if self.method == "cmoe" else 0 if self.allocation == "cv" else \
-            min(k, round(self.shared_fraction * k))
+        shared = self.fixed_shared(k) or 0
         routed = self.n_experts - shared
         router = ROUTER_FLOPS[self.router](dim, routed, routed * d_e) if k > shared else 0
         return 6 * dim * k * d_e + router
@@ -493,11 +499,8 @@ def allocate(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec):
     important ones. -> (shared neurons, the rest, report info)."""
     d_e = stats.profile.shape[1] // spec.n_experts
     r = alpha = None
-    if spec.n_shared is not None:
-        n_se = spec.n_shared
-    elif spec.allocation == "uniform":
-        n_se = min(spec.k, round(spec.shared_fraction * spec.k))
-    else:
+    n_se = spec.fixed_shared(spec.k)
+    if n_se is None:
         _, r = specialization(stats.profile, task, spec.tau)
         alpha = spec.alpha_max - (spec.alpha_max - spec.alpha_min) * r
         n_se = n_shared_experts(alpha, spec.n_experts, spec.k, spec.alpha_max)
@@ -822,7 +825,7 @@ def plan_cmoe(stats: LayerStats, task: torch.Tensor, spec: ConvertSpec, seed: in
     markers = stats.markers  # (M, d_ff) bool
     d_e = markers.shape[1] // spec.n_experts
     rate = markers.float().mean(dim=0)  # (d_ff,) share of tokens that mark each neuron
-    n_se = spec.n_shared if spec.n_shared is not None else spec.k // 2
+    n_se = spec.fixed_shared(spec.k)
     shared, rest = split_shared(rate, n_se * d_e)
     n_routed = spec.n_experts - n_se
     groups = rest.view(n_routed, d_e)  # no routed experts: (0, d_e)
