@@ -403,8 +403,8 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
         models[f"{layout}-{active:g}"] = moe.to(device=device, dtype=dt)
     # the prompt is held-out prose: threshold selection's experts per token follow the text, and
     # random tokens take fewer than real ones
-    text = heldout_tokens(tokenizer, files[0], 0.1) if real else torch.empty(0, dtype=torch.int64)
-    if len(text) < prefill_tokens:
+    text = heldout_tokens(tokenizer, files[0], 0.1) if real else None
+    if text is None or len(text) < prefill_tokens:
         print(f"prompt: {prefill_tokens} random tokens (no {files[0]} of that many held-out "
               f"tokens)")
         g = torch.Generator().manual_seed(0)

@@ -107,8 +107,9 @@ def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
     if x.device.type == "cpu":
         # each row added straight into its token's output: no (N*K, D) buffer to fault in and sum,
-        # 8x faster at the demo's shapes (RESULTS.md, Speed). On CPU the adds run in a fixed order
-        # (CUDA's are atomic, so there the slots are put back in order and summed instead)
+        # which halves the permutation at the demo's shapes (RESULTS.md, Speed). On CPU the adds
+        # run in a fixed order (CUDA's are atomic, so there the slots are put back in order and
+        # summed instead)
         routed = ys.new_zeros(N, ys.shape[1]).index_add_(0, order // K, ys)
     else:  # back to slot order, where a slot left out adds zero
         slots = torch.empty_like(ys) if len(order) == N * K else ys.new_zeros(N * K, ys.shape[1])
