@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from bench import DATA, TASK_FILES, draw, header, print_table, run_cli
+from bench import DATA, LAYOUTS, TASK_FILES, draw, header, print_table, run_cli
 from checkpoint import save_checkpoint
 from convert import convert_checkpoint, convert_model, spec_class
 from data import (TASKS, Calibration, calibration_from_files, heldout_tokens, perplexity,
@@ -146,8 +146,10 @@ def geomean(values) -> float:
 
 # ExpertWeaver as published: the paper's 64 experts, its allocation rule, router and neuron ranking
 PAPER = "expertweaver:centroid:shared_by=activation:n_experts=64:allocation=cv"
-# the default before issue #26 (RESULTS.md's older sections were measured with it)
-OLD_DEFAULT = "expertweaver:n_experts=64:allocation=cv:router_bias=true"
+# the default before issue #26, which RESULTS.md's older sections were measured with and bench.py
+# times: "expertweaver:n_experts=64:allocation=cv:router_bias=true"
+OLD_DEFAULT = ":".join(["expertweaver"] + [f"{k}={str(v).lower()}"
+                                           for k, v in LAYOUTS["old"].items()])
 # the two selectable settings beyond the papers that issue #26 asked beside the default
 GLOBAL, THRESHOLD = "expertweaver:budget=global", "expertweaver:selection=threshold"
 DEFAULT_ROWS = [PAPER, "cmoe", "static", OLD_DEFAULT, "expertweaver",
@@ -187,8 +189,11 @@ def row_specs(rows: list[str], actives: list[float], seed: int, cfg=None, **layo
         for row in rows:
             try:
                 settings = parse_row(row.partition("+")[0])
-                spec = spec_class(settings["method"])(active=active, seed=seed,
-                                                      **{**layout, **settings})
+                if "active" in settings:
+                    raise ValueError("the active fraction is --active's, not a row's")
+                # a row's seed re-seeds the partition only: the calibration is --seed's
+                spec = spec_class(settings["method"])(**{"active": active, "seed": seed,
+                                                         **layout, **settings})
                 if cfg is not None:
                     spec.check_layers(cfg.ffn_dim, cfg.n_layers, cfg.dim)
             except ValueError as e:

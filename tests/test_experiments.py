@@ -280,3 +280,10 @@ def test_plot_draws_saved_quality_runs_merged_and_refuses_others(tmp_path, monke
         experiments.replot([saved("c.json", "heal", "demo", [])], str(tmp_path / "f.png"), None)
     with pytest.raises(ValueError, match="runs on different models"):
         experiments.replot([a, saved("d.json", "quality", "demo-gemma", [])], "f.png", None)
+
+
+def test_a_rows_seed_reseeds_the_partition_and_active_is_refused():
+    specs = experiments.row_specs(["expertweaver", "expertweaver:seed=5"], [0.5], seed=2)
+    assert [s.seed for s in specs.values()] == [2, 5]
+    with pytest.raises(ValueError, match="--active's"):
+        experiments.row_specs(["expertweaver:active=0.3"], [0.5], seed=0)
