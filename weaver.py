@@ -927,14 +927,17 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
     if moe.bias is not None:
         with timed(timings, "compensate"):
             info |= compensate(moe, x)
-    return moe, layer_row(moe, plan, x, info, timings)
+    # threshold selection's load is counted once its threshold is set (set_threshold)
+    return moe, layer_row(moe, plan, x, info, timings, load=spec.selection == "topk")
 
 
-def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings: dict) -> dict:
-    """The report's row of a converted layer: its plan, its router's fit and how the calibration
-    tokens x (S, T, D) spread over its routed experts; "moe" is its entry in config.json."""
+def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings: dict,
+              load: bool = True) -> dict:
+    """The report's row of a converted layer: its plan, its router's fit and (with load) how the
+    calibration tokens x (S, T, D) spread over its routed experts; "moe" is its entry in
+    config.json."""
     with timed(timings, "build"):
-        load = load_fields(moe, router_scores(moe, x)) if plan.top_k else \
+        load = load_fields(moe, router_scores(moe, x)) if plan.top_k and load else \
             {"load": None, "load_max_over_mean": None}
     d_e = plan.groups.shape[1]
     return {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,

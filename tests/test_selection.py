@@ -58,6 +58,8 @@ def test_conversion_sets_thresholds_within_the_flops_and_loads_back(tmp_path):
         assert entry["threshold"] == block.mlp.threshold and entry["min_k"] == block.mlp.min_k
         assert block.mlp.min_k == round(weaver.MIN_K_SHARE * block.mlp.top_k)
         assert row["mean_top_k"] <= block.mlp.top_k
+        # the load is counted once, under the threshold: as many picks as the mean says
+        assert sum(row["load"]) == pytest.approx(row["mean_top_k"] * calib.tokens.numel())
         assert f"experts above {entry['threshold']:.3g}" in convert.format_layer(row, 2)
     from experiments import SelectionCounter
     with SelectionCounter(model) as seen, torch.no_grad():  # in the converted model itself
