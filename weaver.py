@@ -928,16 +928,16 @@ def convert_ffn(mlp, x: torch.Tensor, task: torch.Tensor, spec: ConvertSpec, see
         with timed(timings, "compensate"):
             info |= compensate(moe, x)
     # threshold selection's load is counted once its threshold is set (set_threshold)
-    return moe, layer_row(moe, plan, x, info, timings, load=spec.selection == "topk")
+    return moe, layer_row(moe, plan, x, info, timings, with_load=spec.selection == "topk")
 
 
 def layer_row(moe: MoEMLP, plan: LayerPlan, x: torch.Tensor, info: dict, timings: dict,
-              load: bool = True) -> dict:
-    """The report's row of a converted layer: its plan, its router's fit and (with load) how the
+              with_load: bool = True) -> dict:
+    """The report's row of a converted layer: its plan, its router's fit and (with_load) how the
     calibration tokens x (S, T, D) spread over its routed experts; "moe" is its entry in
     config.json."""
     with timed(timings, "build"):
-        load = load_fields(moe, router_scores(moe, x)) if plan.top_k and load else \
+        load = load_fields(moe, router_scores(moe, x)) if plan.top_k and with_load else \
             {"load": None, "load_max_over_mean": None}
     d_e = plan.groups.shape[1]
     return {**plan.info, **info, "shared_experts": len(plan.shared) // d_e,
