@@ -207,8 +207,7 @@ class ConvertSpec:
         if self.first_dense and self.method == "dive":
             raise ValueError("first_dense: DIVE's pruned experts are sized by --active, not by "
                              "a k to lower (use dense_layers)")
-        if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
-            raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]")
+        self.check_n_shared()
         for name in ("kmeans_iters", "k_act", "marker_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
@@ -251,9 +250,11 @@ class ConvertSpec:
             raise ValueError(f"first_dense {n}: {n} dense layers of the {n_layers} cost more than "
                              f"the whole model at --active {self.active}")
         self.dense_layers, self.paid_k = tuple(range(n)), max(fits)
-        if self.n_shared is not None and self.n_shared > self.paid_k:
-            raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.paid_k}], the k "
-                             f"left to the converted layers by first_dense {n}")
+        self.check_n_shared(f", the k left to the converted layers by first_dense {n}")
+
+    def check_n_shared(self, why: str = "") -> None:
+        if self.n_shared is not None and not 0 <= self.n_shared <= self.k:
+            raise ValueError(f"n_shared {self.n_shared} must be in [0, k = {self.k}]{why}")
 
     def expert_dim(self, ffn_dim: int) -> int:
         """Neurons per routed expert: equal parts of d_ff."""

@@ -49,6 +49,8 @@ def test_first_dense_is_refused_where_it_cannot_pay():
         ConvertSpec(first_dense=-1)
     with pytest.raises(ValueError, match=r"first_dense 1: 1 dense layers of the 2 cost more"):
         ConvertSpec(n_experts=8, active=0.25, first_dense=1).check_layers(48, 2, 32)
+    with pytest.raises(ValueError, match=r"n_shared 6 must be in \[0, k = \d\], the k left"):
+        ConvertSpec(n_experts=8, active=0.75, n_shared=6, first_dense=1).check_layers(48, 3, 32)
     moe = tiny_model(ffn_dim=48, n_layers=2)
     with pytest.raises(ValueError, match="--first-dense is for a one-level conversion"):
         recursive.check_spec(ConvertSpec(n_experts=2, first_dense=1), {"layers": []}, moe.cfg)
