@@ -55,7 +55,9 @@ def torchrun(tmp_path, checkpoint, data, out, launcher, stop=False, batch=2, mix
                                     out=out, spec=spec, run=run_spec))
     command = [sys.executable, *(["-m", "torch.distributed.run", *launcher] if launcher else []),
                str(driver)]
-    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    # the fault handler prints each thread's Python stack if a process aborts at exit
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    return subprocess.Popen(command, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
