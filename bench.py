@@ -8,10 +8,10 @@ bench.py: what a conversion buys in speed, each MoE figure against the dense mod
     python bench.py partition llama3-8b      # partition + router of one 8B layer
     python bench.py ppl CHECKPOINT FILE --seqlen 1024   # perplexity of a checkpoint on a text file
 
-Imports model.py, kernels.py, weaver.py, data.py, checkpoint.py, demo.py and convert.py (the
-drivers). The quality and training experiments of RESULTS.md are experiments.py. Run benchmarks
-alone: with another job on the cores, the MoE's many small matmuls slow down far more than the
-dense model's.
+Imports model.py, kernels.py, weaver.py, data.py, checkpoint.py, demo.py, convert.py (the drivers)
+and flags.py (--help). The quality and training experiments of RESULTS.md are experiments.py. Run
+benchmarks alone: with another job on the cores, the MoE's many small matmuls slow down far more
+than the dense model's.
 
 ffn: random weights at the FFN shapes of the demo model, LLaMA-3-8B and Qwen2.5-7B, N_e experts,
 half of the active ones shared (CMoE's S = A split), routed by a centroid router on random inputs
@@ -658,7 +658,10 @@ def run_command(a) -> list[dict]:
 
 if __name__ == "__main__":
     import argparse
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    from flags import HelpFormatter
+
+    defaults = HelpFormatter
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(description="Speed benchmarks: an FFN layer, the demo model, a "
                                 "streamed conversion, a partition; each MoE figure against the "

@@ -9,12 +9,12 @@ or split an MoE checkpoint's experts again (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE
 
 Imports model.py (the model, loading), weaver.py, dive.py and recursive.py (the methods), data.py
 (calibration text, perplexity), checkpoint.py (atomic output, the writer), export.py (--format
-qwen2_moe) and demo.py (the demo checkpoint). Here: the conversion drivers, in memory
-(convert_model) or streaming a checkpoint layer by layer (convert_checkpoint), and the CLI. Prints a
-line per layer (specialisation r, alpha, shared / routed experts, top-k, expert load on the
-calibration tokens), the time per stage and, with --eval, dense and MoE perplexity on the held-out
-tail of each file. Writes DIR/config.json (with a "moe" section), the safetensors shards, the
-tokenizer and DIR/report.json.
+qwen2_moe), demo.py (the demo checkpoint) and flags.py (the flags of the specs). Here: the
+conversion drivers, in memory (convert_model) or streaming a checkpoint layer by layer
+(convert_checkpoint), and the CLI. Prints a line per layer (specialisation r, alpha, shared / routed
+experts, top-k, expert load on the calibration tokens), the time per stage and, with --eval, dense
+and MoE perplexity on the held-out tail of each file. Writes DIR/config.json (with a "moe" section),
+the safetensors shards, the tokenizer and DIR/report.json.
 """
 import json
 import os
@@ -36,7 +36,7 @@ from data import (TASK_PROMPTS, Calibration, calibration_from_files, calibration
                   check_file, heldout_tokens, file_and_task, perplexity)
 from demo import cache_dir, resolve
 from export import export_problems, export_qwen2_moe, topk_spread
-from flags import add_flags, from_flags, setting
+from flags import HelpFormatter, add_flags, from_flags, setting
 from model import (RMSNorm, Transformer, check_checkpoint, check_device, load_block, load_config,
                    load_model, load_tokenizer, read_tensors, scaled_embedding)
 
@@ -517,7 +517,7 @@ if __name__ == "__main__":
                                 "split the experts of an MoE checkpoint (Qwen2-MoE, Qwen3-MoE, "
                                 "Mixtral, OLMoE, ours) again: --experts then counts the "
                                 "sub-experts of each expert, --active their active share.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="demo",
                    help="HF-style checkpoint directory, or 'demo' for SmolLM2-135M-Instruct or "
                    "'demo-gemma' for Gemma 3 270M (built on first use)")

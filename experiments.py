@@ -13,9 +13,9 @@ dense model trained alike) in the same run.
     python experiments.py hierarchy          # an MoE's experts split again, against one level
 
 Imports model.py, weaver.py, dive.py, data.py, checkpoint.py, demo.py, export.py, convert.py (the
-drivers), train.py and bench.py (the header, tables and plots). The text is ../shared/data (prose,
-dialogue, math, code): calibration reads each file's head, evaluation only the last 10%, which
-calibration and training never read.
+drivers), train.py, bench.py (the header, tables and plots) and flags.py (--help). The text is
+../shared/data (prose, dialogue, math, code): calibration reads each file's head, evaluation only
+the last 10%, which calibration and training never read.
 
 quality: calibrates once, converts the demo model with every row (a method, its router and
 settings) x active fraction, and reports held-out perplexity as a ratio to the dense model's on the
@@ -991,7 +991,10 @@ def run_command(a) -> list[dict]:
 
 if __name__ == "__main__":
     import argparse
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    from flags import HelpFormatter
+
+    defaults = HelpFormatter
     p = argparse.ArgumentParser(description="The RESULTS.md experiments: conversion quality, "
                                 "healing, downcycling, DIVE and the export, each against the dense "
                                 "model in the same run.", formatter_class=defaults)

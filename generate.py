@@ -5,8 +5,8 @@ generate.py: a checkpoint's continuation of a prompt, dense or MoE, through mode
     python generate.py demo --temperature 0.8 --top-k 50                   # sampled, the demo model
 
 Imports model.py (the config, loading, the tokenizer and Transformer.generate) and demo.py's names
-of the demos ('demo', 'demo-gemma'): a demo is read where demo.py builds it, never downloaded here;
-if it is not built yet, the error says how to build it.
+of the demos ('demo', 'demo-gemma'), flags.py for --help: a demo is read where demo.py builds it,
+never downloaded here; if it is not built yet, the error says how to build it.
 """
 import sys
 
@@ -61,8 +61,10 @@ def main(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, 
 
 if __name__ == "__main__":
     import argparse
+
+    from flags import HelpFormatter
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "
                    "tokenizer.json), or 'demo' (SmolLM2-135M-Instruct) or 'demo-gemma' (Gemma 3 "
                    "270M) once built")

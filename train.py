@@ -17,7 +17,7 @@ weighs the chosen expert by exactly 1.
 
 Imports model.py (the model), data.py (text files, perplexity), checkpoint.py (output directories,
 saving), demo.py (the demo's path), export.py (the score bounds --keep-function uses) and
-parallel.py (the process group, DDP and FSDP2).
+parallel.py (the process group, DDP and FSDP2), flags.py (the flags of the specs).
 Writes DIR: a checkpoint that model.py loads (adapters merged; config.json with the routing
 trained), train_log.jsonl, and train_state.safetensors + train_state.json, from which --resume
 continues. How each routing trains the router (model.py, ROUTINGS): `sum` gives it no gradient, only
@@ -44,7 +44,7 @@ from checkpoint import (check_out, check_space, exit_on_sigterm, output_dir, sav
 from data import check_file, file_and_task, perplexity, read_text, split_heldout
 from demo import DEMOS, cache_dir, resolve
 from export import norm_output_bound, score_bound
-from flags import add_flags, from_flags, setting
+from flags import HelpFormatter, add_flags, from_flags, setting
 from model import (MLP, ROUTINGS, PARAMETRIC_ROUTERS, Experts, MoEMLP, RMSNorm, check_checkpoint,
                    check_device, load_config, load_model, load_tokenizer)
 from parallel import (PARALLEL, clip_gradients, peak_memory, setup, shard_like, teardown, whole,
@@ -797,7 +797,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Continue training a dense or MoE checkpoint: healing "
                                 "(LoRA + router) or downcycling (all parameters, softmax routing "
                                 "+ balance loss).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (dense or converted), or 'demo' / "
                    "'demo-gemma'")
     p.add_argument("--out", required=True, help="output directory: the trained checkpoint and its "

@@ -81,8 +81,9 @@ ROUTER_FLOPS = {"centroid": lambda D, E, n: 2 * D * E, "lsq": lambda D, E, n: 2 
 
 @dataclass
 class ConvertSpec:
-    method: str = setting("expertweaver", "expertweaver: the CV-sized shared expert and balanced "
-                          "k-means; cmoe: CMoE, with its own router; static: keep the most "
+    method: str = setting("expertweaver", "expertweaver: a shared expert of the neurons that "
+                          "contribute most (sized by --allocation), balanced k-means for the "
+                          "rest; cmoe: CMoE, with its own router; static: keep the most "
                           "important neurons, no routing; random: expertweaver with a random "
                           "partition", choices=METHODS)
     n_experts: int | None = setting(None, "N_e: experts per layer, shared ones included; must "

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flags import add_flags, from_flags, setting
+from flags import HelpFormatter, add_flags, from_flags, setting
 
 
 @dataclass
@@ -40,3 +40,13 @@ def test_bad_values_and_fields_without_help():
     for args in (["--router", "c"], ["--experts", "x"], ["--hidden", "4"], ["--n-experts", "8"]):
         with pytest.raises(SystemExit):
             parse(*args)
+
+
+def test_help_prints_no_default_for_a_field_left_to_the_dataclass():
+    # a None default is decided later, and the help says how; "(default: None)" would mislead
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    add_flags(parser, Settings)
+    parser.add_argument("--out", required=True, help="where")
+    text = " ".join(parser.format_help().split())
+    assert "None" not in text and "active share (default: 0.75)" in text and "where" in text
+    assert parse().router is None  # the value itself is unchanged
