@@ -10,7 +10,7 @@ A field `n_experts` becomes --n-experts (metadata "flag" renames it); a bool fie
 (--name when it defaults to False, --no-name when True, both when its default is None); a tuple
 field takes several values (metadata "nargs") or repeats (metadata "action": "append"); other
 metadata ("choices", "type", "metavar") goes to argparse as is. A field without help has no flag.
-HelpFormatter is argparse's ArgumentDefaultsHelpFormatter without "(default: None)".
+HelpFormatter is argparse's ArgumentDefaultsHelpFormatter without "(default: None)" or "[]".
 Imports nothing of ours.
 """
 import argparse
@@ -19,11 +19,12 @@ import types
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, but for a None one: that is decided later, and the help
-    says how in words (a "(default: None)" would mislead)."""
+    """--help with each flag's default, but for a None one, which is decided later (the help says
+    how in words; "(default: None)" would mislead), and an empty list (a flag given no times)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        unset = action.default is None or action.default == []
+        return action.help if unset else super()._get_help_string(action)
 
 
 def setting(default, help: str, **flag):

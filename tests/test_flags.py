@@ -42,11 +42,13 @@ def test_bad_values_and_fields_without_help():
             parse(*args)
 
 
-def test_help_prints_no_default_for_a_field_left_to_the_dataclass():
-    # a None default is decided later, and the help says how; "(default: None)" would mislead
+def test_help_prints_no_default_for_unset_flags():
+    # a None default is decided later, and the help says how ("(default: None)" would mislead);
+    # an empty list is a flag given no times
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
     add_flags(parser, Settings)
     parser.add_argument("--out", required=True, help="where")
     text = " ".join(parser.format_help().split())
-    assert "None" not in text and "active share (default: 0.75)" in text and "where" in text
+    assert "None" not in text and "[]" not in text and "where" in text
+    assert "active share (default: 0.75)" in text and "a bias (default: True)" not in text
     assert parse().router is None  # the value itself is unchanged
