@@ -61,7 +61,8 @@ class TrainSpec:
     data: tuple = setting((), "training text (.txt, or .jsonl with --field), repeatable; the last "
                           "--holdout of each file is held out as validation text, one task per "
                           "file (or per TASK name)", action="append", metavar="FILE[:TASK]")
-    field: str | None = setting(None, ".jsonl field(s) to read, comma-separated")
+    field: str | None = setting(None, ".jsonl field(s) to read, comma-separated (default: 'text', "
+                                "or every string field)")
     holdout: float = setting(0.1, "fraction of each file held out: the validation text")
     train: tuple | None = setting(None, f"what learns, comma-separated: {', '.join(TRAINABLE)} "
                                   f"(experts: every FFN weight; all: every parameter; lora: "
