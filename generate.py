@@ -63,6 +63,7 @@ if __name__ == "__main__":
     import argparse
 
     from flags import HelpFormatter
+
     p = argparse.ArgumentParser(description="Continue a prompt with a dense or MoE checkpoint.",
                                 formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, "

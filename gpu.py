@@ -24,7 +24,7 @@ the weights. MFU counts 6 FLOPs per active matmul parameter per token, plus atte
 (PEAK_FLOPS).
 
 Imports bench.py (the FFN bench, synthetic checkpoints, the streamed conversion), kernels.py,
-model.py and train.py.
+model.py, train.py and flags.py (--help).
 """
 import json
 import os
@@ -285,8 +285,11 @@ def main(out: str, dry_run: bool, sections: tuple) -> dict:
 
 if __name__ == "__main__":
     import argparse
+
+    from flags import HelpFormatter
+
     p = argparse.ArgumentParser(description="Every GPU figure RESULTS.md needs, in one run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="gpu-report", help="directory for report.json, report.md and "
                    "the synthetic checkpoints (work/, about 35 GB on a GPU run)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks every "

@@ -10,8 +10,8 @@ and our scorer checked against lm-eval's logged samples, item for item.
     python lmeval.py compare CHECKPOINT lmeval-out --limit 100
     python lmeval.py compare EXPORT lmeval-out --limit 100 --runner transformers
 
-Imports data.py (the task readers and the scorer), model.py (loading) and export.py (an export run
-by transformers). lm-eval itself lives in a venv of its own (README.md).
+Imports data.py (the task readers and the scorer), model.py (loading), export.py (an export run
+by transformers) and flags.py (--help). lm-eval itself lives in a venv of its own (README.md).
 """
 import glob
 import json
@@ -112,7 +112,10 @@ def compare_lm_eval(checkpoint: str, samples: str, eval_dir: str, limit: int | N
 
 if __name__ == "__main__":
     import argparse
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    from flags import HelpFormatter
+
+    defaults = HelpFormatter
     p = argparse.ArgumentParser(description="lm-eval as a client: local task YAMLs, and our scorer "
                                 "against lm-eval's logged samples.", formatter_class=defaults)
     sub = p.add_subparsers(dest="command", required=True)
