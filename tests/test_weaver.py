@@ -307,6 +307,22 @@ def test_conversion_is_deterministic_for_a_seed(router):
         assert torch.equal(sa[name], sb[name]), name
 
 
+@settings(max_examples=30, deadline=None)
+@given(n_experts=st.integers(1, 6), expert_dim=st.integers(1, 9), n=st.integers(1, 40),
+       bias=st.booleans(), act=st.sampled_from(sorted(modeling.ACTIVATIONS)),
+       chunk=st.integers(1, 16), seed=st.integers(0, 10_000))
+def test_contributions_equal_the_outputs_norms(n_experts, expert_dim, n, bias, act, chunk, seed):
+    # the quadratic form per expert against the norm of each expert's output, computed
+    g = torch.Generator().manual_seed(seed)
+    experts = modeling.Experts(n_experts, 24, expert_dim, bias=bias, act=act)
+    for p in experts.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    x = torch.randn(n, 24, generator=g)
+    fast, slow = experts.contributions(x, chunk=chunk), experts.contributions_reference(x)
+    assert fast.shape == slow.shape == (n, n_experts) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4 * slow.max().item())
+
+
 def test_oracle_router_picks_the_largest_contributions():
     model = converted(tiny_model(ffn_dim=48, n_layers=1), n_experts=8, active=0.5, router="oracle")
     moe = model.layers[0].mlp
