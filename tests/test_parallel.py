@@ -89,7 +89,11 @@ def assert_same_training(one: str, other: str, exact: bool = False) -> None:
         if exact:
             assert torch.equal(a[name], b[name]), name
         else:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+            # Adam's step m / sqrt(v) is about lr (1e-2) in size however small the gradient, so
+            # an element whose gradient is near zero can carry the summation order's noise into
+            # its step at that scale: allow 1% of one step
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
     losses = lambda path: [r["loss"] for r in log(path) if "loss" in r]
     assert len(losses(one)) == 4
     torch.testing.assert_close(torch.tensor(losses(one)), torch.tensor(losses(other)),
