@@ -267,16 +267,29 @@ def ffn_row(x, w13, w2, layer, routing: str, compile: bool, min_time: float,
     with torch.no_grad():
         t_dense, t_moe = measure([lambda: dense(x), lambda: run(x, path)], str(device), min_time)
         touched = len(route(x).unique())  # experts whose weights the step must read
-        parts = {}
+        parts, faults = {}, None
         if breakdown:
             parts = ffn_parts(x, route, e13, e2, shared, path, str(device), min_time)
+            faults = page_faults(lambda: run(x, path)) if device.type == "cpu" else None
     size = torch.finfo(x.dtype).bits // 8
     return {"D": D, "d_ff": d_ff, "T": T, "routing": routing, "path": path, "compiled": compiled,
             "dense_ms": t_dense * 1e3, "moe_ms": t_moe * 1e3, "speedup": t_dense / t_moe,
             "experts_touched": touched, "dense_bytes": 3 * D * d_ff * size,
             "moe_bytes": 3 * D * (S + touched * d_e) * size + E * D * 4,
             "dense_flops": 2 * 3 * D * d_ff * T,
-            "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T, "parts_ms": parts}
+            "moe_flops": 2 * 3 * D * (S + top_k * d_e) * T + 2 * E * D * T, "parts_ms": parts,
+            "moe_page_faults": faults}
+
+
+def page_faults(fn, calls: int = 5) -> float:
+    """Minor page faults per call of fn (this process's, from getrusage): fresh memory the call
+    touches for the first time, which a CPU pays for page by page (RESULTS.md, Speed)."""
+    import resource  # Unix only, and only for --breakdown
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def add_roofline(rows: list[dict], tokens: list[int]) -> None:
@@ -305,8 +318,10 @@ def print_ffn_row(r: dict) -> None:
             gemms = (f" (grouped GEMMs {p['gemms']:.3f}, permutation "
                      f"{p['experts'] - p['gemms']:.3f})")
         rest = r["moe_ms"] - p["router"] - p["shared"] - p["experts"]
+        faults = "" if r["moe_page_faults"] is None else \
+            f"; page faults per MoE call {r['moe_page_faults']:.0f}"
         print(f"{'':>11} parts ms: router {p['router']:.3f}, shared {p['shared']:.3f}, "
-              f"experts {p['experts']:.3f}{gemms}, rest {rest:.3f}")
+              f"experts {p['experts']:.3f}{gemms}, rest {rest:.3f}{faults}")
 
 # -----------------------------------------------------------------------------
 # split: an MoE layer against the two-level layer a recursive conversion makes of it
@@ -704,7 +719,8 @@ if __name__ == "__main__":
                     "picks for each T)")
     fb.add_argument("--breakdown", action="store_true",
                     help="also time the MoE call's parts alone: router, shared GLU, routed experts "
-                    "(and, on the grouped path, its GEMMs without the permutation)")
+                    "(and, on the grouped path, its GEMMs without the permutation), and on a CPU "
+                    "count the MoE call's page faults")
     xb = sub.add_parser("split", help="an MoE layer vs its experts split again (CPU, eager)",
                         formatter_class=defaults)
     xb.add_argument("--shapes", nargs="+", default=list(MOE_SHAPES), choices=list(MOE_SHAPES),

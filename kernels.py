@@ -21,12 +21,13 @@ it, computing nothing for it where the path can.
 Paths:
   reference  model.routed_reference: a loop over all experts, the obvious version
   select     a loop over only the experts the tokens selected (one host sync to learn which): reads
-             just the selected weights, in place, which is what a bandwidth-bound CPU decode needs
+             just the selected weights, in place, which is what a bandwidth-bound CPU decode needs;
+             with many tokens, one GLU per expert on its run of token-slots: a CPU's prefill path
   gather     gpt-fast's mixtral einsums on per-token gathered weights: no data-dependent shape, no
              sync, so it compiles into one graph (CUDA graphs for decode); also a CPU decode's
              path when experts are too small to visit one by one
   grouped    token-slots sorted by expert, two grouped GEMMs (torch grouped_mm, int32 offsets), then
-             un-permuted and summed: the prefill path
+             un-permuted and summed: the prefill path on CUDA, and under torch.compile
 """
 import functools
 
@@ -50,9 +51,23 @@ def reference(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     return shared_glu(x, shared, act) + routed_reference(x, idx, w13, w2, weights, act=act)
 
 
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the
+    end of each expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so
+    the shapes are static. Empty slots (-1) sort last, past the final offset."""
+    expert = torch.where(idx >= 0, idx, n_experts).flatten()  # (N*K,) expert of each token-slot
+    order = expert.argsort(stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=idx.device).scatter_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32))
+    return order, counts[:n_experts].cumsum(0, dtype=torch.int32)
+
+
 def select(x, idx, w13, w2, shared=None, weights=None, act="silu"):
     """Like reference, but visits only the experts some token selected; w13[e] is a view, so each
-    selected expert's weights are read once and nothing is copied."""
+    selected expert's weights are read once and nothing is copied. Many tokens: the token-slots
+    sorted by expert once (one host sync for the runs' ends), then one GLU per expert run, whose
+    rows (n, D) are small enough that the CPU allocator reuses them, where grouped's (N K, D) slot
+    buffers are fresh memory faulted in on every call (RESULTS.md, Speed)."""
     out = shared_glu(x, shared, act)
     if x.shape[0] == 1:  # decode: every selected expert serves the one token
         for k, e in enumerate(idx[0].tolist()):
@@ -61,8 +76,19 @@ def select(x, idx, w13, w2, shared=None, weights=None, act="silu"):
             y = glu(x, w13[e], w2[e], act)
             out += y if weights is None else y * weights[0, k].to(y.dtype)
         return out
-    chosen = [e for e in idx.unique().tolist() if e >= 0]
-    return out + routed_reference(x, idx, w13, w2, weights, experts=chosen, act=act)
+    K = idx.shape[1]
+    order, offsets = sort_by_expert(idx, w13.shape[0])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # each expert's run order[start:end]
+        if end > start:
+            slots = order[start:end]
+            tokens = slots // K  # (n,) ascending: a stable sort keeps token order within a run
+            y = glu(x[tokens], w13[e], w2[e], act)  # (n, D)
+            if weights is not None:
+                y = y * weights.flatten()[slots, None].to(y.dtype)
+            out.index_add_(0, tokens, y)
+        start = end
+    return out
 
 
 def gather(x, idx, w13, w2, shared=None, weights=None, act="silu"):
@@ -75,17 +101,6 @@ def gather(x, idx, w13, w2, shared=None, weights=None, act="silu"):
         h = h * weights[..., None].to(x.dtype)
     routed = torch.einsum("nkf,nkfd->nd", h, w2[idx])  # (N, D), summed over k and f
     return shared_glu(x, shared, act) + routed
-
-
-def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx (N, K) -> (order (N*K,): the token-slot ids grouped by expert, offsets (E,) int32: the
-    end of each expert's run). Counts come from scatter_add (no bincount, nonzero or .item()), so
-    the shapes are static. Empty slots (-1) sort last, past the final offset."""
-    expert = torch.where(idx >= 0, idx, n_experts).flatten()  # (N*K,) expert of each token-slot
-    order = expert.argsort(stable=True)
-    counts = torch.zeros(n_experts + 1, dtype=torch.int32, device=idx.device).scatter_add_(
-        0, expert, torch.ones_like(expert, dtype=torch.int32))
-    return order, counts[:n_experts].cumsum(0, dtype=torch.int32)
 
 
 def grouped(x, idx, w13, w2, shared=None, weights=None, act="silu"):
@@ -154,7 +169,9 @@ def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int,
     `gather`, which has no host sync and so fits a CUDA graph; on CPU a sync costs nothing and
     `select` reads each selected expert in place instead of copying it (eager only: the sync would
     break a compiled graph), unless the experts are so small that copying them costs less than
-    visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): `grouped`, where
+    visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): on a CPU, eager,
+    `select`, whose per-expert buffers the allocator reuses (1.6-2x faster than `grouped` at the
+    demo's shapes, level at LLaMA-3-8B's: RESULTS.md, Speed); elsewhere `grouped`, where
     grouped_mm runs for this device and dtype, the rows are 16-byte aligned as it requires, and,
     under torch.compile, the dtype is bf16 (its meta function allows nothing else); otherwise
     `gather`."""
@@ -162,6 +179,8 @@ def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int,
     if n_tokens * top_k <= n_experts:
         small = 3 * expert_dim * dim * size <= SMALL_EXPERT_BYTES
         return "gather" if device_type == "cuda" or compiled or small else "select"
+    if device_type == "cpu" and not compiled:
+        return "select"
     if (dim * size) % 16 or (expert_dim * size) % 16:
         return announce_fallback(f"rows of {dim} and {expert_dim} {dtype} values are not 16-byte "
                                  f"aligned")

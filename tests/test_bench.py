@@ -11,11 +11,15 @@ import bench
 def test_ffn_bench_rows():
     rows = bench.ffn_bench("cpu", "float32", ["demo"], [0.5], [1, 64], ["router", "balanced"], 64,
                            False, 0.01, breakdown=True)
+    rows += bench.ffn_bench("cpu", "float32", ["demo"], [0.5], [1, 64], ["router"], 64, False,
+                            0.01, breakdown=True, paths=["grouped"])
     assert [(r["T"], r["routing"], r["path"]) for r in rows] == [
         (1, "router", "select"),
         (1, "balanced", "select"),
+        (64, "router", "select"),  # a CPU's eager prefill path
+        (64, "balanced", "select"),
+        (1, "router", "grouped"),  # as asked
         (64, "router", "grouped"),
-        (64, "balanced", "grouped"),
     ]
     for r in rows:  # the derived figures follow from the timed ones
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"]) and r["ideal"] > 1
@@ -24,14 +28,16 @@ def test_ffn_bench_rows():
     assert rows[1]["experts_touched"] == rows[0]["experts_touched"]
     assert set(rows[0]["parts_ms"]) == {"router", "shared", "experts"}
     # grouped: its GEMMs alone too
-    assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts", "gemms"}
+    assert set(rows[2]["parts_ms"]) == {"router", "shared", "experts"}
+    assert set(rows[5]["parts_ms"]) == {"router", "shared", "experts", "gemms"}
+    assert all(r["moe_page_faults"] >= 0 for r in rows)  # counted on a CPU with --breakdown
 
 
 def test_split_bench_rows(monkeypatch):
     monkeypatch.setitem(bench.MOE_SHAPES, "tiny", (32, 6, 16, 2))
     rows = bench.split_bench(["tiny"], [0.5], 4, [1, 64], 0.01)
     # experts of 16 floats x 32 copy faster than they loop: decode gathers them
-    assert [(r["T"], r["paths"][0]) for r in rows] == [(1, "gather"), (64, "grouped")]
+    assert [(r["T"], r["paths"][0]) for r in rows] == [(1, "gather"), (64, "select")]
     for r in rows:  # 2 of 4 parts of 4 neurons: one shared, the top-1 of three routed
         assert r["speedup"] == pytest.approx(r["moe_ms"] / r["split_ms"])
         assert r["ideal"] == pytest.approx((6 * 32 * 2 * 16 + 2 * 32 * 6) /
