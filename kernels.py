@@ -78,14 +78,15 @@ def select(x, idx, w13, w2, shared=None, weights=None, act="silu"):
         return out
     K = idx.shape[1]
     order, offsets = sort_by_expert(idx, w13.shape[0])
+    slot_weights = None if weights is None else weights.flatten()  # (N*K,) by slot id
     start = 0
     for e, end in enumerate(offsets.tolist()):  # each expert's run order[start:end]
         if end > start:
             slots = order[start:end]
             tokens = slots // K  # (n,) ascending: a stable sort keeps token order within a run
             y = glu(x[tokens], w13[e], w2[e], act)  # (n, D)
-            if weights is not None:
-                y = y * weights.flatten()[slots, None].to(y.dtype)
+            if slot_weights is not None:
+                y = y * slot_weights[slots, None].to(y.dtype)
             out.index_add_(0, tokens, y)
         start = end
     return out
@@ -170,7 +171,7 @@ def choose_path(device_type: str, dtype: torch.dtype, n_tokens: int, top_k: int,
     `select` reads each selected expert in place instead of copying it (eager only: the sync would
     break a compiled graph), unless the experts are so small that copying them costs less than
     visiting them one by one (SMALL_EXPERT_BYTES). Many tokens (prefill): on a CPU, eager,
-    `select`, whose per-expert buffers the allocator reuses (1.6-2x faster than `grouped` at the
+    `select`, whose per-expert buffers the allocator reuses (1.6-2.2x faster than `grouped` at the
     demo's shapes, level at LLaMA-3-8B's: RESULTS.md, Speed); elsewhere `grouped`, where
     grouped_mm runs for this device and dtype, the rows are 16-byte aligned as it requires, and,
     under torch.compile, the dtype is bf16 (its meta function allows nothing else); otherwise

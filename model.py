@@ -576,13 +576,12 @@ def glu(x, w13, w2, act: str = "silu"):
     return (ACTIVATIONS[act](gate) * up) @ w2
 
 
-def routed_reference(x, idx, w13, w2, weights=None, experts=None, act: str = "silu"):
+def routed_reference(x, idx, w13, w2, weights=None, act: str = "silu"):
     """x (N, D), idx (N, K) expert ids, w13 (E, 2F, D), w2 (E, F, D), weights (N, K) or None -> (N,
-    D): each token's sum over its K experts, weighted. The obvious loop over experts (or over the
-    listed `experts` only), the reference that kernels.py's fast paths are tested against; act the
-    gate's nonlinearity by name."""
+    D): each token's sum over its K experts, weighted. The obvious loop over experts, the reference
+    that kernels.py's fast paths are tested against; act the gate's nonlinearity by name."""
     out = torch.zeros_like(x)
-    for e in range(w13.shape[0]) if experts is None else experts:
+    for e in range(w13.shape[0]):
         hit = idx == e  # (N, K): a token selects each expert at most once
         tokens = hit.any(dim=-1).nonzero().squeeze(-1)
         if tokens.numel():
