@@ -447,6 +447,7 @@ def model_bench(device: str, dtype: str, active: float, prefill_tokens: int, new
                   f"decode x{m['decode_tok_s'] / d['decode_tok_s']:.2f}")
     return rows
 
+
 @torch.no_grad()
 def decode_seconds(model, forward, prompt: torch.Tensor, new_tokens: int, device: str,
                    min_time: float) -> float:

@@ -193,6 +193,7 @@ def qwen2_moe_config(cfg, hf_config: dict, layout: dict) -> dict:
             "use_sliding_window": False, "output_router_logits": False,
             "torch_dtype": layout["dtype"]}
 
+
 @torch.no_grad()
 def export_qwen2_moe(path: str, out: str, save_dtype: torch.dtype | None = None, log=print,
                      eps: float = EXPORT_EPS) -> dict:

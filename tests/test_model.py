@@ -16,6 +16,7 @@ from conftest import ARCHS, SMALL, assert_same_greedy, make_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_logits_and_greedy_match_transformers(arch, tmp_path):
     hf = make_hf(arch)
@@ -144,6 +145,7 @@ def test_demo_perplexity_on_wikitext(demo_path, data_dir):
     tokens = torch.tensor(tokenizer.encode(text[:40_000]).ids)
     _, ppl, n = perplexity(model, tokens, seqlen=1024, max_windows=2)
     assert n == 2 and 10 < ppl < 30, ppl
+
 
 def test_gemma_demo_matches_transformers(gemma_path):
     hf = transformers.Gemma3ForCausalLM.from_pretrained(gemma_path, dtype=torch.float32).eval()
